@@ -1,0 +1,103 @@
+//! Configuration: built-in defaults <- `config/default.toml` <- `DATABASE_URL` <- `RAPPORT_*`.
+
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines, for a terminal.
+    Text,
+    /// One JSON object a line, for log shippers.
+    Json,
+}
+
+/// Every setting of the service. The README's configuration table lists them all.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// PostgreSQL URL; the database is created if it does not exist.
+    pub database_url: String,
+    /// HTTP listen address.
+    pub listen: String,
+    /// Bearer token of the operators' admin API; the admin API is disabled while it is unset.
+    pub admin_token: Option<String>,
+    /// Base URL of links put in messages (surveys, tracking, unsubscribe).
+    pub public_url: String,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+    /// A `tracing` filter such as `info` or `rapport=debug,info`.
+    pub log_level: String,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Requests running longer than this are answered 503.
+    pub request_timeout_secs: u64,
+    /// Size of the database connection pool of one process.
+    pub db_max_connections: u32,
+    /// How long to wait for a database connection before failing.
+    pub db_connect_timeout_secs: u64,
+    /// How long `Idempotency-Key` responses are kept (at least 24 h by contract).
+    pub idempotency_retention_hours: u32,
+    /// How long shutdown waits for in-flight requests and jobs.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database_url: "postgres://postgres@127.0.0.1:5432/rapport".to_owned(),
+            listen: "0.0.0.0:8080".to_owned(),
+            admin_token: None,
+            public_url: "http://localhost:8080".to_owned(),
+            log_format: LogFormat::Text,
+            log_level: "info,sqlx=warn".to_owned(),
+            max_body_bytes: 2 * 1024 * 1024,
+            request_timeout_secs: 30,
+            db_max_connections: 20,
+            db_connect_timeout_secs: 5,
+            idempotency_retention_hours: 24,
+            shutdown_grace_secs: 20,
+        }
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &crate::db::redact_url(&self.database_url))
+            .field("listen", &self.listen)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
+            .field("public_url", &self.public_url)
+            .field("log_format", &self.log_format)
+            .field("log_level", &self.log_level)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Loads the configuration from `file` (if it exists) and the environment.
+    pub fn load(file: &Path) -> Result<Config, Box<figment::Error>> {
+        let figment = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file(file))
+            .merge(Env::raw().only(&["DATABASE_URL"]))
+            .merge(Env::prefixed("RAPPORT_").ignore(&["CONFIG"]));
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        if config
+            .admin_token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            config.admin_token = None;
+        }
+        Ok(config)
+    }
+
+    /// The admin token, when the admin API is enabled.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin_token.as_deref()
+    }
+}

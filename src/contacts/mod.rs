@@ -1,0 +1,5 @@
+//! Contacts: a tenant's customers, their addresses, attributes, consents and counters.
+
+pub mod model;
+pub mod routes;
+pub mod store;

@@ -1,0 +1,441 @@
+//! Contact types and the validation of what merchants send.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::error::FieldError;
+use crate::events::model::Event;
+use crate::http::extract::Errors;
+use crate::validate;
+
+/// A customer of a tenant.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+pub struct Contact {
+    pub id: Uuid,
+    /// The tenant's own id for this customer; unique per tenant.
+    pub external_id: Option<String>,
+    pub email: Option<String>,
+    /// E.164.
+    pub phone: Option<String>,
+    pub viber_id: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub locale: Option<String>,
+    /// ISO 3166-1 alpha-2.
+    pub country: Option<String>,
+    /// IANA time zone.
+    pub timezone: Option<String>,
+    pub birthday: Option<NaiveDate>,
+    /// The contact's personal advisor.
+    pub owner_agent_id: Option<Uuid>,
+    /// Free attributes: credit_limit, available_credit, plan, segment...
+    #[schema(value_type = Object)]
+    pub attributes: Value,
+    /// Per channel and purpose: `{"email": {"marketing": {"status": "opted_in", "at": ..., "source": ...}}}`.
+    #[schema(value_type = Object)]
+    pub consents: Value,
+    /// How many events of each type the contact has: `{"purchase.completed": 2}`.
+    #[schema(value_type = Object, example = json!({"purchase.completed": 2}))]
+    pub stats: Value,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A message channel.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    Email,
+    Sms,
+    Viber,
+}
+
+impl Channel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Email => "email",
+            Channel::Sms => "sms",
+            Channel::Viber => "viber",
+        }
+    }
+}
+
+/// Why a message is sent: marketing needs an opt-in, transactional only no opt-out.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    Marketing,
+    Transactional,
+}
+
+impl Purpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Marketing => "marketing",
+            Purpose::Transactional => "transactional",
+        }
+    }
+}
+
+/// A consent decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsentStatus {
+    OptedIn,
+    OptedOut,
+}
+
+impl ConsentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsentStatus::OptedIn => "opted_in",
+            ConsentStatus::OptedOut => "opted_out",
+        }
+    }
+}
+
+/// A consent as sent: the bare status (`"opted_in"`), or with when and where it was given.
+#[derive(Debug, Clone)]
+pub struct ConsentInput {
+    pub status: ConsentStatus,
+    pub source: Option<String>,
+    pub at: Option<DateTime<Utc>>,
+}
+
+impl<'de> Deserialize<'de> for ConsentInput {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ConsentVisitor;
+        impl<'de> Visitor<'de> for ConsentVisitor {
+            type Value = ConsentInput;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`opted_in`, `opted_out`, or {status, source?, at?}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ConsentInput, E> {
+                let status = ConsentStatus::deserialize(de::value::StrDeserializer::<E>::new(v))?;
+                Ok(ConsentInput {
+                    status,
+                    source: None,
+                    at: None,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ConsentInput, A::Error> {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Full {
+                    status: ConsentStatus,
+                    source: Option<String>,
+                    at: Option<DateTime<Utc>>,
+                }
+                let full = Full::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(ConsentInput {
+                    status: full.status,
+                    source: full.source,
+                    at: full.at,
+                })
+            }
+        }
+        deserializer.deserialize_any(ConsentVisitor)
+    }
+}
+
+/// A field of a partial update: absent (unchanged), `null` (cleared) or a value.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Patch<T> {
+    #[default]
+    Missing,
+    Null,
+    Value(T),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Patch<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(match Option::<T>::deserialize(deserializer)? {
+            None => Patch::Null,
+            Some(v) => Patch::Value(v),
+        })
+    }
+}
+
+impl<T> Patch<T> {
+    /// Validates a present value, keeping `Missing` and `Null` as they are.
+    pub fn try_map<U>(&self, f: impl FnOnce(&T) -> Result<U, String>) -> Result<Patch<U>, String> {
+        Ok(match self {
+            Patch::Missing => Patch::Missing,
+            Patch::Null => Patch::Null,
+            Patch::Value(v) => Patch::Value(f(v)?),
+        })
+    }
+
+    /// The value after applying this patch to `current`.
+    pub fn apply(&self, current: Option<T>) -> Option<T>
+    where
+        T: Clone,
+    {
+        match self {
+            Patch::Missing => current,
+            Patch::Null => None,
+            Patch::Value(v) => Some(v.clone()),
+        }
+    }
+}
+
+/// The body of `PUT /v1/contacts/{external_id}` and an item of a batch upsert. Absent fields are
+/// left as they are; `null` clears a field; `attributes` merge key by key (a `null` value
+/// removes the key); `consents` merge per channel and purpose.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ContactInput {
+    /// Required in a batch; in `PUT` the path gives it (and a body value must match).
+    pub external_id: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "ana@example.com")]
+    pub email: Patch<String>,
+    /// Any common format; national numbers use the contact's or the tenant's country.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "091 234 5678")]
+    pub phone: Patch<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub viber_id: Patch<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "Ana")]
+    pub first_name: Patch<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "Horvat")]
+    pub last_name: Patch<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "hr")]
+    pub locale: Patch<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "HR")]
+    pub country: Patch<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "Europe/Zagreb")]
+    pub timezone: Patch<String>,
+    /// `YYYY-MM-DD`.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, format = Date, example = "1990-04-17")]
+    pub birthday: Patch<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<Uuid>)]
+    pub owner_agent_id: Patch<Uuid>,
+    #[schema(value_type = Option<Object>, example = json!({"credit_limit": 5000, "available_credit": 4200}))]
+    pub attributes: Option<Map<String, Value>>,
+    #[schema(value_type = Option<Object>, example = json!({"email": {"marketing": "opted_in"}, "sms": {"marketing": "opted_out"}}))]
+    pub consents: Option<BTreeMap<Channel, BTreeMap<Purpose, ConsentInput>>>,
+}
+
+/// A validated [`ContactInput`]. The phone is normalised later, once the contact's country
+/// is known.
+#[derive(Debug, Clone, Default)]
+pub struct ContactChanges {
+    pub email: Patch<String>,
+    pub phone: Patch<String>,
+    pub viber_id: Patch<String>,
+    pub first_name: Patch<String>,
+    pub last_name: Patch<String>,
+    pub locale: Patch<String>,
+    pub country: Patch<String>,
+    pub timezone: Patch<String>,
+    pub birthday: Patch<NaiveDate>,
+    pub owner_agent_id: Patch<Uuid>,
+    pub attributes: Map<String, Value>,
+    pub consents: Vec<(Channel, Purpose, ConsentInput)>,
+}
+
+const MAX_TEXT: usize = 255;
+pub const MAX_ATTRIBUTES: usize = 200;
+
+fn bounded(max: usize) -> impl Fn(&String) -> Result<String, String> {
+    move |v| validate::text(v, max)
+}
+
+fn birthday(raw: &String) -> Result<NaiveDate, String> {
+    let date = NaiveDate::parse_from_str(raw.trim(), "%Y-%m-%d")
+        .map_err(|_| format!("`{raw}` is not a date in YYYY-MM-DD form"))?;
+    if date > Utc::now().date_naive() {
+        return Err("a birthday cannot be in the future".to_owned());
+    }
+    Ok(date)
+}
+
+impl ContactInput {
+    /// Validates every field; `prefix` is put before field names (`contacts[3].`).
+    pub fn validate(&self, prefix: &str) -> Result<ContactChanges, Vec<FieldError>> {
+        let mut errors = Errors::new();
+        let f = |name: &str| format!("{prefix}{name}");
+        let mut take = |name: &str, r: Result<Patch<String>, String>| {
+            errors.check(&f(name), r).unwrap_or_default()
+        };
+        let email = take("email", self.email.try_map(|v| validate::email(v)));
+        let phone = take("phone", self.phone.try_map(bounded(40)));
+        let viber_id = take("viber_id", self.viber_id.try_map(bounded(MAX_TEXT)));
+        let first_name = take("first_name", self.first_name.try_map(bounded(MAX_TEXT)));
+        let last_name = take("last_name", self.last_name.try_map(bounded(MAX_TEXT)));
+        let locale = take("locale", self.locale.try_map(|v| validate::locale(v)));
+        let country = take("country", self.country.try_map(|v| validate::country(v)));
+        let timezone = take("timezone", self.timezone.try_map(|v| validate::timezone(v)));
+        let birthday = errors
+            .check(&f("birthday"), self.birthday.try_map(birthday))
+            .unwrap_or_default();
+        let attributes = self.attributes.clone().unwrap_or_default();
+        if attributes.len() > MAX_ATTRIBUTES {
+            errors.add(
+                f("attributes"),
+                format!("at most {MAX_ATTRIBUTES} attributes per request"),
+            );
+        }
+        for key in attributes.keys() {
+            if key.is_empty() || key.len() > 100 {
+                errors.add(
+                    f("attributes"),
+                    format!("attribute name `{key}` must be 1-100 characters"),
+                );
+            }
+        }
+        let mut consents = Vec::new();
+        for (channel, purposes) in self.consents.iter().flatten() {
+            for (purpose, consent) in purposes {
+                if consent
+                    .at
+                    .is_some_and(|at| at > Utc::now() + chrono::Duration::minutes(5))
+                {
+                    errors.add(
+                        f(&format!(
+                            "consents.{}.{}.at",
+                            channel.as_str(),
+                            purpose.as_str()
+                        )),
+                        "a consent cannot be given in the future",
+                    );
+                }
+                consents.push((*channel, *purpose, consent.clone()));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors.into_vec());
+        }
+        Ok(ContactChanges {
+            email,
+            phone,
+            viber_id,
+            first_name,
+            last_name,
+            locale,
+            country,
+            timezone,
+            birthday,
+            owner_agent_id: self.owner_agent_id.clone(),
+            attributes,
+            consents,
+        })
+    }
+}
+
+/// `POST /v1/contacts/batch`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ContactBatch {
+    /// Up to 1,000 contacts, each with its `external_id`.
+    pub contacts: Vec<ContactInput>,
+}
+
+/// What happened to one item of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemStatus {
+    Created,
+    Updated,
+    Unchanged,
+    Rejected,
+}
+
+/// The result of one item of a contact batch, in request order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContactBatchItem {
+    pub index: usize,
+    pub status: ItemStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contact: Option<Contact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<FieldError>>,
+}
+
+/// The answer to a contact batch.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContactBatchResult {
+    pub results: Vec<ContactBatchItem>,
+    pub created: usize,
+    pub updated: usize,
+    pub unchanged: usize,
+    pub rejected: usize,
+}
+
+/// The contact card shown to an agent when the customer calls (screen-pop).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContactCard {
+    pub contact: Contact,
+    /// The contact's open tickets (the support desk fills this).
+    #[schema(value_type = Vec<Object>)]
+    pub open_tickets: Vec<Value>,
+    /// The last 10 things that happened to the contact, newest first.
+    pub last_interactions: Vec<Event>,
+    /// The last satisfaction score, 1-5, when the contact has rated.
+    pub last_csat: Option<i16>,
+    pub owner_agent_id: Option<Uuid>,
+}
+
+/// Filters of `GET /v1/contacts`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ContactFilter {
+    pub email: Option<String>,
+    /// Any common format.
+    pub phone: Option<String>,
+    pub external_id: Option<String>,
+    /// Items per page, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// `GET /v1/contacts/lookup?phone=`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LookupParams {
+    /// The caller's number, any common format.
+    pub phone: String,
+}
+
+/// The current values of a contact's writable fields, to merge changes into and diff.
+#[derive(Debug, Clone, PartialEq, Default, sqlx::FromRow)]
+pub struct ContactFields {
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub viber_id: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub locale: Option<String>,
+    pub country: Option<String>,
+    pub timezone: Option<String>,
+    pub birthday: Option<NaiveDate>,
+    pub owner_agent_id: Option<Uuid>,
+    pub attributes: Value,
+    pub consents: Value,
+}
+
+/// One changed field: `{"old": ..., "new": ...}` in `contact.updated` events.
+pub fn change(old: Value, new: Value) -> Value {
+    serde_json::json!({"old": old, "new": new})
+}

@@ -1,0 +1,329 @@
+//! `/v1/contacts`: upsert, batch, get, list, erase, the contact card and the timeline.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::model::{
+    Contact, ContactBatch, ContactBatchItem, ContactBatchResult, ContactCard, ContactFilter,
+    ContactInput, ItemStatus, LookupParams,
+};
+use super::store::{self, ListFilter, Upserted};
+use crate::AppState;
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::events::model::{Event, TimelineParams};
+use crate::events::store as events;
+use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
+use crate::http::pagination::{
+    Page, PageParams, decode_id_cursor, decode_time_cursor, encode_id_cursor, encode_time_cursor,
+    paginate,
+};
+use crate::tenancy::Tenant;
+use crate::validate;
+
+/// Most contacts a batch may carry.
+pub const MAX_BATCH: usize = 1000;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_contacts))
+        .routes(routes!(upsert_contact, get_contact, erase_contact))
+        .routes(routes!(batch_upsert))
+        .routes(routes!(lookup))
+        .routes(routes!(timeline))
+}
+
+/// Create or update a contact by your own id.
+///
+/// Absent fields are left as they are; `null` clears a field; attributes merge key by key
+/// (a `null` value removes the key); consents merge per channel and purpose.
+#[utoipa::path(put, path = "/v1/contacts/{id}", tag = "contacts",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "Your own id for the contact (its `external_id`)")),
+    request_body = ContactInput,
+    responses(
+        (status = 201, description = "Created", body = Contact),
+        (status = 200, description = "Updated (or unchanged)", body = Contact),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn upsert_contact(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(external_id): ApiPath<String>,
+    ValidJson(body): ValidJson<ContactInput>,
+) -> ApiResult<impl IntoResponse> {
+    let external_id =
+        validate::text(&external_id, 255).map_err(|m| ApiError::field("external_id", m))?;
+    if body
+        .external_id
+        .as_deref()
+        .is_some_and(|b| b != external_id)
+    {
+        return Err(ApiError::field(
+            "external_id",
+            "differs from the external id in the path",
+        ));
+    }
+    let changes = body.validate("").map_err(ApiError::validation)?;
+    let mut tx = state.pool.begin().await?;
+    let upserted = store::upsert(&mut tx, &tenant, &external_id, &changes, "").await?;
+    tx.commit().await?;
+    Ok(match upserted {
+        Upserted::Created(c) => (StatusCode::CREATED, Json(c)),
+        Upserted::Updated(c) | Upserted::Unchanged(c) => (StatusCode::OK, Json(c)),
+    })
+}
+
+/// Create or update up to 1,000 contacts; one bad item does not fail the others.
+#[utoipa::path(post, path = "/v1/contacts/batch", tag = "contacts",
+    security(("api_key" = [])),
+    request_body = ContactBatch,
+    responses((status = 200, description = "Per-item results, in request order", body = ContactBatchResult),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn batch_upsert(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ValidJson(body): ValidJson<ContactBatch>,
+) -> ApiResult<Json<ContactBatchResult>> {
+    if body.contacts.is_empty() || body.contacts.len() > MAX_BATCH {
+        return Err(ApiError::field(
+            "contacts",
+            format!("must hold 1 to {MAX_BATCH} contacts"),
+        ));
+    }
+    let mut results: Vec<Option<ContactBatchItem>> = Vec::with_capacity(body.contacts.len());
+    let mut valid = Vec::new();
+    for (index, item) in body.contacts.iter().enumerate() {
+        let prefix = format!("contacts[{index}].");
+        let external_id = match item.external_id.as_deref().map(|v| validate::text(v, 255)) {
+            Some(Ok(id)) => Some(id),
+            Some(Err(m)) => {
+                results.push(Some(rejected(index, format!("{prefix}external_id"), m)));
+                continue;
+            }
+            None => {
+                results.push(Some(rejected(
+                    index,
+                    format!("{prefix}external_id"),
+                    "is required".into(),
+                )));
+                continue;
+            }
+        };
+        match item.validate(&prefix) {
+            Ok(changes) => {
+                valid.push((external_id.unwrap_or_default(), index, changes));
+                results.push(None);
+            }
+            Err(errors) => results.push(Some(ContactBatchItem {
+                index,
+                status: ItemStatus::Rejected,
+                contact: None,
+                errors: Some(errors),
+            })),
+        }
+    }
+    // A stable order of row locks across concurrent batches; duplicates keep request order.
+    valid.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    let mut tx = state.pool.begin().await?;
+    for (external_id, index, changes) in &valid {
+        let prefix = format!("contacts[{index}].");
+        let item = match store::upsert(&mut tx, &tenant, external_id, changes, &prefix).await {
+            Ok(Upserted::Created(c)) => accepted(*index, ItemStatus::Created, c),
+            Ok(Upserted::Updated(c)) => accepted(*index, ItemStatus::Updated, c),
+            Ok(Upserted::Unchanged(c)) => accepted(*index, ItemStatus::Unchanged, c),
+            Err(ApiError::Validation { errors, .. }) => ContactBatchItem {
+                index: *index,
+                status: ItemStatus::Rejected,
+                contact: None,
+                errors: Some(errors),
+            },
+            Err(other) => return Err(other),
+        };
+        results[*index] = Some(item);
+    }
+    tx.commit().await?;
+    let results: Vec<ContactBatchItem> = results.into_iter().flatten().collect();
+    let count = |s: ItemStatus| results.iter().filter(|r| r.status == s).count();
+    Ok(Json(ContactBatchResult {
+        created: count(ItemStatus::Created),
+        updated: count(ItemStatus::Updated),
+        unchanged: count(ItemStatus::Unchanged),
+        rejected: count(ItemStatus::Rejected),
+        results,
+    }))
+}
+
+fn rejected(index: usize, field: String, message: String) -> ContactBatchItem {
+    ContactBatchItem {
+        index,
+        status: ItemStatus::Rejected,
+        contact: None,
+        errors: Some(vec![crate::error::FieldError::new(field, message)]),
+    }
+}
+
+fn accepted(index: usize, status: ItemStatus, contact: Contact) -> ContactBatchItem {
+    ContactBatchItem {
+        index,
+        status,
+        contact: Some(contact),
+        errors: None,
+    }
+}
+
+/// Get a contact.
+#[utoipa::path(get, path = "/v1/contacts/{id}", tag = "contacts",
+    security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "Contact id")),
+    responses((status = 200, body = Contact), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn get_contact(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<Contact>> {
+    let id = parse_id(&id)?;
+    let mut conn = state.pool.acquire().await?;
+    store::get(&mut conn, tenant.id, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| contact_not_found(id))
+}
+
+/// The path segment is an external id for PUT and a contact id elsewhere; the router cannot
+/// tell them apart, so the handlers parse the id themselves.
+fn parse_id(raw: &str) -> ApiResult<Uuid> {
+    Uuid::parse_str(raw).map_err(|_| {
+        ApiError::BadRequest(format!(
+            "`{raw}` is not a contact id (a UUID); to find a contact by your own id use \
+             GET /v1/contacts?external_id={raw}"
+        ))
+    })
+}
+
+pub fn contact_not_found(id: Uuid) -> ApiError {
+    ApiError::NotFound(format!("no contact with id {id}"))
+}
+
+/// List contacts, newest first, optionally by email, phone or external id.
+#[utoipa::path(get, path = "/v1/contacts", tag = "contacts",
+    security(("api_key" = [])),
+    params(ContactFilter),
+    responses((status = 200, body = Page<Contact>), (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn list_contacts(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiQuery(filter): ApiQuery<ContactFilter>,
+) -> ApiResult<Json<Page<Contact>>> {
+    let page = PageParams {
+        limit: filter.limit,
+        cursor: filter.cursor.clone(),
+    };
+    let limit = page.limit()?;
+    let before = page.cursor.as_deref().map(decode_id_cursor).transpose()?;
+    let list_filter = ListFilter {
+        email: filter
+            .email
+            .as_deref()
+            .map(validate::email)
+            .transpose()
+            .map_err(|m| ApiError::field("email", m))?,
+        phone: filter
+            .phone
+            .as_deref()
+            .map(|p| validate::phone(p, Some(&tenant.default_country)))
+            .transpose()
+            .map_err(|m| ApiError::field("phone", m))?,
+        external_id: filter.external_id.clone(),
+    };
+    let mut conn = state.pool.acquire().await?;
+    let rows = store::list(&mut conn, tenant.id, &list_filter, before, limit).await?;
+    Ok(Json(paginate(rows, limit, |c| encode_id_cursor(c.id))))
+}
+
+/// Erase a contact (right to erasure): personal data is removed, aggregates are kept.
+#[utoipa::path(delete, path = "/v1/contacts/{id}", tag = "contacts",
+    security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "Contact id")),
+    responses((status = 204, description = "Erased"), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn erase_contact(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    let id = parse_id(&id)?;
+    let mut tx = state.pool.begin().await?;
+    if !store::erase(&mut tx, tenant.id, id).await? {
+        return Err(contact_not_found(id));
+    }
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The contact card for a screen-pop: the contact, open tickets, last interactions, last CSAT.
+#[utoipa::path(get, path = "/v1/contacts/lookup", tag = "contacts",
+    security(("api_key" = [])),
+    params(LookupParams),
+    responses((status = 200, body = ContactCard), (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn lookup(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<LookupParams>,
+) -> ApiResult<Json<ContactCard>> {
+    let phone = validate::phone(&params.phone, Some(&tenant.default_country))
+        .map_err(|m| ApiError::field("phone", m))?;
+    let mut conn = state.pool.acquire().await?;
+    let contact = store::find_by_phone(&mut conn, tenant.id, &phone)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no contact has the phone number {phone}")))?;
+    let mut last_interactions =
+        events::timeline(&mut conn, tenant.id, contact.id, None, None, 10).await?;
+    last_interactions.truncate(10);
+    Ok(Json(ContactCard {
+        owner_agent_id: contact.owner_agent_id,
+        contact,
+        open_tickets: Vec::new(),
+        last_interactions,
+        last_csat: None,
+    }))
+}
+
+/// The contact's timeline: every event, newest first.
+#[utoipa::path(get, path = "/v1/contacts/{id}/timeline", tag = "contacts",
+    security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "Contact id"), TimelineParams),
+    responses((status = 200, body = Page<Event>), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn timeline(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(params): ApiQuery<TimelineParams>,
+) -> ApiResult<Json<Page<Event>>> {
+    let page = PageParams {
+        limit: params.limit,
+        cursor: params.cursor.clone(),
+    };
+    let limit = page.limit()?;
+    let before = page.cursor.as_deref().map(decode_time_cursor).transpose()?;
+    let mut conn = state.pool.acquire().await?;
+    if store::get(&mut conn, tenant.id, id).await?.is_none() {
+        return Err(contact_not_found(id));
+    }
+    let rows = events::timeline(
+        &mut conn,
+        tenant.id,
+        id,
+        params.kind.as_deref(),
+        before,
+        limit,
+    )
+    .await?;
+    Ok(Json(paginate(rows, limit, |e| {
+        encode_time_cursor(e.occurred_at, e.id)
+    })))
+}

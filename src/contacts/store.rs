@@ -1,0 +1,477 @@
+//! SQL for contacts. Every write that changes a contact also puts an event on its timeline
+//! (`contact.created`, `contact.updated` with old and new values) in the same transaction.
+
+use chrono::Utc;
+use serde_json::{Map, Value, json};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::model::{Contact, ContactChanges, ContactFields, change};
+use crate::error::{ApiError, ApiResult};
+use crate::events::store as events;
+use crate::tenancy::{Tenant, TenantId};
+use crate::validate;
+
+/// The columns of [`Contact`], with `stats` gathered from the per-type counters.
+const CONTACT_COLUMNS: &str = "c.id, c.external_id, c.email, c.phone, c.viber_id, c.first_name,
+    c.last_name, c.locale, c.country, c.timezone, c.birthday, c.owner_agent_id, c.attributes,
+    c.consents,
+    (SELECT coalesce(jsonb_object_agg(s.event_type, s.count), '{}'::jsonb)
+       FROM contact_event_counts s
+      WHERE s.tenant_id = c.tenant_id AND s.contact_id = c.id) AS stats,
+    c.created_at, c.updated_at";
+
+const FIELD_COLUMNS: &str = "email, phone, viber_id, first_name, last_name, locale, country,
+    timezone, birthday, owner_agent_id, attributes, consents";
+
+/// A live (not erased) contact.
+pub async fn get(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> ApiResult<Option<Contact>> {
+    let sql = format!(
+        "SELECT {CONTACT_COLUMNS} FROM contacts c
+         WHERE c.tenant_id = $1 AND c.id = $2 AND c.erased_at IS NULL"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// Filters of a contact list, already normalised.
+#[derive(Debug, Default)]
+pub struct ListFilter {
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub external_id: Option<String>,
+}
+
+/// Live contacts newest first, before the cursor id.
+pub async fn list(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    filter: &ListFilter,
+    before: Option<Uuid>,
+    limit: i64,
+) -> ApiResult<Vec<Contact>> {
+    let sql = format!(
+        "SELECT {CONTACT_COLUMNS} FROM contacts c
+         WHERE c.tenant_id = $1 AND c.erased_at IS NULL
+           AND ($2::text IS NULL OR c.email = $2)
+           AND ($3::text IS NULL OR c.phone = $3)
+           AND ($4::text IS NULL OR c.external_id = $4)
+           AND ($5::uuid IS NULL OR c.id < $5)
+         ORDER BY c.id DESC LIMIT $6"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(&filter.email)
+        .bind(&filter.phone)
+        .bind(&filter.external_id)
+        .bind(before)
+        .bind(limit + 1)
+        .fetch_all(conn)
+        .await?)
+}
+
+/// The most recently updated live contact with this E.164 number.
+pub async fn find_by_phone(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    phone: &str,
+) -> ApiResult<Option<Contact>> {
+    let sql = format!(
+        "SELECT {CONTACT_COLUMNS} FROM contacts c
+         WHERE c.tenant_id = $1 AND c.phone = $2 AND c.erased_at IS NULL
+         ORDER BY c.updated_at DESC, c.id DESC LIMIT 1"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(phone)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// What an upsert did.
+#[derive(Debug)]
+pub enum Upserted {
+    Created(Contact),
+    Updated(Contact),
+    Unchanged(Contact),
+}
+
+/// Creates or updates the contact with this external id. Validation errors (a phone number
+/// that is invalid in the contact's country) come before any write, so a caller can continue
+/// the transaction with other work.
+pub async fn upsert(
+    conn: &mut PgConnection,
+    tenant: &Tenant,
+    external_id: &str,
+    changes: &ContactChanges,
+    field_prefix: &str,
+) -> ApiResult<Upserted> {
+    for _ in 0..3 {
+        let sql = format!(
+            "SELECT id, {FIELD_COLUMNS} FROM contacts
+             WHERE tenant_id = $1 AND external_id = $2 AND erased_at IS NULL FOR UPDATE"
+        );
+        let row: Option<IdAndFields> = sqlx::query_as(&sql)
+            .bind(tenant.id)
+            .bind(external_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        match row {
+            Some(IdAndFields { id, fields }) => {
+                let next = merge(tenant, &fields, changes, field_prefix)?;
+                if next == fields {
+                    return Ok(Upserted::Unchanged(must_get(conn, tenant.id, id).await?));
+                }
+                let diff = diff(&fields, &next);
+                write_fields(conn, tenant.id, id, &next).await?;
+                events::emit(
+                    conn,
+                    tenant.id,
+                    id,
+                    "contact.updated",
+                    json!({"changes": diff}),
+                )
+                .await?;
+                return Ok(Upserted::Updated(must_get(conn, tenant.id, id).await?));
+            }
+            None => {
+                let next = merge(tenant, &ContactFields::empty(), changes, field_prefix)?;
+                let id = Uuid::now_v7();
+                if insert(conn, tenant.id, id, external_id, &next).await? {
+                    events::emit(
+                        conn,
+                        tenant.id,
+                        id,
+                        "contact.created",
+                        json!({"via": "upsert"}),
+                    )
+                    .await?;
+                    return Ok(Upserted::Created(must_get(conn, tenant.id, id).await?));
+                }
+                // A concurrent request created it first; update that one.
+            }
+        }
+    }
+    Err(ApiError::Unavailable(
+        "the contact is being changed by concurrent requests; retry".to_owned(),
+    ))
+}
+
+#[derive(sqlx::FromRow)]
+struct IdAndFields {
+    id: Uuid,
+    #[sqlx(flatten)]
+    fields: ContactFields,
+}
+
+impl ContactFields {
+    fn empty() -> Self {
+        ContactFields {
+            attributes: Value::Object(Map::new()),
+            consents: Value::Object(Map::new()),
+            ..Default::default()
+        }
+    }
+}
+
+async fn must_get(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> ApiResult<Contact> {
+    get(conn, tenant, id).await?.ok_or_else(|| {
+        ApiError::Internal(anyhow::anyhow!("contact {id} vanished in its transaction"))
+    })
+}
+
+/// Inserts a contact; false when the external id is taken (by a concurrent request).
+async fn insert(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+    external_id: &str,
+    f: &ContactFields,
+) -> ApiResult<bool> {
+    let done = sqlx::query(
+        "INSERT INTO contacts (tenant_id, id, external_id, email, phone, viber_id, first_name,
+            last_name, locale, country, timezone, birthday, owner_agent_id, attributes, consents)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+         ON CONFLICT (tenant_id, external_id) DO NOTHING",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(external_id)
+    .bind(&f.email)
+    .bind(&f.phone)
+    .bind(&f.viber_id)
+    .bind(&f.first_name)
+    .bind(&f.last_name)
+    .bind(&f.locale)
+    .bind(&f.country)
+    .bind(&f.timezone)
+    .bind(f.birthday)
+    .bind(f.owner_agent_id)
+    .bind(&f.attributes)
+    .bind(&f.consents)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+async fn write_fields(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+    f: &ContactFields,
+) -> ApiResult<()> {
+    sqlx::query(
+        "UPDATE contacts SET email = $3, phone = $4, viber_id = $5, first_name = $6,
+            last_name = $7, locale = $8, country = $9, timezone = $10, birthday = $11,
+            owner_agent_id = $12, attributes = $13, consents = $14, updated_at = now()
+         WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(&f.email)
+    .bind(&f.phone)
+    .bind(&f.viber_id)
+    .bind(&f.first_name)
+    .bind(&f.last_name)
+    .bind(&f.locale)
+    .bind(&f.country)
+    .bind(&f.timezone)
+    .bind(f.birthday)
+    .bind(f.owner_agent_id)
+    .bind(&f.attributes)
+    .bind(&f.consents)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The fields after applying `changes` to `current`; the phone is normalised with the
+/// resulting country, else the tenant's.
+fn merge(
+    tenant: &Tenant,
+    current: &ContactFields,
+    changes: &ContactChanges,
+    field_prefix: &str,
+) -> ApiResult<ContactFields> {
+    let country = changes.country.apply(current.country.clone());
+    let phone = match &changes.phone {
+        super::model::Patch::Value(raw) => {
+            let region = country.as_deref().unwrap_or(&tenant.default_country);
+            Some(
+                validate::phone(raw, Some(region))
+                    .map_err(|m| ApiError::field(format!("{field_prefix}phone"), m))?,
+            )
+        }
+        super::model::Patch::Null => None,
+        super::model::Patch::Missing => current.phone.clone(),
+    };
+    let mut attributes = current.attributes.as_object().cloned().unwrap_or_default();
+    for (key, value) in &changes.attributes {
+        if value.is_null() {
+            attributes.remove(key);
+        } else {
+            attributes.insert(key.clone(), value.clone());
+        }
+    }
+    let mut consents = current.consents.as_object().cloned().unwrap_or_default();
+    for (channel, purpose, input) in &changes.consents {
+        let per_channel = consents
+            .entry(channel.as_str())
+            .or_insert_with(|| Value::Object(Map::new()));
+        let Some(per_channel) = per_channel.as_object_mut() else {
+            continue;
+        };
+        let same_status = per_channel
+            .get(purpose.as_str())
+            .and_then(|c| c.get("status"))
+            .and_then(Value::as_str)
+            == Some(input.status.as_str());
+        if same_status && input.at.is_none() && input.source.is_none() {
+            continue;
+        }
+        per_channel.insert(
+            purpose.as_str().to_owned(),
+            json!({
+                "status": input.status.as_str(),
+                "at": input.at.unwrap_or_else(Utc::now),
+                "source": input.source.clone().unwrap_or_else(|| "api".to_owned()),
+            }),
+        );
+    }
+    Ok(ContactFields {
+        email: changes.email.apply(current.email.clone()),
+        phone,
+        viber_id: changes.viber_id.apply(current.viber_id.clone()),
+        first_name: changes.first_name.apply(current.first_name.clone()),
+        last_name: changes.last_name.apply(current.last_name.clone()),
+        locale: changes.locale.apply(current.locale.clone()),
+        country,
+        timezone: changes.timezone.apply(current.timezone.clone()),
+        birthday: changes.birthday.apply(current.birthday),
+        owner_agent_id: changes.owner_agent_id.apply(current.owner_agent_id),
+        attributes: Value::Object(attributes),
+        consents: Value::Object(consents),
+    })
+}
+
+/// Changed fields as `{"field": {"old", "new"}}`; attributes as `attributes.<name>`, consents
+/// as `consents.<channel>.<purpose>` (the status).
+fn diff(old: &ContactFields, new: &ContactFields) -> Map<String, Value> {
+    let mut out = Map::new();
+    let mut scalar = |name: &str, a: Value, b: Value| {
+        if a != b {
+            out.insert(name.to_owned(), change(a, b));
+        }
+    };
+    scalar("email", json!(old.email), json!(new.email));
+    scalar("phone", json!(old.phone), json!(new.phone));
+    scalar("viber_id", json!(old.viber_id), json!(new.viber_id));
+    scalar("first_name", json!(old.first_name), json!(new.first_name));
+    scalar("last_name", json!(old.last_name), json!(new.last_name));
+    scalar("locale", json!(old.locale), json!(new.locale));
+    scalar("country", json!(old.country), json!(new.country));
+    scalar("timezone", json!(old.timezone), json!(new.timezone));
+    scalar("birthday", json!(old.birthday), json!(new.birthday));
+    scalar(
+        "owner_agent_id",
+        json!(old.owner_agent_id),
+        json!(new.owner_agent_id),
+    );
+    let empty = Map::new();
+    let old_attrs = old.attributes.as_object().unwrap_or(&empty);
+    let new_attrs = new.attributes.as_object().unwrap_or(&empty);
+    for key in old_attrs.keys().chain(new_attrs.keys()) {
+        let (a, b) = (old_attrs.get(key), new_attrs.get(key));
+        if a != b {
+            out.insert(
+                format!("attributes.{key}"),
+                change(
+                    a.cloned().unwrap_or(Value::Null),
+                    b.cloned().unwrap_or(Value::Null),
+                ),
+            );
+        }
+    }
+    let status = |consents: &Value, channel: &str, purpose: &str| {
+        consents
+            .get(channel)
+            .and_then(|c| c.get(purpose))
+            .and_then(|c| c.get("status"))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    for channel in ["email", "sms", "viber"] {
+        for purpose in ["marketing", "transactional"] {
+            let (a, b) = (
+                status(&old.consents, channel, purpose),
+                status(&new.consents, channel, purpose),
+            );
+            if a != b {
+                out.insert(format!("consents.{channel}.{purpose}"), change(a, b));
+            }
+        }
+    }
+    out
+}
+
+/// The id of the live contact with this external id, creating it (with the given addresses)
+/// when there is none.
+pub async fn ensure_by_external_id(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    external_id: &str,
+    email: Option<&str>,
+    phone: Option<&str>,
+) -> ApiResult<Uuid> {
+    for _ in 0..3 {
+        let found: Option<Uuid> =
+            sqlx::query_scalar("SELECT id FROM contacts WHERE tenant_id = $1 AND external_id = $2")
+                .bind(tenant)
+                .bind(external_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+        if let Some(id) = found {
+            return Ok(id);
+        }
+        let fields = ContactFields {
+            email: email.map(str::to_owned),
+            phone: phone.map(str::to_owned),
+            ..ContactFields::empty()
+        };
+        let id = Uuid::now_v7();
+        if insert(conn, tenant, id, external_id, &fields).await? {
+            events::emit(conn, tenant, id, "contact.created", json!({"via": "event"})).await?;
+            return Ok(id);
+        }
+    }
+    Err(ApiError::Unavailable(
+        "the contact is being created by concurrent requests; retry".to_owned(),
+    ))
+}
+
+/// The oldest live contact with this address (`email` or `phone` column).
+pub async fn id_by_address(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    column: Address,
+    value: &str,
+) -> ApiResult<Option<Uuid>> {
+    let sql = match column {
+        Address::Email => {
+            "SELECT id FROM contacts WHERE tenant_id = $1 AND email = $2 AND erased_at IS NULL
+             ORDER BY id LIMIT 1"
+        }
+        Address::Phone => {
+            "SELECT id FROM contacts WHERE tenant_id = $1 AND phone = $2 AND erased_at IS NULL
+             ORDER BY id LIMIT 1"
+        }
+    };
+    Ok(sqlx::query_scalar(sql)
+        .bind(tenant)
+        .bind(value)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// An address column a contact can be found by.
+#[derive(Debug, Clone, Copy)]
+pub enum Address {
+    Email,
+    Phone,
+}
+
+/// The right to erasure: personal data is removed from the contact and its events; the
+/// counters and event types stay, so aggregates keep adding up. False when there is no such
+/// live contact.
+pub async fn erase(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> ApiResult<bool> {
+    let done = sqlx::query(
+        "UPDATE contacts SET external_id = NULL, email = NULL, phone = NULL, viber_id = NULL,
+            first_name = NULL, last_name = NULL, locale = NULL, timezone = NULL, birthday = NULL,
+            owner_agent_id = NULL, attributes = '{}', consents = '{}', erased_at = now(),
+            updated_at = now()
+         WHERE tenant_id = $1 AND id = $2 AND erased_at IS NULL",
+    )
+    .bind(tenant)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query(
+        "UPDATE events SET properties = '{}'
+         WHERE tenant_id = $1 AND contact_id = $2",
+    )
+    .bind(tenant)
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(true)
+}

@@ -1,0 +1,155 @@
+//! The connection pool, database creation, migrations and error-mapping helpers.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!();
+
+/// Why the service could not reach its database; printed as one line at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("DATABASE_URL is not a valid PostgreSQL URL ({url}): {source}")]
+    InvalidUrl {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot connect to the database at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("cannot create the database {name} at {url}: {reason}")]
+    CannotCreate {
+        name: String,
+        url: String,
+        reason: String,
+    },
+    #[error("cannot apply migrations to {url}: {reason}")]
+    Migrate { url: String, reason: String },
+}
+
+/// The URL with its password replaced, safe to print.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("****"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable url>".to_owned(),
+    }
+}
+
+/// Connects to the database named by `url`, creating the database first if it is missing.
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+    timeout: Duration,
+) -> Result<PgPool, StartupError> {
+    let shown = redact_url(url);
+    let options = PgConnectOptions::from_str(url).map_err(|source| StartupError::InvalidUrl {
+        url: shown.clone(),
+        source,
+    })?;
+    ensure_database(&options, &shown, timeout).await?;
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(0)
+        .acquire_timeout(timeout)
+        .connect_with(options)
+        .await
+        .map_err(|e| StartupError::Unreachable {
+            url: shown,
+            reason: crate::error::error_chain(&e),
+        })
+}
+
+/// Creates the target database when the server answers that it does not exist.
+async fn ensure_database(
+    options: &PgConnectOptions,
+    shown: &str,
+    timeout: Duration,
+) -> Result<(), StartupError> {
+    let attempt = tokio::time::timeout(timeout, options.connect()).await;
+    let error = match attempt {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            return Ok(());
+        }
+        Ok(Err(e)) => e,
+        Err(_) => {
+            return Err(StartupError::Unreachable {
+                url: shown.to_owned(),
+                reason: format!("no answer within {} s", timeout.as_secs()),
+            });
+        }
+    };
+    let missing =
+        matches!(&error, sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000"));
+    if !missing {
+        return Err(StartupError::Unreachable {
+            url: shown.to_owned(),
+            reason: crate::error::error_chain(&error),
+        });
+    }
+    let name = options.get_database().unwrap_or("postgres").to_owned();
+    let maintenance = options.clone().database("postgres");
+    let cannot = |reason: String| StartupError::CannotCreate {
+        name: name.clone(),
+        url: shown.to_owned(),
+        reason,
+    };
+    let mut conn = maintenance
+        .connect()
+        .await
+        .map_err(|e| cannot(crate::error::error_chain(&e)))?;
+    let sql = format!("CREATE DATABASE {}", quote_ident(&name));
+    match sqlx::raw_sql(&sql).execute(&mut conn).await {
+        Ok(_) => tracing::info!(database = %name, "created the database"),
+        // Another process created it between our two attempts.
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => {}
+        Err(e) => return Err(cannot(crate::error::error_chain(&e))),
+    }
+    let _ = conn.close().await;
+    Ok(())
+}
+
+/// Applies pending migrations; safe to run from several processes at once (sqlx takes an
+/// advisory lock).
+pub async fn migrate(pool: &PgPool, url: &str) -> Result<(), StartupError> {
+    MIGRATOR.run(pool).await.map_err(|e| StartupError::Migrate {
+        url: redact_url(url),
+        reason: crate::error::error_chain(&e),
+    })
+}
+
+/// Whether every embedded migration has been applied to the database.
+pub async fn migrations_applied(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(conn)
+            .await?;
+    Ok(MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .all(|m| applied.binary_search(&m.version).is_ok()))
+}
+
+/// Double-quotes an SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Whether `e` is a unique violation, optionally of the named constraint or index.
+pub fn is_unique_violation(e: &sqlx::Error, constraint: Option<&str>) -> bool {
+    match e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+            constraint.is_none() || db.constraint() == constraint
+        }
+        _ => false,
+    }
+}

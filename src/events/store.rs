@@ -1,0 +1,191 @@
+//! SQL for events and the per-contact counters.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::model::Event;
+use crate::tenancy::TenantId;
+
+const EVENT_COLUMNS: &str = "id, type, contact_id, occurred_at, received_at, properties, source,
+    ordinal, idempotency_key, subject_type, subject_id";
+
+/// An event to append to a contact's timeline.
+#[derive(Debug, Clone)]
+pub struct NewEventRow<'a> {
+    pub id: Uuid,
+    pub contact_id: Uuid,
+    pub kind: &'a str,
+    pub occurred_at: DateTime<Utc>,
+    pub properties: &'a Value,
+    pub source: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    pub subject: Option<(&'a str, Uuid)>,
+}
+
+/// An appended event: its id and its ordinal among the contact's events of that type.
+#[derive(Debug, Clone, Copy)]
+pub struct Appended {
+    pub id: Uuid,
+    pub ordinal: i64,
+}
+
+/// Appends an event and bumps the contact's counter for its type, in one statement. The
+/// counter's row lock orders concurrent events of one contact and type, so ordinals are exact.
+/// None when an event with the same idempotency key exists (the counter is left as it was).
+pub async fn append(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    e: &NewEventRow<'_>,
+) -> Result<Option<Appended>, sqlx::Error> {
+    let ordinal: Option<i64> = sqlx::query_scalar(
+        "WITH counter AS (
+            INSERT INTO contact_event_counts AS c (tenant_id, contact_id, event_type, count)
+            VALUES ($1, $3, $4, 1)
+            ON CONFLICT (tenant_id, contact_id, event_type)
+            DO UPDATE SET count = c.count + 1
+            RETURNING count
+         )
+         INSERT INTO events (tenant_id, id, contact_id, type, occurred_at, properties, source,
+                             ordinal, idempotency_key, subject_type, subject_id)
+         SELECT $1, $2, $3, $4, $5, $6, $7, counter.count, $8, $9, $10 FROM counter
+         ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+         RETURNING ordinal",
+    )
+    .bind(tenant)
+    .bind(e.id)
+    .bind(e.contact_id)
+    .bind(e.kind)
+    .bind(e.occurred_at)
+    .bind(e.properties)
+    .bind(e.source)
+    .bind(e.idempotency_key)
+    .bind(e.subject.map(|s| s.0))
+    .bind(e.subject.map(|s| s.1))
+    .fetch_optional(&mut *conn)
+    .await?;
+    match ordinal {
+        Some(ordinal) => Ok(Some(Appended { id: e.id, ordinal })),
+        None => {
+            // A concurrent request recorded the same idempotency key first: undo our bump. We
+            // still hold the counter's lock, so nobody saw the bumped value.
+            sqlx::query(
+                "UPDATE contact_event_counts SET count = count - 1
+                 WHERE tenant_id = $1 AND contact_id = $2 AND event_type = $3",
+            )
+            .bind(tenant)
+            .bind(e.contact_id)
+            .bind(e.kind)
+            .execute(conn)
+            .await?;
+            Ok(None)
+        }
+    }
+}
+
+/// Appends an event Rapport emits itself (`contact.updated`, `message.sent`...).
+pub async fn emit(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact_id: Uuid,
+    kind: &str,
+    properties: Value,
+) -> Result<Appended, sqlx::Error> {
+    emit_about(conn, tenant, contact_id, kind, properties, None).await
+}
+
+/// [`emit`] for an event about an object (a message, a ticket...), linked for the timeline.
+pub async fn emit_about(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact_id: Uuid,
+    kind: &str,
+    properties: Value,
+    subject: Option<(&str, Uuid)>,
+) -> Result<Appended, sqlx::Error> {
+    let row = NewEventRow {
+        id: Uuid::now_v7(),
+        contact_id,
+        kind,
+        occurred_at: Utc::now(),
+        properties: &properties,
+        source: "rapport",
+        idempotency_key: None,
+        subject,
+    };
+    append(conn, tenant, &row).await?.ok_or_else(|| {
+        sqlx::Error::Protocol("event without idempotency key was deduplicated".into())
+    })
+}
+
+/// The events already recorded under these idempotency keys: key -> (id, contact, ordinal).
+pub async fn by_idempotency_keys(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    keys: &[String],
+) -> Result<HashMap<String, (Uuid, Uuid, i64)>, sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(String, Uuid, Uuid, i64)> = sqlx::query_as(
+        "SELECT idempotency_key, id, contact_id, ordinal FROM events
+         WHERE tenant_id = $1 AND idempotency_key = ANY($2)",
+    )
+    .bind(tenant)
+    .bind(keys)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(k, id, contact, ordinal)| (k, (id, contact, ordinal)))
+        .collect())
+}
+
+/// An event of a live contact.
+pub async fn get(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> Result<Option<Event>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events e
+         WHERE e.tenant_id = $1 AND e.id = $2
+           AND EXISTS (SELECT 1 FROM contacts c WHERE c.tenant_id = e.tenant_id
+                       AND c.id = e.contact_id AND c.erased_at IS NULL)"
+    );
+    sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// A contact's events, newest first (by when they happened), before the cursor.
+pub async fn timeline(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact_id: Uuid,
+    kind: Option<&str>,
+    before: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<Event>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events
+         WHERE tenant_id = $1 AND contact_id = $2
+           AND ($3::text IS NULL OR type = $3)
+           AND ($4::timestamptz IS NULL OR (occurred_at, id) < ($4, $5))
+         ORDER BY occurred_at DESC, id DESC LIMIT $6"
+    );
+    sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(contact_id)
+        .bind(kind)
+        .bind(before.map(|b| b.0))
+        .bind(before.map(|b| b.1).unwrap_or_default())
+        .bind(limit + 1)
+        .fetch_all(conn)
+        .await
+}

@@ -1,0 +1,106 @@
+//! Operations endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document, docs.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{Html, IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult, Problem};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .routes(routes!(docs))
+}
+
+/// A health answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: &'static str,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// Readiness: the database answers and every migration is applied.
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses((status = 200, body = Health), (status = 503, body = Problem, content_type = "application/problem+json")))]
+async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
+    let mut conn = state
+        .pool
+        .acquire()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("the database is unreachable: {e}")))?;
+    let applied = crate::db::migrations_applied(&mut conn)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("cannot read the migrations table: {e}")))?;
+    if !applied {
+        return Err(ApiError::Unavailable(
+            "migrations are pending; run `rapport migrate`".to_owned(),
+        ));
+    }
+    Ok(Json(Health { status: "ready" }))
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+async fn metrics(State(state): State<AppState>) -> Response {
+    state.metrics.run_upkeep();
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// This OpenAPI document.
+#[utoipa::path(get, path = "/openapi.json", tag = "ops",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
+async fn openapi_json(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        state.openapi_json.as_ref().clone(),
+    )
+        .into_response()
+}
+
+/// Interactive API reference (renders /openapi.json).
+#[utoipa::path(get, path = "/docs", tag = "ops",
+    responses((status = 200, description = "HTML page", content_type = "text/html")))]
+async fn docs() -> Html<&'static str> {
+    Html(DOCS_PAGE)
+}
+
+const DOCS_PAGE: &str = r#"<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <title>Rapport API reference</title>
+</head>
+<body>
+  <noscript>The machine-readable API description is at <a href="/openapi.json">/openapi.json</a>.</noscript>
+  <script id="api-reference" data-url="/openapi.json"></script>
+  <script src="https://cdn.jsdelivr.net/npm/@scalar/api-reference@1"></script>
+</body>
+</html>
+"#;

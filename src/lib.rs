@@ -1,0 +1,110 @@
+//! Rapport: a self-hostable, multi-tenant customer-engagement backend.
+//!
+//! [`App::build`] connects to the database (creating it when missing) and applies migrations;
+//! [`App::run_api`] serves HTTP and [`App::run_worker`] runs the background jobs, both until
+//! their shutdown token is cancelled.
+
+pub mod config;
+pub mod contacts;
+pub mod db;
+pub mod error;
+pub mod events;
+pub mod http;
+pub mod telemetry;
+pub mod tenancy;
+pub mod tenants;
+pub mod validate;
+pub mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// What every handler and job shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub config: Arc<Config>,
+    pub metrics: PrometheusHandle,
+    /// The OpenAPI document, rendered once.
+    pub openapi_json: Arc<String>,
+}
+
+/// A configured, migrated application.
+#[derive(Clone)]
+pub struct App {
+    pub state: AppState,
+}
+
+impl App {
+    /// Connects (creating the database when missing) and applies pending migrations.
+    pub async fn build(config: Config) -> Result<App, db::StartupError> {
+        let pool = db::connect(
+            &config.database_url,
+            config.db_max_connections,
+            Duration::from_secs(config.db_connect_timeout_secs),
+        )
+        .await?;
+        db::migrate(&pool, &config.database_url).await?;
+        Ok(App::from_pool(pool, config))
+    }
+
+    /// An application on an existing, migrated pool (tests use this).
+    pub fn from_pool(pool: PgPool, config: Config) -> App {
+        let openapi_json = http::openapi()
+            .to_pretty_json()
+            .unwrap_or_else(|_| "{}".to_owned());
+        App {
+            state: AppState {
+                pool,
+                config: Arc::new(config),
+                metrics: telemetry::metrics_handle(),
+                openapi_json: Arc::new(openapi_json),
+            },
+        }
+    }
+
+    /// The HTTP application, for serving or for driving in-process.
+    pub fn router(&self) -> axum::Router {
+        http::router(self.state.clone())
+    }
+
+    /// Serves HTTP on `listener` until `shutdown` is cancelled, then lets in-flight requests
+    /// finish (up to the configured grace period).
+    pub async fn run_api(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let grace = Duration::from_secs(self.state.config.shutdown_grace_secs);
+        let signal = shutdown.clone();
+        let server = axum::serve(listener, self.router())
+            .with_graceful_shutdown(async move { signal.cancelled().await });
+        let mut server = std::pin::pin!(server.into_future());
+        tokio::select! {
+            result = &mut server => return result,
+            () = shutdown.cancelled() => {}
+        }
+        match tokio::time::timeout(grace, server).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(
+                    grace_secs = grace.as_secs(),
+                    "in-flight requests cut off after the grace period"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs the background jobs until `shutdown` is cancelled.
+    pub async fn run_worker(&self, shutdown: CancellationToken) {
+        worker::run(self.state.clone(), shutdown).await;
+    }
+}

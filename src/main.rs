@@ -1,0 +1,319 @@
+//! The `rapport` binary: the service (`serve`, `api`, `worker`) and operators' commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use rapport::error::ApiError;
+use rapport::tenancy::TenantId;
+use rapport::tenants::{model::NewTenant, store as tenants};
+use rapport::{App, Config, telemetry};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "rapport",
+    version,
+    about = "Self-hostable, multi-tenant customer-engagement backend"
+)]
+struct Cli {
+    /// Configuration file; RAPPORT_* environment variables override it.
+    #[arg(
+        long,
+        env = "RAPPORT_CONFIG",
+        default_value = "config/default.toml",
+        global = true
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP API and the background worker in one process (the default).
+    Serve,
+    /// Run the HTTP API only.
+    Api,
+    /// Run the background worker only.
+    Worker,
+    /// Create the database if missing and apply pending migrations, then exit.
+    Migrate,
+    /// Manage tenants.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Manage tenants' API keys.
+    ApiKey {
+        #[command(subcommand)]
+        command: ApiKeyCommand,
+    },
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create a tenant and print it as JSON.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Derived from the name when absent.
+        #[arg(long)]
+        slug: Option<String>,
+        /// ISO 3166-1 alpha-2 (HR, SI, GB...).
+        #[arg(long)]
+        default_country: String,
+        #[arg(long, default_value = "en")]
+        default_locale: String,
+        #[arg(long, default_value = "UTC")]
+        timezone: String,
+    },
+    /// List tenants as JSON lines.
+    List,
+}
+
+#[derive(Subcommand)]
+enum ApiKeyCommand {
+    /// Create an API key and print it (the only time the key is shown).
+    Create {
+        /// Tenant id or slug.
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// Revoke an API key at once.
+    Revoke {
+        /// Tenant id or slug.
+        #[arg(long)]
+        tenant: String,
+        /// The key's id.
+        key_id: uuid::Uuid,
+    },
+    /// List a tenant's API keys (without the secrets) as JSON lines.
+    List {
+        /// Tenant id or slug.
+        #[arg(long)]
+        tenant: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if matches!(cli.command, Some(Command::Openapi)) {
+        println!(
+            "{}",
+            rapport::http::openapi()
+                .to_pretty_json()
+                .unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: invalid configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command.unwrap_or(Command::Serve), config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    let is_service = matches!(command, Command::Serve | Command::Api | Command::Worker);
+    if is_service {
+        telemetry::init_logging(&config);
+    }
+    let app = App::build(config).await?;
+    match command {
+        Command::Serve => serve(app, true, true).await,
+        Command::Api => serve(app, true, false).await,
+        Command::Worker => serve(app, false, true).await,
+        Command::Migrate => {
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Tenant { command } => tenant_command(&app, command).await,
+        Command::ApiKey { command } => api_key_command(&app, command).await,
+        Command::Openapi => Ok(()),
+    }
+}
+
+async fn serve(app: App, api: bool, worker: bool) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let mut tasks = tokio::task::JoinSet::new();
+    if api {
+        let listen = app.state.config.listen.clone();
+        let listener = TcpListener::bind(&listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+        tracing::info!(address = %listener.local_addr()?, "listening");
+        let (app, token) = (app.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            app.run_api(listener, token)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+    if worker {
+        let (app, token) = (app.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            app.run_worker(token).await;
+            Ok(())
+        });
+    }
+    let mut outcome = Ok(());
+    while let Some(result) = tasks.join_next().await {
+        // One half failing stops the other.
+        shutdown.cancel();
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => outcome = Err(e),
+            Err(e) => outcome = Err(e.into()),
+        }
+    }
+    app.state.pool.close().await;
+    tracing::info!("stopped");
+    outcome
+}
+
+async fn cancel_on_signal(token: CancellationToken) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutdown requested; finishing in-flight work");
+    token.cancel();
+}
+
+/// An API error as one line for the terminal.
+fn cli_error(e: ApiError) -> anyhow::Error {
+    match e {
+        ApiError::Validation { errors, .. } => anyhow::anyhow!(
+            "{}",
+            errors
+                .iter()
+                .map(|f| format!("--{}: {}", f.field.replace('_', "-"), f.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+        other => anyhow::anyhow!("{}", other.to_problem().detail),
+    }
+}
+
+async fn tenant_command(app: &App, command: TenantCommand) -> anyhow::Result<()> {
+    let mut conn = app.state.pool.acquire().await?;
+    match command {
+        TenantCommand::Create {
+            name,
+            slug,
+            default_country,
+            default_locale,
+            timezone,
+        } => {
+            let new = NewTenant {
+                name,
+                slug,
+                default_country,
+                default_locale,
+                timezone,
+            };
+            let valid = new.validate().map_err(cli_error)?;
+            let tenant = tenants::create(&mut conn, &valid)
+                .await
+                .map_err(cli_error)?;
+            println!("{}", serde_json::to_string_pretty(&tenant)?);
+        }
+        TenantCommand::List => {
+            let mut before = None;
+            loop {
+                let page = tenants::list(&mut conn, before, 500)
+                    .await
+                    .map_err(cli_error)?;
+                for t in page.iter().take(500) {
+                    println!("{}", serde_json::to_string(t)?);
+                }
+                if page.len() <= 500 {
+                    break;
+                }
+                before = page.get(499).map(|t| t.id);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn api_key_command(app: &App, command: ApiKeyCommand) -> anyhow::Result<()> {
+    let mut conn = app.state.pool.acquire().await?;
+    let find = async |conn: &mut sqlx::PgConnection, tenant: &str| {
+        tenants::find(conn, tenant)
+            .await
+            .map_err(cli_error)?
+            .ok_or_else(|| anyhow::anyhow!("no tenant with id or slug `{tenant}`"))
+    };
+    match command {
+        ApiKeyCommand::Create { tenant, name } => {
+            let tenant = find(&mut conn, &tenant).await?;
+            let name =
+                rapport::validate::text(&name, 200).map_err(|m| anyhow::anyhow!("--name: {m}"))?;
+            let key = tenants::create_key(&mut conn, TenantId(tenant.id), &name)
+                .await
+                .map_err(cli_error)?;
+            println!("{}", serde_json::to_string_pretty(&key)?);
+        }
+        ApiKeyCommand::Revoke { tenant, key_id } => {
+            let tenant = find(&mut conn, &tenant).await?;
+            if !tenants::revoke_key(&mut conn, TenantId(tenant.id), key_id)
+                .await
+                .map_err(cli_error)?
+            {
+                anyhow::bail!("tenant {} has no API key with id {key_id}", tenant.slug);
+            }
+            println!("revoked {key_id}");
+        }
+        ApiKeyCommand::List { tenant } => {
+            let tenant = find(&mut conn, &tenant).await?;
+            for key in tenants::list_keys(&mut conn, TenantId(tenant.id))
+                .await
+                .map_err(cli_error)?
+            {
+                println!("{}", serde_json::to_string(&key)?);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! SQL for tenants and API keys.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::model::{ApiKey, CreatedApiKey, Tenant, ValidTenant};
+use crate::error::{ApiError, ApiResult};
+use crate::tenancy::{self, TenantId};
+
+const TENANT_COLUMNS: &str =
+    "id, name, slug, default_country, default_locale, timezone, created_at, updated_at";
+
+/// Creates a tenant; a taken slug is a 409.
+pub async fn create(conn: &mut PgConnection, new: &ValidTenant) -> ApiResult<Tenant> {
+    let sql = format!(
+        "INSERT INTO tenants (id, name, slug, default_country, default_locale, timezone)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING {TENANT_COLUMNS}"
+    );
+    sqlx::query_as(&sql)
+        .bind(Uuid::now_v7())
+        .bind(&new.name)
+        .bind(&new.slug)
+        .bind(&new.default_country)
+        .bind(&new.default_locale)
+        .bind(&new.timezone)
+        .fetch_one(conn)
+        .await
+        .map_err(|e| {
+            if crate::db::is_unique_violation(&e, Some("tenants_slug_key")) {
+                ApiError::Conflict(format!("a tenant with slug `{}` already exists", new.slug))
+            } else {
+                e.into()
+            }
+        })
+}
+
+pub async fn get(conn: &mut PgConnection, id: Uuid) -> ApiResult<Option<Tenant>> {
+    let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1");
+    Ok(sqlx::query_as(&sql).bind(id).fetch_optional(conn).await?)
+}
+
+/// A tenant by id or by slug, for the command line.
+pub async fn find(conn: &mut PgConnection, id_or_slug: &str) -> ApiResult<Option<Tenant>> {
+    match Uuid::parse_str(id_or_slug) {
+        Ok(id) => get(conn, id).await,
+        Err(_) => {
+            let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE slug = $1");
+            Ok(sqlx::query_as(&sql)
+                .bind(id_or_slug)
+                .fetch_optional(conn)
+                .await?)
+        }
+    }
+}
+
+/// Tenants newest first, after `before` (a cursor id).
+pub async fn list(
+    conn: &mut PgConnection,
+    before: Option<Uuid>,
+    limit: i64,
+) -> ApiResult<Vec<Tenant>> {
+    let sql = format!(
+        "SELECT {TENANT_COLUMNS} FROM tenants WHERE ($1::uuid IS NULL OR id < $1)
+         ORDER BY id DESC LIMIT $2"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(before)
+        .bind(limit + 1)
+        .fetch_all(conn)
+        .await?)
+}
+
+/// Creates an API key; only its hash is stored.
+pub async fn create_key(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    name: &str,
+) -> ApiResult<CreatedApiKey> {
+    let key = tenancy::generate_api_key();
+    let prefix: String = key.chars().take(tenancy::KEY_PREFIX.len() + 6).collect();
+    let id = Uuid::now_v7();
+    let created_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "INSERT INTO api_keys (tenant_id, id, name, key_hash, key_prefix)
+         VALUES ($1, $2, $3, $4, $5) RETURNING created_at",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(name)
+    .bind(tenancy::hash_api_key(&key))
+    .bind(&prefix)
+    .fetch_one(conn)
+    .await?;
+    Ok(CreatedApiKey {
+        id,
+        tenant_id: tenant.0,
+        name: name.to_owned(),
+        key,
+        prefix,
+        created_at,
+    })
+}
+
+pub async fn list_keys(conn: &mut PgConnection, tenant: TenantId) -> ApiResult<Vec<ApiKey>> {
+    Ok(sqlx::query_as(
+        "SELECT id, tenant_id, name, key_prefix AS prefix, created_at, revoked_at
+         FROM api_keys WHERE tenant_id = $1 ORDER BY id DESC",
+    )
+    .bind(tenant)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Revokes a key at once; false when the tenant has no such key.
+pub async fn revoke_key(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    key_id: Uuid,
+) -> ApiResult<bool> {
+    let done = sqlx::query(
+        "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+         WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(tenant)
+    .bind(key_id)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The tenant owning a live key with this hash.
+pub async fn authenticate(
+    conn: &mut PgConnection,
+    key_hash: &[u8],
+) -> Result<Option<tenancy::Tenant>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT k.tenant_id, k.id AS key_id, t.default_country, t.default_locale, t.timezone
+         FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+         WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
+    )
+    .bind(key_hash)
+    .fetch_optional(conn)
+    .await
+}

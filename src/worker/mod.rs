@@ -1,0 +1,51 @@
+//! The background worker: a set of jobs run until shutdown.
+//!
+//! Each job is a loop in a [`JoinSet`]; on shutdown every loop finishes its current round and
+//! returns. Jobs coordinate through the database only, so any number of worker processes can
+//! run against one database.
+
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::AppState;
+
+/// How often expired idempotency keys are deleted.
+const PURGE_EVERY: Duration = Duration::from_secs(600);
+
+/// Runs every job until `shutdown` is cancelled.
+pub async fn run(state: AppState, shutdown: CancellationToken) {
+    let mut jobs = JoinSet::new();
+    jobs.spawn(purge_idempotency_keys(state.clone(), shutdown.clone()));
+    tracing::info!(jobs = jobs.len(), "worker started");
+    while let Some(result) = jobs.join_next().await {
+        if let Err(e) = result {
+            tracing::error!(error = %e, "a worker job ended abnormally");
+        }
+    }
+    tracing::info!("worker stopped");
+}
+
+/// Deletes stored `Idempotency-Key` responses past the retention.
+async fn purge_idempotency_keys(state: AppState, shutdown: CancellationToken) {
+    loop {
+        match purge_once(&state).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "purged expired idempotency keys"),
+            Err(e) => {
+                tracing::warn!(error = %crate::error::error_chain(&e), "cannot purge idempotency keys")
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(PURGE_EVERY) => {}
+        }
+    }
+}
+
+/// One round of the idempotency-key purge; the number of keys deleted.
+pub async fn purge_once(state: &AppState) -> Result<u64, sqlx::Error> {
+    crate::http::idempotency::purge_expired(&state.pool, state.config.idempotency_retention_hours)
+        .await
+}
