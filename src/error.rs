@@ -114,6 +114,7 @@ impl ApiError {
             }
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Database(e) if is_transient(e) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Database(e) if is_data_exception(e) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Database(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -133,6 +134,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => "unprocessable",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Database(e) if is_transient(e) => "unavailable",
+            ApiError::Database(e) if is_data_exception(e) => "unprocessable",
             ApiError::Database(_) | ApiError::Internal(_) => "internal",
         }
     }
@@ -155,6 +157,9 @@ impl ApiError {
             ApiError::MethodNotAllowed => "this method is not allowed on this path".to_owned(),
             ApiError::Database(e) if is_transient(e) => {
                 "the database is busy or unreachable; retry the request".to_owned()
+            }
+            ApiError::Database(e) if is_data_exception(e) => {
+                "a value cannot be stored: it holds a NUL character or is out of range".to_owned()
             }
             ApiError::Database(_) | ApiError::Internal(_) => {
                 "an internal error occurred; it has been logged".to_owned()
@@ -181,6 +186,12 @@ fn is_transient(e: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("40001" | "40P01")),
         _ => false,
     }
+}
+
+/// SQLSTATE class 22 (data exception): a value the client sent cannot be stored, such as a NUL
+/// character in a path parameter. A safety net behind validation: the client's fault, not ours.
+fn is_data_exception(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")))
 }
 
 impl IntoResponse for ApiError {

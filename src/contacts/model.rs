@@ -59,6 +59,15 @@ pub enum Channel {
 }
 
 impl Channel {
+    pub fn parse(name: &str) -> Option<Channel> {
+        match name {
+            "email" => Some(Channel::Email),
+            "sms" => Some(Channel::Sms),
+            "viber" => Some(Channel::Viber),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Channel::Email => "email",
@@ -79,6 +88,14 @@ pub enum Purpose {
 }
 
 impl Purpose {
+    pub fn parse(name: &str) -> Option<Purpose> {
+        match name {
+            "marketing" => Some(Purpose::Marketing),
+            "transactional" => Some(Purpose::Transactional),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Purpose::Marketing => "marketing",
@@ -232,7 +249,7 @@ pub struct ContactInput {
     #[schema(value_type = Option<Object>, example = json!({"credit_limit": 5000, "available_credit": 4200}))]
     pub attributes: Option<Map<String, Value>>,
     #[schema(value_type = Option<Object>, example = json!({"email": {"marketing": "opted_in"}, "sms": {"marketing": "opted_out"}}))]
-    pub consents: Option<BTreeMap<Channel, BTreeMap<Purpose, ConsentInput>>>,
+    pub consents: Option<BTreeMap<String, BTreeMap<String, ConsentInput>>>,
 }
 
 /// A validated [`ContactInput`]. The phone is normalised later, once the contact's country
@@ -270,8 +287,15 @@ fn birthday(raw: &String) -> Result<NaiveDate, String> {
 }
 
 impl ContactInput {
-    /// Validates every field; `prefix` is put before field names (`contacts[3].`).
-    pub fn validate(&self, prefix: &str) -> Result<ContactChanges, Vec<FieldError>> {
+    /// Validates every field; `prefix` is put before field names (`contacts[3].`). The phone
+    /// is normalised later, with the contact's stored country; but when other fields are
+    /// invalid it is checked here too (with the given or the tenant's country), so that the
+    /// answer lists every error at once.
+    pub fn validate(
+        &self,
+        prefix: &str,
+        default_country: &str,
+    ) -> Result<ContactChanges, Vec<FieldError>> {
         let mut errors = Errors::new();
         let f = |name: &str| format!("{prefix}{name}");
         let mut take = |name: &str, r: Result<Patch<String>, String>| {
@@ -304,25 +328,47 @@ impl ContactInput {
             }
         }
         let mut consents = Vec::new();
-        for (channel, purposes) in self.consents.iter().flatten() {
-            for (purpose, consent) in purposes {
+        for (channel_name, purposes) in self.consents.iter().flatten() {
+            let Some(channel) = Channel::parse(channel_name) else {
+                errors.add(
+                    f(&format!("consents.{channel_name}")),
+                    format!("unknown channel `{channel_name}`; expected email, sms or viber"),
+                );
+                continue;
+            };
+            for (purpose_name, consent) in purposes {
+                let field = f(&format!("consents.{channel_name}.{purpose_name}"));
+                let Some(purpose) = Purpose::parse(purpose_name) else {
+                    errors.add(
+                        field,
+                        format!(
+                            "unknown purpose `{purpose_name}`; expected marketing or transactional"
+                        ),
+                    );
+                    continue;
+                };
                 if consent
                     .at
                     .is_some_and(|at| at > Utc::now() + chrono::Duration::minutes(5))
                 {
                     errors.add(
-                        f(&format!(
-                            "consents.{}.{}.at",
-                            channel.as_str(),
-                            purpose.as_str()
-                        )),
+                        format!("{field}.at"),
                         "a consent cannot be given in the future",
                     );
                 }
-                consents.push((*channel, *purpose, consent.clone()));
+                consents.push((channel, purpose, consent.clone()));
             }
         }
         if !errors.is_empty() {
+            if let Patch::Value(raw) = &phone {
+                let region = match &country {
+                    Patch::Value(c) => c.as_str(),
+                    _ => default_country,
+                };
+                if let Err(message) = validate::phone(raw, Some(region)) {
+                    errors.add(f("phone"), message);
+                }
+            }
             return Err(errors.into_vec());
         }
         Ok(ContactChanges {

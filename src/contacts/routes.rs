@@ -68,7 +68,9 @@ async fn upsert_contact(
             "differs from the external id in the path",
         ));
     }
-    let changes = body.validate("").map_err(ApiError::validation)?;
+    let changes = body
+        .validate("", &tenant.default_country)
+        .map_err(ApiError::validation)?;
     let mut tx = state.pool.begin().await?;
     let upserted = store::upsert(&mut tx, &tenant, &external_id, &changes, "").await?;
     tx.commit().await?;
@@ -114,7 +116,7 @@ async fn batch_upsert(
                 continue;
             }
         };
-        match item.validate(&prefix) {
+        match item.validate(&prefix, &tenant.default_country) {
             Ok(changes) => {
                 valid.push((external_id.unwrap_or_default(), index, changes));
                 results.push(None);

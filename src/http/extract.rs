@@ -50,7 +50,36 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let value = serde_path_to_error::deserialize(&mut de).map_err(json_error)?;
     de.end()
         .map_err(|e| ApiError::MalformedJson(format!("the body is not valid JSON: {e}")))?;
+    if has_escaped_nul(bytes) {
+        return Err(ApiError::field(
+            "body",
+            "strings must not contain the NUL character (\\u0000)",
+        ));
+    }
     Ok(value)
+}
+
+/// Whether valid JSON holds a `\u0000` escape (PostgreSQL cannot store NUL in text or jsonb).
+/// A backslash preceded by an odd number of backslashes is itself escaped text, not an escape.
+fn has_escaped_nul(bytes: &[u8]) -> bool {
+    let needle = b"\\u0000";
+    let mut start = 0;
+    while let Some(pos) = bytes[start..]
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| p + start)
+    {
+        let backslashes_before = bytes[..pos]
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\\')
+            .count();
+        if backslashes_before % 2 == 0 {
+            return true;
+        }
+        start = pos + 1;
+    }
+    false
 }
 
 fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
@@ -125,6 +154,19 @@ where
 }
 
 /// Collects field errors while validating a request, then fails with all of them at once.
+#[cfg(test)]
+mod tests {
+    use super::has_escaped_nul;
+
+    #[test]
+    fn finds_only_real_nul_escapes() {
+        assert!(has_escaped_nul(br#"{"a": "x\u0000y"}"#));
+        assert!(has_escaped_nul(br#"{"a": "\\\u0000"}"#));
+        assert!(!has_escaped_nul(br#"{"a": "\\u0000"}"#));
+        assert!(!has_escaped_nul(br#"{"a": "u0000"}"#));
+    }
+}
+
 #[derive(Default)]
 pub struct Errors(Vec<FieldError>);
 

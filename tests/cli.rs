@@ -1,0 +1,196 @@
+//! The `rapport` binary: database creation, operators' commands, start-up failures and
+//! graceful shutdown on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TestDb;
+
+fn rapport(db_url: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rapport"));
+    cmd.env("DATABASE_URL", db_url)
+        .env_remove("RAPPORT_DATABASE_URL")
+        .env_remove("RAPPORT_ADMIN_TOKEN")
+        .env(
+            "RAPPORT_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"),
+        );
+    cmd
+}
+
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().expect("run rapport");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn migrate_creates_a_missing_database_and_is_repeatable() {
+    let db = TestDb::unborn();
+    let (ok, out, err) = run(rapport(&db.url).arg("migrate"));
+    assert!(ok, "{err}");
+    assert!(out.contains("migrations applied"));
+    let (ok, _, err) = run(rapport(&db.url).arg("migrate"));
+    assert!(ok, "second run: {err}");
+}
+
+#[test]
+fn operators_manage_tenants_and_keys_from_the_command_line() {
+    let db = TestDb::unborn();
+    let (ok, out, err) = run(rapport(&db.url).args([
+        "tenant",
+        "create",
+        "--name",
+        "Acme Credit",
+        "--default-country",
+        "HR",
+        "--default-locale",
+        "hr",
+        "--timezone",
+        "Europe/Zagreb",
+    ]));
+    assert!(ok, "{err}");
+    let tenant: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(tenant["slug"], "acme-credit");
+
+    let (ok, out, err) = run(rapport(&db.url).args([
+        "api-key",
+        "create",
+        "--tenant",
+        "acme-credit",
+        "--name",
+        "shop",
+    ]));
+    assert!(ok, "{err}");
+    let key: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(key["key"].as_str().unwrap().starts_with("rk_live_"));
+    let key_id = key["id"].as_str().unwrap();
+
+    let (ok, out, _) = run(rapport(&db.url).args([
+        "api-key",
+        "list",
+        "--tenant",
+        tenant["id"].as_str().unwrap(),
+    ]));
+    assert!(ok);
+    assert!(out.contains(key_id));
+    assert!(!out.contains(key["key"].as_str().unwrap()));
+
+    let (ok, out, _) = run(rapport(&db.url).args(["tenant", "list"]));
+    assert!(ok);
+    assert_eq!(out.lines().count(), 1);
+
+    let (ok, _, err) =
+        run(rapport(&db.url).args(["api-key", "revoke", "--tenant", "acme-credit", key_id]));
+    assert!(ok, "{err}");
+    let (ok, out, _) = run(rapport(&db.url).args(["api-key", "list", "--tenant", "acme-credit"]));
+    assert!(ok);
+    assert!(out.contains("\"revoked_at\":\"20"));
+
+    // Mistakes are one clear line and a failing exit code.
+    let (ok, _, err) =
+        run(rapport(&db.url).args(["tenant", "create", "--name", "X", "--default-country", "XX"]));
+    assert!(!ok);
+    assert!(err.starts_with("error: --default-country:"), "{err}");
+    let (ok, _, err) =
+        run(rapport(&db.url).args(["api-key", "create", "--tenant", "nope", "--name", "x"]));
+    assert!(!ok);
+    assert!(err.contains("no tenant with id or slug `nope`"), "{err}");
+}
+
+#[test]
+fn an_unreachable_database_is_one_clear_line_without_the_password() {
+    let (ok, _, err) = run(rapport("postgres://app:s3cret@127.0.0.1:1/rapport").arg("migrate"));
+    assert!(!ok);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(
+            "error: cannot connect to the database at postgres://app:****@127.0.0.1:1/rapport"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"));
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn serve_answers_and_stops_cleanly_on_sigterm() {
+    let db = TestDb::unborn();
+    let mut child = rapport(&db.url)
+        .arg("serve")
+        .env("RAPPORT_LISTEN", "127.0.0.1:0")
+        .env("RAPPORT_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut lines = Vec::new();
+    let addr = loop {
+        let line = rx
+            .recv_timeout(deadline - Instant::now())
+            .expect("the server logs that it listens");
+        lines.push(line.clone());
+        let json: serde_json::Value = serde_json::from_str(&line).expect("log lines are JSON");
+        if json["message"] == "listening" {
+            break json["address"].as_str().unwrap().to_owned();
+        }
+    };
+    let health = http_get(&addr, "/healthz");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let ready = http_get(&addr, "/readyz");
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+        lines.push(line);
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("shutdown requested")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("\"stopped\"")),
+        "{lines:#?}"
+    );
+}

@@ -1,0 +1,338 @@
+//! Test harness: every test gets a fresh, migrated database on the real PostgreSQL, dropped
+//! when the test ends (also when it panics), and drives the router in-process.
+
+#![allow(dead_code)]
+
+use std::str::FromStr;
+use std::sync::Once;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use rapport::{App, Config};
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+use tower::ServiceExt;
+
+pub const ADMIN: &str = "test-admin-token";
+
+/// The server under test: `DATABASE_URL`, else the local default.
+pub fn base_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/rapport".to_owned())
+}
+
+fn maintenance() -> PgConnectOptions {
+    PgConnectOptions::from_str(&base_url())
+        .expect("DATABASE_URL is a PostgreSQL URL")
+        .database("postgres")
+}
+
+/// A fresh database that is dropped with this value.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        sweep_stale_databases().await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let name = format!(
+            "rapport_test_{now}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let mut conn = maintenance()
+            .connect()
+            .await
+            .expect("connect to PostgreSQL");
+        sqlx::raw_sql(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        conn.close().await.ok();
+        let mut url = url::Url::parse(&base_url()).unwrap();
+        url.set_path(&format!("/{name}"));
+        TestDb {
+            name,
+            url: url.to_string(),
+        }
+    }
+
+    /// A URL naming a database that does not exist yet (dropped with this value too).
+    pub fn unborn() -> TestDb {
+        let name = format!(
+            "rapport_test_{}_{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let mut url = url::Url::parse(&base_url()).unwrap();
+        url.set_path(&format!("/{name}"));
+        TestDb {
+            name,
+            url: url.to_string(),
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Runs on its own thread and runtime: Drop may run inside (or outside) a runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut conn) = maintenance().connect().await {
+                    let _ =
+                        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                            .execute(&mut conn)
+                            .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Drops test databases left behind by killed runs (older than two hours), once a process.
+async fn sweep_stale_databases() {
+    static ONCE: Once = Once::new();
+    let mut run = false;
+    ONCE.call_once(|| run = true);
+    if !run {
+        return;
+    }
+    let Ok(mut conn) = maintenance().connect().await else {
+        return;
+    };
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'rapport\\_test\\_%'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for name in names {
+        let created = name.split('_').nth(2).and_then(|s| s.parse::<u64>().ok());
+        if created.is_some_and(|t| t + 7200 < now) {
+            let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .execute(&mut conn)
+                .await;
+        }
+    }
+}
+
+/// The application on a fresh database.
+pub struct TestApp {
+    pub app: App,
+    pub router: Router,
+    pub pool: PgPool,
+    pub db: TestDb,
+}
+
+/// A response, with its body parsed as JSON when it is JSON.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Resp {
+    pub fn content_type(&self) -> &str {
+        self.headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// Asserts an RFC 9457 problem with this status.
+    pub fn assert_problem(&self, status: u16) -> &Self {
+        assert_eq!(self.status.as_u16(), status, "body: {}", self.text);
+        assert_eq!(
+            self.content_type(),
+            "application/problem+json",
+            "body: {}",
+            self.text
+        );
+        for field in ["type", "title", "status", "detail"] {
+            assert!(
+                self.body.get(field).is_some(),
+                "problem without {field}: {}",
+                self.text
+            );
+        }
+        assert_eq!(self.body["status"], status);
+        self
+    }
+
+    /// The `field` names of a validation problem's errors.
+    pub fn error_fields(&self) -> Vec<String> {
+        self.body["errors"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| e["field"].as_str().unwrap_or_default().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A tenant with a live API key.
+#[derive(Debug, Clone)]
+pub struct TestTenant {
+    pub id: String,
+    pub key: String,
+    pub key_id: String,
+}
+
+impl TestApp {
+    pub async fn new() -> TestApp {
+        Self::with_config(|_| {}).await
+    }
+
+    pub async fn with_config(adjust: impl FnOnce(&mut Config)) -> TestApp {
+        init_logs();
+        let db = TestDb::create().await;
+        let mut config = Config {
+            database_url: db.url.clone(),
+            admin_token: Some(ADMIN.to_owned()),
+            db_max_connections: 16,
+            ..Config::default()
+        };
+        adjust(&mut config);
+        let pool = PgPoolOptions::new()
+            .max_connections(config.db_max_connections)
+            .connect(&db.url)
+            .await
+            .expect("connect to the test database");
+        rapport::db::migrate(&pool, &db.url).await.expect("migrate");
+        let app = App::from_pool(pool.clone(), config);
+        TestApp {
+            router: app.router(),
+            app,
+            pool,
+            db,
+        }
+    }
+
+    /// Sends a request; `body` is sent as JSON.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Resp {
+        let mut builder = Request::builder().method(method).uri(path);
+        if let Some(token) = token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        let request = match body {
+            Some(b) => builder
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&b).unwrap()))
+                .unwrap(),
+            None => builder.body(Body::empty()).unwrap(),
+        };
+        self.send(request).await
+    }
+
+    /// Sends a prepared request.
+    pub async fn send(&self, request: Request<Body>) -> Resp {
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Resp {
+            status,
+            headers,
+            body,
+            text,
+        }
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Resp {
+        self.call(Method::GET, path, Some(token), None).await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> Resp {
+        self.call(Method::POST, path, Some(token), Some(body)).await
+    }
+
+    pub async fn put(&self, path: &str, token: &str, body: Value) -> Resp {
+        self.call(Method::PUT, path, Some(token), Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> Resp {
+        self.call(Method::DELETE, path, Some(token), None).await
+    }
+
+    /// Creates a tenant (country HR unless the slug says `gb`) and an API key for it.
+    pub async fn tenant(&self, slug: &str) -> TestTenant {
+        let country = if slug.contains("gb") { "GB" } else { "HR" };
+        let t = self
+            .post(
+                "/admin/v1/tenants",
+                ADMIN,
+                json!({"name": format!("Tenant {slug}"), "slug": slug, "default_country": country,
+                       "default_locale": "hr", "timezone": "Europe/Zagreb"}),
+            )
+            .await;
+        assert_eq!(t.status, StatusCode::CREATED, "{}", t.text);
+        let id = t.body["id"].as_str().unwrap().to_owned();
+        let k = self
+            .post(
+                &format!("/admin/v1/tenants/{id}/api-keys"),
+                ADMIN,
+                json!({"name": "test"}),
+            )
+            .await;
+        assert_eq!(k.status, StatusCode::CREATED, "{}", k.text);
+        TestTenant {
+            id,
+            key: k.body["key"].as_str().unwrap().to_owned(),
+            key_id: k.body["id"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// Upserts a contact and returns its body.
+    pub async fn contact(&self, t: &TestTenant, external_id: &str, body: Value) -> Value {
+        let r = self
+            .put(&format!("/v1/contacts/{external_id}"), &t.key, body)
+            .await;
+        assert!(r.status.is_success(), "{}", r.text);
+        r.body
+    }
+}
+
+fn init_logs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var("TEST_LOG").is_ok() {
+            let config = Config {
+                log_level: "debug,sqlx=warn".into(),
+                ..Config::default()
+            };
+            rapport::telemetry::init_logging(&config);
+        }
+    });
+}

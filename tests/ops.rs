@@ -1,0 +1,98 @@
+//! Operations: health, readiness, metrics, the OpenAPI document and the docs page.
+
+mod common;
+
+use axum::http::{Method, StatusCode};
+use common::TestApp;
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let app = TestApp::new().await;
+    let r = app.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = app.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["status"], "ready");
+
+    // A database with a pending migration is not ready.
+    sqlx::query("DELETE FROM _sqlx_migrations")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    app.call(Method::GET, "/readyz", None, None)
+        .await
+        .assert_problem(503);
+    // An unreachable database is not ready either.
+    app.pool.close().await;
+    app.call(Method::GET, "/readyz", None, None)
+        .await
+        .assert_problem(503);
+}
+
+#[tokio::test]
+async fn metrics_are_labelled_by_route() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let c = app.contact(&t, "c1", serde_json::json!({})).await;
+    app.get(
+        &format!("/v1/contacts/{}", c["id"].as_str().unwrap()),
+        &t.key,
+    )
+    .await;
+    let r = app.call(Method::GET, "/metrics", None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.content_type().starts_with("text/plain"));
+    assert!(
+        r.text.contains(
+            r#"http_requests_total{method="GET",route="/v1/contacts/{id}",status="200"}"#
+        ),
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains("http_request_duration_seconds_bucket"));
+    // Raw ids never become labels.
+    assert!(!r.text.contains(c["id"].as_str().unwrap()));
+}
+
+/// The served OpenAPI document is the committed one. To update the committed copy after an
+/// intended API change: `cargo run -- openapi > docs/openapi.json`.
+#[tokio::test]
+async fn openapi_document_matches_the_committed_copy() {
+    let app = TestApp::new().await;
+    let r = app.call(Method::GET, "/openapi.json", None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json"))
+            .expect("docs/openapi.json exists");
+    let committed: serde_json::Value = serde_json::from_str(&committed).unwrap();
+    assert!(
+        committed == r.body,
+        "the API changed: run `cargo run -- openapi > docs/openapi.json` and review the diff"
+    );
+    // Every route of the contract is documented.
+    let paths = r.body["paths"].as_object().unwrap();
+    for p in [
+        "/admin/v1/tenants",
+        "/admin/v1/tenants/{id}/api-keys/{key_id}",
+        "/v1/contacts/{id}",
+        "/v1/contacts/batch",
+        "/v1/contacts/lookup",
+        "/v1/contacts/{id}/timeline",
+        "/v1/events",
+        "/v1/events/batch",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
+        assert!(paths.contains_key(p), "{p} is not documented");
+    }
+}
+
+#[tokio::test]
+async fn docs_page_renders_the_openapi_document() {
+    let app = TestApp::new().await;
+    let r = app.call(Method::GET, "/docs", None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.content_type().starts_with("text/html"));
+    assert!(r.text.contains("/openapi.json"));
+}
