@@ -52,6 +52,13 @@ pub fn email(raw: &str) -> Result<String, String> {
 }
 
 /// A phone number in any common format, as E.164; national formats use `country`.
+///
+/// ```
+/// use rapport::validate::phone;
+/// assert_eq!(phone("091 234 5678", Some("HR")).unwrap(), "+385912345678");
+/// assert_eq!(phone("0044 20 7946 0018", None).unwrap(), "+442079460018");
+/// assert!(phone("091 234 5678", None).is_err()); // national, and no country to read it in
+/// ```
 pub fn phone(raw: &str, country: Option<&str>) -> Result<String, String> {
     let region = country.and_then(|c| phonenumber::country::Id::from_str(c).ok());
     let invalid = || format!("`{raw}` is not a valid phone number");

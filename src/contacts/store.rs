@@ -195,29 +195,16 @@ async fn insert(
     external_id: &str,
     f: &ContactFields,
 ) -> ApiResult<bool> {
-    let done = sqlx::query(
-        "INSERT INTO contacts (tenant_id, id, external_id, email, phone, viber_id, first_name,
-            last_name, locale, country, timezone, birthday, owner_agent_id, attributes, consents)
+    let insert = sqlx::query(
+        "INSERT INTO contacts (tenant_id, id, email, phone, viber_id, first_name, last_name,
+            locale, country, timezone, birthday, owner_agent_id, attributes, consents, external_id)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
          ON CONFLICT (tenant_id, external_id) DO NOTHING",
-    )
-    .bind(tenant)
-    .bind(id)
-    .bind(external_id)
-    .bind(&f.email)
-    .bind(&f.phone)
-    .bind(&f.viber_id)
-    .bind(&f.first_name)
-    .bind(&f.last_name)
-    .bind(&f.locale)
-    .bind(&f.country)
-    .bind(&f.timezone)
-    .bind(f.birthday)
-    .bind(f.owner_agent_id)
-    .bind(&f.attributes)
-    .bind(&f.consents)
-    .execute(conn)
-    .await?;
+    );
+    let done = bind_fields(insert.bind(tenant).bind(id), f)
+        .bind(external_id)
+        .execute(conn)
+        .await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -227,29 +214,36 @@ async fn write_fields(
     id: Uuid,
     f: &ContactFields,
 ) -> ApiResult<()> {
-    sqlx::query(
+    let update = sqlx::query(
         "UPDATE contacts SET email = $3, phone = $4, viber_id = $5, first_name = $6,
             last_name = $7, locale = $8, country = $9, timezone = $10, birthday = $11,
             owner_agent_id = $12, attributes = $13, consents = $14, updated_at = now()
          WHERE tenant_id = $1 AND id = $2",
-    )
-    .bind(tenant)
-    .bind(id)
-    .bind(&f.email)
-    .bind(&f.phone)
-    .bind(&f.viber_id)
-    .bind(&f.first_name)
-    .bind(&f.last_name)
-    .bind(&f.locale)
-    .bind(&f.country)
-    .bind(&f.timezone)
-    .bind(f.birthday)
-    .bind(f.owner_agent_id)
-    .bind(&f.attributes)
-    .bind(&f.consents)
-    .execute(conn)
-    .await?;
+    );
+    bind_fields(update.bind(tenant).bind(id), f)
+        .execute(conn)
+        .await?;
     Ok(())
+}
+
+/// Binds the writable fields, in [`FIELD_COLUMNS`] order, as the next twelve parameters.
+fn bind_fields<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    f: &'q ContactFields,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(&f.email)
+        .bind(&f.phone)
+        .bind(&f.viber_id)
+        .bind(&f.first_name)
+        .bind(&f.last_name)
+        .bind(&f.locale)
+        .bind(&f.country)
+        .bind(&f.timezone)
+        .bind(f.birthday)
+        .bind(f.owner_agent_id)
+        .bind(&f.attributes)
+        .bind(&f.consents)
 }
 
 /// The fields after applying `changes` to `current`; the phone is normalised with the
