@@ -44,6 +44,20 @@ pub struct Config {
     pub idempotency_retention_hours: u32,
     /// How long shutdown waits for in-flight requests and jobs.
     pub shutdown_grace_secs: u64,
+    /// Where the `log` provider writes the messages it "sends", one JSON line each.
+    pub outbox_log: String,
+    /// Messages a worker claims at once.
+    pub outbox_batch_size: i64,
+    /// Messages a worker sends at once.
+    pub outbox_concurrency: usize,
+    /// How long a claimed message is held before another worker may take it over.
+    pub outbox_lease_secs: u64,
+    /// Attempts before a message is `failed`.
+    pub outbox_max_attempts: i32,
+    /// How often workers look for due messages when no notification wakes them.
+    pub outbox_poll_interval_ms: u64,
+    /// How long a provider may take to answer.
+    pub outbox_send_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -61,6 +75,13 @@ impl Default for Config {
             db_connect_timeout_secs: 5,
             idempotency_retention_hours: 24,
             shutdown_grace_secs: 20,
+            outbox_log: "var/outbox.jsonl".to_owned(),
+            outbox_batch_size: 100,
+            outbox_concurrency: 32,
+            outbox_lease_secs: 60,
+            outbox_max_attempts: 8,
+            outbox_poll_interval_ms: 1000,
+            outbox_send_timeout_secs: 30,
         }
     }
 }

@@ -4,13 +4,16 @@
 //! [`App::run_api`] serves HTTP and [`App::run_worker`] runs the background jobs, both until
 //! their shutdown token is cancelled.
 
+pub mod channels;
 pub mod config;
 pub mod contacts;
 pub mod db;
 pub mod error;
 pub mod events;
 pub mod http;
+pub mod messages;
 pub mod telemetry;
+pub mod templates;
 pub mod tenancy;
 pub mod tenants;
 pub mod validate;
@@ -32,6 +35,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub config: Arc<Config>,
     pub metrics: PrometheusHandle,
+    /// Picks the provider of each message.
+    pub channels: channels::Channels,
     /// The OpenAPI document, rendered once.
     pub openapi_json: Arc<String>,
 }
@@ -57,6 +62,9 @@ impl App {
 
     /// An application on an existing, migrated pool (tests use this).
     pub fn from_pool(pool: PgPool, config: Config) -> App {
+        let channels = channels::Channels::new(std::sync::Arc::new(
+            channels::log::LogProvider::new(&config.outbox_log),
+        ));
         let openapi_json = http::openapi()
             .to_pretty_json()
             .unwrap_or_else(|_| "{}".to_owned());
@@ -65,9 +73,16 @@ impl App {
                 pool,
                 config: Arc::new(config),
                 metrics: telemetry::metrics_handle(),
+                channels,
                 openapi_json: Arc::new(openapi_json),
             },
         }
+    }
+
+    /// The same application with other providers (tests replace them with local servers).
+    pub fn with_channels(mut self, channels: channels::Channels) -> App {
+        self.state.channels = channels;
+        self
     }
 
     /// The HTTP application, for serving or for driving in-process.

@@ -434,6 +434,39 @@ pub async fn id_by_address(
         .await?)
 }
 
+/// The live contact a reference names (by external id, else email, else phone), without
+/// creating one. Invalid addresses are a 422 on `{field}.email` or `{field}.phone`.
+pub async fn find_by_ref(
+    conn: &mut PgConnection,
+    tenant: &Tenant,
+    r: &crate::events::model::ContactRef,
+    field: &str,
+) -> ApiResult<Option<Uuid>> {
+    if let Some(external_id) = &r.external_id {
+        return Ok(sqlx::query_scalar(
+            "SELECT id FROM contacts WHERE tenant_id = $1 AND external_id = $2",
+        )
+        .bind(tenant.id)
+        .bind(external_id)
+        .fetch_optional(conn)
+        .await?);
+    }
+    if let Some(email) = &r.email {
+        let email =
+            validate::email(email).map_err(|m| ApiError::field(format!("{field}.email"), m))?;
+        return id_by_address(conn, tenant.id, Address::Email, &email).await;
+    }
+    if let Some(phone) = &r.phone {
+        let phone = validate::phone(phone, Some(&tenant.default_country))
+            .map_err(|m| ApiError::field(format!("{field}.phone"), m))?;
+        return id_by_address(conn, tenant.id, Address::Phone, &phone).await;
+    }
+    Err(ApiError::field(
+        field,
+        "give the contact's external_id, email or phone",
+    ))
+}
+
 /// An address column a contact can be found by.
 #[derive(Debug, Clone, Copy)]
 pub enum Address {

@@ -189,3 +189,23 @@ pub async fn timeline(
         .fetch_all(conn)
         .await
 }
+
+/// The events about one object (a message, a ticket...), oldest first.
+pub async fn about(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    subject_type: &str,
+    subject_id: Uuid,
+) -> Result<Vec<Event>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events
+         WHERE tenant_id = $1 AND subject_type = $2 AND subject_id = $3
+         ORDER BY occurred_at, id"
+    );
+    sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(subject_type)
+        .bind(subject_id)
+        .fetch_all(conn)
+        .await
+}

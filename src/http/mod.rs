@@ -39,6 +39,8 @@ use crate::tenancy::{require_admin, require_tenant};
         (name = "admin", description = "Operators: tenants and API keys (admin token)"),
         (name = "contacts", description = "Contacts, the contact card and the timeline"),
         (name = "events", description = "Everything that happens to a contact"),
+        (name = "templates", description = "Per-channel, per-locale message templates"),
+        (name = "messages", description = "The outbox: messages and their delivery"),
         (name = "ops", description = "Health, readiness, metrics, this document"),
     ),
     components(schemas(Problem))
@@ -84,7 +86,9 @@ fn groups() -> Groups {
         admin: OpenApiRouter::new().merge(crate::tenants::routes::router()),
         tenant: OpenApiRouter::new()
             .merge(crate::contacts::routes::router())
-            .merge(crate::events::routes::router()),
+            .merge(crate::events::routes::router())
+            .merge(crate::templates::routes::router())
+            .merge(crate::messages::routes::router()),
         public: ops::router(),
     }
 }

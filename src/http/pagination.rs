@@ -100,3 +100,15 @@ pub fn paginate<T>(mut rows: Vec<T>, limit: i64, cursor_of: impl Fn(&T) -> Strin
         next_cursor,
     }
 }
+
+/// A position in a list ordered by a text key.
+pub fn encode_key_cursor(key: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("k:{key}"))
+}
+
+pub fn decode_key_cursor(cursor: &str) -> Result<String, ApiError> {
+    decode(cursor)?
+        .strip_prefix("k:")
+        .map(str::to_owned)
+        .ok_or_else(invalid_cursor)
+}

@@ -4,6 +4,8 @@
 //! returns. Jobs coordinate through the database only, so any number of worker processes can
 //! run against one database.
 
+pub mod dispatch;
+
 use std::time::Duration;
 
 use tokio::task::JoinSet;
@@ -18,6 +20,7 @@ const PURGE_EVERY: Duration = Duration::from_secs(600);
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     let mut jobs = JoinSet::new();
     jobs.spawn(purge_idempotency_keys(state.clone(), shutdown.clone()));
+    jobs.spawn(dispatch::run(state.clone(), shutdown.clone()));
     tracing::info!(jobs = jobs.len(), "worker started");
     while let Some(result) = jobs.join_next().await {
         if let Err(e) = result {

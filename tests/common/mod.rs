@@ -86,6 +86,7 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
+        let _ = std::fs::remove_file(std::env::temp_dir().join(format!("{name}.jsonl")));
         // Runs on its own thread and runtime: Drop may run inside (or outside) a runtime.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -210,10 +211,12 @@ impl TestApp {
     pub async fn with_config(adjust: impl FnOnce(&mut Config)) -> TestApp {
         init_logs();
         let db = TestDb::create().await;
+        let outbox_log = std::env::temp_dir().join(format!("{}.jsonl", db.name));
         let mut config = Config {
             database_url: db.url.clone(),
             admin_token: Some(ADMIN.to_owned()),
             db_max_connections: 16,
+            outbox_log: outbox_log.to_string_lossy().into_owned(),
             ..Config::default()
         };
         adjust(&mut config);
@@ -230,6 +233,31 @@ impl TestApp {
             pool,
             db,
         }
+    }
+
+    /// Sends every message through `provider` from now on.
+    pub fn use_provider(&mut self, provider: std::sync::Arc<dyn rapport::channels::Provider>) {
+        self.app = self
+            .app
+            .clone()
+            .with_channels(rapport::channels::Channels::new(provider));
+        self.router = self.app.router();
+    }
+
+    /// Runs the dispatcher until no message is due; the number handled.
+    pub async fn drain(&self) -> usize {
+        rapport::worker::dispatch::drain(&self.app.state)
+            .await
+            .expect("drain")
+    }
+
+    /// The lines the `log` provider wrote, parsed.
+    pub fn outbox_log(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.app.state.config.outbox_log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     /// Sends a request; `body` is sent as JSON.

@@ -1,0 +1,118 @@
+//! Message types.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::contacts::model::Channel;
+use crate::events::model::{ContactRef, Event};
+
+/// A message of the outbox, with its delivery state.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+pub struct Message {
+    pub id: Uuid,
+    pub contact_id: Uuid,
+    #[schema(example = "sms")]
+    pub channel: String,
+    /// `transactional` or `marketing`.
+    pub purpose: String,
+    #[sqlx(rename = "template_key")]
+    pub template: Option<String>,
+    pub locale: Option<String>,
+    /// The address it goes to: an email, an E.164 number or a Viber user id.
+    pub recipient: Option<String>,
+    pub subject: Option<String>,
+    #[sqlx(rename = "body_text")]
+    pub text: Option<String>,
+    #[sqlx(rename = "body_html")]
+    pub html: Option<String>,
+    #[schema(value_type = Object)]
+    pub extras: Value,
+    /// `queued`, `sending`, `sent`, `delivered`, `failed` or `suppressed`.
+    pub status: String,
+    /// Why it failed or was suppressed (`no_consent`, `no_address`, the provider's error...).
+    pub status_reason: Option<String>,
+    pub provider: Option<String>,
+    pub provider_message_id: Option<String>,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+/// One attempt to hand a message to its provider.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+pub struct Attempt {
+    pub attempt: i32,
+    pub provider: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    /// `sent`, `retry` or `failed`.
+    pub outcome: String,
+    pub detail: Option<String>,
+    pub provider_message_id: Option<String>,
+}
+
+/// A message with its attempts and its history (the `message.*` events about it).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct MessageDetail {
+    #[serde(flatten)]
+    pub message: Message,
+    pub delivery_attempts: Vec<Attempt>,
+    pub history: Vec<Event>,
+}
+
+/// `POST /v1/messages`: a transactional message now.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewMessage {
+    pub contact: ContactRef,
+    /// The template's key.
+    #[schema(example = "order_shipped")]
+    pub template: String,
+    /// The channel; when absent, the first of email, sms and viber that the template has a
+    /// variant for and the contact has an address and consent for.
+    pub channel: Option<Channel>,
+    /// Available to the template as `vars`.
+    #[schema(value_type = Option<Object>)]
+    pub variables: Option<Map<String, Value>>,
+}
+
+/// Filters of `GET /v1/messages`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct MessageFilter {
+    pub contact_id: Option<Uuid>,
+    /// `queued`, `sending`, `sent`, `delivered`, `failed` or `suppressed`.
+    pub status: Option<String>,
+    /// Items per page, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// Every status a message can have.
+pub const STATUSES: [&str; 6] = [
+    "queued",
+    "sending",
+    "sent",
+    "delivered",
+    "failed",
+    "suppressed",
+];
+
+/// What to send: the domain's request, used by the API, tickets and campaigns alike.
+#[derive(Debug, Clone)]
+pub struct Compose<'a> {
+    pub contact_id: Uuid,
+    pub template_key: &'a str,
+    /// Ordered preference; empty means email, sms, viber.
+    pub channels: &'a [Channel],
+    pub vars: Value,
+    pub event: Option<Value>,
+}

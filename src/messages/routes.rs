@@ -1,0 +1,115 @@
+//! `/v1/messages`: send a transactional message now; list and read messages.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde_json::Value;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::model::{Compose, Message, MessageDetail, MessageFilter, NewMessage, STATUSES};
+use super::store;
+use crate::AppState;
+use crate::contacts::store as contacts;
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::events::store as events;
+use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
+use crate::http::pagination::{Page, PageParams, decode_id_cursor, encode_id_cursor, paginate};
+use crate::tenancy::Tenant;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(send_message, list_messages))
+        .routes(routes!(get_message))
+}
+
+/// Send a message now. It is queued (or recorded as suppressed, with the reason: no consent,
+/// no address...) and handed to the provider by the worker.
+#[utoipa::path(post, path = "/v1/messages", tag = "messages",
+    security(("api_key" = [])),
+    request_body = NewMessage,
+    responses((status = 202, description = "Queued, or suppressed with a reason", body = Message),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn send_message(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ValidJson(body): ValidJson<NewMessage>,
+) -> ApiResult<(StatusCode, Json<Message>)> {
+    let mut tx = state.pool.begin().await?;
+    let contact_id = contacts::find_by_ref(&mut tx, &tenant, &body.contact, "contact")
+        .await?
+        .ok_or_else(|| ApiError::field("contact", "no such contact"))?;
+    let channels: Vec<_> = body.channel.into_iter().collect();
+    let compose = Compose {
+        contact_id,
+        template_key: &body.template,
+        channels: &channels,
+        vars: Value::Object(body.variables.clone().unwrap_or_default()),
+        event: None,
+    };
+    let message =
+        store::enqueue(&mut tx, &tenant, compose, state.config.outbox_max_attempts).await?;
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(message)))
+}
+
+/// List messages, newest first.
+#[utoipa::path(get, path = "/v1/messages", tag = "messages",
+    security(("api_key" = [])),
+    params(MessageFilter),
+    responses((status = 200, body = Page<Message>)))]
+async fn list_messages(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiQuery(filter): ApiQuery<MessageFilter>,
+) -> ApiResult<Json<Page<Message>>> {
+    let page = PageParams {
+        limit: filter.limit,
+        cursor: filter.cursor.clone(),
+    };
+    let limit = page.limit()?;
+    let before = page.cursor.as_deref().map(decode_id_cursor).transpose()?;
+    if let Some(status) = filter.status.as_deref() {
+        if !STATUSES.contains(&status) {
+            return Err(ApiError::BadRequest(format!(
+                "status must be one of {}",
+                STATUSES.join(", ")
+            )));
+        }
+    }
+    let mut conn = state.pool.acquire().await?;
+    let rows = store::list(
+        &mut conn,
+        tenant.id,
+        filter.contact_id,
+        filter.status.as_deref(),
+        before,
+        limit,
+    )
+    .await?;
+    Ok(Json(paginate(rows, limit, |m| encode_id_cursor(m.id))))
+}
+
+/// Get a message with its delivery attempts and history.
+#[utoipa::path(get, path = "/v1/messages/{id}", tag = "messages",
+    security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "Message id")),
+    responses((status = 200, body = MessageDetail), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn get_message(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<MessageDetail>> {
+    let mut conn = state.pool.acquire().await?;
+    let message = store::get(&mut conn, tenant.id, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no message with id {id}")))?;
+    let delivery_attempts = store::attempts(&mut conn, tenant.id, id).await?;
+    let history = events::about(&mut conn, tenant.id, "message", id).await?;
+    Ok(Json(MessageDetail {
+        message,
+        delivery_attempts,
+        history,
+    }))
+}

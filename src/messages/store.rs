@@ -1,0 +1,457 @@
+//! SQL for the outbox: enqueueing (inside the caller's transaction), claiming with a lease,
+//! and recording each attempt's outcome.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::model::{Attempt, Compose, Message};
+use crate::channels::Receipt;
+use crate::contacts::model::{Channel, Contact, Purpose};
+use crate::contacts::routes::contact_not_found;
+use crate::contacts::store as contacts;
+use crate::error::{ApiError, ApiResult};
+use crate::events::store as events;
+use crate::templates::{render, store as templates};
+use crate::tenancy::{Tenant, TenantId};
+use crate::tenants::store as tenants;
+
+/// The LISTEN/NOTIFY channel that wakes workers when a message is queued.
+pub const NOTIFY_CHANNEL: &str = "rapport_outbox";
+
+const MESSAGE_COLUMNS: &str = "id, contact_id, channel, purpose, template_key, locale, recipient,
+    subject, body_text, body_html, extras, status, status_reason, provider, provider_message_id,
+    attempts, next_attempt_at, created_at, updated_at, sent_at, delivered_at";
+
+/// The contact's address on a channel.
+fn address(contact: &Contact, channel: Channel) -> Option<&str> {
+    match channel {
+        Channel::Email => contact.email.as_deref(),
+        Channel::Sms => contact.phone.as_deref(),
+        Channel::Viber => contact.viber_id.as_deref(),
+    }
+}
+
+/// Why a message may not go to this contact on this channel, if it may not: marketing needs an
+/// opt-in; transactional messages need only no opt-out.
+pub fn consent_refusal(
+    contact: &Contact,
+    channel: Channel,
+    purpose: Purpose,
+) -> Option<&'static str> {
+    let status = contact
+        .consents
+        .get(channel.as_str())
+        .and_then(|c| c.get(purpose.as_str()))
+        .and_then(|c| c.get("status"))
+        .and_then(Value::as_str);
+    match (purpose, status) {
+        (Purpose::Marketing, Some("opted_in")) => None,
+        (Purpose::Marketing, _) => Some("no_consent"),
+        (Purpose::Transactional, Some("opted_out")) => Some("opted_out"),
+        (Purpose::Transactional, _) => None,
+    }
+}
+
+/// Queues a message (or records it as suppressed, with the reason) in the caller's
+/// transaction, and wakes the workers when the transaction commits. Render errors and unknown
+/// templates are 422s: nothing is written.
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    tenant: &Tenant,
+    c: Compose<'_>,
+    max_attempts: i32,
+) -> ApiResult<Message> {
+    let contact = contacts::get(conn, tenant.id, c.contact_id)
+        .await?
+        .ok_or_else(|| contact_not_found(c.contact_id))?;
+    let template = templates::get(conn, tenant.id, c.template_key)
+        .await?
+        .ok_or_else(|| {
+            ApiError::field(
+                "template",
+                format!("no template with key `{}`", c.template_key),
+            )
+        })?;
+    let purpose = template.purpose;
+    let preference: Vec<Channel> = if c.channels.is_empty() {
+        [Channel::Email, Channel::Sms, Channel::Viber]
+            .into_iter()
+            .filter(|ch| template.variants.has(*ch))
+            .collect()
+    } else {
+        c.channels.to_vec()
+    };
+    if preference.is_empty() {
+        return Err(ApiError::field("template", "the template has no variant"));
+    }
+    let mut refusals = Vec::new();
+    let mut chosen = None;
+    for channel in &preference {
+        let refusal = if !template.variants.has(*channel) {
+            Some("no_variant")
+        } else if address(&contact, *channel).is_none() {
+            Some("no_address")
+        } else {
+            consent_refusal(&contact, *channel, purpose)
+        };
+        match refusal {
+            None => {
+                chosen = Some(*channel);
+                break;
+            }
+            Some(why) => refusals.push(format!("{}: {why}", channel.as_str())),
+        }
+    }
+    let id = Uuid::now_v7();
+    let Some(channel) = chosen else {
+        let reason = if preference.len() == 1 {
+            refusals[0]
+                .split(": ")
+                .nth(1)
+                .unwrap_or("suppressed")
+                .to_owned()
+        } else {
+            refusals.join("; ")
+        };
+        return insert_suppressed(
+            conn,
+            tenant.id,
+            id,
+            &contact,
+            preference[0],
+            purpose,
+            c.template_key,
+            &reason,
+            max_attempts,
+        )
+        .await;
+    };
+
+    let tenant_row = tenants::get(conn, tenant.id.0)
+        .await?
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("tenant {} is missing", tenant.id)))?;
+    let available = template.variants.locales(channel);
+    let wanted: Vec<&str> = contact
+        .locale
+        .as_deref()
+        .into_iter()
+        .chain([tenant.default_locale.as_str()])
+        .collect();
+    let Some(locale) = render::pick_locale(&available, &wanted) else {
+        let reason = format!(
+            "no_locale: no {} variant in {}",
+            channel.as_str(),
+            wanted.join(" or ")
+        );
+        return insert_suppressed(
+            conn,
+            tenant.id,
+            id,
+            &contact,
+            channel,
+            purpose,
+            c.template_key,
+            &reason,
+            max_attempts,
+        )
+        .await;
+    };
+    let ctx = render::context(Some(&contact), &tenant_row, c.event.as_ref(), &c.vars);
+    let rendered = render::render(&template.variants, channel, locale, &ctx)
+        .map_err(|e| ApiError::field(format!("template.{}", e.field), e.message))?;
+    let sql = format!(
+        "INSERT INTO messages (tenant_id, id, contact_id, channel, purpose, template_key, locale,
+            recipient, subject, body_text, body_html, extras, status, max_attempts, next_attempt_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $13, now())
+         RETURNING {MESSAGE_COLUMNS}"
+    );
+    let message: Message = sqlx::query_as(&sql)
+        .bind(tenant.id)
+        .bind(id)
+        .bind(contact.id)
+        .bind(channel.as_str())
+        .bind(purpose.as_str())
+        .bind(c.template_key)
+        .bind(locale)
+        .bind(address(&contact, channel))
+        .bind(&rendered.subject)
+        .bind(&rendered.text)
+        .bind(&rendered.html)
+        .bind(&rendered.extras)
+        .bind(max_attempts)
+        .fetch_one(&mut *conn)
+        .await?;
+    events::emit_about(
+        conn,
+        tenant.id,
+        contact.id,
+        "message.queued",
+        json!({"message_id": id, "channel": channel, "template": c.template_key, "purpose": purpose}),
+        Some(("message", id)),
+    )
+    .await?;
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(message)
+}
+
+#[expect(clippy::too_many_arguments, reason = "one row's columns")]
+async fn insert_suppressed(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+    contact: &Contact,
+    channel: Channel,
+    purpose: Purpose,
+    template_key: &str,
+    reason: &str,
+    max_attempts: i32,
+) -> ApiResult<Message> {
+    let sql = format!(
+        "INSERT INTO messages (tenant_id, id, contact_id, channel, purpose, template_key,
+            recipient, status, status_reason, max_attempts, next_attempt_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'suppressed', $8, $9, now())
+         RETURNING {MESSAGE_COLUMNS}"
+    );
+    let message: Message = sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(id)
+        .bind(contact.id)
+        .bind(channel.as_str())
+        .bind(purpose.as_str())
+        .bind(template_key)
+        .bind(address(contact, channel))
+        .bind(reason)
+        .bind(max_attempts)
+        .fetch_one(&mut *conn)
+        .await?;
+    events::emit_about(
+        conn,
+        tenant,
+        contact.id,
+        "message.suppressed",
+        json!({"message_id": id, "channel": channel, "template": template_key, "reason": reason}),
+        Some(("message", id)),
+    )
+    .await?;
+    Ok(message)
+}
+
+pub async fn get(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> ApiResult<Option<Message>> {
+    let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant_id = $1 AND id = $2");
+    Ok(sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// Messages newest first, optionally of one contact or status, before the cursor id.
+pub async fn list(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact_id: Option<Uuid>,
+    status: Option<&str>,
+    before: Option<Uuid>,
+    limit: i64,
+) -> ApiResult<Vec<Message>> {
+    let sql = format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages
+         WHERE tenant_id = $1 AND ($2::uuid IS NULL OR contact_id = $2)
+           AND ($3::text IS NULL OR status = $3) AND ($4::uuid IS NULL OR id < $4)
+         ORDER BY id DESC LIMIT $5"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(contact_id)
+        .bind(status)
+        .bind(before)
+        .bind(limit + 1)
+        .fetch_all(conn)
+        .await?)
+}
+
+pub async fn attempts(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> ApiResult<Vec<Attempt>> {
+    Ok(sqlx::query_as(
+        "SELECT attempt, provider, started_at, finished_at, outcome, detail, provider_message_id
+         FROM message_attempts WHERE tenant_id = $1 AND message_id = $2 ORDER BY attempt",
+    )
+    .bind(tenant)
+    .bind(id)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// A message a worker holds, with what it needs to send it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Claimed {
+    pub tenant_id: TenantId,
+    pub id: Uuid,
+    pub contact_id: Uuid,
+    pub channel: String,
+    pub purpose: String,
+    pub recipient: Option<String>,
+    pub subject: Option<String>,
+    pub body_text: Option<String>,
+    pub body_html: Option<String>,
+    pub extras: Value,
+    /// This attempt's number; it fences the lease: only the holder of this attempt may finish it.
+    pub attempts: i32,
+    pub max_attempts: i32,
+}
+
+/// Claims up to `batch` due messages (queued and due, or held under an expired lease, whose
+/// worker died) for `lease`. No transaction stays open while they are sent.
+pub async fn claim(
+    pool: &PgPool,
+    batch: i64,
+    lease: Duration,
+) -> Result<Vec<Claimed>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE messages m
+            SET status = 'sending', attempts = m.attempts + 1, updated_at = now(),
+                locked_until = now() + make_interval(secs => $2)
+          WHERE (m.tenant_id, m.id) IN (
+                SELECT tenant_id, id FROM messages
+                 WHERE (status = 'queued' AND next_attempt_at <= now())
+                    OR (status = 'sending' AND locked_until < now())
+                 ORDER BY next_attempt_at
+                 LIMIT $1
+                 FOR UPDATE SKIP LOCKED)
+          RETURNING m.tenant_id, m.id, m.contact_id, m.channel, m.purpose, m.recipient, m.subject,
+                    m.body_text, m.body_html, m.extras, m.attempts, m.max_attempts",
+    )
+    .bind(batch)
+    .bind(lease.as_secs_f64())
+    .fetch_all(pool)
+    .await
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Sent(Receipt),
+    Retry { reason: String, delay: Duration },
+    Failed { reason: String },
+}
+
+/// Records an attempt's outcome, its attempt row and its timeline event, in one transaction.
+/// False when the lease was lost (another worker took the message over): nothing is written.
+pub async fn finish(
+    pool: &PgPool,
+    m: &Claimed,
+    provider: &str,
+    started_at: DateTime<Utc>,
+    outcome: &Outcome,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let (outcome_name, detail, provider_id) = match outcome {
+        Outcome::Sent(r) => ("sent", None, r.provider_message_id.clone()),
+        Outcome::Retry { reason, .. } => ("retry", Some(reason.clone()), None),
+        Outcome::Failed { reason } => ("failed", Some(reason.clone()), None),
+    };
+    let updated = match outcome {
+        Outcome::Sent(r) => {
+            sqlx::query(
+                "UPDATE messages SET status = 'sent', provider = $4, provider_message_id = $5,
+                    status_reason = NULL, sent_at = now(), locked_until = NULL, updated_at = now()
+                 WHERE tenant_id = $1 AND id = $2 AND status = 'sending' AND attempts = $3",
+            )
+            .bind(m.tenant_id)
+            .bind(m.id)
+            .bind(m.attempts)
+            .bind(provider)
+            .bind(&r.provider_message_id)
+            .execute(&mut *tx)
+            .await?
+        }
+        Outcome::Retry { reason, delay } => {
+            sqlx::query(
+                "UPDATE messages SET status = 'queued', provider = $4, status_reason = $5,
+                    next_attempt_at = now() + make_interval(secs => $6), locked_until = NULL,
+                    updated_at = now()
+                 WHERE tenant_id = $1 AND id = $2 AND status = 'sending' AND attempts = $3",
+            )
+            .bind(m.tenant_id)
+            .bind(m.id)
+            .bind(m.attempts)
+            .bind(provider)
+            .bind(reason)
+            .bind(delay.as_secs_f64())
+            .execute(&mut *tx)
+            .await?
+        }
+        Outcome::Failed { reason } => {
+            sqlx::query(
+                "UPDATE messages SET status = 'failed', provider = $4, status_reason = $5,
+                    locked_until = NULL, updated_at = now()
+                 WHERE tenant_id = $1 AND id = $2 AND status = 'sending' AND attempts = $3",
+            )
+            .bind(m.tenant_id)
+            .bind(m.id)
+            .bind(m.attempts)
+            .bind(provider)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?
+        }
+    };
+    if updated.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query(
+        "INSERT INTO message_attempts (tenant_id, message_id, attempt, provider, started_at,
+            finished_at, outcome, detail, provider_message_id)
+         VALUES ($1, $2, $3, $4, $5, now(), $6, $7, $8)",
+    )
+    .bind(m.tenant_id)
+    .bind(m.id)
+    .bind(m.attempts)
+    .bind(provider)
+    .bind(started_at)
+    .bind(outcome_name)
+    .bind(&detail)
+    .bind(&provider_id)
+    .execute(&mut *tx)
+    .await?;
+    let event = match outcome {
+        Outcome::Sent(_) => Some((
+            "message.sent",
+            json!({"message_id": m.id, "channel": m.channel,
+            "provider": provider, "provider_message_id": provider_id, "attempt": m.attempts}),
+        )),
+        Outcome::Failed { reason } => Some((
+            "message.failed",
+            json!({"message_id": m.id,
+            "channel": m.channel, "provider": provider, "reason": reason, "attempt": m.attempts}),
+        )),
+        Outcome::Retry { .. } => None,
+    };
+    if let Some((kind, properties)) = event {
+        events::emit_about(
+            &mut tx,
+            m.tenant_id,
+            m.contact_id,
+            kind,
+            properties,
+            Some(("message", m.id)),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}

@@ -1,0 +1,6 @@
+//! Message templates: per-channel, per-locale variants rendered with minijinja.
+
+pub mod model;
+pub mod render;
+pub mod routes;
+pub mod store;

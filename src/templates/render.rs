@@ -1,0 +1,227 @@
+//! Rendering with minijinja, sandboxed: no loader (so no file or network access), a fuel limit
+//! that bounds the work of any template, and strict undefined variables, so that a missing
+//! variable is an error rather than a blank in a customer's message.
+
+use minijinja::{AutoEscape, Environment, UndefinedBehavior};
+use serde_json::{Value, json};
+
+use super::model::{Rendered, Variants};
+use crate::contacts::model::Channel;
+
+/// Instructions one render may execute; a loop over a huge range runs out.
+const FUEL: u64 = 100_000;
+/// Longest rendered text.
+const MAX_OUTPUT: usize = 256 * 1024;
+
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_fuel(Some(FUEL));
+    env.set_auto_escape_callback(|name| {
+        if name.ends_with(".html") {
+            AutoEscape::Html
+        } else {
+            AutoEscape::None
+        }
+    });
+    env
+}
+
+/// Whether a template text compiles; the message names the line.
+pub fn check_syntax(source: &str) -> Result<(), String> {
+    let env = environment();
+    env.template_from_str(source)
+        .map(|_| ())
+        .map_err(|e| describe(&e))
+}
+
+fn describe(e: &minijinja::Error) -> String {
+    let mut message = e.to_string();
+    if let Some(line) = e.line() {
+        if !message.contains("line") {
+            message.push_str(&format!(" (line {line})"));
+        }
+    }
+    message
+}
+
+/// A render failure: which part of which variant, and why.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct RenderError {
+    pub field: String,
+    pub message: String,
+}
+
+fn render_one(name: &str, source: &str, ctx: &Value, field: String) -> Result<String, RenderError> {
+    let env = environment();
+    let fail = |e: minijinja::Error| RenderError {
+        field: field.clone(),
+        message: describe(&e),
+    };
+    let template = env.template_from_named_str(name, source).map_err(fail)?;
+    let out = template.render(ctx).map_err(fail)?;
+    if out.len() > MAX_OUTPUT {
+        return Err(RenderError {
+            field,
+            message: format!("renders to more than {MAX_OUTPUT} bytes"),
+        });
+    }
+    Ok(out)
+}
+
+/// The best locale of `available` for `wanted`, then `fallback`: an exact match, then the same
+/// language (`en-GB` -> `en`, `en` -> `en-US`).
+pub fn pick_locale<'a>(available: &[&'a str], wanted: &[&str]) -> Option<&'a str> {
+    for w in wanted {
+        if let Some(exact) = available.iter().find(|a| a.eq_ignore_ascii_case(w)) {
+            return Some(exact);
+        }
+        let lang = w.split('-').next().unwrap_or(w);
+        if let Some(same) = available
+            .iter()
+            .find(|a| a.split('-').next().unwrap_or(a).eq_ignore_ascii_case(lang))
+        {
+            return Some(same);
+        }
+    }
+    None
+}
+
+/// Renders `channel`'s variant in `locale` with the context
+/// `{contact, tenant, event, vars}`.
+pub fn render(
+    variants: &Variants,
+    channel: Channel,
+    locale: &str,
+    ctx: &Value,
+) -> Result<Rendered, RenderError> {
+    let missing = || RenderError {
+        field: format!("{}.{locale}", channel.as_str()),
+        message: "the template has no such variant".to_owned(),
+    };
+    let at = |part: &str| format!("{}.{locale}.{part}", channel.as_str());
+    let mut out = Rendered {
+        channel: Some(channel),
+        locale: locale.to_owned(),
+        extras: json!({}),
+        ..Rendered::default()
+    };
+    match channel {
+        Channel::Email => {
+            let v = variants.email.get(locale).ok_or_else(missing)?;
+            out.subject = Some(render_one("subject.txt", &v.subject, ctx, at("subject"))?);
+            if let Some(html) = &v.html {
+                out.html = Some(render_one("body.html", html, ctx, at("html"))?);
+            }
+            if let Some(text) = &v.text {
+                out.text = Some(render_one("body.txt", text, ctx, at("text"))?);
+            }
+        }
+        Channel::Sms => {
+            let v = variants.sms.get(locale).ok_or_else(missing)?;
+            out.text = Some(render_one("sms.txt", &v.text, ctx, at("text"))?);
+        }
+        Channel::Viber => {
+            let v = variants.viber.get(locale).ok_or_else(missing)?;
+            out.text = Some(render_one("viber.txt", &v.text, ctx, at("text"))?);
+            if let Some(b) = &v.button {
+                out.extras = json!({"button": {
+                    "text": render_one("button.txt", &b.text, ctx, at("button.text"))?,
+                    "url": render_one("button.txt", &b.url, ctx, at("button.url"))?,
+                }});
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The variables a template sees: `contact`, `tenant`, `event` (when there is one) and `vars`.
+pub fn context(
+    contact: Option<&crate::contacts::model::Contact>,
+    tenant: &crate::tenants::model::Tenant,
+    event: Option<&Value>,
+    vars: &Value,
+) -> Value {
+    let mut ctx = serde_json::Map::new();
+    if let Some(c) = contact {
+        ctx.insert(
+            "contact".into(),
+            serde_json::to_value(c).unwrap_or(Value::Null),
+        );
+    }
+    ctx.insert(
+        "tenant".into(),
+        json!({"id": tenant.id, "name": tenant.name, "slug": tenant.slug,
+               "default_country": tenant.default_country, "default_locale": tenant.default_locale,
+               "timezone": tenant.timezone}),
+    );
+    if let Some(e) = event {
+        ctx.insert("event".into(), e.clone());
+    }
+    ctx.insert("vars".into(), vars.clone());
+    Value::Object(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::templates::model::{EmailVariant, SmsVariant};
+
+    fn variants() -> Variants {
+        let mut v = Variants::default();
+        v.email.insert(
+            "hr".into(),
+            EmailVariant {
+                subject: "Bok {{ contact.first_name }}".into(),
+                html: Some("<p>{{ vars.note }}</p>".into()),
+                text: Some("{{ vars.note }}".into()),
+            },
+        );
+        v.sms.insert(
+            "en".into(),
+            SmsVariant {
+                text: "{% for i in range(100000) %}x{% endfor %}".into(),
+            },
+        );
+        v
+    }
+
+    #[test]
+    fn renders_with_html_escaping_only_in_html() {
+        let ctx = json!({"contact": {"first_name": "Ana"}, "vars": {"note": "<b>5 > 3</b>"}});
+        let r = render(&variants(), Channel::Email, "hr", &ctx).unwrap();
+        assert_eq!(r.subject.as_deref(), Some("Bok Ana"));
+        assert_eq!(
+            r.html.as_deref(),
+            Some("<p>&lt;b&gt;5 &gt; 3&lt;&#x2f;b&gt;</p>")
+        );
+        assert_eq!(r.text.as_deref(), Some("<b>5 > 3</b>"));
+    }
+
+    #[test]
+    fn a_missing_variable_is_an_error_naming_the_part() {
+        let ctx = json!({"contact": {}, "vars": {"note": "x"}});
+        let e = render(&variants(), Channel::Email, "hr", &ctx).unwrap_err();
+        assert_eq!(e.field, "email.hr.subject");
+    }
+
+    #[test]
+    fn runaway_templates_run_out_of_fuel() {
+        let e = render(&variants(), Channel::Sms, "en", &json!({})).unwrap_err();
+        assert!(e.message.contains("fuel"), "{}", e.message);
+    }
+
+    #[test]
+    fn locale_fallback() {
+        assert_eq!(pick_locale(&["en", "hr"], &["hr-HR", "en"]), Some("hr"));
+        assert_eq!(pick_locale(&["en-GB"], &["en"]), Some("en-GB"));
+        assert_eq!(pick_locale(&["de"], &["hr", "en"]), None);
+    }
+
+    #[test]
+    fn syntax_errors_are_reported() {
+        assert!(check_syntax("{{ unclosed").is_err());
+        assert!(check_syntax("Hello {{ contact.first_name }}").is_ok());
+    }
+}

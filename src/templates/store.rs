@@ -1,0 +1,94 @@
+//! SQL for templates.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use sqlx::types::Json;
+
+use super::model::{Template, Variants};
+use crate::contacts::model::Purpose;
+use crate::error::{ApiError, ApiResult};
+use crate::tenancy::TenantId;
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    key: String,
+    purpose: String,
+    variants: Json<Variants>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    created: bool,
+}
+
+fn purpose(raw: &str) -> ApiResult<Purpose> {
+    Purpose::parse(raw).ok_or_else(|| ApiError::Internal(anyhow::anyhow!("stored purpose `{raw}`")))
+}
+
+/// Creates or replaces a template; true when it was created.
+pub async fn put(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    key: &str,
+    purpose_: Purpose,
+    variants: &Variants,
+) -> ApiResult<(Template, bool)> {
+    let row: Row = sqlx::query_as(
+        "INSERT INTO templates (tenant_id, key, purpose, variants) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (tenant_id, key) DO UPDATE
+            SET purpose = EXCLUDED.purpose, variants = EXCLUDED.variants, updated_at = now()
+         RETURNING key, purpose, variants, created_at, updated_at, (xmax = 0) AS created",
+    )
+    .bind(tenant)
+    .bind(key)
+    .bind(purpose_.as_str())
+    .bind(Json(variants))
+    .fetch_one(conn)
+    .await?;
+    let created = row.created;
+    Ok((into_template(row)?, created))
+}
+
+fn into_template(row: Row) -> ApiResult<Template> {
+    Ok(Template {
+        purpose: purpose(&row.purpose)?,
+        key: row.key,
+        variants: row.variants.0,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    })
+}
+
+pub async fn get(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    key: &str,
+) -> ApiResult<Option<Template>> {
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT key, purpose, variants, created_at, updated_at, false AS created
+         FROM templates WHERE tenant_id = $1 AND key = $2",
+    )
+    .bind(tenant)
+    .bind(key)
+    .fetch_optional(conn)
+    .await?;
+    row.map(into_template).transpose()
+}
+
+/// Templates by key, after `after`.
+pub async fn list(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    after: Option<&str>,
+    limit: i64,
+) -> ApiResult<Vec<Template>> {
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT key, purpose, variants, created_at, updated_at, false AS created
+         FROM templates WHERE tenant_id = $1 AND ($2::text IS NULL OR key > $2)
+         ORDER BY key LIMIT $3",
+    )
+    .bind(tenant)
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter().map(into_template).collect()
+}

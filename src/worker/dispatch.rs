@@ -1,0 +1,228 @@
+//! Dispatch: claim due messages with a lease, hand each to its provider, record the outcome.
+//!
+//! Workers wake on NOTIFY when a message is queued and poll as a fallback. The claim query
+//! also takes over messages whose lease expired (their worker died mid-send), so nothing
+//! committed to the outbox is lost; the lease is fenced by the attempt number, so a worker
+//! that lost its lease cannot overwrite the new holder's outcome.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use rand::Rng;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::AppState;
+use crate::channels::{Outbound, SendError};
+use crate::contacts::model::Channel;
+use crate::messages::store::{self, Claimed, NOTIFY_CHANNEL, Outcome};
+
+/// First retry delay; doubled each attempt, with full jitter, up to [`MAX_BACKOFF`].
+const BASE_BACKOFF: Duration = Duration::from_secs(2);
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// The longest `Retry-After` honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// The delay before retry number `attempt + 1`: exponential, jittered between half and all of
+/// it, and never shorter than the provider's `Retry-After`.
+pub fn backoff(attempt: i32, retry_after: Option<Duration>) -> Duration {
+    let exp = u32::try_from(attempt.saturating_sub(1).clamp(0, 20)).unwrap_or(20);
+    let full = BASE_BACKOFF
+        .saturating_mul(2u32.saturating_pow(exp))
+        .min(MAX_BACKOFF);
+    let jittered = full.mul_f64(rand::rng().random_range(0.5..=1.0));
+    match retry_after {
+        Some(after) => jittered.max(after.min(MAX_RETRY_AFTER)),
+        None => jittered,
+    }
+}
+
+/// Sends messages until `shutdown`; a batch in flight is finished first.
+pub async fn run(state: AppState, shutdown: CancellationToken) {
+    let mut listener = match PgListener::connect_with(&state.pool).await {
+        Ok(mut l) => match l.listen(NOTIFY_CHANNEL).await {
+            Ok(()) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot LISTEN; polling only");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot LISTEN; polling only");
+            None
+        }
+    };
+    let poll = Duration::from_millis(state.config.outbox_poll_interval_ms);
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        match dispatch_once(&state).await {
+            Ok(n) if n > 0 => continue,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %crate::error::error_chain(&e), "dispatch round failed")
+            }
+        }
+        let notified = async {
+            match listener.as_mut() {
+                Some(l) => {
+                    if l.try_recv().await.is_err() {
+                        // The connection dropped; it reconnects on the next call.
+                        tokio::time::sleep(poll).await;
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = notified => {}
+            () = tokio::time::sleep(poll) => {}
+        }
+    }
+}
+
+/// One round: claims a batch and sends it; the number of messages handled.
+pub async fn dispatch_once(state: &AppState) -> Result<usize, sqlx::Error> {
+    let config = &state.config;
+    let claimed = store::claim(
+        &state.pool,
+        config.outbox_batch_size,
+        Duration::from_secs(config.outbox_lease_secs),
+    )
+    .await?;
+    let n = claimed.len();
+    futures::stream::iter(claimed)
+        .map(|m| send_one(state, m))
+        .buffer_unordered(config.outbox_concurrency.max(1))
+        .collect::<Vec<()>>()
+        .await;
+    Ok(n)
+}
+
+/// Runs rounds until no message is due; for tests and for draining before shutdown.
+pub async fn drain(state: &AppState) -> Result<usize, sqlx::Error> {
+    let mut total = 0;
+    loop {
+        let n = dispatch_once(state).await?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n;
+    }
+}
+
+async fn send_one(state: &AppState, m: Claimed) {
+    let started_at = Utc::now();
+    let Some(channel) = Channel::parse(&m.channel) else {
+        record(
+            state,
+            &m,
+            "none",
+            started_at,
+            Outcome::Failed {
+                reason: format!("unknown channel `{}`", m.channel),
+            },
+        )
+        .await;
+        return;
+    };
+    let provider = state.channels.provider(m.tenant_id, channel);
+    let Some(to) = m.recipient.clone() else {
+        record(
+            state,
+            &m,
+            provider.name(),
+            started_at,
+            Outcome::Failed {
+                reason: "no_address".to_owned(),
+            },
+        )
+        .await;
+        return;
+    };
+    let outbound = Outbound {
+        tenant_id: m.tenant_id,
+        message_id: m.id,
+        channel,
+        to,
+        subject: m.subject.clone(),
+        text: m.body_text.clone(),
+        html: m.body_html.clone(),
+        extras: m.extras.clone(),
+        idempotency_key: m.id.to_string(),
+        marketing: m.purpose == "marketing",
+    };
+    let timeout = Duration::from_secs(state.config.outbox_send_timeout_secs);
+    let result = match tokio::time::timeout(timeout, provider.send(&outbound)).await {
+        Ok(r) => r,
+        Err(_) => Err(SendError::Transient {
+            reason: format!(
+                "no answer from {} within {} s",
+                provider.name(),
+                timeout.as_secs()
+            ),
+            retry_after: None,
+        }),
+    };
+    let outcome = match result {
+        Ok(receipt) => Outcome::Sent(receipt),
+        Err(SendError::Permanent { reason }) => Outcome::Failed { reason },
+        Err(SendError::Transient { reason, .. }) if m.attempts >= m.max_attempts => {
+            Outcome::Failed {
+                reason: format!("gave up after {} attempts: {reason}", m.attempts),
+            }
+        }
+        Err(SendError::Transient {
+            reason,
+            retry_after,
+        }) => Outcome::Retry {
+            reason,
+            delay: backoff(m.attempts, retry_after),
+        },
+    };
+    metrics::counter!("outbox_attempts_total", "channel" => m.channel.clone(),
+        "outcome" => match &outcome { Outcome::Sent(_) => "sent", Outcome::Retry { .. } => "retry", Outcome::Failed { .. } => "failed" })
+    .increment(1);
+    record(state, &m, provider.name(), started_at, outcome).await;
+}
+
+async fn record(
+    state: &AppState,
+    m: &Claimed,
+    provider: &str,
+    started_at: chrono::DateTime<Utc>,
+    outcome: Outcome,
+) {
+    match store::finish(&state.pool, m, provider, started_at, &outcome).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(message_id = %m.id, "lease lost before the outcome was recorded; the new holder decides")
+        }
+        // The lease expires and another round retries the message: at-least-once, with the
+        // same idempotency key sent to the provider.
+        Err(e) => {
+            tracing::error!(message_id = %m.id, error = %crate::error::error_chain(&e), "cannot record an attempt's outcome")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_honours_retry_after() {
+        for attempt in 1..=12 {
+            let d = backoff(attempt, None);
+            let full = BASE_BACKOFF
+                .saturating_mul(2u32.pow((attempt - 1) as u32))
+                .min(MAX_BACKOFF);
+            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
+        }
+        assert!(backoff(1, Some(Duration::from_secs(120))) >= Duration::from_secs(120));
+        assert!(backoff(1, Some(Duration::from_secs(10 * 24 * 3600))) <= MAX_RETRY_AFTER);
+    }
+}
