@@ -28,6 +28,8 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Base URL of links put in messages (surveys, tracking, unsubscribe).
     pub public_url: String,
+    /// 32 random bytes in base64 that seal provider secrets at rest; required to store them.
+    pub secret_key: Option<String>,
     /// `text` or `json`.
     pub log_format: LogFormat,
     /// A `tracing` filter such as `info` or `rapport=debug,info`.
@@ -67,6 +69,7 @@ impl Default for Config {
             listen: "0.0.0.0:8080".to_owned(),
             admin_token: None,
             public_url: "http://localhost:8080".to_owned(),
+            secret_key: None,
             log_format: LogFormat::Text,
             log_level: "info,sqlx=warn".to_owned(),
             max_body_bytes: 2 * 1024 * 1024,
@@ -93,6 +96,7 @@ impl std::fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
             .field("public_url", &self.public_url)
+            .field("secret_key", &self.secret_key.as_ref().map(|_| "<set>"))
             .field("log_format", &self.log_format)
             .field("log_level", &self.log_level)
             .finish_non_exhaustive()

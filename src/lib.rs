@@ -7,6 +7,7 @@
 pub mod channels;
 pub mod config;
 pub mod contacts;
+pub mod crypto;
 pub mod db;
 pub mod error;
 pub mod events;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Picks the provider of each message.
     pub channels: channels::Channels,
+    /// Seals and opens provider secrets.
+    pub secrets: crypto::SecretBox,
     /// The OpenAPI document, rendered once.
     pub openapi_json: Arc<String>,
 }
@@ -62,9 +65,12 @@ impl App {
 
     /// An application on an existing, migrated pool (tests use this).
     pub fn from_pool(pool: PgPool, config: Config) -> App {
-        let channels = channels::Channels::new(std::sync::Arc::new(
-            channels::log::LogProvider::new(&config.outbox_log),
-        ));
+        let secrets = crypto::SecretBox::new(config.secret_key.as_deref());
+        let channels = channels::Channels::new(
+            std::sync::Arc::new(channels::log::LogProvider::new(&config.outbox_log)),
+            secrets.clone(),
+            Duration::from_secs(config.outbox_send_timeout_secs),
+        );
         let openapi_json = http::openapi()
             .to_pretty_json()
             .unwrap_or_else(|_| "{}".to_owned());
@@ -74,6 +80,7 @@ impl App {
                 config: Arc::new(config),
                 metrics: telemetry::metrics_handle(),
                 channels,
+                secrets,
                 openapi_json: Arc::new(openapi_json),
             },
         }

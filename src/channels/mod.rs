@@ -1,16 +1,28 @@
 //! Channels: the one trait boundary of the system, because providers are the one thing tests
 //! replace. Each provider is a file; [`Channels`] picks the provider that sends a message.
 
+pub mod email;
+pub mod http;
+pub mod infobip;
 pub mod log;
+pub mod routes;
+pub mod settings;
+pub mod twilio;
+pub mod viber;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
 
 use futures::future::BoxFuture;
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::contacts::model::Channel as ChannelKind;
+use crate::crypto::SecretBox;
 use crate::tenancy::TenantId;
 
 /// A rendered message, ready for a provider.
@@ -60,21 +72,116 @@ pub trait Provider: Send + Sync {
     fn send<'a>(&'a self, message: &'a Outbound) -> BoxFuture<'a, Result<Receipt, SendError>>;
 }
 
-/// Chooses the provider of a tenant's channel. With nothing configured, the `log` provider
-/// "sends" everything, so the service runs with no credentials.
+/// Chooses the provider of a tenant's channel from its stored settings; with nothing
+/// configured, the `log` provider "sends" everything, so the service runs with no credentials.
+/// Built providers are cached until their settings change (an SMTP pool is kept, not rebuilt
+/// per message).
 #[derive(Clone)]
 pub struct Channels {
-    default: Arc<dyn Provider>,
+    inner: Arc<Inner>,
+}
+
+type CacheKey = (TenantId, ChannelKind);
+/// A built provider and the `updated_at` of the settings it was built from.
+type CacheEntry = (DateTime<Utc>, Arc<dyn Provider>);
+
+struct Inner {
+    fixed: Option<Arc<dyn Provider>>,
+    log: Arc<dyn Provider>,
+    http: reqwest::Client,
+    secrets: SecretBox,
+    cache: Mutex<HashMap<CacheKey, CacheEntry>>,
 }
 
 impl Channels {
-    /// Every channel through `default`.
-    pub fn new(default: Arc<dyn Provider>) -> Channels {
-        Channels { default }
+    /// Providers from each tenant's settings; `log` where none are stored.
+    pub fn new(log: Arc<dyn Provider>, secrets: SecretBox, send_timeout: Duration) -> Channels {
+        let http = reqwest::Client::builder()
+            .timeout(send_timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("rapport/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
+        Channels {
+            inner: Arc::new(Inner {
+                fixed: None,
+                log,
+                http,
+                secrets,
+                cache: Mutex::new(HashMap::new()),
+            }),
+        }
     }
 
-    /// The provider that sends `channel` messages of `tenant`.
-    pub fn provider(&self, _tenant: TenantId, _channel: ChannelKind) -> Arc<dyn Provider> {
-        self.default.clone()
+    /// Every message of every tenant through `provider` (tests replace providers this way).
+    pub fn fixed(provider: Arc<dyn Provider>) -> Channels {
+        Channels {
+            inner: Arc::new(Inner {
+                fixed: Some(provider.clone()),
+                log: provider,
+                http: reqwest::Client::new(),
+                secrets: SecretBox::new(None),
+                cache: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The provider that sends `channel` messages of `tenant`. A configuration that cannot be
+    /// used (undecryptable secrets...) is a transient error: the message waits for a fix.
+    pub async fn provider(
+        &self,
+        pool: &PgPool,
+        tenant: TenantId,
+        channel: ChannelKind,
+    ) -> Result<Arc<dyn Provider>, SendError> {
+        if let Some(fixed) = &self.inner.fixed {
+            return Ok(fixed.clone());
+        }
+        let unusable = |reason: String| SendError::Transient {
+            reason: format!(
+                "the {} channel's configuration cannot be used: {reason}",
+                channel.as_str()
+            ),
+            retry_after: None,
+        };
+        let mut conn = pool.acquire().await.map_err(|e| unusable(e.to_string()))?;
+        let resolved = settings::resolve(&mut conn, &self.inner.secrets, tenant, channel)
+            .await
+            .map_err(|e| unusable(e.to_string()))?;
+        let Some(config) = resolved else {
+            return Ok(self.inner.log.clone());
+        };
+        if config.provider == "log" {
+            return Ok(self.inner.log.clone());
+        }
+        let key = (tenant, channel);
+        if let Ok(cache) = self.inner.cache.lock() {
+            if let Some((at, provider)) = cache.get(&key) {
+                if *at == config.updated_at {
+                    return Ok(provider.clone());
+                }
+            }
+        }
+        let http = self.inner.http.clone();
+        let built: Arc<dyn Provider> = match (channel, config.provider.as_str()) {
+            (ChannelKind::Email, "smtp") => Arc::new(email::Smtp::new(&config).map_err(unusable)?),
+            (ChannelKind::Sms, "twilio") => {
+                Arc::new(twilio::Twilio::new(http, &config).map_err(unusable)?)
+            }
+            (ChannelKind::Sms, "infobip") => Arc::new(
+                infobip::Infobip::new(http, infobip::Kind::Sms, &config).map_err(unusable)?,
+            ),
+            (ChannelKind::Viber, "infobip") => Arc::new(
+                infobip::Infobip::new(http, infobip::Kind::Viber, &config).map_err(unusable)?,
+            ),
+            (ChannelKind::Viber, "viber") => {
+                Arc::new(viber::ViberBot::new(http, &config).map_err(unusable)?)
+            }
+            (_, other) => return Err(unusable(format!("unknown provider `{other}`"))),
+        };
+        if let Ok(mut cache) = self.inner.cache.lock() {
+            cache.insert(key, (config.updated_at, built.clone()));
+        }
+        Ok(built)
     }
 }

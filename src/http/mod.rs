@@ -41,6 +41,7 @@ use crate::tenancy::{require_admin, require_tenant};
         (name = "events", description = "Everything that happens to a contact"),
         (name = "templates", description = "Per-channel, per-locale message templates"),
         (name = "messages", description = "The outbox: messages and their delivery"),
+        (name = "channels", description = "Per-tenant providers of email, SMS and Viber"),
         (name = "ops", description = "Health, readiness, metrics, this document"),
     ),
     components(schemas(Problem))
@@ -88,7 +89,8 @@ fn groups() -> Groups {
             .merge(crate::contacts::routes::router())
             .merge(crate::events::routes::router())
             .merge(crate::templates::routes::router())
-            .merge(crate::messages::routes::router()),
+            .merge(crate::messages::routes::router())
+            .merge(crate::channels::routes::router()),
         public: ops::router(),
     }
 }

@@ -26,12 +26,39 @@ const MESSAGE_COLUMNS: &str = "id, contact_id, channel, purpose, template_key, l
     subject, body_text, body_html, extras, status, status_reason, provider, provider_message_id,
     attempts, next_attempt_at, created_at, updated_at, sent_at, delivered_at";
 
+/// How a tenant's Viber provider addresses people: the bot API by Viber user id, Infobip by
+/// phone number, the `log` provider by either.
+#[derive(Debug, Clone, Copy)]
+enum ViberAddress {
+    UserId,
+    Phone,
+    Either,
+}
+
+async fn viber_address(conn: &mut PgConnection, tenant: TenantId) -> ApiResult<ViberAddress> {
+    let provider: Option<String> = sqlx::query_scalar(
+        "SELECT provider FROM channel_settings WHERE tenant_id = $1 AND channel = 'viber'",
+    )
+    .bind(tenant)
+    .fetch_optional(conn)
+    .await?;
+    Ok(match provider.as_deref() {
+        Some("viber") => ViberAddress::UserId,
+        Some("infobip") => ViberAddress::Phone,
+        _ => ViberAddress::Either,
+    })
+}
+
 /// The contact's address on a channel.
-fn address(contact: &Contact, channel: Channel) -> Option<&str> {
-    match channel {
-        Channel::Email => contact.email.as_deref(),
-        Channel::Sms => contact.phone.as_deref(),
-        Channel::Viber => contact.viber_id.as_deref(),
+fn address(contact: &Contact, channel: Channel, viber: ViberAddress) -> Option<&str> {
+    match (channel, viber) {
+        (Channel::Email, _) => contact.email.as_deref(),
+        (Channel::Sms, _) => contact.phone.as_deref(),
+        (Channel::Viber, ViberAddress::UserId) => contact.viber_id.as_deref(),
+        (Channel::Viber, ViberAddress::Phone) => contact.phone.as_deref(),
+        (Channel::Viber, ViberAddress::Either) => {
+            contact.viber_id.as_deref().or(contact.phone.as_deref())
+        }
     }
 }
 
@@ -88,12 +115,17 @@ pub async fn enqueue(
     if preference.is_empty() {
         return Err(ApiError::field("template", "the template has no variant"));
     }
+    let viber = if preference.contains(&Channel::Viber) {
+        viber_address(conn, tenant.id).await?
+    } else {
+        ViberAddress::Either
+    };
     let mut refusals = Vec::new();
     let mut chosen = None;
     for channel in &preference {
         let refusal = if !template.variants.has(*channel) {
             Some("no_variant")
-        } else if address(&contact, *channel).is_none() {
+        } else if address(&contact, *channel, viber).is_none() {
             Some("no_address")
         } else {
             consent_refusal(&contact, *channel, purpose)
@@ -117,11 +149,13 @@ pub async fn enqueue(
         } else {
             refusals.join("; ")
         };
+        let recipient = address(&contact, preference[0], viber);
         return insert_suppressed(
             conn,
             tenant.id,
             id,
             &contact,
+            recipient,
             preference[0],
             purpose,
             c.template_key,
@@ -130,6 +164,7 @@ pub async fn enqueue(
         )
         .await;
     };
+    let recipient = address(&contact, channel, viber);
 
     let tenant_row = tenants::get(conn, tenant.id.0)
         .await?
@@ -152,6 +187,7 @@ pub async fn enqueue(
             tenant.id,
             id,
             &contact,
+            recipient,
             channel,
             purpose,
             c.template_key,
@@ -177,7 +213,7 @@ pub async fn enqueue(
         .bind(purpose.as_str())
         .bind(c.template_key)
         .bind(locale)
-        .bind(address(&contact, channel))
+        .bind(recipient)
         .bind(&rendered.subject)
         .bind(&rendered.text)
         .bind(&rendered.html)
@@ -207,6 +243,7 @@ async fn insert_suppressed(
     tenant: TenantId,
     id: Uuid,
     contact: &Contact,
+    recipient: Option<&str>,
     channel: Channel,
     purpose: Purpose,
     template_key: &str,
@@ -226,7 +263,7 @@ async fn insert_suppressed(
         .bind(channel.as_str())
         .bind(purpose.as_str())
         .bind(template_key)
-        .bind(address(contact, channel))
+        .bind(recipient)
         .bind(reason)
         .bind(max_attempts)
         .fetch_one(&mut *conn)

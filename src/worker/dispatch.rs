@@ -129,7 +129,18 @@ async fn send_one(state: &AppState, m: Claimed) {
         .await;
         return;
     };
-    let provider = state.channels.provider(m.tenant_id, channel);
+    let provider = match state
+        .channels
+        .provider(&state.pool, m.tenant_id, channel)
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            let outcome = outcome_of_error(&m, e);
+            record(state, &m, "none", started_at, outcome).await;
+            return;
+        }
+    };
     let Some(to) = m.recipient.clone() else {
         record(
             state,
@@ -187,6 +198,23 @@ async fn send_one(state: &AppState, m: Claimed) {
         "outcome" => match &outcome { Outcome::Sent(_) => "sent", Outcome::Retry { .. } => "retry", Outcome::Failed { .. } => "failed" })
     .increment(1);
     record(state, &m, provider.name(), started_at, outcome).await;
+}
+
+/// A failed attempt: retried with backoff while attempts remain, unless permanent.
+fn outcome_of_error(m: &Claimed, e: SendError) -> Outcome {
+    match e {
+        SendError::Permanent { reason } => Outcome::Failed { reason },
+        SendError::Transient { reason, .. } if m.attempts >= m.max_attempts => Outcome::Failed {
+            reason: format!("gave up after {} attempts: {reason}", m.attempts),
+        },
+        SendError::Transient {
+            reason,
+            retry_after,
+        } => Outcome::Retry {
+            reason,
+            delay: backoff(m.attempts, retry_after),
+        },
+    }
 }
 
 async fn record(

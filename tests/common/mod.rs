@@ -17,6 +17,8 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 use tower::ServiceExt;
 
 pub const ADMIN: &str = "test-admin-token";
+/// 32 bytes of 0x2a, base64: the key that seals provider secrets in tests.
+pub const TEST_SECRET_KEY: &str = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
 
 /// The server under test: `DATABASE_URL`, else the local default.
 pub fn base_url() -> String {
@@ -217,6 +219,7 @@ impl TestApp {
             admin_token: Some(ADMIN.to_owned()),
             db_max_connections: 16,
             outbox_log: outbox_log.to_string_lossy().into_owned(),
+            secret_key: Some(TEST_SECRET_KEY.to_owned()),
             ..Config::default()
         };
         adjust(&mut config);
@@ -240,7 +243,7 @@ impl TestApp {
         self.app = self
             .app
             .clone()
-            .with_channels(rapport::channels::Channels::new(provider));
+            .with_channels(rapport::channels::Channels::fixed(provider));
         self.router = self.app.router();
     }
 

@@ -1,0 +1,136 @@
+//! Email over SMTP with lettre: pooled connections, STARTTLS (the default), implicit TLS or
+//! plain (for local relays), `From` per tenant, and a `Message-ID` made from our message id.
+//! SMTP 5xx answers are permanent failures; 4xx and connection errors are retried.
+
+use futures::future::BoxFuture;
+use lettre::message::header::ContentType;
+use lettre::message::{Mailbox, MultiPart, SinglePart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+use super::http::setting;
+use super::settings::Resolved;
+use super::{Outbound, Provider, Receipt, SendError};
+
+pub struct Smtp {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+    reply_to: Option<Mailbox>,
+    domain: String,
+}
+
+impl Smtp {
+    pub fn new(config: &Resolved) -> Result<Smtp, String> {
+        let s = &config.settings;
+        let host = setting(s, "host").ok_or("smtp: host is not set")?;
+        let security = setting(s, "security").unwrap_or("starttls");
+        let default_port = match security {
+            "tls" => 465,
+            "none" => 25,
+            _ => 587,
+        };
+        let port = s
+            .get("port")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(default_port);
+        let builder = match security {
+            "tls" => AsyncSmtpTransport::<Tokio1Executor>::relay(host)
+                .map_err(|e| format!("smtp: {e}"))?,
+            "none" => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host),
+            _ => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(host)
+                .map_err(|e| format!("smtp: {e}"))?,
+        };
+        let timeout = s
+            .get("timeout_secs")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(30);
+        let mut builder = builder
+            .port(port)
+            .timeout(Some(std::time::Duration::from_secs(timeout)));
+        if let Some(user) = config.secrets.get("username") {
+            let password = config.secrets.get("password").cloned().unwrap_or_default();
+            builder = builder.credentials(Credentials::new(user.clone(), password));
+        }
+        let from_address = setting(s, "from").ok_or("smtp: from is not set")?;
+        let from = Mailbox::new(
+            setting(s, "from_name").map(str::to_owned),
+            from_address
+                .parse()
+                .map_err(|e| format!("smtp: from: {e}"))?,
+        );
+        let reply_to = setting(s, "reply_to")
+            .map(|r| {
+                r.parse::<Mailbox>()
+                    .map_err(|e| format!("smtp: reply_to: {e}"))
+            })
+            .transpose()?;
+        let domain = from_address
+            .rsplit('@')
+            .next()
+            .unwrap_or("rapport.local")
+            .to_owned();
+        Ok(Smtp {
+            transport: builder.build(),
+            from,
+            reply_to,
+            domain,
+        })
+    }
+
+    fn build(&self, m: &Outbound) -> Result<Message, SendError> {
+        let permanent = |reason: String| SendError::Permanent { reason };
+        let to: Mailbox =
+            m.to.parse()
+                .map_err(|e| permanent(format!("smtp: invalid recipient: {e}")))?;
+        let mut builder = Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(m.subject.clone().unwrap_or_default())
+            .message_id(Some(format!("<{}@{}>", m.message_id, self.domain)));
+        if let Some(reply_to) = &self.reply_to {
+            builder = builder.reply_to(reply_to.clone());
+        }
+        let built = match (&m.text, &m.html) {
+            (Some(text), Some(html)) => builder.multipart(MultiPart::alternative_plain_html(
+                text.clone(),
+                html.clone(),
+            )),
+            (None, Some(html)) => builder.singlepart(
+                SinglePart::builder()
+                    .header(ContentType::TEXT_HTML)
+                    .body(html.clone()),
+            ),
+            (text, None) => builder.singlepart(
+                SinglePart::builder()
+                    .header(ContentType::TEXT_PLAIN)
+                    .body(text.clone().unwrap_or_default()),
+            ),
+        };
+        built.map_err(|e| permanent(format!("smtp: cannot build the message: {e}")))
+    }
+}
+
+impl Provider for Smtp {
+    fn name(&self) -> &'static str {
+        "smtp"
+    }
+
+    fn send<'a>(&'a self, m: &'a Outbound) -> BoxFuture<'a, Result<Receipt, SendError>> {
+        Box::pin(async move {
+            let message = self.build(m)?;
+            match self.transport.send(message).await {
+                Ok(_) => Ok(Receipt {
+                    provider_message_id: Some(format!("<{}@{}>", m.message_id, self.domain)),
+                }),
+                Err(e) if e.is_permanent() => Err(SendError::Permanent {
+                    reason: format!("smtp: {e}"),
+                }),
+                Err(e) => Err(SendError::Transient {
+                    reason: format!("smtp: {}", crate::error::error_chain(&e)),
+                    retry_after: None,
+                }),
+            }
+        })
+    }
+}

@@ -1,0 +1,107 @@
+//! `/v1/channels`: each tenant's provider, settings and secrets per channel.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::settings::{self, ChannelConfig, ChannelInput};
+use crate::AppState;
+use crate::contacts::model::Channel;
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::http::extract::{ApiPath, ValidJson};
+use crate::http::pagination::Page;
+use crate::tenancy::Tenant;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_channels))
+        .routes(routes!(put_channel, get_channel, delete_channel))
+}
+
+fn channel(raw: &str) -> ApiResult<Channel> {
+    Channel::parse(raw).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "no channel `{raw}`; the channels are email, sms and viber"
+        ))
+    })
+}
+
+/// Configure a channel's provider. Secrets are sealed at rest and never returned; omit them to
+/// keep the stored ones.
+#[utoipa::path(put, path = "/v1/channels/{channel}", tag = "channels",
+    security(("api_key" = [])),
+    params(("channel" = String, Path, description = "email, sms or viber")),
+    request_body = ChannelInput,
+    responses((status = 200, body = ChannelConfig),
+              (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn put_channel(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ValidJson(body): ValidJson<ChannelInput>,
+) -> ApiResult<Json<ChannelConfig>> {
+    let channel = channel(&name)?;
+    let mut tx = state.pool.begin().await?;
+    let config = settings::put(&mut tx, &state.secrets, tenant.id, channel, &body).await?;
+    tx.commit().await?;
+    Ok(Json(config))
+}
+
+/// A channel's configuration (`log` when none is stored), without secret values.
+#[utoipa::path(get, path = "/v1/channels/{channel}", tag = "channels",
+    security(("api_key" = [])),
+    params(("channel" = String, Path, description = "email, sms or viber")),
+    responses((status = 200, body = ChannelConfig), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn get_channel(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<Json<ChannelConfig>> {
+    let channel = channel(&name)?;
+    let mut conn = state.pool.acquire().await?;
+    Ok(Json(settings::get(&mut conn, tenant.id, channel).await?))
+}
+
+/// Every channel's configuration.
+#[utoipa::path(get, path = "/v1/channels", tag = "channels",
+    security(("api_key" = [])),
+    responses((status = 200, body = Page<ChannelConfig>)))]
+async fn list_channels(
+    tenant: Tenant,
+    State(state): State<AppState>,
+) -> ApiResult<Json<Page<ChannelConfig>>> {
+    let mut conn = state.pool.acquire().await?;
+    let mut data = Vec::new();
+    for channel in [Channel::Email, Channel::Sms, Channel::Viber] {
+        data.push(settings::get(&mut conn, tenant.id, channel).await?);
+    }
+    Ok(Json(Page {
+        data,
+        next_cursor: None,
+    }))
+}
+
+/// Remove a channel's configuration: it goes back to the `log` provider.
+#[utoipa::path(delete, path = "/v1/channels/{channel}", tag = "channels",
+    security(("api_key" = [])),
+    params(("channel" = String, Path, description = "email, sms or viber")),
+    responses((status = 204, description = "Removed"), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn delete_channel(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    let channel = channel(&name)?;
+    let mut conn = state.pool.acquire().await?;
+    if settings::delete(&mut conn, tenant.id, channel).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!(
+            "the {} channel has no stored configuration",
+            channel.as_str()
+        )))
+    }
+}

@@ -1,0 +1,401 @@
+//! Per-tenant channel settings: which provider sends a channel's messages, its settings and
+//! its secrets (sealed at rest, never returned).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+
+use crate::contacts::model::Channel;
+use crate::crypto::SecretBox;
+use crate::error::{ApiError, ApiResult};
+use crate::http::extract::Errors;
+use crate::tenancy::TenantId;
+
+/// What a provider takes.
+pub struct ProviderSpec {
+    pub channel: Channel,
+    pub name: &'static str,
+    pub required: &'static [&'static str],
+    pub optional: &'static [&'static str],
+    pub secrets_required: &'static [&'static str],
+    pub secrets_optional: &'static [&'static str],
+}
+
+/// Every provider of every channel.
+pub const PROVIDERS: &[ProviderSpec] = &[
+    ProviderSpec {
+        channel: Channel::Email,
+        name: "log",
+        required: &[],
+        optional: &[],
+        secrets_required: &[],
+        secrets_optional: &[],
+    },
+    ProviderSpec {
+        channel: Channel::Email,
+        name: "smtp",
+        required: &["host", "from"],
+        optional: &["port", "security", "from_name", "reply_to", "timeout_secs"],
+        secrets_required: &[],
+        secrets_optional: &["username", "password"],
+    },
+    ProviderSpec {
+        channel: Channel::Sms,
+        name: "log",
+        required: &[],
+        optional: &[],
+        secrets_required: &[],
+        secrets_optional: &[],
+    },
+    ProviderSpec {
+        channel: Channel::Sms,
+        name: "twilio",
+        required: &["account_sid"],
+        optional: &[
+            "from",
+            "messaging_service_sid",
+            "base_url",
+            "status_callback_url",
+        ],
+        secrets_required: &["auth_token"],
+        secrets_optional: &[],
+    },
+    ProviderSpec {
+        channel: Channel::Sms,
+        name: "infobip",
+        required: &["base_url", "from"],
+        optional: &["notify_url"],
+        secrets_required: &["api_key"],
+        secrets_optional: &[],
+    },
+    ProviderSpec {
+        channel: Channel::Viber,
+        name: "log",
+        required: &[],
+        optional: &[],
+        secrets_required: &[],
+        secrets_optional: &[],
+    },
+    ProviderSpec {
+        channel: Channel::Viber,
+        name: "infobip",
+        required: &["base_url", "sender"],
+        optional: &["notify_url"],
+        secrets_required: &["api_key"],
+        secrets_optional: &[],
+    },
+    ProviderSpec {
+        channel: Channel::Viber,
+        name: "viber",
+        required: &["sender_name"],
+        optional: &["sender_avatar", "base_url"],
+        secrets_required: &["auth_token"],
+        secrets_optional: &[],
+    },
+];
+
+fn spec(channel: Channel, name: &str) -> Option<&'static ProviderSpec> {
+    PROVIDERS
+        .iter()
+        .find(|p| p.channel == channel && p.name == name)
+}
+
+/// `PUT /v1/channels/{channel}`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelInput {
+    /// email: `smtp` or `log`; sms: `twilio`, `infobip` or `log`; viber: `infobip`, `viber` or `log`.
+    #[schema(example = "twilio")]
+    pub provider: String,
+    #[serde(default)]
+    #[schema(value_type = Object, example = json!({"account_sid": "AC123", "from": "+15005550006"}))]
+    pub settings: Map<String, Value>,
+    /// Kept from the previous configuration when absent and the provider is the same.
+    #[schema(value_type = Option<Object>, example = json!({"auth_token": "..."}))]
+    pub secrets: Option<BTreeMap<String, String>>,
+}
+
+/// A channel's configuration, without the secrets' values.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChannelConfig {
+    pub channel: Channel,
+    pub provider: String,
+    #[schema(value_type = Object)]
+    pub settings: Value,
+    /// The names of the secrets that are set.
+    pub secrets: Vec<String>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// A stored configuration with its secrets opened, for building a provider.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub provider: String,
+    pub settings: Map<String, Value>,
+    pub secrets: BTreeMap<String, String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+fn associated(tenant: TenantId, channel: Channel) -> Vec<u8> {
+    format!("{tenant}/{}", channel.as_str()).into_bytes()
+}
+
+/// Checks the input against the provider's spec; all errors at once.
+pub fn validate(channel: Channel, input: &ChannelInput) -> ApiResult<&'static ProviderSpec> {
+    let Some(spec) = spec(channel, &input.provider) else {
+        let names: Vec<&str> = PROVIDERS
+            .iter()
+            .filter(|p| p.channel == channel)
+            .map(|p| p.name)
+            .collect();
+        return Err(ApiError::field(
+            "provider",
+            format!(
+                "`{}` is not a {} provider; use one of {}",
+                input.provider,
+                channel.as_str(),
+                names.join(", ")
+            ),
+        ));
+    };
+    let mut errors = Errors::new();
+    for key in spec.required {
+        if !input.settings.contains_key(*key) {
+            errors.add(format!("settings.{key}"), "is required");
+        }
+    }
+    for (key, value) in &input.settings {
+        if !spec.required.contains(&key.as_str()) && !spec.optional.contains(&key.as_str()) {
+            errors.add(
+                format!("settings.{key}"),
+                format!("is not a setting of {}", spec.name),
+            );
+            continue;
+        }
+        let ok = match key.as_str() {
+            "port" | "timeout_secs" => value.as_u64().is_some_and(|n| (1..=65535).contains(&n)),
+            _ => value.as_str().is_some_and(|s| !s.trim().is_empty()),
+        };
+        if !ok {
+            errors.add(
+                format!("settings.{key}"),
+                "must be a non-empty string (a port: a number)",
+            );
+        }
+        if key.ends_with("url")
+            && value.as_str().is_some_and(|s| {
+                url::Url::parse(s)
+                    .map(|u| !matches!(u.scheme(), "http" | "https"))
+                    .unwrap_or(true)
+            })
+        {
+            errors.add(format!("settings.{key}"), "must be an http(s) URL");
+        }
+    }
+    if spec.name == "smtp" {
+        if let Some(s) = input.settings.get("security").and_then(Value::as_str) {
+            if !matches!(s, "starttls" | "tls" | "none") {
+                errors.add("settings.security", "must be starttls, tls or none");
+            }
+        }
+        if let Some(from) = input.settings.get("from").and_then(Value::as_str) {
+            if crate::validate::email(from).is_err() {
+                errors.add("settings.from", "must be an email address");
+            }
+        }
+    }
+    if spec.name == "twilio"
+        && !input.settings.contains_key("from")
+        && !input.settings.contains_key("messaging_service_sid")
+    {
+        errors.add("settings.from", "give `from` or `messaging_service_sid`");
+    }
+    for key in input.secrets.iter().flat_map(|s| s.keys()) {
+        if !spec.secrets_required.contains(&key.as_str())
+            && !spec.secrets_optional.contains(&key.as_str())
+        {
+            errors.add(
+                format!("secrets.{key}"),
+                format!("is not a secret of {}", spec.name),
+            );
+        }
+    }
+    errors.finish()?;
+    Ok(spec)
+}
+
+/// Stores a configuration. Secrets absent from the input are kept when the provider is the
+/// same; the provider's required secrets must be set in the end.
+pub async fn put(
+    conn: &mut PgConnection,
+    secrets_box: &SecretBox,
+    tenant: TenantId,
+    channel: Channel,
+    input: &ChannelInput,
+) -> ApiResult<ChannelConfig> {
+    let spec = validate(channel, input)?;
+    let previous = resolve(conn, secrets_box, tenant, channel)
+        .await
+        .ok()
+        .flatten();
+    let mut secrets = match (&previous, &input.secrets) {
+        (Some(p), None) if p.provider == input.provider => p.secrets.clone(),
+        _ => BTreeMap::new(),
+    };
+    if let Some(given) = &input.secrets {
+        if previous
+            .as_ref()
+            .is_some_and(|p| p.provider == input.provider)
+        {
+            secrets.extend(given.clone());
+        } else {
+            secrets = given.clone();
+        }
+    }
+    let missing: Vec<_> = spec
+        .secrets_required
+        .iter()
+        .filter(|k| !secrets.contains_key(**k))
+        .collect();
+    if !missing.is_empty() {
+        return Err(ApiError::validation(
+            missing
+                .iter()
+                .map(|k| crate::error::FieldError::new(format!("secrets.{k}"), "is required"))
+                .collect(),
+        ));
+    }
+    let sealed = if secrets.is_empty() {
+        None
+    } else {
+        let plain = serde_json::to_vec(&secrets).map_err(|e| ApiError::Internal(e.into()))?;
+        Some(
+            secrets_box
+                .seal(&plain, &associated(tenant, channel))
+                .map_err(|e| ApiError::Unprocessable(e.to_string()))?,
+        )
+    };
+    let names: Vec<String> = secrets.keys().cloned().collect();
+    let updated_at: DateTime<Utc> = sqlx::query_scalar(
+        "INSERT INTO channel_settings (tenant_id, channel, provider, settings, secrets_sealed, secret_names)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (tenant_id, channel) DO UPDATE SET provider = EXCLUDED.provider,
+            settings = EXCLUDED.settings, secrets_sealed = EXCLUDED.secrets_sealed,
+            secret_names = EXCLUDED.secret_names, updated_at = clock_timestamp()
+         RETURNING updated_at",
+    )
+    .bind(tenant)
+    .bind(channel.as_str())
+    .bind(&input.provider)
+    .bind(Value::Object(input.settings.clone()))
+    .bind(sealed)
+    .bind(&names)
+    .fetch_one(conn)
+    .await?;
+    Ok(ChannelConfig {
+        channel,
+        provider: input.provider.clone(),
+        settings: Value::Object(input.settings.clone()),
+        secrets: names,
+        updated_at: Some(updated_at),
+    })
+}
+
+/// The configuration as shown: `log` with no settings when none is stored.
+pub async fn get(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    channel: Channel,
+) -> ApiResult<ChannelConfig> {
+    let row: Option<(String, Value, Vec<String>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT provider, settings, secret_names, updated_at FROM channel_settings
+         WHERE tenant_id = $1 AND channel = $2",
+    )
+    .bind(tenant)
+    .bind(channel.as_str())
+    .fetch_optional(conn)
+    .await?;
+    Ok(match row {
+        Some((provider, settings, secrets, updated_at)) => ChannelConfig {
+            channel,
+            provider,
+            settings,
+            secrets,
+            updated_at: Some(updated_at),
+        },
+        None => ChannelConfig {
+            channel,
+            provider: "log".to_owned(),
+            settings: Value::Object(Map::new()),
+            secrets: Vec::new(),
+            updated_at: None,
+        },
+    })
+}
+
+/// Removes a configuration (the channel goes back to the `log` provider); false if none.
+pub async fn delete(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    channel: Channel,
+) -> ApiResult<bool> {
+    let done = sqlx::query("DELETE FROM channel_settings WHERE tenant_id = $1 AND channel = $2")
+        .bind(tenant)
+        .bind(channel.as_str())
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The stored configuration with its secrets opened; None when the channel uses `log`.
+pub async fn resolve(
+    conn: &mut PgConnection,
+    secrets_box: &SecretBox,
+    tenant: TenantId,
+    channel: Channel,
+) -> Result<Option<Resolved>, ResolveError> {
+    let row: Option<StoredRow> = sqlx::query_as(
+        "SELECT provider, settings, secrets_sealed, updated_at FROM channel_settings
+         WHERE tenant_id = $1 AND channel = $2",
+    )
+    .bind(tenant)
+    .bind(channel.as_str())
+    .fetch_optional(conn)
+    .await
+    .map_err(ResolveError::Database)?;
+    let Some((provider, settings, sealed, updated_at)) = row else {
+        return Ok(None);
+    };
+    let secrets = match sealed {
+        Some(bytes) => {
+            let plain = secrets_box
+                .open(&bytes, &associated(tenant, channel))
+                .map_err(ResolveError::Crypto)?;
+            serde_json::from_slice(&plain)
+                .map_err(|_| ResolveError::Crypto(crate::crypto::CryptoError::Undecryptable))?
+        }
+        None => BTreeMap::new(),
+    };
+    Ok(Some(Resolved {
+        provider,
+        settings: settings.as_object().cloned().unwrap_or_default(),
+        secrets,
+        updated_at,
+    }))
+}
+
+/// provider, settings, sealed secrets, updated_at.
+type StoredRow = (String, Value, Option<Vec<u8>>, DateTime<Utc>);
+
+/// Why a stored configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    #[error("{0}")]
+    Crypto(#[source] crate::crypto::CryptoError),
+}
