@@ -13,11 +13,14 @@ pub mod error;
 pub mod events;
 pub mod http;
 pub mod messages;
+pub mod signing;
 pub mod telemetry;
 pub mod templates;
 pub mod tenancy;
 pub mod tenants;
+pub mod tracking;
 pub mod validate;
+pub mod webhooks;
 pub mod worker;
 
 use std::sync::Arc;
@@ -40,8 +43,35 @@ pub struct AppState {
     pub channels: channels::Channels,
     /// Seals and opens provider secrets.
     pub secrets: crypto::SecretBox,
+    /// Signs links in messages and webhook URLs; loaded from the database on first use.
+    pub links: Arc<LinkKeys>,
     /// The OpenAPI document, rendered once.
     pub openapi_json: Arc<String>,
+}
+
+/// The link-signing key, loaded once from the database.
+#[derive(Default)]
+pub struct LinkKeys {
+    cell: tokio::sync::OnceCell<signing::Signer>,
+}
+
+impl LinkKeys {
+    pub async fn get(&self, pool: &PgPool) -> Result<&signing::Signer, sqlx::Error> {
+        self.cell
+            .get_or_try_init(|| signing::Signer::load(pool))
+            .await
+    }
+}
+
+impl AppState {
+    /// What enqueueing a message needs besides the transaction.
+    pub async fn send_options(&self) -> Result<messages::store::SendOptions, sqlx::Error> {
+        Ok(messages::store::SendOptions {
+            max_attempts: self.config.outbox_max_attempts,
+            public_url: self.config.public_url.trim_end_matches('/').to_owned(),
+            signer: self.links.get(&self.pool).await?.clone(),
+        })
+    }
 }
 
 /// A configured, migrated application.
@@ -66,10 +96,15 @@ impl App {
     /// An application on an existing, migrated pool (tests use this).
     pub fn from_pool(pool: PgPool, config: Config) -> App {
         let secrets = crypto::SecretBox::new(config.secret_key.as_deref());
+        let links = Arc::new(LinkKeys::default());
         let channels = channels::Channels::new(
             std::sync::Arc::new(channels::log::LogProvider::new(&config.outbox_log)),
             secrets.clone(),
             Duration::from_secs(config.outbox_send_timeout_secs),
+            channels::Callbacks {
+                public_url: config.public_url.trim_end_matches('/').to_owned(),
+                links: links.clone(),
+            },
         );
         let openapi_json = http::openapi()
             .to_pretty_json()
@@ -81,6 +116,7 @@ impl App {
                 metrics: telemetry::metrics_handle(),
                 channels,
                 secrets,
+                links,
                 openapi_json: Arc::new(openapi_json),
             },
         }

@@ -11,6 +11,7 @@ use common::{TestApp, TestTenant};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use wiremock::matchers::{body_json, header, method, path};
+
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
 async fn setup(app: &TestApp) -> TestTenant {
@@ -44,6 +45,42 @@ fn form(req: &Request) -> Vec<(String, String)> {
     url::form_urlencoded::parse(&req.body)
         .into_owned()
         .collect()
+}
+
+/// The body equals `expected` once the field at `pointer` is removed; that field, a string or an
+/// object of `{delivery, seen}` URLs, starts with `prefix`.
+fn json_without(
+    expected: Value,
+    pointer: &'static str,
+    prefix: &str,
+) -> impl Fn(&Request) -> bool + Send + Sync + 'static {
+    let prefix = prefix.to_owned();
+    move |req: &Request| {
+        let Ok(mut body) = serde_json::from_slice::<Value>(&req.body) else {
+            return false;
+        };
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        let Some(removed) = body
+            .pointer_mut(parent)
+            .and_then(|p| p.as_object_mut())
+            .and_then(|o| o.remove(key))
+        else {
+            return false;
+        };
+        let urls: Vec<String> = match &removed {
+            Value::String(s) => vec![s.clone()],
+            Value::Object(o) => o
+                .values()
+                .filter_map(|v| v["url"].as_str().map(str::to_owned))
+                .collect(),
+            _ => vec![],
+        };
+        body == expected
+            && !urls.is_empty()
+            && urls
+                .iter()
+                .all(|u| u.contains("/webhooks/infobip/") && u.starts_with(&prefix))
+    }
 }
 
 async fn configure(app: &TestApp, t: &TestTenant, channel: &str, body: Value) {
@@ -87,11 +124,12 @@ async fn twilio_gets_the_documented_request_and_its_answers_are_mapped() {
         .and(|req: &Request| {
             let mut f = form(req);
             f.sort();
-            f == vec![
-                ("Body".to_owned(), "Obavijest 1".to_owned()),
-                ("From".to_owned(), "+15005550006".to_owned()),
-                ("To".to_owned(), "+385912345678".to_owned()),
-            ]
+            f.len() == 4
+                && f[0] == ("Body".to_owned(), "Obavijest 1".to_owned())
+                && f[1] == ("From".to_owned(), "+15005550006".to_owned())
+                && f[2].0 == "StatusCallback"
+                && f[2].1.starts_with("http://localhost:8080/webhooks/twilio/")
+                && f[3] == ("To".to_owned(), "+385912345678".to_owned())
         })
         .respond_with(
             ResponseTemplate::new(201).set_body_json(json!({"sid": "SM0123", "status": "queued"})),
@@ -180,9 +218,9 @@ async fn infobip_sms_and_viber_get_the_documented_requests() {
     Mock::given(method("POST"))
         .and(path("/sms/2/text/advanced"))
         .and(header("authorization", "App ib-key"))
-        .and(body_json(json!({"messages": [{"from": "Acme",
+        .and(json_without(json!({"messages": [{"from": "Acme",
             "destinations": [{"to": "385912345678", "messageId": sms}],
-            "text": "Obavijest 1", "callbackData": sms}]})))
+            "text": "Obavijest 1", "callbackData": sms}]}), "/messages/0/notifyUrl", &format!("http://localhost:8080/webhooks/infobip/{}?token=", t.id)))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({"bulkId": "b-1", "messages": [{
             "to": "385912345678", "messageId": sms,
             "status": {"groupId": 1, "groupName": "PENDING", "id": 26, "name": "PENDING_ACCEPTED", "description": "Message sent to next instance"}}]})))
@@ -192,10 +230,10 @@ async fn infobip_sms_and_viber_get_the_documented_requests() {
     Mock::given(method("POST"))
         .and(path("/viber/2/messages"))
         .and(header("authorization", "App ib-key"))
-        .and(body_json(json!({"messages": [{"sender": "AcmeViber",
+        .and(json_without(json!({"messages": [{"sender": "AcmeViber",
             "destinations": [{"to": "385912345678", "messageId": viber}],
             "content": {"type": "TEXT", "text": "Viber obavijest 2"},
-            "options": {"label": "TRANSACTIONAL"}, "callbackData": viber}]})))
+            "options": {"label": "TRANSACTIONAL"}, "callbackData": viber}]}), "/messages/0/webhooks", ""))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({"bulkId": "b-2", "messages": [{
             "messageId": viber, "destination": "385912345678",
             "status": {"groupId": 1, "groupName": "PENDING", "id": 7, "name": "PENDING_ENROUTE", "description": "Message sent to next instance"}}]})))
@@ -504,4 +542,50 @@ async fn secrets_cannot_be_stored_without_a_secret_key() {
         .await
         .unwrap();
     assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn marketing_email_carries_one_click_unsubscribe_headers() {
+    let app = TestApp::new().await;
+    let t = setup(&app).await;
+    let (port, mails) = smtp_sink(false).await;
+    configure(&app, &t, "email", json!({"provider": "smtp",
+        "settings": {"host": "127.0.0.1", "port": port, "security": "none", "from": "news@acme.example"}})).await;
+    app.put(
+        "/v1/templates/promo",
+        &t.key,
+        json!({"purpose": "marketing",
+        "email": {"hr": {"subject": "Akcija", "text": "Odjava: {{ unsubscribe_url }}"}}}),
+    )
+    .await;
+    app.contact(
+        &t,
+        "ana",
+        json!({"consents": {"email": {"marketing": "opted_in"}}}),
+    )
+    .await;
+    let r = app
+        .post(
+            "/v1/messages",
+            &t.key,
+            json!({"contact": {"external_id": "ana"}, "template": "promo"}),
+        )
+        .await;
+    assert_eq!(r.body["status"], "queued", "{}", r.text);
+    send(&app, &t, "email", 2).await; // transactional: no unsubscribe headers
+    app.drain().await;
+    let mails = mails.lock().unwrap().clone();
+    assert_eq!(mails.len(), 2);
+    let (marketing, transactional): (Vec<_>, Vec<_>) =
+        mails.iter().partition(|m| m.contains("Subject: Akcija"));
+    let m = marketing[0];
+    assert!(
+        m.contains("List-Unsubscribe: <http://localhost:8080/u/"),
+        "{m}"
+    );
+    assert!(
+        m.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click"),
+        "{m}"
+    );
+    assert!(!transactional[0].contains("List-Unsubscribe"));
 }

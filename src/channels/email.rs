@@ -3,7 +3,7 @@
 //! SMTP 5xx answers are permanent failures; 4xx and connection errors are retried.
 
 use futures::future::BoxFuture;
-use lettre::message::header::ContentType;
+use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -90,6 +90,24 @@ impl Smtp {
             .message_id(Some(format!("<{}@{}>", m.message_id, self.domain)));
         if let Some(reply_to) = &self.reply_to {
             builder = builder.reply_to(reply_to.clone());
+        }
+        // RFC 8058 one-click unsubscribe on marketing mail.
+        if let Some(url) = m
+            .extras
+            .get("unsubscribe_url")
+            .and_then(serde_json::Value::as_str)
+        {
+            let header = |name: &str, value: String| {
+                HeaderName::new_from_ascii(name.to_owned())
+                    .map(|n| HeaderValue::new(n, value))
+                    .map_err(|e| permanent(format!("smtp: header {name}: {e}")))
+            };
+            builder = builder
+                .raw_header(header("List-Unsubscribe", format!("<{url}>"))?)
+                .raw_header(header(
+                    "List-Unsubscribe-Post",
+                    "List-Unsubscribe=One-Click".to_owned(),
+                )?);
         }
         let built = match (&m.text, &m.html) {
             (Some(text), Some(html)) => builder.multipart(MultiPart::alternative_plain_html(

@@ -81,11 +81,20 @@ pub struct Channels {
     inner: Arc<Inner>,
 }
 
+/// Where providers send delivery receipts: the defaults of `status_callback_url` (Twilio) and
+/// `notify_url` (Infobip) when the tenant's settings give none.
+#[derive(Clone)]
+pub struct Callbacks {
+    pub public_url: String,
+    pub links: Arc<crate::LinkKeys>,
+}
+
 type CacheKey = (TenantId, ChannelKind);
 /// A built provider and the `updated_at` of the settings it was built from.
 type CacheEntry = (DateTime<Utc>, Arc<dyn Provider>);
 
 struct Inner {
+    callbacks: Option<Callbacks>,
     fixed: Option<Arc<dyn Provider>>,
     log: Arc<dyn Provider>,
     http: reqwest::Client,
@@ -95,7 +104,12 @@ struct Inner {
 
 impl Channels {
     /// Providers from each tenant's settings; `log` where none are stored.
-    pub fn new(log: Arc<dyn Provider>, secrets: SecretBox, send_timeout: Duration) -> Channels {
+    pub fn new(
+        log: Arc<dyn Provider>,
+        secrets: SecretBox,
+        send_timeout: Duration,
+        callbacks: Callbacks,
+    ) -> Channels {
         let http = reqwest::Client::builder()
             .timeout(send_timeout)
             .connect_timeout(Duration::from_secs(10))
@@ -104,6 +118,7 @@ impl Channels {
             .unwrap_or_default();
         Channels {
             inner: Arc::new(Inner {
+                callbacks: Some(callbacks),
                 fixed: None,
                 log,
                 http,
@@ -117,6 +132,7 @@ impl Channels {
     pub fn fixed(provider: Arc<dyn Provider>) -> Channels {
         Channels {
             inner: Arc::new(Inner {
+                callbacks: None,
                 fixed: Some(provider.clone()),
                 log: provider,
                 http: reqwest::Client::new(),
@@ -148,7 +164,7 @@ impl Channels {
         let resolved = settings::resolve(&mut conn, &self.inner.secrets, tenant, channel)
             .await
             .map_err(|e| unusable(e.to_string()))?;
-        let Some(config) = resolved else {
+        let Some(mut config) = resolved else {
             return Ok(self.inner.log.clone());
         };
         if config.provider == "log" {
@@ -160,6 +176,35 @@ impl Channels {
                 if *at == config.updated_at {
                     return Ok(provider.clone());
                 }
+            }
+        }
+        if let Some(cb) = &self.inner.callbacks {
+            let receipts = format!("{}/webhooks/{}/{tenant}", cb.public_url, config.provider);
+            match config.provider.as_str() {
+                "twilio" => {
+                    config
+                        .settings
+                        .entry("status_callback_url")
+                        .or_insert_with(|| serde_json::Value::String(receipts));
+                }
+                "infobip" if !config.settings.contains_key("notify_url") => {
+                    let signer = cb
+                        .links
+                        .get(pool)
+                        .await
+                        .map_err(|e| unusable(e.to_string()))?;
+                    let token = signer.token(crate::signing::Claims {
+                        purpose: crate::signing::Purpose::Webhook,
+                        tenant: tenant.0,
+                        subject: uuid::Uuid::nil(),
+                        index: 0,
+                    });
+                    config.settings.insert(
+                        "notify_url".into(),
+                        serde_json::Value::String(format!("{receipts}?token={token}")),
+                    );
+                }
+                _ => {}
             }
         }
         let http = self.inner.http.clone();

@@ -467,6 +467,80 @@ pub async fn find_by_ref(
     ))
 }
 
+/// Records a consent decision made outside the API (an unsubscribe link, a STOP reply, a
+/// Viber unsubscribe), with `contact.updated` and, for an opt-out of marketing,
+/// `contact.unsubscribed` on the timeline. False when nothing changed.
+#[expect(clippy::too_many_arguments, reason = "one decision's facts")]
+pub async fn set_consent(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact_id: Uuid,
+    channel: super::model::Channel,
+    purpose: super::model::Purpose,
+    status: super::model::ConsentStatus,
+    source: &str,
+    message_id: Option<Uuid>,
+) -> ApiResult<bool> {
+    let old: Option<Value> = sqlx::query_scalar(
+        "SELECT consents -> $3 -> $4 -> 'status' FROM contacts
+         WHERE tenant_id = $1 AND id = $2 AND erased_at IS NULL FOR UPDATE",
+    )
+    .bind(tenant)
+    .bind(contact_id)
+    .bind(channel.as_str())
+    .bind(purpose.as_str())
+    .fetch_optional(&mut *conn)
+    .await?
+    .flatten();
+    if old.as_ref().and_then(Value::as_str) == Some(status.as_str()) {
+        return Ok(false);
+    }
+    let done = sqlx::query(
+        "UPDATE contacts SET consents = jsonb_set(
+                CASE WHEN consents ? $3 THEN consents ELSE consents || jsonb_build_object($3::text, '{}'::jsonb) END,
+                ARRAY[$3, $4], $5, true),
+            updated_at = now()
+         WHERE tenant_id = $1 AND id = $2 AND erased_at IS NULL",
+    )
+    .bind(tenant)
+    .bind(contact_id)
+    .bind(channel.as_str())
+    .bind(purpose.as_str())
+    .bind(json!({"status": status.as_str(), "at": Utc::now(), "source": source}))
+    .execute(&mut *conn)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    let field = format!("consents.{}.{}", channel.as_str(), purpose.as_str());
+    let mut changes = Map::new();
+    changes.insert(
+        field,
+        change(old.unwrap_or(Value::Null), json!(status.as_str())),
+    );
+    events::emit(
+        conn,
+        tenant,
+        contact_id,
+        "contact.updated",
+        json!({"changes": changes}),
+    )
+    .await?;
+    if status == super::model::ConsentStatus::OptedOut
+        && purpose == super::model::Purpose::Marketing
+    {
+        events::emit(
+            conn,
+            tenant,
+            contact_id,
+            "contact.unsubscribed",
+            json!({"channel": channel.as_str(), "source": source, "message_id": message_id}),
+        )
+        .await?;
+    }
+    Ok(true)
+}
+
 /// An address column a contact can be found by.
 #[derive(Debug, Clone, Copy)]
 pub enum Address {

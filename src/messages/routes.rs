@@ -48,8 +48,7 @@ async fn send_message(
         vars: Value::Object(body.variables.clone().unwrap_or_default()),
         event: None,
     };
-    let message =
-        store::enqueue(&mut tx, &tenant, compose, state.config.outbox_max_attempts).await?;
+    let message = store::enqueue(&mut tx, &tenant, compose, &state.send_options().await?).await?;
     tx.commit().await?;
     Ok((StatusCode::ACCEPTED, Json(message)))
 }

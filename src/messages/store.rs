@@ -19,6 +19,15 @@ use crate::templates::{render, store as templates};
 use crate::tenancy::{Tenant, TenantId};
 use crate::tenants::store as tenants;
 
+/// What enqueueing needs besides the transaction.
+#[derive(Clone)]
+pub struct SendOptions {
+    pub max_attempts: i32,
+    /// Base of tracking and unsubscribe links, without a trailing slash.
+    pub public_url: String,
+    pub signer: crate::signing::Signer,
+}
+
 /// The LISTEN/NOTIFY channel that wakes workers when a message is queued.
 pub const NOTIFY_CHANNEL: &str = "rapport_outbox";
 
@@ -90,8 +99,9 @@ pub async fn enqueue(
     conn: &mut PgConnection,
     tenant: &Tenant,
     c: Compose<'_>,
-    max_attempts: i32,
+    opts: &SendOptions,
 ) -> ApiResult<Message> {
+    let max_attempts = opts.max_attempts;
     let contact = contacts::get(conn, tenant.id, c.contact_id)
         .await?
         .ok_or_else(|| contact_not_found(c.contact_id))?;
@@ -196,9 +206,23 @@ pub async fn enqueue(
         )
         .await;
     };
-    let ctx = render::context(Some(&contact), &tenant_row, c.event.as_ref(), &c.vars);
-    let rendered = render::render(&template.variants, channel, locale, &ctx)
+    let links = crate::tracking::Links::new(&opts.signer, &opts.public_url, tenant.id, id);
+    let mut ctx = render::context(Some(&contact), &tenant_row, c.event.as_ref(), &c.vars);
+    if purpose == Purpose::Marketing {
+        ctx["unsubscribe_url"] = json!(links.unsubscribe());
+    }
+    let mut rendered = render::render(&template.variants, channel, locale, &ctx)
         .map_err(|e| ApiError::field(format!("template.{}", e.field), e.message))?;
+    if channel == Channel::Email {
+        if let Some(html) = rendered.html.take() {
+            let (instrumented, targets) = links.instrument_html(&html);
+            rendered.html = Some(instrumented);
+            rendered.extras["links"] = json!(targets);
+        }
+        if purpose == Purpose::Marketing {
+            rendered.extras["unsubscribe_url"] = json!(links.unsubscribe());
+        }
+    }
     let sql = format!(
         "INSERT INTO messages (tenant_id, id, contact_id, channel, purpose, template_key, locale,
             recipient, subject, body_text, body_html, extras, status, max_attempts, next_attempt_at)
@@ -491,4 +515,157 @@ pub async fn finish(
     }
     tx.commit().await?;
     Ok(true)
+}
+
+/// A delivery receipt's verdict.
+#[derive(Debug, Clone)]
+pub enum DeliveryReport {
+    Delivered,
+    /// The provider could not deliver after accepting (undelivered, expired, rejected).
+    Undelivered(String),
+    /// Seen or read on the device.
+    Opened,
+}
+
+/// Applies a provider's receipt to the message with this provider id. Transitions only move
+/// forward (`sent -> delivered`, `sent|delivered -> failed` is refused once delivered), so a
+/// duplicate or late receipt changes nothing; the timeline gets one event per change.
+/// False when no message matches or nothing changed.
+pub async fn apply_receipt(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    provider_message_id: &str,
+    receipt: &DeliveryReport,
+) -> Result<bool, sqlx::Error> {
+    let row: Option<(Uuid, Uuid, String)> =
+        match receipt {
+            DeliveryReport::Delivered => sqlx::query_as(
+                "UPDATE messages SET status = 'delivered', delivered_at = now(), updated_at = now()
+             WHERE tenant_id = $1 AND provider_message_id = $2 AND status IN ('sending', 'sent')
+             RETURNING id, contact_id, channel",
+            )
+            .bind(tenant)
+            .bind(provider_message_id)
+            .fetch_optional(&mut *conn)
+            .await?,
+            DeliveryReport::Undelivered(reason) => {
+                sqlx::query_as(
+                    "UPDATE messages SET status = 'failed', status_reason = $3, updated_at = now()
+             WHERE tenant_id = $1 AND provider_message_id = $2 AND status IN ('sending', 'sent')
+             RETURNING id, contact_id, channel",
+                )
+                .bind(tenant)
+                .bind(provider_message_id)
+                .bind(reason)
+                .fetch_optional(&mut *conn)
+                .await?
+            }
+            DeliveryReport::Opened => {
+                sqlx::query_as(
+                    "UPDATE messages SET opened_at = now(), updated_at = now(),
+                status = CASE WHEN status = 'sent' THEN 'delivered' ELSE status END,
+                delivered_at = coalesce(delivered_at, CASE WHEN status = 'sent' THEN now() END)
+             WHERE tenant_id = $1 AND provider_message_id = $2 AND opened_at IS NULL
+               AND status IN ('sent', 'delivered')
+             RETURNING id, contact_id, channel",
+                )
+                .bind(tenant)
+                .bind(provider_message_id)
+                .fetch_optional(&mut *conn)
+                .await?
+            }
+        };
+    let Some((id, contact_id, channel)) = row else {
+        return Ok(false);
+    };
+    let (kind, properties) = match receipt {
+        DeliveryReport::Delivered => (
+            "message.delivered",
+            json!({"message_id": id, "channel": channel}),
+        ),
+        DeliveryReport::Undelivered(reason) => (
+            "message.failed",
+            json!({"message_id": id, "channel": channel, "reason": reason}),
+        ),
+        DeliveryReport::Opened => (
+            "message.opened",
+            json!({"message_id": id, "channel": channel}),
+        ),
+    };
+    events::emit_about(
+        conn,
+        tenant,
+        contact_id,
+        kind,
+        properties,
+        Some(("message", id)),
+    )
+    .await?;
+    Ok(true)
+}
+
+/// Records the first open of an email (the tracking pixel); later opens change nothing.
+pub async fn mark_opened(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> Result<bool, sqlx::Error> {
+    let row: Option<(Uuid, String)> = sqlx::query_as(
+        "UPDATE messages SET opened_at = now(), updated_at = now(),
+            status = CASE WHEN status = 'sent' THEN 'delivered' ELSE status END,
+            delivered_at = coalesce(delivered_at, CASE WHEN status = 'sent' THEN now() END)
+         WHERE tenant_id = $1 AND id = $2 AND opened_at IS NULL AND status IN ('sent', 'delivered')
+         RETURNING contact_id, channel",
+    )
+    .bind(tenant)
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((contact_id, channel)) = row else {
+        return Ok(false);
+    };
+    events::emit_about(
+        conn,
+        tenant,
+        contact_id,
+        "message.opened",
+        json!({"message_id": id, "channel": channel}),
+        Some(("message", id)),
+    )
+    .await?;
+    Ok(true)
+}
+
+/// The target of a tracked link, recording the click (each click is an event: campaigns react
+/// to which link was clicked). None when the message or link does not exist.
+pub async fn click(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+    index: u32,
+) -> Result<Option<String>, sqlx::Error> {
+    let row: Option<(Uuid, String, Option<String>)> = sqlx::query_as(
+        "UPDATE messages SET clicked_at = coalesce(clicked_at, now()), updated_at = now()
+         WHERE tenant_id = $1 AND id = $2 AND jsonb_typeof(extras->'links') = 'array'
+           AND jsonb_array_length(extras->'links') > $3
+         RETURNING contact_id, channel, extras->'links'->>$3",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(i32::try_from(index).unwrap_or(i32::MAX))
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((contact_id, channel, Some(url))) = row else {
+        return Ok(None);
+    };
+    events::emit_about(
+        conn,
+        tenant,
+        contact_id,
+        "message.clicked",
+        json!({"message_id": id, "channel": channel, "link": index, "url": url}),
+        Some(("message", id)),
+    )
+    .await?;
+    Ok(Some(url))
 }
