@@ -561,18 +561,18 @@ pub async fn apply_receipt(
                 .await?
             }
             DeliveryReport::Opened => {
-                sqlx::query_as(
-                    "UPDATE messages SET opened_at = now(), updated_at = now(),
-                status = CASE WHEN status = 'sent' THEN 'delivered' ELSE status END,
-                delivered_at = coalesce(delivered_at, CASE WHEN status = 'sent' THEN now() END)
-             WHERE tenant_id = $1 AND provider_message_id = $2 AND opened_at IS NULL
-               AND status IN ('sent', 'delivered')
-             RETURNING id, contact_id, channel",
+                // The same transition as the open pixel's, found by the provider's id.
+                let id: Option<Uuid> = sqlx::query_scalar(
+                    "SELECT id FROM messages WHERE tenant_id = $1 AND provider_message_id = $2",
                 )
                 .bind(tenant)
                 .bind(provider_message_id)
                 .fetch_optional(&mut *conn)
-                .await?
+                .await?;
+                return match id {
+                    Some(id) => mark_opened(conn, tenant, id).await,
+                    None => Ok(false),
+                };
             }
         };
     let Some((id, contact_id, channel)) = row else {
@@ -587,10 +587,7 @@ pub async fn apply_receipt(
             "message.failed",
             json!({"message_id": id, "channel": channel, "reason": reason}),
         ),
-        DeliveryReport::Opened => (
-            "message.opened",
-            json!({"message_id": id, "channel": channel}),
-        ),
+        DeliveryReport::Opened => return Ok(false),
     };
     events::emit_about(
         conn,
