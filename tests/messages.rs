@@ -462,6 +462,17 @@ async fn a_message_held_by_a_dead_worker_is_sent_by_another() {
     let m = app.get(&format!("/v1/messages/{id}"), &t.key).await;
     assert_eq!(m.body["status"], "sent");
     assert_eq!(m.body["attempts"], 2);
+    let outcomes: Vec<&str> = m.body["delivery_attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["lost", "sent"],
+        "the lost attempt is on the record"
+    );
     // The dead worker comes back: its stale outcome is refused (fenced by the attempt number).
     let stale = rapport::messages::store::finish(
         &app.pool,
@@ -480,6 +491,42 @@ async fn a_message_held_by_a_dead_worker_is_sent_by_another() {
         "sent"
     );
     assert_eq!(provider.calls().len(), 1);
+}
+
+#[tokio::test]
+async fn a_lease_lost_on_the_last_attempt_fails_the_message() {
+    let app = TestApp::with_config(|c| c.outbox_max_attempts = 1).await;
+    let t = setup(&app).await;
+    let id = app
+        .post("/v1/messages", &t.key, json!({"contact": {"external_id": "ana"}, "template": "order_shipped", "channel": "sms", "variables": {"order": "1"}}))
+        .await
+        .body["id"].as_str().unwrap().to_owned();
+    rapport::messages::store::claim(&app.pool, 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE messages SET locked_until = now() - interval '1 second'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        rapport::messages::store::sweep_expired_leases(&app.pool)
+            .await
+            .unwrap(),
+        1
+    );
+    let m = app.get(&format!("/v1/messages/{id}"), &t.key).await;
+    assert_eq!(m.body["status"], "failed");
+    assert_eq!(
+        m.body["status_reason"],
+        "the worker stopped during the last attempt"
+    );
+    let history: Vec<&str> = m.body["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(history, ["message.queued", "message.failed"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

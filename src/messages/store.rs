@@ -375,8 +375,9 @@ pub struct Claimed {
     pub max_attempts: i32,
 }
 
-/// Claims up to `batch` due messages (queued and due, or held under an expired lease, whose
-/// worker died) for `lease`. No transaction stays open while they are sent.
+/// Claims up to `batch` due messages for `lease`. No transaction stays open while they are
+/// sent; a worker that dies leaves its lease to expire, and [`sweep_expired_leases`] puts the
+/// message back in the queue.
 pub async fn claim(
     pool: &PgPool,
     batch: i64,
@@ -388,8 +389,7 @@ pub async fn claim(
                 locked_until = now() + make_interval(secs => $2)
           WHERE (m.tenant_id, m.id) IN (
                 SELECT tenant_id, id FROM messages
-                 WHERE (status = 'queued' AND next_attempt_at <= now())
-                    OR (status = 'sending' AND locked_until < now())
+                 WHERE status = 'queued' AND next_attempt_at <= now()
                  ORDER BY next_attempt_at
                  LIMIT $1
                  FOR UPDATE SKIP LOCKED)
@@ -400,6 +400,56 @@ pub async fn claim(
     .bind(lease.as_secs_f64())
     .fetch_all(pool)
     .await
+}
+
+/// Puts messages whose worker died holding them (an expired lease) back in the queue, due now,
+/// recording the lost attempt; after the last attempt they fail instead. The provider may have
+/// accepted the lost attempt: delivery is at-least-once, with the same idempotency key. The
+/// number of messages swept.
+pub async fn sweep_expired_leases(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let swept: Vec<(TenantId, Uuid, Uuid, i32, bool)> = sqlx::query_as(
+        "UPDATE messages SET locked_until = NULL, updated_at = now(),
+            status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
+            status_reason = CASE WHEN attempts >= max_attempts
+                THEN 'the worker stopped during the last attempt' ELSE status_reason END,
+            next_attempt_at = now()
+         WHERE (tenant_id, id) IN (
+                SELECT tenant_id, id FROM messages
+                 WHERE status = 'sending' AND locked_until < now()
+                 LIMIT 1000
+                 FOR UPDATE SKIP LOCKED)
+         RETURNING tenant_id, id, contact_id, attempts, status = 'failed'",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for (tenant, id, contact_id, attempt, failed) in &swept {
+        sqlx::query(
+            "INSERT INTO message_attempts (tenant_id, message_id, attempt, provider, started_at,
+                finished_at, outcome, detail)
+             VALUES ($1, $2, $3, 'unknown', now(), now(), 'lost',
+                     'the worker stopped before recording an outcome (lease expired)')
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(id)
+        .bind(attempt)
+        .execute(&mut *tx)
+        .await?;
+        if *failed {
+            events::emit_about(
+                &mut tx,
+                *tenant,
+                *contact_id,
+                "message.failed",
+                json!({"message_id": id, "reason": "the worker stopped during the last attempt"}),
+                Some(("message", *id)),
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(swept.len() as u64)
 }
 
 /// How an attempt ended.

@@ -1,9 +1,9 @@
 //! Dispatch: claim due messages with a lease, hand each to its provider, record the outcome.
 //!
-//! Workers wake on NOTIFY when a message is queued and poll as a fallback. The claim query
-//! also takes over messages whose lease expired (their worker died mid-send), so nothing
-//! committed to the outbox is lost; the lease is fenced by the attempt number, so a worker
-//! that lost its lease cannot overwrite the new holder's outcome.
+//! Workers wake on NOTIFY when a message is queued and poll as a fallback. A message whose
+//! worker died mid-send is put back in the queue by the lease sweeper (`worker::sweep_leases`),
+//! so nothing committed to the outbox is lost; the lease is fenced by the attempt number, so a
+//! worker that lost its lease cannot overwrite the new holder's outcome.
 
 use std::time::Duration;
 
@@ -102,8 +102,9 @@ pub async fn dispatch_once(state: &AppState) -> Result<usize, sqlx::Error> {
     Ok(n)
 }
 
-/// Runs rounds until no message is due; for tests and for draining before shutdown.
+/// Sweeps expired leases, then runs rounds until no message is due; for tests and tools.
 pub async fn drain(state: &AppState) -> Result<usize, sqlx::Error> {
+    store::sweep_expired_leases(&state.pool).await?;
     let mut total = 0;
     loop {
         let n = dispatch_once(state).await?;

@@ -21,6 +21,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     let mut jobs = JoinSet::new();
     jobs.spawn(purge_idempotency_keys(state.clone(), shutdown.clone()));
     jobs.spawn(dispatch::run(state.clone(), shutdown.clone()));
+    jobs.spawn(sweep_leases(state.clone(), shutdown.clone()));
     tracing::info!(jobs = jobs.len(), "worker started");
     while let Some(result) = jobs.join_next().await {
         if let Err(e) = result {
@@ -43,6 +44,30 @@ async fn purge_idempotency_keys(state: AppState, shutdown: CancellationToken) {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(PURGE_EVERY) => {}
+        }
+    }
+}
+
+/// Re-queues messages whose worker died holding them, a few times per lease.
+async fn sweep_leases(state: AppState, shutdown: CancellationToken) {
+    let every = Duration::from_secs((state.config.outbox_lease_secs / 4).max(1));
+    loop {
+        match crate::messages::store::sweep_expired_leases(&state.pool).await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics::counter!("outbox_leases_expired_total").increment(n);
+                tracing::warn!(
+                    messages = n,
+                    "re-queued messages whose worker stopped mid-send"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error::error_chain(&e), "cannot sweep expired leases")
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
         }
     }
 }
