@@ -14,6 +14,7 @@ pub mod events;
 pub mod http;
 pub mod messages;
 pub mod signing;
+pub mod support;
 pub mod telemetry;
 pub mod templates;
 pub mod tenancy;

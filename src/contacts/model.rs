@@ -431,9 +431,8 @@ pub struct ContactBatchResult {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ContactCard {
     pub contact: Contact,
-    /// The contact's open tickets (the support desk fills this).
-    #[schema(value_type = Vec<Object>)]
-    pub open_tickets: Vec<Value>,
+    /// The contact's tickets that still need work, newest first.
+    pub open_tickets: Vec<crate::support::model::Ticket>,
     /// The last 10 things that happened to the contact, newest first.
     pub last_interactions: Vec<Event>,
     /// The last satisfaction score, 1-5, when the contact has rated.

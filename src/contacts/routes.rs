@@ -286,10 +286,12 @@ async fn lookup(
     let mut last_interactions =
         events::timeline(&mut conn, tenant.id, contact.id, None, None, 10).await?;
     last_interactions.truncate(10);
+    let open_tickets =
+        crate::support::store::open_tickets_of(&mut conn, tenant.id, contact.id).await?;
     Ok(Json(ContactCard {
         owner_agent_id: contact.owner_agent_id,
         contact,
-        open_tickets: Vec::new(),
+        open_tickets,
         last_interactions,
         last_csat: None,
     }))

@@ -42,6 +42,7 @@ use crate::tenancy::{require_admin, require_tenant};
         (name = "templates", description = "Per-channel, per-locale message templates"),
         (name = "messages", description = "The outbox: messages and their delivery"),
         (name = "channels", description = "Per-tenant providers of email, SMS and Viber"),
+        (name = "support", description = "Agents and tickets: the support desk"),
         (name = "webhooks", description = "Delivery receipts from providers (signed)"),
         (name = "tracking", description = "Open pixel, click redirect and unsubscribe links in messages"),
         (name = "ops", description = "Health, readiness, metrics, this document"),
@@ -92,7 +93,8 @@ fn groups() -> Groups {
             .merge(crate::events::routes::router())
             .merge(crate::templates::routes::router())
             .merge(crate::messages::routes::router())
-            .merge(crate::channels::routes::router()),
+            .merge(crate::channels::routes::router())
+            .merge(crate::support::routes::router()),
         public: ops::router()
             .merge(crate::tracking::routes::router())
             .merge(crate::webhooks::router()),

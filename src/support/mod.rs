@@ -1,0 +1,5 @@
+//! The support desk: agents, tickets, their messages, and automatic assignment.
+
+pub mod model;
+pub mod routes;
+pub mod store;

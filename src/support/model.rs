@@ -1,0 +1,377 @@
+//! Agent and ticket types, the ticket status machine, and input validation.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::contacts::model::Patch;
+use crate::events::model::ContactRef;
+use crate::http::extract::Errors;
+use crate::validate;
+
+/// A support agent.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+pub struct Agent {
+    pub id: Uuid,
+    pub name: String,
+    pub email: String,
+    pub phone: Option<String>,
+    /// Languages the agent speaks (`hr`, `en`); empty means any.
+    pub languages: Vec<String>,
+    /// Countries the agent covers (ISO alpha-2); empty means any.
+    pub countries: Vec<String>,
+    pub max_open_tickets: i32,
+    pub active: bool,
+    /// Tickets assigned and not yet solved.
+    pub open_tickets: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `POST /v1/agents`; in `PATCH`, absent fields are kept.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentInput {
+    #[schema(example = "Marija Kovač")]
+    pub name: Option<String>,
+    #[schema(example = "marija@acme.example")]
+    pub email: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub phone: Patch<String>,
+    #[schema(example = json!(["hr", "en"]))]
+    pub languages: Option<Vec<String>>,
+    #[schema(example = json!(["HR"]))]
+    pub countries: Option<Vec<String>>,
+    /// Default 20.
+    pub max_open_tickets: Option<i32>,
+    /// Default true.
+    pub active: Option<bool>,
+}
+
+/// A validated [`AgentInput`].
+#[derive(Debug, Clone, Default)]
+pub struct AgentChanges {
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub phone: Patch<String>,
+    pub languages: Option<Vec<String>>,
+    pub countries: Option<Vec<String>>,
+    pub max_open_tickets: Option<i32>,
+    pub active: Option<bool>,
+}
+
+impl AgentInput {
+    /// Validates; `creating` requires a name and an email.
+    pub fn validate(&self, creating: bool, default_country: &str) -> Result<AgentChanges, Errors> {
+        let mut errors = Errors::new();
+        let name = self
+            .name
+            .as_deref()
+            .and_then(|n| errors.check("name", validate::text(n, 200)));
+        let email = self
+            .email
+            .as_deref()
+            .and_then(|e| errors.check("email", validate::email(e)));
+        if creating && self.name.is_none() {
+            errors.add("name", "is required");
+        }
+        if creating && self.email.is_none() {
+            errors.add("email", "is required");
+        }
+        let phone = errors
+            .check(
+                "phone",
+                self.phone
+                    .try_map(|p| validate::phone(p, Some(default_country))),
+            )
+            .unwrap_or_default();
+        let languages = self.languages.as_ref().map(|ls| {
+            ls.iter()
+                .enumerate()
+                .filter_map(|(i, l)| {
+                    errors
+                        .check(&format!("languages[{i}]"), validate::locale(l))
+                        .map(|l| l.split('-').next().unwrap_or_default().to_owned())
+                })
+                .collect::<Vec<_>>()
+        });
+        let countries = self.countries.as_ref().map(|cs| {
+            cs.iter()
+                .enumerate()
+                .filter_map(|(i, c)| errors.check(&format!("countries[{i}]"), validate::country(c)))
+                .collect::<Vec<_>>()
+        });
+        if let Some(n) = self.max_open_tickets {
+            if !(0..=10_000).contains(&n) {
+                errors.add("max_open_tickets", "must be between 0 and 10000");
+            }
+        }
+        if errors.is_empty() {
+            Ok(AgentChanges {
+                name,
+                email,
+                phone,
+                languages,
+                countries,
+                max_open_tickets: self.max_open_tickets,
+                active: self.active,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// Where a ticket came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TicketChannel {
+    Email,
+    Phone,
+    Chat,
+    WebForm,
+    Messenger,
+    Viber,
+    Sms,
+}
+
+impl TicketChannel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TicketChannel::Email => "email",
+            TicketChannel::Phone => "phone",
+            TicketChannel::Chat => "chat",
+            TicketChannel::WebForm => "web_form",
+            TicketChannel::Messenger => "messenger",
+            TicketChannel::Viber => "viber",
+            TicketChannel::Sms => "sms",
+        }
+    }
+
+    pub fn from_str_opt(s: &str) -> Option<TicketChannel> {
+        [
+            TicketChannel::Email,
+            TicketChannel::Phone,
+            TicketChannel::Chat,
+            TicketChannel::WebForm,
+            TicketChannel::Messenger,
+            TicketChannel::Viber,
+            TicketChannel::Sms,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+
+    /// The message channel that answers on this ticket's channel, if there is one.
+    pub fn reply_channel(self) -> Option<crate::contacts::model::Channel> {
+        use crate::contacts::model::Channel;
+        match self {
+            TicketChannel::Email | TicketChannel::WebForm => Some(Channel::Email),
+            TicketChannel::Sms | TicketChannel::Phone => Some(Channel::Sms),
+            TicketChannel::Viber => Some(Channel::Viber),
+            TicketChannel::Chat | TicketChannel::Messenger => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    Low,
+    Normal,
+    High,
+    Urgent,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+            Priority::Urgent => "urgent",
+        }
+    }
+}
+
+/// A ticket's status: `new -> open -> pending (waiting on the customer) -> solved -> closed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    New,
+    Open,
+    Pending,
+    Solved,
+    Closed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::New => "new",
+            Status::Open => "open",
+            Status::Pending => "pending",
+            Status::Solved => "solved",
+            Status::Closed => "closed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        match s {
+            "new" => Some(Status::New),
+            "open" => Some(Status::Open),
+            "pending" => Some(Status::Pending),
+            "solved" => Some(Status::Solved),
+            "closed" => Some(Status::Closed),
+            _ => None,
+        }
+    }
+
+    /// Whether the ticket still needs work (counts against an agent's capacity).
+    pub fn is_open(self) -> bool {
+        matches!(self, Status::New | Status::Open | Status::Pending)
+    }
+
+    /// The legal moves: forward through the workflow, pending and open back and forth, a
+    /// solved ticket reopened; a closed ticket is final.
+    pub fn can_become(self, next: Status) -> bool {
+        use Status::*;
+        matches!(
+            (self, next),
+            (New, Open | Pending | Solved)
+                | (Open, Pending | Solved)
+                | (Pending, Open | Solved)
+                | (Solved, Open | Closed)
+        )
+    }
+}
+
+/// A ticket.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+pub struct Ticket {
+    pub id: Uuid,
+    /// Sequential per tenant.
+    pub number: i64,
+    pub contact_id: Uuid,
+    pub channel: String,
+    pub subject: String,
+    pub category: Option<String>,
+    pub priority: String,
+    pub status: String,
+    pub assignee_id: Option<Uuid>,
+    pub first_response_at: Option<DateTime<Utc>>,
+    pub solved_at: Option<DateTime<Utc>>,
+    pub closed_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A message on a ticket.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+pub struct TicketMessage {
+    pub id: Uuid,
+    /// `agent` or `contact`.
+    pub author: String,
+    pub agent_id: Option<Uuid>,
+    pub body: String,
+    /// Internal notes are never shown to the customer.
+    pub internal: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A ticket with its messages.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TicketDetail {
+    #[serde(flatten)]
+    pub ticket: Ticket,
+    pub messages: Vec<TicketMessage>,
+}
+
+/// `POST /v1/tickets`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewTicket {
+    /// By external id (created when new), email or phone.
+    pub contact: ContactRef,
+    pub channel: TicketChannel,
+    #[schema(example = "The card was charged twice")]
+    pub subject: String,
+    pub body: String,
+    pub category: Option<String>,
+    /// Default `normal`.
+    pub priority: Option<Priority>,
+}
+
+/// `PATCH /v1/tickets/{id}`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TicketPatch {
+    pub status: Option<Status>,
+    pub priority: Option<Priority>,
+    /// An agent id, or null to unassign.
+    #[serde(default)]
+    #[schema(value_type = Option<Uuid>)]
+    pub assignee_id: Patch<Uuid>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub category: Patch<String>,
+}
+
+/// Who writes a ticket message: an agent (`{"agent_id": ...}`) or the customer (`"contact"`).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Author {
+    Agent { agent_id: Uuid },
+    Contact(ContactAuthor),
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ContactAuthor {
+    Contact,
+}
+
+/// `POST /v1/tickets/{id}/messages`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewTicketMessage {
+    pub author: Author,
+    pub body: String,
+    /// An internal note (agents only). Default false.
+    #[serde(default)]
+    pub internal: bool,
+}
+
+/// Filters of `GET /v1/tickets`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct TicketFilter {
+    pub status: Option<Status>,
+    pub assignee_id: Option<Uuid>,
+    pub contact_id: Option<Uuid>,
+    /// Items per page, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Status::*;
+
+    #[test]
+    fn the_status_machine() {
+        assert!(New.can_become(Open));
+        assert!(Open.can_become(Pending));
+        assert!(Pending.can_become(Open));
+        assert!(Solved.can_become(Open), "a customer reply reopens");
+        assert!(Solved.can_become(Closed));
+        assert!(!Closed.can_become(Open), "closed is final");
+        assert!(!New.can_become(Closed));
+        assert!(!Open.can_become(New));
+        assert!(!Open.can_become(Open));
+    }
+}

@@ -1,0 +1,431 @@
+//! `/v1/agents` and `/v1/tickets`.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::model::{
+    Agent, AgentInput, Author, NewTicket, NewTicketMessage, Status, Ticket, TicketDetail,
+    TicketFilter, TicketMessage, TicketPatch,
+};
+use super::store::{self, NewTicketRow};
+use crate::AppState;
+use crate::contacts::model::{Channel, Patch};
+use crate::contacts::store as contacts;
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::events::store as events;
+use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
+use crate::http::pagination::{Page, PageParams, decode_id_cursor, encode_id_cursor, paginate};
+use crate::messages::model::Compose;
+use crate::messages::store as messages;
+use crate::templates::store as templates;
+use crate::tenancy::Tenant;
+use crate::validate;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_agent, list_agents))
+        .routes(routes!(get_agent, update_agent))
+        .routes(routes!(create_ticket, list_tickets))
+        .routes(routes!(get_ticket, update_ticket))
+        .routes(routes!(add_message))
+}
+
+fn agent_not_found(id: Uuid) -> ApiError {
+    ApiError::NotFound(format!("no agent with id {id}"))
+}
+
+fn ticket_not_found(id: Uuid) -> ApiError {
+    ApiError::NotFound(format!("no ticket with id {id}"))
+}
+
+/// Create an agent; waiting tickets the agent can take are assigned at once.
+#[utoipa::path(post, path = "/v1/agents", tag = "support", security(("api_key" = [])),
+    request_body = AgentInput,
+    responses((status = 201, body = Agent), (status = 409, body = Problem, content_type = "application/problem+json"),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn create_agent(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ValidJson(body): ValidJson<AgentInput>,
+) -> ApiResult<(StatusCode, Json<Agent>)> {
+    let changes = body
+        .validate(true, &tenant.default_country)
+        .map_err(|e| ApiError::validation(e.into_vec()))?;
+    let mut tx = state.pool.begin().await?;
+    let agent = store::create_agent(&mut tx, tenant.id, &changes).await?;
+    store::assign_waiting(&mut tx, &tenant).await?;
+    let agent = store::get_agent(&mut tx, tenant.id, agent.id)
+        .await?
+        .ok_or_else(|| agent_not_found(agent.id))?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(agent)))
+}
+
+/// List agents, newest first.
+#[utoipa::path(get, path = "/v1/agents", tag = "support", security(("api_key" = [])), params(PageParams),
+    responses((status = 200, body = Page<Agent>)))]
+async fn list_agents(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiQuery(page): ApiQuery<PageParams>,
+) -> ApiResult<Json<Page<Agent>>> {
+    let limit = page.limit()?;
+    let before = page.cursor.as_deref().map(decode_id_cursor).transpose()?;
+    let mut conn = state.pool.acquire().await?;
+    let rows = store::list_agents(&mut conn, tenant.id, before, limit).await?;
+    Ok(Json(paginate(rows, limit, |a| encode_id_cursor(a.id))))
+}
+
+/// Get an agent, with the number of open tickets assigned.
+#[utoipa::path(get, path = "/v1/agents/{id}", tag = "support", security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "Agent id")),
+    responses((status = 200, body = Agent), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn get_agent(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<Agent>> {
+    let mut conn = state.pool.acquire().await?;
+    store::get_agent(&mut conn, tenant.id, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| agent_not_found(id))
+}
+
+/// Change an agent. Activating an agent or raising its capacity assigns waiting tickets.
+#[utoipa::path(patch, path = "/v1/agents/{id}", tag = "support", security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "Agent id")), request_body = AgentInput,
+    responses((status = 200, body = Agent), (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn update_agent(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ValidJson(body): ValidJson<AgentInput>,
+) -> ApiResult<Json<Agent>> {
+    let changes = body
+        .validate(false, &tenant.default_country)
+        .map_err(|e| ApiError::validation(e.into_vec()))?;
+    let mut tx = state.pool.begin().await?;
+    store::update_agent(&mut tx, tenant.id, id, &changes)
+        .await?
+        .ok_or_else(|| agent_not_found(id))?;
+    store::assign_waiting(&mut tx, &tenant).await?;
+    let agent = store::get_agent(&mut tx, tenant.id, id)
+        .await?
+        .ok_or_else(|| agent_not_found(id))?;
+    tx.commit().await?;
+    Ok(Json(agent))
+}
+
+/// Sends `template` about a ticket, if the tenant has that template: on the ticket's channel
+/// first, then the best the contact has.
+async fn notify_customer(
+    state: &AppState,
+    conn: &mut sqlx::PgConnection,
+    tenant: &Tenant,
+    ticket: &Ticket,
+    template: &str,
+) -> ApiResult<()> {
+    if templates::get(conn, tenant.id, template).await?.is_none() {
+        tracing::debug!(template, "no such template; the customer is not notified");
+        return Ok(());
+    }
+    let first =
+        super::model::TicketChannel::from_str_opt(&ticket.channel).and_then(|c| c.reply_channel());
+    let mut channels: Vec<Channel> = first.into_iter().collect();
+    for c in [Channel::Email, Channel::Sms, Channel::Viber] {
+        if !channels.contains(&c) {
+            channels.push(c);
+        }
+    }
+    let compose = Compose {
+        contact_id: ticket.contact_id,
+        template_key: template,
+        channels: &channels,
+        vars: json!({"ticket": {"id": ticket.id, "number": ticket.number, "subject": ticket.subject,
+                                 "status": ticket.status, "priority": ticket.priority}}),
+        event: None,
+    };
+    messages::enqueue(conn, tenant, compose, &state.send_options().await?).await?;
+    Ok(())
+}
+
+/// Open a ticket. It is assigned automatically, and the customer is sent the
+/// `ticket_acknowledgement` template (when the tenant has one).
+#[utoipa::path(post, path = "/v1/tickets", tag = "support", security(("api_key" = [])),
+    request_body = NewTicket,
+    responses((status = 201, body = TicketDetail), (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn create_ticket(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ValidJson(body): ValidJson<NewTicket>,
+) -> ApiResult<(StatusCode, Json<TicketDetail>)> {
+    let mut errors = crate::http::extract::Errors::new();
+    let subject = errors.check("subject", validate::text(&body.subject, 500));
+    let text = errors.check("body", validate::text(&body.body, 100_000));
+    let category = body
+        .category
+        .as_deref()
+        .and_then(|c| errors.check("category", validate::text(c, 100)));
+    errors.finish()?;
+    let mut tx = state.pool.begin().await?;
+    let contact_id = match &body.contact.external_id {
+        Some(external_id) => {
+            let ext = validate::text(external_id, 255)
+                .map_err(|m| ApiError::field("contact.external_id", m))?;
+            contacts::ensure_by_external_id(&mut tx, tenant.id, &ext, None, None).await?
+        }
+        None => contacts::find_by_ref(&mut tx, &tenant, &body.contact, "contact")
+            .await?
+            .ok_or_else(|| {
+                ApiError::field(
+                    "contact",
+                    "no such contact; refer to new contacts by external_id",
+                )
+            })?,
+    };
+    let row = NewTicketRow {
+        contact_id,
+        channel: body.channel.as_str(),
+        subject: subject.as_deref().unwrap_or_default(),
+        body: text.as_deref().unwrap_or_default(),
+        category: category.as_deref(),
+        priority: body
+            .priority
+            .unwrap_or(super::model::Priority::Normal)
+            .as_str(),
+    };
+    let ticket = store::create_ticket(&mut tx, &tenant, &row).await?;
+    notify_customer(&state, &mut tx, &tenant, &ticket, "ticket_acknowledgement").await?;
+    let messages = store::messages(&mut tx, tenant.id, ticket.id).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(TicketDetail { ticket, messages })))
+}
+
+/// List tickets, newest first.
+#[utoipa::path(get, path = "/v1/tickets", tag = "support", security(("api_key" = [])), params(TicketFilter),
+    responses((status = 200, body = Page<Ticket>)))]
+async fn list_tickets(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiQuery(f): ApiQuery<TicketFilter>,
+) -> ApiResult<Json<Page<Ticket>>> {
+    let page = PageParams {
+        limit: f.limit,
+        cursor: f.cursor.clone(),
+    };
+    let limit = page.limit()?;
+    let before = page.cursor.as_deref().map(decode_id_cursor).transpose()?;
+    let mut conn = state.pool.acquire().await?;
+    let rows = store::list_tickets(
+        &mut conn,
+        tenant.id,
+        f.status,
+        f.assignee_id,
+        f.contact_id,
+        before,
+        limit,
+    )
+    .await?;
+    Ok(Json(paginate(rows, limit, |t| encode_id_cursor(t.id))))
+}
+
+/// Get a ticket with its messages.
+#[utoipa::path(get, path = "/v1/tickets/{id}", tag = "support", security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "Ticket id")),
+    responses((status = 200, body = TicketDetail), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn get_ticket(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<TicketDetail>> {
+    let mut conn = state.pool.acquire().await?;
+    let ticket = store::get_ticket(&mut conn, tenant.id, id)
+        .await?
+        .ok_or_else(|| ticket_not_found(id))?;
+    let messages = store::messages(&mut conn, tenant.id, id).await?;
+    Ok(Json(TicketDetail { ticket, messages }))
+}
+
+/// Change a ticket's status, priority, assignee or category. Illegal status moves are a 409.
+/// Solving a ticket tells the customer (template `ticket_solved`, when the tenant has one) and
+/// frees the agent's capacity for waiting tickets.
+#[utoipa::path(patch, path = "/v1/tickets/{id}", tag = "support", security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "Ticket id")), request_body = TicketPatch,
+    responses((status = 200, body = TicketDetail), (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 409, description = "Illegal status transition", body = Problem, content_type = "application/problem+json"),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn update_ticket(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ValidJson(body): ValidJson<TicketPatch>,
+) -> ApiResult<Json<TicketDetail>> {
+    let mut tx = state.pool.begin().await?;
+    let ticket = store::lock_ticket(&mut tx, tenant.id, id)
+        .await?
+        .ok_or_else(|| ticket_not_found(id))?;
+    if let Patch::Value(agent) = body.assignee_id {
+        if store::get_agent(&mut tx, tenant.id, agent).await?.is_none() {
+            return Err(ApiError::field(
+                "assignee_id",
+                format!("no agent with id {agent}"),
+            ));
+        }
+    }
+    let category = match &body.category {
+        Patch::Value(c) => {
+            Patch::Value(validate::text(c, 100).map_err(|m| ApiError::field("category", m))?)
+        }
+        other => other.clone(),
+    };
+    if let Some(next) = body.status {
+        store::change_status(&mut tx, tenant.id, &ticket, next).await?;
+    }
+    let (set_assignee, assignee) = match body.assignee_id {
+        Patch::Missing => (false, None),
+        Patch::Null => (true, None),
+        Patch::Value(a) => (true, Some(a)),
+    };
+    let (set_category, category) = match category {
+        Patch::Missing => (false, None),
+        Patch::Null => (true, None),
+        Patch::Value(c) => (true, Some(c)),
+    };
+    sqlx::query(
+        "UPDATE tickets SET priority = coalesce($3, priority),
+            assignee_id = CASE WHEN $4 THEN $5 ELSE assignee_id END,
+            category = CASE WHEN $6 THEN $7 ELSE category END, updated_at = now()
+         WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(tenant.id)
+    .bind(id)
+    .bind(body.priority.map(|p| p.as_str()))
+    .bind(set_assignee)
+    .bind(assignee)
+    .bind(set_category)
+    .bind(category)
+    .execute(&mut *tx)
+    .await?;
+    if set_assignee && assignee != ticket.assignee_id {
+        events::emit_about(
+            &mut tx,
+            tenant.id,
+            ticket.contact_id,
+            "ticket.assigned",
+            json!({"ticket_id": id, "agent_id": assignee, "automatic": false}),
+            Some(("ticket", id)),
+        )
+        .await?;
+    }
+    let updated = store::get_ticket(&mut tx, tenant.id, id)
+        .await?
+        .ok_or_else(|| ticket_not_found(id))?;
+    if body.status == Some(Status::Solved) && ticket.status != "solved" {
+        notify_customer(&state, &mut tx, &tenant, &updated, "ticket_solved").await?;
+    }
+    if !Status::parse(&updated.status).is_some_and(Status::is_open) || updated.assignee_id.is_none()
+    {
+        store::assign_waiting(&mut tx, &tenant).await?;
+    }
+    let updated = store::get_ticket(&mut tx, tenant.id, id)
+        .await?
+        .ok_or_else(|| ticket_not_found(id))?;
+    let messages = store::messages(&mut tx, tenant.id, id).await?;
+    tx.commit().await?;
+    Ok(Json(TicketDetail {
+        ticket: updated,
+        messages,
+    }))
+}
+
+/// Add a message: an agent's reply or internal note, or the customer's reply. The first public
+/// agent reply sets `first_response_at`; a customer reply reopens a pending or solved ticket.
+#[utoipa::path(post, path = "/v1/tickets/{id}/messages", tag = "support", security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "Ticket id")), request_body = NewTicketMessage,
+    responses((status = 201, body = TicketMessage), (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 409, body = Problem, content_type = "application/problem+json"),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn add_message(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ValidJson(body): ValidJson<NewTicketMessage>,
+) -> ApiResult<(StatusCode, Json<TicketMessage>)> {
+    let text = validate::text(&body.body, 100_000).map_err(|m| ApiError::field("body", m))?;
+    let mut tx = state.pool.begin().await?;
+    let ticket = store::lock_ticket(&mut tx, tenant.id, id)
+        .await?
+        .ok_or_else(|| ticket_not_found(id))?;
+    let status = Status::parse(&ticket.status).unwrap_or(Status::Closed);
+    if status == Status::Closed {
+        return Err(ApiError::Conflict(
+            "the ticket is closed; open a new one".to_owned(),
+        ));
+    }
+    let message = match body.author {
+        Author::Agent { agent_id } => {
+            if store::get_agent(&mut tx, tenant.id, agent_id)
+                .await?
+                .is_none()
+            {
+                return Err(ApiError::field(
+                    "author.agent_id",
+                    format!("no agent with id {agent_id}"),
+                ));
+            }
+            let m = store::insert_message(
+                &mut tx,
+                tenant.id,
+                id,
+                "agent",
+                Some(agent_id),
+                &text,
+                body.internal,
+            )
+            .await?;
+            if !body.internal {
+                sqlx::query("UPDATE tickets SET first_response_at = coalesce(first_response_at, now()), updated_at = now() WHERE tenant_id = $1 AND id = $2")
+                    .bind(tenant.id).bind(id).execute(&mut *tx).await?;
+                if status == Status::New {
+                    store::change_status(&mut tx, tenant.id, &ticket, Status::Open).await?;
+                }
+                events::emit_about(
+                    &mut tx,
+                    tenant.id,
+                    ticket.contact_id,
+                    "ticket.replied",
+                    json!({"ticket_id": id, "agent_id": agent_id}),
+                    Some(("ticket", id)),
+                )
+                .await?;
+            }
+            m
+        }
+        Author::Contact(_) => {
+            if body.internal {
+                return Err(ApiError::field(
+                    "internal",
+                    "only agents write internal notes",
+                ));
+            }
+            let m = store::insert_message(&mut tx, tenant.id, id, "contact", None, &text, false)
+                .await?;
+            if matches!(status, Status::Pending | Status::Solved) {
+                store::change_status(&mut tx, tenant.id, &ticket, Status::Open).await?;
+                if ticket.assignee_id.is_none() {
+                    store::assign(&mut tx, &tenant, id).await?;
+                }
+            }
+            m
+        }
+    };
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(message)))
+}

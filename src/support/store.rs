@@ -1,0 +1,456 @@
+//! SQL for agents and tickets, and automatic assignment.
+//!
+//! Assignment is exact under concurrency: the candidate agents' rows are locked (in id order,
+//! so concurrent assignments cannot deadlock) before their open tickets are counted, so two
+//! tickets created at once cannot both take an agent's last free slot.
+
+use serde_json::json;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::model::{Agent, AgentChanges, Status, Ticket, TicketMessage};
+use crate::contacts::model::Patch;
+use crate::error::{ApiError, ApiResult};
+use crate::events::store as events;
+use crate::tenancy::{Tenant, TenantId};
+
+const AGENT_COLUMNS: &str = "a.id, a.name, a.email, a.phone, a.languages, a.countries,
+    a.max_open_tickets, a.active,
+    (SELECT count(*) FROM tickets t WHERE t.tenant_id = a.tenant_id AND t.assignee_id = a.id
+       AND t.status IN ('new', 'open', 'pending')) AS open_tickets,
+    a.created_at, a.updated_at";
+
+const TICKET_COLUMNS: &str = "id, number, contact_id, channel, subject, category, priority, status,
+    assignee_id, first_response_at, solved_at, closed_at, created_at, updated_at";
+
+fn email_taken(e: sqlx::Error) -> ApiError {
+    if crate::db::is_unique_violation(&e, Some("agents_email_unique")) {
+        ApiError::Conflict("an agent with this email exists".to_owned())
+    } else {
+        e.into()
+    }
+}
+
+pub async fn create_agent(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    a: &AgentChanges,
+) -> ApiResult<Agent> {
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO agents (tenant_id, id, name, email, phone, languages, countries, max_open_tickets, active)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(&a.name)
+    .bind(&a.email)
+    .bind(a.phone.apply(None))
+    .bind(a.languages.clone().unwrap_or_default())
+    .bind(a.countries.clone().unwrap_or_default())
+    .bind(a.max_open_tickets.unwrap_or(20))
+    .bind(a.active.unwrap_or(true))
+    .execute(&mut *conn)
+    .await
+    .map_err(email_taken)?;
+    get_agent(conn, tenant, id)
+        .await?
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("agent vanished")))
+}
+
+pub async fn update_agent(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+    a: &AgentChanges,
+) -> ApiResult<Option<Agent>> {
+    let (set_phone, phone) = match &a.phone {
+        Patch::Missing => (false, None),
+        Patch::Null => (true, None),
+        Patch::Value(p) => (true, Some(p.clone())),
+    };
+    let done = sqlx::query(
+        "UPDATE agents SET name = coalesce($3, name), email = coalesce($4, email),
+            phone = CASE WHEN $5 THEN $6 ELSE phone END,
+            languages = coalesce($7, languages), countries = coalesce($8, countries),
+            max_open_tickets = coalesce($9, max_open_tickets), active = coalesce($10, active),
+            updated_at = now()
+         WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(&a.name)
+    .bind(&a.email)
+    .bind(set_phone)
+    .bind(phone)
+    .bind(&a.languages)
+    .bind(&a.countries)
+    .bind(a.max_open_tickets)
+    .bind(a.active)
+    .execute(&mut *conn)
+    .await
+    .map_err(email_taken)?;
+    if done.rows_affected() == 0 {
+        return Ok(None);
+    }
+    get_agent(conn, tenant, id).await
+}
+
+pub async fn get_agent(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> ApiResult<Option<Agent>> {
+    let sql = format!("SELECT {AGENT_COLUMNS} FROM agents a WHERE a.tenant_id = $1 AND a.id = $2");
+    Ok(sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+pub async fn list_agents(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    before: Option<Uuid>,
+    limit: i64,
+) -> ApiResult<Vec<Agent>> {
+    let sql = format!(
+        "SELECT {AGENT_COLUMNS} FROM agents a WHERE a.tenant_id = $1 AND ($2::uuid IS NULL OR a.id < $2)
+         ORDER BY a.id DESC LIMIT $3"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(before)
+        .bind(limit + 1)
+        .fetch_all(conn)
+        .await?)
+}
+
+/// Assigns an unassigned open ticket to the active agent who speaks the contact's language and
+/// covers its country, with the fewest open tickets below capacity; ties go to the agent
+/// assigned longest ago (round robin). None when nobody fits: the ticket waits in the queue.
+pub async fn assign(
+    conn: &mut PgConnection,
+    tenant: &Tenant,
+    ticket_id: Uuid,
+) -> ApiResult<Option<Uuid>> {
+    let target: Option<(String, String, Uuid)> = sqlx::query_as(
+        "SELECT coalesce(split_part(c.locale, '-', 1), ''), coalesce(c.country, ''), t.contact_id
+         FROM tickets t JOIN contacts c ON c.tenant_id = t.tenant_id AND c.id = t.contact_id
+         WHERE t.tenant_id = $1 AND t.id = $2 AND t.assignee_id IS NULL
+           AND t.status IN ('new', 'open', 'pending')",
+    )
+    .bind(tenant.id)
+    .bind(ticket_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((language, country, contact_id)) = target else {
+        return Ok(None);
+    };
+    let language = if language.is_empty() {
+        tenant
+            .default_locale
+            .split('-')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    } else {
+        language
+    };
+    let country = if country.is_empty() {
+        tenant.default_country.clone()
+    } else {
+        country
+    };
+    let candidates: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM agents
+         WHERE tenant_id = $1 AND active
+           AND (cardinality(languages) = 0 OR $2 = ANY(languages))
+           AND (cardinality(countries) = 0 OR $3 = ANY(countries))
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(tenant.id)
+    .bind(&language)
+    .bind(&country)
+    .fetch_all(&mut *conn)
+    .await?;
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    let chosen: Option<Uuid> = sqlx::query_scalar(
+        "SELECT a.id FROM agents a
+         CROSS JOIN LATERAL (SELECT count(*) AS n FROM tickets t WHERE t.tenant_id = a.tenant_id
+                             AND t.assignee_id = a.id AND t.status IN ('new', 'open', 'pending')) load
+         WHERE a.tenant_id = $1 AND a.id = ANY($2) AND load.n < a.max_open_tickets
+         ORDER BY load.n, a.last_assigned_at NULLS FIRST, a.id
+         LIMIT 1",
+    )
+    .bind(tenant.id)
+    .bind(&candidates)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(agent) = chosen else {
+        return Ok(None);
+    };
+    sqlx::query(
+        "UPDATE agents SET last_assigned_at = clock_timestamp() WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(tenant.id)
+    .bind(agent)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE tickets SET assignee_id = $3, updated_at = now() WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(tenant.id)
+    .bind(ticket_id)
+    .bind(agent)
+    .execute(&mut *conn)
+    .await?;
+    events::emit_about(
+        conn,
+        tenant.id,
+        contact_id,
+        "ticket.assigned",
+        json!({"ticket_id": ticket_id, "agent_id": agent, "automatic": true}),
+        Some(("ticket", ticket_id)),
+    )
+    .await?;
+    Ok(Some(agent))
+}
+
+/// Assigns waiting tickets, oldest first, now that capacity may have freed or an agent joined.
+pub async fn assign_waiting(conn: &mut PgConnection, tenant: &Tenant) -> ApiResult<usize> {
+    let waiting: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM tickets WHERE tenant_id = $1 AND assignee_id IS NULL
+           AND status IN ('new', 'open', 'pending')
+         ORDER BY created_at LIMIT 100",
+    )
+    .bind(tenant.id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut assigned = 0;
+    for id in waiting {
+        if assign(conn, tenant, id).await?.is_some() {
+            assigned += 1;
+        }
+    }
+    Ok(assigned)
+}
+
+/// The next number of a per-tenant sequence.
+async fn next_number(conn: &mut PgConnection, tenant: TenantId, name: &str) -> ApiResult<i64> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO tenant_counters AS c (tenant_id, name, value) VALUES ($1, $2, 1)
+         ON CONFLICT (tenant_id, name) DO UPDATE SET value = c.value + 1 RETURNING value",
+    )
+    .bind(tenant)
+    .bind(name)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// What a new ticket holds, validated.
+pub struct NewTicketRow<'a> {
+    pub contact_id: Uuid,
+    pub channel: &'a str,
+    pub subject: &'a str,
+    pub body: &'a str,
+    pub category: Option<&'a str>,
+    pub priority: &'a str,
+}
+
+/// Opens a ticket with the customer's first message, emits `ticket.created`, and assigns it.
+pub async fn create_ticket(
+    conn: &mut PgConnection,
+    tenant: &Tenant,
+    t: &NewTicketRow<'_>,
+) -> ApiResult<Ticket> {
+    let id = Uuid::now_v7();
+    let number = next_number(conn, tenant.id, "ticket").await?;
+    sqlx::query(
+        "INSERT INTO tickets (tenant_id, id, number, contact_id, channel, subject, category, priority, status)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'new')",
+    )
+    .bind(tenant.id)
+    .bind(id)
+    .bind(number)
+    .bind(t.contact_id)
+    .bind(t.channel)
+    .bind(t.subject)
+    .bind(t.category)
+    .bind(t.priority)
+    .execute(&mut *conn)
+    .await?;
+    insert_message(conn, tenant.id, id, "contact", None, t.body, false).await?;
+    events::emit_about(
+        conn,
+        tenant.id,
+        t.contact_id,
+        "ticket.created",
+        json!({"ticket_id": id, "number": number, "channel": t.channel, "subject": t.subject,
+               "priority": t.priority, "category": t.category}),
+        Some(("ticket", id)),
+    )
+    .await?;
+    assign(conn, tenant, id).await?;
+    get_ticket(conn, tenant.id, id)
+        .await?
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("ticket vanished")))
+}
+
+pub async fn insert_message(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    ticket: Uuid,
+    author: &str,
+    agent_id: Option<Uuid>,
+    body: &str,
+    internal: bool,
+) -> ApiResult<TicketMessage> {
+    Ok(sqlx::query_as(
+        "INSERT INTO ticket_messages (tenant_id, id, ticket_id, author, agent_id, body, internal)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         RETURNING id, author, agent_id, body, internal, created_at",
+    )
+    .bind(tenant)
+    .bind(Uuid::now_v7())
+    .bind(ticket)
+    .bind(author)
+    .bind(agent_id)
+    .bind(body)
+    .bind(internal)
+    .fetch_one(conn)
+    .await?)
+}
+
+pub async fn get_ticket(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> ApiResult<Option<Ticket>> {
+    let sql = format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE tenant_id = $1 AND id = $2");
+    Ok(sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// The ticket, locked for a change.
+pub async fn lock_ticket(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> ApiResult<Option<Ticket>> {
+    let sql =
+        format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE tenant_id = $1 AND id = $2 FOR UPDATE");
+    Ok(sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+pub async fn messages(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    ticket: Uuid,
+) -> ApiResult<Vec<TicketMessage>> {
+    Ok(sqlx::query_as(
+        "SELECT id, author, agent_id, body, internal, created_at FROM ticket_messages
+         WHERE tenant_id = $1 AND ticket_id = $2 ORDER BY created_at, id",
+    )
+    .bind(tenant)
+    .bind(ticket)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Tickets newest first.
+pub async fn list_tickets(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    status: Option<Status>,
+    assignee: Option<Uuid>,
+    contact: Option<Uuid>,
+    before: Option<Uuid>,
+    limit: i64,
+) -> ApiResult<Vec<Ticket>> {
+    let sql = format!(
+        "SELECT {TICKET_COLUMNS} FROM tickets WHERE tenant_id = $1
+           AND ($2::text IS NULL OR status = $2) AND ($3::uuid IS NULL OR assignee_id = $3)
+           AND ($4::uuid IS NULL OR contact_id = $4) AND ($5::uuid IS NULL OR id < $5)
+         ORDER BY id DESC LIMIT $6"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(status.map(Status::as_str))
+        .bind(assignee)
+        .bind(contact)
+        .bind(before)
+        .bind(limit + 1)
+        .fetch_all(conn)
+        .await?)
+}
+
+/// Moves a locked ticket to `next`, stamping `solved_at`/`closed_at`, with its events.
+/// Illegal moves are a 409.
+pub async fn change_status(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    t: &Ticket,
+    next: Status,
+) -> ApiResult<()> {
+    let current = Status::parse(&t.status)
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("stored status {}", t.status)))?;
+    if current == next {
+        return Ok(());
+    }
+    if !current.can_become(next) {
+        return Err(ApiError::Conflict(format!(
+            "a {} ticket cannot become {}",
+            current.as_str(),
+            next.as_str()
+        )));
+    }
+    sqlx::query(
+        "UPDATE tickets SET status = $3, updated_at = now(),
+            solved_at = CASE WHEN $3 = 'solved' THEN now() WHEN $3 = 'open' THEN NULL ELSE solved_at END,
+            closed_at = CASE WHEN $3 = 'closed' THEN now() ELSE closed_at END
+         WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(tenant)
+    .bind(t.id)
+    .bind(next.as_str())
+    .execute(&mut *conn)
+    .await?;
+    let kind = match (current, next) {
+        (_, Status::Solved) => "ticket.solved",
+        (_, Status::Closed) => "ticket.closed",
+        (Status::Solved, Status::Open) => "ticket.reopened",
+        _ => "ticket.status_changed",
+    };
+    events::emit_about(conn, tenant, t.contact_id, kind,
+        json!({"ticket_id": t.id, "number": t.number, "from": current.as_str(), "to": next.as_str()}),
+        Some(("ticket", t.id))).await?;
+    Ok(())
+}
+
+/// The contact's tickets that still need work, newest first (for the contact card).
+pub async fn open_tickets_of(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+) -> ApiResult<Vec<Ticket>> {
+    let sql = format!(
+        "SELECT {TICKET_COLUMNS} FROM tickets WHERE tenant_id = $1 AND contact_id = $2
+           AND status IN ('new', 'open', 'pending') ORDER BY id DESC LIMIT 20"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(contact)
+        .fetch_all(conn)
+        .await?)
+}
