@@ -8,6 +8,7 @@ pub mod channels;
 pub mod config;
 pub mod contacts;
 pub mod crypto;
+pub mod csat;
 pub mod db;
 pub mod error;
 pub mod events;

@@ -14,6 +14,8 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// Bytes of MAC kept in a token: 128 bits.
 const MAC_LEN: usize = 16;
+/// purpose, tenant, subject, index, expires.
+const PAYLOAD_LEN: usize = 1 + 16 + 16 + 4 + 4;
 
 /// What a token grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +25,7 @@ pub enum Purpose {
     Click = 2,
     Unsubscribe = 3,
     Webhook = 4,
+    Survey = 5,
 }
 
 impl Purpose {
@@ -32,6 +35,7 @@ impl Purpose {
             2 => Some(Purpose::Click),
             3 => Some(Purpose::Unsubscribe),
             4 => Some(Purpose::Webhook),
+            5 => Some(Purpose::Survey),
             _ => None,
         }
     }
@@ -46,6 +50,26 @@ pub struct Claims {
     pub subject: Uuid,
     /// The link index of a click token.
     pub index: u32,
+    /// Unix seconds after which the token is expired; 0 for never.
+    pub expires: u32,
+}
+
+impl Claims {
+    /// A claim that never expires.
+    pub fn new(purpose: Purpose, tenant: Uuid, subject: Uuid, index: u32) -> Claims {
+        Claims {
+            purpose,
+            tenant,
+            subject,
+            index,
+            expires: 0,
+        }
+    }
+
+    /// Whether the token's time is up (callers decide what an expired token may still do).
+    pub fn expired(&self) -> bool {
+        self.expires != 0 && i64::from(self.expires) < chrono::Utc::now().timestamp()
+    }
 }
 
 #[derive(Clone)]
@@ -82,25 +106,27 @@ impl Signer {
 
     /// A URL-safe token: purpose, tenant, subject and index, with a truncated HMAC.
     pub fn token(&self, claims: Claims) -> String {
-        let mut payload = Vec::with_capacity(37 + MAC_LEN);
+        let mut payload = Vec::with_capacity(PAYLOAD_LEN + MAC_LEN);
         payload.push(claims.purpose as u8);
         payload.extend_from_slice(claims.tenant.as_bytes());
         payload.extend_from_slice(claims.subject.as_bytes());
         payload.extend_from_slice(&claims.index.to_be_bytes());
+        payload.extend_from_slice(&claims.expires.to_be_bytes());
         let mac = self.mac(&payload);
         payload.extend_from_slice(&mac);
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(payload)
     }
 
-    /// The claims of a genuine token of this purpose; None for anything else.
+    /// The claims of a genuine token of this purpose, expired or not (see [`Claims::expired`]);
+    /// None for anything else.
     pub fn verify(&self, token: &str, purpose: Purpose) -> Option<Claims> {
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(token)
             .ok()?;
-        if bytes.len() != 37 + MAC_LEN {
+        if bytes.len() != PAYLOAD_LEN + MAC_LEN {
             return None;
         }
-        let (payload, mac) = bytes.split_at(37);
+        let (payload, mac) = bytes.split_at(PAYLOAD_LEN);
         let expected = self.mac(payload);
         if !bool::from(subtle::ConstantTimeEq::ct_eq(mac, expected.as_slice())) {
             return None;
@@ -114,6 +140,7 @@ impl Signer {
             tenant: Uuid::from_slice(&payload[1..17]).ok()?,
             subject: Uuid::from_slice(&payload[17..33]).ok()?,
             index: u32::from_be_bytes(payload[33..37].try_into().ok()?),
+            expires: u32::from_be_bytes(payload[37..41].try_into().ok()?),
         })
     }
 }
@@ -125,12 +152,7 @@ mod tests {
     #[test]
     fn tokens_verify_only_unaltered_and_for_their_purpose() {
         let s = Signer::new(vec![1; 32]);
-        let claims = Claims {
-            purpose: Purpose::Click,
-            tenant: Uuid::now_v7(),
-            subject: Uuid::now_v7(),
-            index: 3,
-        };
+        let claims = Claims::new(Purpose::Click, Uuid::now_v7(), Uuid::now_v7(), 3);
         let t = s.token(claims);
         assert_eq!(s.verify(&t, Purpose::Click), Some(claims));
         assert_eq!(s.verify(&t, Purpose::Open), None);

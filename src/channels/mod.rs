@@ -193,12 +193,12 @@ impl Channels {
                         .get(pool)
                         .await
                         .map_err(|e| unusable(e.to_string()))?;
-                    let token = signer.token(crate::signing::Claims {
-                        purpose: crate::signing::Purpose::Webhook,
-                        tenant: tenant.0,
-                        subject: uuid::Uuid::nil(),
-                        index: 0,
-                    });
+                    let token = signer.token(crate::signing::Claims::new(
+                        crate::signing::Purpose::Webhook,
+                        tenant.0,
+                        uuid::Uuid::nil(),
+                        0,
+                    ));
                     config.settings.insert(
                         "notify_url".into(),
                         serde_json::Value::String(format!("{receipts}?token={token}")),

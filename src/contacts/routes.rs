@@ -288,12 +288,13 @@ async fn lookup(
     last_interactions.truncate(10);
     let open_tickets =
         crate::support::store::open_tickets_of(&mut conn, tenant.id, contact.id).await?;
+    let last_csat = crate::csat::store::last_score(&mut conn, tenant.id, contact.id).await?;
     Ok(Json(ContactCard {
         owner_agent_id: contact.owner_agent_id,
         contact,
         open_tickets,
         last_interactions,
-        last_csat: None,
+        last_csat,
     }))
 }
 

@@ -43,6 +43,7 @@ use crate::tenancy::{require_admin, require_tenant};
         (name = "messages", description = "The outbox: messages and their delivery"),
         (name = "channels", description = "Per-tenant providers of email, SMS and Viber"),
         (name = "support", description = "Agents and tickets: the support desk"),
+        (name = "csat", description = "Satisfaction ratings and the public survey page"),
         (name = "webhooks", description = "Delivery receipts from providers (signed)"),
         (name = "tracking", description = "Open pixel, click redirect and unsubscribe links in messages"),
         (name = "ops", description = "Health, readiness, metrics, this document"),
@@ -94,10 +95,12 @@ fn groups() -> Groups {
             .merge(crate::templates::routes::router())
             .merge(crate::messages::routes::router())
             .merge(crate::channels::routes::router())
-            .merge(crate::support::routes::router()),
+            .merge(crate::support::routes::router())
+            .merge(crate::csat::routes::router()),
         public: ops::router()
             .merge(crate::tracking::routes::router())
-            .merge(crate::webhooks::router()),
+            .merge(crate::webhooks::router())
+            .merge(crate::csat::survey::router()),
     }
 }
 
@@ -192,18 +195,21 @@ fn make_span(request: &Request<axum::body::Body>) -> tracing::Span {
 }
 
 /// Responses made by layers (timeouts, limits) carry no problem body; give them one so that
-/// every 4xx and 5xx is problem+json.
+/// every 4xx and 5xx of the API is problem+json.
 async fn problem_for_bare_errors(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
-    let is_problem = response
+    // Problem documents and deliberate pages (the survey's HTML answers) pass through; bare
+    // bodies and the plain-text defaults of layers and extractors get a problem document.
+    let content_type = response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|ct| ct.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
-    if is_problem {
+        .and_then(|ct| ct.to_str().ok())
+        .unwrap_or("");
+    if content_type.starts_with(PROBLEM_JSON) || content_type.starts_with("text/html") {
         return response;
     }
     let detail = match status {

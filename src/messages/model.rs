@@ -13,7 +13,10 @@ use crate::events::model::{ContactRef, Event};
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
 pub struct Message {
     pub id: Uuid,
-    pub contact_id: Uuid,
+    /// The contact it goes to (null for messages to agents).
+    pub contact_id: Option<Uuid>,
+    /// The agent it goes to (alerts), when it does not go to a contact.
+    pub agent_id: Option<Uuid>,
     #[schema(example = "sms")]
     pub channel: String,
     /// `transactional` or `marketing`.

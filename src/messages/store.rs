@@ -31,7 +31,8 @@ pub struct SendOptions {
 /// The LISTEN/NOTIFY channel that wakes workers when a message is queued.
 pub const NOTIFY_CHANNEL: &str = "rapport_outbox";
 
-const MESSAGE_COLUMNS: &str = "id, contact_id, channel, purpose, template_key, locale, recipient,
+const MESSAGE_COLUMNS: &str =
+    "id, contact_id, agent_id, channel, purpose, template_key, locale, recipient,
     subject, body_text, body_html, extras, status, status_reason, provider, provider_message_id,
     attempts, next_attempt_at, created_at, updated_at, sent_at, delivered_at";
 
@@ -362,7 +363,8 @@ pub async fn attempts(
 pub struct Claimed {
     pub tenant_id: TenantId,
     pub id: Uuid,
-    pub contact_id: Uuid,
+    /// None for messages to agents: their outcomes go on no timeline.
+    pub contact_id: Option<Uuid>,
     pub channel: String,
     pub purpose: String,
     pub recipient: Option<String>,
@@ -402,13 +404,45 @@ pub async fn claim(
     .await
 }
 
+/// Queues an internal email to an agent (an alert): no consent applies and no timeline gets it.
+pub async fn enqueue_to_agent(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    agent_id: Uuid,
+    subject: &str,
+    text: &str,
+    max_attempts: i32,
+) -> ApiResult<Option<Uuid>> {
+    let id = Uuid::now_v7();
+    let inserted: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO messages (tenant_id, id, agent_id, channel, purpose, recipient, subject,
+            body_text, status, max_attempts, next_attempt_at)
+         SELECT $1, $2, a.id, 'email', 'transactional', a.email, $4, $5, 'queued', $6, now()
+         FROM agents a WHERE a.tenant_id = $1 AND a.id = $3
+         RETURNING id",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(agent_id)
+    .bind(subject)
+    .bind(text)
+    .bind(max_attempts)
+    .fetch_optional(&mut *conn)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(inserted)
+}
+
 /// Puts messages whose worker died holding them (an expired lease) back in the queue, due now,
 /// recording the lost attempt; after the last attempt they fail instead. The provider may have
 /// accepted the lost attempt: delivery is at-least-once, with the same idempotency key. The
 /// number of messages swept.
 pub async fn sweep_expired_leases(pool: &PgPool) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let swept: Vec<(TenantId, Uuid, Uuid, i32, bool)> = sqlx::query_as(
+    let swept: Vec<(TenantId, Uuid, Option<Uuid>, i32, bool)> = sqlx::query_as(
         "UPDATE messages SET locked_until = NULL, updated_at = now(),
             status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
             status_reason = CASE WHEN attempts >= max_attempts
@@ -436,7 +470,7 @@ pub async fn sweep_expired_leases(pool: &PgPool) -> Result<u64, sqlx::Error> {
         .bind(attempt)
         .execute(&mut *tx)
         .await?;
-        if *failed {
+        if let (true, Some(contact_id)) = (*failed, contact_id) {
             events::emit_about(
                 &mut tx,
                 *tenant,
@@ -552,11 +586,11 @@ pub async fn finish(
         )),
         Outcome::Retry { .. } => None,
     };
-    if let Some((kind, properties)) = event {
+    if let (Some((kind, properties)), Some(contact_id)) = (event, m.contact_id) {
         events::emit_about(
             &mut tx,
             m.tenant_id,
-            m.contact_id,
+            contact_id,
             kind,
             properties,
             Some(("message", m.id)),

@@ -131,6 +131,7 @@ async fn notify_customer(
     tenant: &Tenant,
     ticket: &Ticket,
     template: &str,
+    extra: serde_json::Value,
 ) -> ApiResult<()> {
     if templates::get(conn, tenant.id, template).await?.is_none() {
         tracing::debug!(template, "no such template; the customer is not notified");
@@ -148,8 +149,14 @@ async fn notify_customer(
         contact_id: ticket.contact_id,
         template_key: template,
         channels: &channels,
-        vars: json!({"ticket": {"id": ticket.id, "number": ticket.number, "subject": ticket.subject,
-                                 "status": ticket.status, "priority": ticket.priority}}),
+        vars: {
+            let mut vars = json!({"ticket": {"id": ticket.id, "number": ticket.number, "subject": ticket.subject,
+                                 "status": ticket.status, "priority": ticket.priority}});
+            if let (Some(v), Some(e)) = (vars.as_object_mut(), extra.as_object()) {
+                v.extend(e.clone());
+            }
+            vars
+        },
         event: None,
     };
     messages::enqueue(conn, tenant, compose, &state.send_options().await?).await?;
@@ -202,7 +209,15 @@ async fn create_ticket(
             .as_str(),
     };
     let ticket = store::create_ticket(&mut tx, &tenant, &row).await?;
-    notify_customer(&state, &mut tx, &tenant, &ticket, "ticket_acknowledgement").await?;
+    notify_customer(
+        &state,
+        &mut tx,
+        &tenant,
+        &ticket,
+        "ticket_acknowledgement",
+        json!({}),
+    )
+    .await?;
     let messages = store::messages(&mut tx, tenant.id, ticket.id).await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(TicketDetail { ticket, messages })))
@@ -328,7 +343,31 @@ async fn update_ticket(
         .await?
         .ok_or_else(|| ticket_not_found(id))?;
     if body.status == Some(Status::Solved) && ticket.status != "solved" {
-        notify_customer(&state, &mut tx, &tenant, &updated, "ticket_solved").await?;
+        notify_customer(
+            &state,
+            &mut tx,
+            &tenant,
+            &updated,
+            "ticket_solved",
+            json!({}),
+        )
+        .await?;
+        let signer = state.links.get(&state.pool).await?;
+        let url = crate::csat::survey::survey_url(
+            signer,
+            state.config.public_url.trim_end_matches('/'),
+            tenant.id,
+            id,
+        );
+        notify_customer(
+            &state,
+            &mut tx,
+            &tenant,
+            &updated,
+            "csat_survey",
+            json!({"survey_url": url}),
+        )
+        .await?;
     }
     if !Status::parse(&updated.status).is_some_and(Status::is_open) || updated.assignee_id.is_none()
     {

@@ -33,12 +33,8 @@ impl<'a> Links<'a> {
     }
 
     fn token(&self, purpose: Purpose, index: u32) -> String {
-        self.signer.token(Claims {
-            purpose,
-            tenant: self.tenant.0,
-            subject: self.message,
-            index,
-        })
+        self.signer
+            .token(Claims::new(purpose, self.tenant.0, self.message, index))
     }
 
     pub fn open_pixel(&self) -> String {

@@ -137,10 +137,11 @@ async fn unsubscribe(
         .await?
         .ok_or_else(not_found)?;
     let channel = Channel::parse(&message.channel).ok_or_else(not_found)?;
+    let contact_id = message.contact_id.ok_or_else(not_found)?;
     contacts::set_consent(
         &mut tx,
         tenant,
-        message.contact_id,
+        contact_id,
         channel,
         ConsentPurpose::Marketing,
         ConsentStatus::OptedOut,

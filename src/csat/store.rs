@@ -1,0 +1,202 @@
+//! Ratings: recorded with the ticket, agent, channel and country they are about, as a
+//! `csat.rated` event, and with an alert to the agent when the score is low.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::error::{ApiError, ApiResult};
+use crate::events::model::ContactRef;
+use crate::events::store as events;
+use crate::messages::store as messages;
+use crate::tenancy::TenantId;
+
+/// The score at or below which the agent is alerted, unless the tenant sets
+/// `settings.csat_alert_threshold`.
+pub const DEFAULT_ALERT_THRESHOLD: i16 = 2;
+
+/// A satisfaction rating, 1 to 5.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+pub struct Rating {
+    pub id: Uuid,
+    pub contact_id: Uuid,
+    pub ticket_id: Option<Uuid>,
+    pub agent_id: Option<Uuid>,
+    pub score: i16,
+    pub comment: Option<String>,
+    /// `survey` for Rapport's page, else what the sender says.
+    pub source: String,
+    pub channel: Option<String>,
+    pub country: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `POST /v1/csat`: a rating from an outside tool.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewRating {
+    pub ticket_id: Option<Uuid>,
+    pub contact: ContactRef,
+    /// Defaults to the ticket's assignee.
+    pub agent_id: Option<Uuid>,
+    #[schema(minimum = 1, maximum = 5)]
+    pub score: i16,
+    pub comment: Option<String>,
+    /// Where the rating comes from (`delighted`, `typeform`...).
+    #[schema(example = "typeform")]
+    pub source: String,
+}
+
+/// What a rating is about, resolved.
+pub struct RatingRow<'a> {
+    pub contact_id: Uuid,
+    pub ticket_id: Option<Uuid>,
+    pub agent_id: Option<Uuid>,
+    pub score: i16,
+    pub comment: Option<&'a str>,
+    pub source: &'a str,
+    pub channel: Option<&'a str>,
+}
+
+const RATING_COLUMNS: &str =
+    "id, contact_id, ticket_id, agent_id, score, comment, source, channel, country, created_at";
+
+/// Records a rating (the contact's country at this moment is kept with it), emits `csat.rated`
+/// and alerts the agent at once when the score is at or below the tenant's threshold. A second
+/// survey score for one ticket is a 409.
+pub async fn record(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    r: &RatingRow<'_>,
+    max_attempts: i32,
+) -> ApiResult<Rating> {
+    if !(1..=5).contains(&r.score) {
+        return Err(ApiError::field("score", "must be 1 to 5"));
+    }
+    let sql = format!(
+        "INSERT INTO ratings (tenant_id, id, contact_id, ticket_id, agent_id, score, comment, source, channel, country)
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, c.country FROM contacts c WHERE c.tenant_id = $1 AND c.id = $3
+         RETURNING {RATING_COLUMNS}"
+    );
+    let rating: Option<Rating> = sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(Uuid::now_v7())
+        .bind(r.contact_id)
+        .bind(r.ticket_id)
+        .bind(r.agent_id)
+        .bind(r.score)
+        .bind(r.comment)
+        .bind(r.source)
+        .bind(r.channel)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|e| {
+            if crate::db::is_unique_violation(&e, Some("ratings_one_survey_per_ticket")) {
+                ApiError::Conflict("this ticket has already been rated".to_owned())
+            } else {
+                e.into()
+            }
+        })?;
+    let rating = rating.ok_or_else(|| ApiError::field("contact", "no such contact"))?;
+    let threshold: i16 = sqlx::query_scalar(
+        "SELECT coalesce((settings->>'csat_alert_threshold')::smallint, $2) FROM tenants WHERE id = $1",
+    )
+    .bind(tenant)
+    .bind(DEFAULT_ALERT_THRESHOLD)
+    .fetch_one(&mut *conn)
+    .await?;
+    let low = rating.score <= threshold;
+    events::emit_about(conn, tenant, rating.contact_id, "csat.rated",
+        json!({"rating_id": rating.id, "score": rating.score, "ticket_id": rating.ticket_id,
+               "agent_id": rating.agent_id, "source": rating.source, "low": low, "comment": rating.comment}),
+        rating.ticket_id.map(|t| ("ticket", t))).await?;
+    if let (true, Some(agent)) = (low, rating.agent_id) {
+        alert_agent(conn, tenant, agent, &rating, max_attempts).await?;
+    }
+    Ok(rating)
+}
+
+async fn alert_agent(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    agent: Uuid,
+    rating: &Rating,
+    max_attempts: i32,
+) -> ApiResult<()> {
+    let about: Option<(String, Option<i64>, Option<String>)> = sqlx::query_as(
+        "SELECT coalesce(nullif(trim(concat_ws(' ', c.first_name, c.last_name)), ''), c.email, c.phone, c.external_id, 'a customer'),
+                t.number, t.subject
+         FROM contacts c LEFT JOIN tickets t ON t.tenant_id = c.tenant_id AND t.id = $3
+         WHERE c.tenant_id = $1 AND c.id = $2",
+    )
+    .bind(tenant)
+    .bind(rating.contact_id)
+    .bind(rating.ticket_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let (who, number, subject) = about.unwrap_or_else(|| ("a customer".to_owned(), None, None));
+    let on = match (number, subject) {
+        (Some(n), Some(s)) => format!(" on ticket #{n} \"{s}\""),
+        _ => String::new(),
+    };
+    let subject_line = format!("Low rating {}/5 from {who}{on}", rating.score);
+    let text = format!(
+        "{who} rated {}/5{on}.\n\nComment: {}\n\nPlease get in touch with the customer.",
+        rating.score,
+        rating.comment.as_deref().unwrap_or("(none)")
+    );
+    messages::enqueue_to_agent(conn, tenant, agent, &subject_line, &text, max_attempts).await?;
+    Ok(())
+}
+
+/// Adds (or replaces) the comment of a survey rating given earlier.
+pub async fn add_comment(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    ticket: Uuid,
+    comment: &str,
+) -> ApiResult<bool> {
+    let done = sqlx::query(
+        "UPDATE ratings SET comment = $3 WHERE tenant_id = $1 AND ticket_id = $2 AND source = 'survey'",
+    )
+    .bind(tenant)
+    .bind(ticket)
+    .bind(comment)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The survey rating of a ticket, if given.
+pub async fn survey_rating(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    ticket: Uuid,
+) -> ApiResult<Option<Rating>> {
+    let sql = format!(
+        "SELECT {RATING_COLUMNS} FROM ratings WHERE tenant_id = $1 AND ticket_id = $2 AND source = 'survey'"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(ticket)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// The contact's latest score.
+pub async fn last_score(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+) -> ApiResult<Option<i16>> {
+    Ok(sqlx::query_scalar(
+        "SELECT score FROM ratings WHERE tenant_id = $1 AND contact_id = $2 ORDER BY created_at DESC, id DESC LIMIT 1",
+    )
+    .bind(tenant)
+    .bind(contact)
+    .fetch_optional(conn)
+    .await?)
+}
