@@ -14,6 +14,7 @@ pub mod error;
 pub mod events;
 pub mod http;
 pub mod messages;
+pub mod reports;
 pub mod signing;
 pub mod support;
 pub mod telemetry;

@@ -44,6 +44,7 @@ use crate::tenancy::{require_admin, require_tenant};
         (name = "channels", description = "Per-tenant providers of email, SMS and Viber"),
         (name = "support", description = "Agents and tickets: the support desk"),
         (name = "csat", description = "Satisfaction ratings and the public survey page"),
+        (name = "reports", description = "CSAT and support KPIs, computed in SQL"),
         (name = "webhooks", description = "Delivery receipts from providers (signed)"),
         (name = "tracking", description = "Open pixel, click redirect and unsubscribe links in messages"),
         (name = "ops", description = "Health, readiness, metrics, this document"),
@@ -96,7 +97,8 @@ fn groups() -> Groups {
             .merge(crate::messages::routes::router())
             .merge(crate::channels::routes::router())
             .merge(crate::support::routes::router())
-            .merge(crate::csat::routes::router()),
+            .merge(crate::csat::routes::router())
+            .merge(crate::reports::routes::router()),
         public: ops::router()
             .merge(crate::tracking::routes::router())
             .merge(crate::webhooks::router())
