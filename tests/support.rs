@@ -372,3 +372,170 @@ async fn tickets_and_agents_are_invisible_to_other_tenants() {
     // Ticket numbers are per tenant.
     assert_eq!(tb["number"], 1);
 }
+
+async fn urgent(app: &TestApp, key: &str) -> String {
+    let r = app
+        .post("/v1/tickets", key, json!({"contact": {"external_id": "c"}, "channel": "phone", "subject": "s", "body": "b", "priority": "urgent"}))
+        .await;
+    r.body["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn sla_breaches_are_recorded_once_per_kind() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let other = app.tenant("beta").await;
+    let r = app
+        .put(
+            "/v1/settings",
+            &t.key,
+            json!({"csat_alert_threshold": 3,
+        "sla": {"urgent": {"first_response_mins": 15, "resolution_mins": 60}}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        app.get("/v1/settings", &t.key).await.body["sla"]["urgent"]["first_response_mins"],
+        15
+    );
+    let bad = app
+        .put(
+            "/v1/settings",
+            &t.key,
+            json!({"csat_alert_threshold": 9, "sla": {"asap": {}, "high": {"resolution_mins": 0}}}),
+        )
+        .await;
+    bad.assert_problem(422);
+    let mut fields = bad.error_fields();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "csat_alert_threshold",
+            "sla.asap",
+            "sla.high.resolution_mins"
+        ]
+    );
+
+    let late = urgent(&app, &t.key).await;
+    let answered = urgent(&app, &t.key).await;
+    let theirs = urgent(&app, &other.key).await;
+    sqlx::query("UPDATE tickets SET created_at = now() - interval '20 minutes'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE tickets SET first_response_at = now() WHERE id = $1::uuid")
+        .bind(&answered)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        rapport::support::settings::check_sla(&app.pool)
+            .await
+            .unwrap(),
+        1,
+        "only the unanswered one, and not the other tenant's (no SLA)"
+    );
+    assert_eq!(
+        rapport::support::settings::check_sla(&app.pool)
+            .await
+            .unwrap(),
+        0,
+        "once"
+    );
+    sqlx::query("UPDATE tickets SET created_at = now() - interval '2 hours'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        rapport::support::settings::check_sla(&app.pool)
+            .await
+            .unwrap(),
+        2,
+        "both miss the resolution target"
+    );
+    let breaches: Vec<Value> = sqlx::query_scalar(
+        "SELECT properties FROM events WHERE type = 'ticket.sla_breached' ORDER BY id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(breaches.len(), 3);
+    assert_eq!(breaches[0]["ticket_id"], late.as_str());
+    assert_eq!(breaches[0]["kind"], "first_response");
+    assert_eq!(breaches[0]["target_mins"], 15);
+    assert!(breaches.iter().all(|b| b["ticket_id"] != theirs.as_str()));
+}
+
+#[tokio::test]
+async fn snippets_render_for_a_ticket() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    agent(&app, &t, "Marija", &[], &[], 5).await;
+    app.contact(&t, "ana", json!({"first_name": "Ana"})).await;
+    let tk = ticket(&app, &t, "ana", "Kartica").await;
+    let r = app.put("/v1/snippets/solved", &t.key, json!({"title": "Solved",
+        "body": "Poštovana {{ contact.first_name }}, upit #{{ ticket.number }} je riješen. {{ agent.name }}"})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(
+        app.get("/v1/snippets/solved", &t.key).await.body["title"],
+        "Solved"
+    );
+    assert_eq!(
+        app.get("/v1/snippets", &t.key).await.body["data"][0]["key"],
+        "solved"
+    );
+    let out = app
+        .post(
+            "/v1/snippets/solved/render",
+            &t.key,
+            json!({"ticket_id": tk["id"]}),
+        )
+        .await;
+    assert_eq!(out.status, StatusCode::OK, "{}", out.text);
+    assert_eq!(
+        out.body["text"],
+        "Poštovana Ana, upit #1 je riješen. Marija"
+    );
+
+    app.put("/v1/snippets/broken", &t.key, json!({"body": "{{ oops"}))
+        .await
+        .assert_problem(422);
+    app.put(
+        "/v1/snippets/missing",
+        &t.key,
+        json!({"body": "{{ contact.nickname }}"}),
+    )
+    .await;
+    let r = app
+        .post(
+            "/v1/snippets/missing/render",
+            &t.key,
+            json!({"ticket_id": tk["id"]}),
+        )
+        .await;
+    r.assert_problem(422);
+    assert_eq!(r.error_fields(), ["snippet.body"]);
+    app.post(
+        "/v1/snippets/nope/render",
+        &t.key,
+        json!({"ticket_id": tk["id"]}),
+    )
+    .await
+    .assert_problem(404);
+
+    let other = app.tenant("beta").await;
+    app.get("/v1/snippets/solved", &other.key)
+        .await
+        .assert_problem(404);
+    app.put("/v1/snippets/solved", &other.key, json!({"body": "x"}))
+        .await;
+    let r = app
+        .post(
+            "/v1/snippets/solved/render",
+            &other.key,
+            json!({"ticket_id": tk["id"]}),
+        )
+        .await;
+    r.assert_problem(422);
+}

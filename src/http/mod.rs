@@ -97,6 +97,8 @@ fn groups() -> Groups {
             .merge(crate::messages::routes::router())
             .merge(crate::channels::routes::router())
             .merge(crate::support::routes::router())
+            .merge(crate::support::settings::router())
+            .merge(crate::support::snippets::router())
             .merge(crate::csat::routes::router())
             .merge(crate::reports::routes::router()),
         public: ops::router()

@@ -2,4 +2,6 @@
 
 pub mod model;
 pub mod routes;
+pub mod settings;
+pub mod snippets;
 pub mod store;

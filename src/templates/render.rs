@@ -53,6 +53,16 @@ pub struct RenderError {
     pub message: String,
 }
 
+/// Renders one text (`name` decides HTML escaping: `.html` escapes); errors name `field`.
+pub fn render_text(
+    name: &str,
+    source: &str,
+    ctx: &Value,
+    field: String,
+) -> Result<String, RenderError> {
+    render_one(name, source, ctx, field)
+}
+
 fn render_one(name: &str, source: &str, ctx: &Value, field: String) -> Result<String, RenderError> {
     let env = environment();
     let fail = |e: minijinja::Error| RenderError {

@@ -22,6 +22,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     jobs.spawn(purge_idempotency_keys(state.clone(), shutdown.clone()));
     jobs.spawn(dispatch::run(state.clone(), shutdown.clone()));
     jobs.spawn(sweep_leases(state.clone(), shutdown.clone()));
+    jobs.spawn(watch_sla(state.clone(), shutdown.clone()));
     tracing::info!(jobs = jobs.len(), "worker started");
     while let Some(result) = jobs.join_next().await {
         if let Err(e) = result {
@@ -68,6 +69,21 @@ async fn sweep_leases(state: AppState, shutdown: CancellationToken) {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// Stamps SLA breaches of open tickets, every 30 seconds.
+async fn watch_sla(state: AppState, shutdown: CancellationToken) {
+    loop {
+        match crate::support::settings::check_sla(&state.pool).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(breaches = n, "SLA breaches recorded"),
+            Err(e) => tracing::warn!(error = %crate::error::error_chain(&e), "cannot check SLAs"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(30)) => {}
         }
     }
 }
