@@ -18,6 +18,7 @@ pub mod reports;
 pub mod signing;
 pub mod support;
 pub mod telemetry;
+pub mod telephony;
 pub mod templates;
 pub mod tenancy;
 pub mod tenants;

@@ -121,6 +121,32 @@ pub async fn emit_about(
     })
 }
 
+/// [`emit_about`] for a fact that happened at `occurred_at` (a call's own times), so the
+/// timeline is the same whatever order the facts arrived in.
+pub async fn emit_about_at(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact_id: Uuid,
+    kind: &str,
+    properties: Value,
+    subject: Option<(&str, Uuid)>,
+    occurred_at: DateTime<Utc>,
+) -> Result<Appended, sqlx::Error> {
+    let row = NewEventRow {
+        id: Uuid::now_v7(),
+        contact_id,
+        kind,
+        occurred_at,
+        properties: &properties,
+        source: "rapport",
+        idempotency_key: None,
+        subject,
+    };
+    append(conn, tenant, &row).await?.ok_or_else(|| {
+        sqlx::Error::Protocol("event without idempotency key was deduplicated".into())
+    })
+}
+
 /// The events already recorded under these idempotency keys: key -> (id, contact, ordinal).
 pub async fn by_idempotency_keys(
     conn: &mut PgConnection,

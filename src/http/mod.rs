@@ -45,6 +45,7 @@ use crate::tenancy::{require_admin, require_tenant};
         (name = "support", description = "Agents and tickets: the support desk"),
         (name = "csat", description = "Satisfaction ratings and the public survey page"),
         (name = "reports", description = "CSAT and support KPIs, computed in SQL"),
+        (name = "telephony", description = "Calls from Aircall, matched to contacts and on the timeline"),
         (name = "webhooks", description = "Delivery receipts from providers (signed)"),
         (name = "tracking", description = "Open pixel, click redirect and unsubscribe links in messages"),
         (name = "ops", description = "Health, readiness, metrics, this document"),
@@ -100,11 +101,14 @@ fn groups() -> Groups {
             .merge(crate::support::settings::router())
             .merge(crate::support::snippets::router())
             .merge(crate::csat::routes::router())
-            .merge(crate::reports::routes::router()),
+            .merge(crate::reports::routes::router())
+            .merge(crate::telephony::calls::router())
+            .merge(crate::telephony::integrations::router()),
         public: ops::router()
             .merge(crate::tracking::routes::router())
             .merge(crate::webhooks::router())
-            .merge(crate::csat::survey::router()),
+            .merge(crate::csat::survey::router())
+            .merge(crate::telephony::aircall::router()),
     }
 }
 

@@ -1,0 +1,352 @@
+//! Telephony: Aircall webhooks replayed in order, reversed and duplicated give the same call,
+//! timeline and card; missed calls open one call-back ticket; bad tokens store nothing.
+
+mod common;
+
+use axum::http::{Method, StatusCode};
+use common::{TestApp, TestTenant};
+use serde_json::{Value, json};
+
+const T0: i64 = 1_763_800_000;
+
+async fn tenant(app: &TestApp, slug: &str) -> TestTenant {
+    let t = app.tenant(slug).await;
+    let r = app
+        .put(
+            "/v1/integrations/aircall",
+            &t.key,
+            json!({"webhook_token": "aircall-secret", "api_id": "id1", "api_token": "tok"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    app.post(
+        "/v1/agents",
+        &t.key,
+        json!({"name": "Marija", "email": "marija@acme.example"}),
+    )
+    .await;
+    app.contact(
+        &t,
+        "ana",
+        json!({"first_name": "Ana", "phone": "091 234 5678"}),
+    )
+    .await;
+    t
+}
+
+fn event(name: &str, data: Value) -> Value {
+    json!({"resource": "call", "event": name, "timestamp": T0, "token": "aircall-secret", "data": data})
+}
+
+/// A realistic answered inbound call, as Aircall sends it.
+fn answered_call(id: i64) -> Vec<Value> {
+    let user = json!({"id": 42, "name": "Marija", "email": "marija@acme.example"});
+    vec![
+        event(
+            "call.created",
+            json!({"id": id, "direction": "inbound", "status": "initial", "raw_digits": "+385 91 234 5678", "started_at": T0, "answered_at": null, "ended_at": null, "user": null}),
+        ),
+        event(
+            "call.ringing_on_agent",
+            json!({"id": id, "direction": "inbound", "status": "initial", "raw_digits": "+385 91 234 5678", "started_at": T0, "user": user}),
+        ),
+        event(
+            "call.answered",
+            json!({"id": id, "direction": "inbound", "status": "answered", "raw_digits": "+385 91 234 5678", "started_at": T0, "answered_at": T0 + 5, "user": user}),
+        ),
+        event(
+            "call.hungup",
+            json!({"id": id, "direction": "inbound", "status": "done", "raw_digits": "+385 91 234 5678", "started_at": T0, "answered_at": T0 + 5, "ended_at": T0 + 65, "user": user}),
+        ),
+        event(
+            "call.ended",
+            json!({"id": id, "direction": "inbound", "status": "done", "raw_digits": "+385 91 234 5678", "started_at": T0, "answered_at": T0 + 5, "ended_at": T0 + 65, "duration": 60, "recording": "https://aircall.example/rec/1.mp3", "missed_call_reason": null, "user": user, "tags": [{"id": 1, "name": "billing"}]}),
+        ),
+    ]
+}
+
+async fn deliver(app: &TestApp, t: &TestTenant, body: &Value) -> (StatusCode, Value) {
+    let r = app
+        .call(
+            Method::POST,
+            &format!("/webhooks/aircall/{}", t.id),
+            None,
+            Some(body.clone()),
+        )
+        .await;
+    (r.status, r.body)
+}
+
+/// The call and the contact's call events, without ids and bookkeeping times.
+async fn outcome(app: &TestApp, t: &TestTenant) -> (Value, Vec<(String, String)>, Value) {
+    let calls = app.get("/v1/calls", &t.key).await.body["data"].clone();
+    let mut call = calls[0].clone();
+    for k in [
+        "id",
+        "contact_id",
+        "agent_id",
+        "created_at",
+        "updated_at",
+        "ticket_id",
+    ] {
+        call.as_object_mut().unwrap().remove(k);
+    }
+    let contact = app.get("/v1/contacts?external_id=ana", &t.key).await.body["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tl = app
+        .get(
+            &format!("/v1/contacts/{contact}/timeline?limit=100"),
+            &t.key,
+        )
+        .await;
+    let mut events: Vec<(String, String)> = tl.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"].as_str().unwrap().starts_with("call."))
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_owned(),
+                e["occurred_at"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    events.sort();
+    let card = app
+        .get("/v1/contacts/lookup?phone=%2B385912345678", &t.key)
+        .await
+        .body;
+    let card_calls = json!(
+        card["last_interactions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"].as_str().unwrap().starts_with("call."))
+            .map(|e| e["type"].clone())
+            .collect::<Vec<_>>()
+    );
+    (call, events, card_calls)
+}
+
+#[tokio::test]
+async fn a_call_comes_out_the_same_in_order_reversed_and_duplicated() {
+    let app = TestApp::new().await;
+    let mut outcomes = Vec::new();
+    for (slug, order) in [("inorder", 0), ("reversed", 1), ("twice", 2)] {
+        let t = tenant(&app, slug).await;
+        let mut events = answered_call(1001);
+        match order {
+            1 => events.reverse(),
+            2 => events = events.iter().flat_map(|e| [e.clone(), e.clone()]).collect(),
+            _ => {}
+        }
+        for e in &events {
+            let (status, body) = deliver(&app, &t, e).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+        outcomes.push(outcome(&app, &t).await);
+    }
+    let (call, events, _) = &outcomes[0];
+    assert_eq!(call["status"], "ended");
+    assert_eq!(call["direction"], "inbound");
+    assert_eq!(call["external_number"], "+385912345678");
+    assert_eq!(call["duration_secs"], 60);
+    assert_eq!(call["missed"], false);
+    assert_eq!(call["recording_url"], "https://aircall.example/rec/1.mp3");
+    assert_eq!(call["user_name"], "Marija");
+    assert_eq!(
+        events.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
+        ["call.answered", "call.ended", "call.started"]
+    );
+    assert_eq!(outcomes[1], outcomes[0], "reversed");
+    assert_eq!(outcomes[2], outcomes[0], "duplicated");
+    // Matched to the contact and the agent, with no ticket for an answered call.
+    let t = TestTenant {
+        ..tenant_ref(&app, "inorder").await
+    };
+    let calls = app.get("/v1/calls", &t.key).await.body["data"].clone();
+    assert!(calls[0]["contact_id"].is_string());
+    assert!(calls[0]["agent_id"].is_string());
+    assert!(calls[0]["ticket_id"].is_null());
+    assert_eq!(app.get("/v1/tickets", &t.key).await.body["data"], json!([]));
+}
+
+async fn tenant_ref(app: &TestApp, slug: &str) -> TestTenant {
+    let id: String = sqlx::query_scalar("SELECT id::text FROM tenants WHERE slug = $1")
+        .bind(slug)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let k = app
+        .post(
+            &format!("/admin/v1/tenants/{id}/api-keys"),
+            common::ADMIN,
+            json!({"name": "again"}),
+        )
+        .await;
+    TestTenant {
+        id,
+        key: k.body["key"].as_str().unwrap().to_owned(),
+        key_id: k.body["id"].as_str().unwrap().to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn a_missed_call_opens_one_callback_ticket() {
+    let app = TestApp::new().await;
+    let t = tenant(&app, "acme").await;
+    let missed = |id: i64, voicemail: Value| {
+        vec![
+            event(
+                "call.created",
+                json!({"id": id, "direction": "inbound", "status": "initial", "raw_digits": "+385912345678", "started_at": T0}),
+            ),
+            event(
+                "call.ended",
+                json!({"id": id, "direction": "inbound", "status": "done", "raw_digits": "+385912345678", "started_at": T0,
+            "answered_at": null, "ended_at": T0 + 30, "duration": 30, "missed_call_reason": "agents_did_not_answer", "voicemail": voicemail}),
+            ),
+        ]
+    };
+    for e in missed(2001, Value::Null)
+        .iter()
+        .chain(missed(2001, Value::Null).iter())
+    {
+        assert_eq!(deliver(&app, &t, e).await.0, StatusCode::OK);
+    }
+    let calls = app.get("/v1/calls", &t.key).await.body["data"].clone();
+    assert_eq!(calls[0]["missed"], true);
+    assert_eq!(calls[0]["missed_reason"], "agents_did_not_answer");
+    let tickets = app.get("/v1/tickets", &t.key).await.body["data"].clone();
+    assert_eq!(
+        tickets.as_array().unwrap().len(),
+        1,
+        "one call-back ticket, even with duplicates"
+    );
+    assert_eq!(tickets[0]["channel"], "phone");
+    assert_eq!(tickets[0]["subject"], "Missed call from +385912345678");
+    assert!(
+        tickets[0]["assignee_id"].is_string(),
+        "assigned like any ticket"
+    );
+    assert_eq!(calls[0]["ticket_id"], tickets[0]["id"]);
+
+    // A second missed call, with a voicemail, adds to the open phone ticket.
+    for e in missed(2002, json!("https://aircall.example/vm/2.mp3")) {
+        deliver(&app, &t, &e).await;
+    }
+    let tickets = app.get("/v1/tickets", &t.key).await.body["data"].clone();
+    assert_eq!(tickets.as_array().unwrap().len(), 1);
+    let detail = app
+        .get(
+            &format!("/v1/tickets/{}", tickets[0]["id"].as_str().unwrap()),
+            &t.key,
+        )
+        .await;
+    let messages = detail.body["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2);
+    assert!(
+        messages[1]["body"]
+            .as_str()
+            .unwrap()
+            .contains("voicemail: https://aircall.example/vm/2.mp3")
+    );
+    let missed_events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE type = 'call.missed'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(missed_events, 2);
+}
+
+#[tokio::test]
+async fn bad_tokens_bad_payloads_and_unknown_numbers() {
+    let app = TestApp::new().await;
+    let t = tenant(&app, "acme").await;
+    let mut forged = answered_call(3001)[0].clone();
+    forged["token"] = json!("guess");
+    let (status, _) = deliver(&app, &t, &forged).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let mut no_token = forged.clone();
+    no_token.as_object_mut().unwrap().remove("token");
+    assert_eq!(
+        deliver(&app, &t, &no_token).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    // A tenant without Aircall, or the wrong tenant's path.
+    let other = app.tenant("other").await;
+    assert_eq!(
+        deliver(&app, &other, &answered_call(3001)[0]).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM calls")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "nothing stored");
+
+    let r = app
+        .send(
+            axum::http::Request::post(format!("/webhooks/aircall/{}", t.id))
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from("{oops"))
+                .unwrap(),
+        )
+        .await;
+    r.assert_problem(400);
+    let mut unknown = answered_call(3001)[0].clone();
+    unknown["event"] = json!("call.teleported");
+    assert_eq!(
+        deliver(&app, &t, &unknown).await.0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    let mut user_event = answered_call(3001)[0].clone();
+    user_event["resource"] = json!("user");
+    user_event["event"] = json!("user.created");
+    assert_eq!(
+        deliver(&app, &t, &user_event).await.0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    let mut no_id = answered_call(3001)[0].clone();
+    no_id["data"].as_object_mut().unwrap().remove("id");
+    assert_eq!(
+        deliver(&app, &t, &no_id).await.0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+
+    // An unknown number creates nothing but is kept on the call.
+    let mut stranger = answered_call(3002);
+    for e in &mut stranger {
+        e["data"]["raw_digits"] = json!("+44 20 7946 0018");
+    }
+    for e in &stranger {
+        assert_eq!(deliver(&app, &t, e).await.0, StatusCode::OK);
+    }
+    let calls = app.get("/v1/calls", &t.key).await.body["data"].clone();
+    assert_eq!(calls[0]["external_number"], "+442079460018");
+    assert!(calls[0]["contact_id"].is_null());
+    let contacts = app.get("/v1/contacts", &t.key).await.body["data"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(contacts, 1, "no contact created");
+
+    // Settings never show secrets; other tenants see no calls.
+    let g = app.get("/v1/integrations/aircall", &t.key).await;
+    assert_eq!(g.body["secrets"], json!(["api_token", "webhook_token"]));
+    assert!(!g.text.contains("aircall-secret"));
+    assert_eq!(
+        app.get("/v1/calls", &other.key).await.body["data"],
+        json!([])
+    );
+    let id = calls[0]["id"].as_str().unwrap();
+    app.get(&format!("/v1/calls/{id}"), &other.key)
+        .await
+        .assert_problem(404);
+    assert_eq!(
+        app.get(&format!("/v1/calls/{id}"), &t.key).await.status,
+        StatusCode::OK
+    );
+}
