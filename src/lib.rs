@@ -13,6 +13,7 @@ pub mod db;
 pub mod error;
 pub mod events;
 pub mod http;
+pub mod jobs;
 pub mod messages;
 pub mod reports;
 pub mod signing;

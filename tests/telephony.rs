@@ -350,3 +350,196 @@ async fn bad_tokens_bad_payloads_and_unknown_numbers() {
         StatusCode::OK
     );
 }
+
+const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn neutral(
+    t: &TestTenant,
+    id: &str,
+    timestamp: i64,
+    body: &Value,
+    signature: Option<String>,
+) -> axum::http::Request<axum::body::Body> {
+    let raw = body.to_string();
+    let key = rapport::telephony::neutral::secret_key(WHSEC).unwrap();
+    let sig = signature
+        .unwrap_or_else(|| rapport::telephony::neutral::sign(&key, id, timestamp, raw.as_bytes()));
+    axum::http::Request::post(format!("/webhooks/telephony/{}", t.id))
+        .header("content-type", "application/json")
+        .header("webhook-id", id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", sig)
+        .body(axum::body::Body::from(raw))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_neutral_intake_is_signed_deduplicated_and_merged_like_aircall() {
+    let app = TestApp::new().await;
+    let t = tenant(&app, "acme").await;
+    app.put(
+        "/v1/integrations/telephony",
+        &t.key,
+        json!({"secret": "whsec_short"}),
+    )
+    .await
+    .assert_problem(422);
+    let r = app
+        .put(
+            "/v1/integrations/telephony",
+            &t.key,
+            json!({"secret": WHSEC}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let now = chrono::Utc::now().timestamp();
+    let new_call = json!({"event": "newCall", "callId": "c-1", "direction": "in", "from": "091 234 5678", "to": "+38515555555", "user": ["Marija"]});
+    let answer = json!({"event": "answer", "callId": "c-1", "direction": "in", "user": "Marija", "answeringNumber": "+38515555555"});
+    let hangup =
+        json!({"event": "hangup", "callId": "c-1", "direction": "in", "cause": "normalClearing"});
+
+    let r = app
+        .send(neutral(&t, "msg_1", now - 60, &new_call, None))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // A redelivery of the same webhook-id changes nothing.
+    let again = app
+        .send(neutral(&t, "msg_1", now - 60, &new_call, None))
+        .await;
+    assert_eq!(again.body["duplicate"], true);
+    // Rotation: any of several signatures may match.
+    let key = rapport::telephony::neutral::secret_key(WHSEC).unwrap();
+    let good =
+        rapport::telephony::neutral::sign(&key, "msg_2", now - 30, answer.to_string().as_bytes());
+    let r = app
+        .send(neutral(
+            &t,
+            "msg_2",
+            now - 30,
+            &answer,
+            Some(format!("v1,b2xkLXNpZ25hdHVyZQ== {good}")),
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    app.send(neutral(&t, "msg_3", now, &hangup, None)).await;
+    let call = app.get("/v1/calls", &t.key).await.body["data"][0].clone();
+    assert_eq!(call["provider"], "neutral");
+    assert_eq!(call["status"], "ended");
+    assert_eq!(call["external_number"], "+385912345678");
+    assert!(call["contact_id"].is_string());
+    assert_eq!(call["missed"], false);
+
+    // Forged, stale or unsigned deliveries are refused and change nothing.
+    let forged =
+        json!({"event": "newCall", "callId": "c-2", "direction": "in", "from": "+385912345678"});
+    assert_eq!(
+        app.send(neutral(&t, "msg_4", now, &forged, Some("v1,AAAA".into())))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        app.send(neutral(&t, "msg_5", now - 3600, &forged, None))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    let other = app.tenant("other").await;
+    assert_eq!(
+        app.send(neutral(&other, "msg_6", now, &forged, None))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        app.get("/v1/calls", &t.key).await.body["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let bad = json!({"event": "teleport", "callId": "c-3"});
+    assert_eq!(
+        app.send(neutral(&t, "msg_7", now, &bad, None)).await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+
+    // A missed inbound call opens a call-back ticket.
+    app.send(neutral(
+        &t,
+        "msg_8",
+        now - 20,
+        &json!({"event": "newCall", "callId": "c-4", "direction": "in", "from": "+385912345678"}),
+        None,
+    ))
+    .await;
+    app.send(neutral(
+        &t,
+        "msg_9",
+        now,
+        &json!({"event": "hangup", "callId": "c-4", "direction": "in", "cause": "noAnswer"}),
+        None,
+    ))
+    .await;
+    let tickets = app.get("/v1/tickets", &t.key).await.body["data"].clone();
+    assert_eq!(tickets.as_array().unwrap().len(), 1);
+    assert_eq!(tickets[0]["channel"], "phone");
+}
+
+#[tokio::test]
+async fn an_inbound_call_of_a_known_contact_pushes_one_insight_card() {
+    use wiremock::matchers::{body_json, header, method, path};
+    let app = TestApp::new().await;
+    let t = tenant(&app, "acme").await;
+    let server = wiremock::MockServer::start().await;
+    app.put(
+        "/v1/integrations/aircall",
+        &t.key,
+        json!({"api_base_url": server.uri()}),
+    )
+    .await;
+    let marija = app.get("/v1/agents", &t.key).await.body["data"][0]["id"].clone();
+    app.put(
+        "/v1/contacts/ana",
+        &t.key,
+        json!({"last_name": "Horvat", "owner_agent_id": marija,
+        "attributes": {"plan": "gold", "available_credit": 4200}}),
+    )
+    .await;
+    app.post("/v1/tickets", &t.key, json!({"contact": {"external_id": "ana"}, "channel": "email", "subject": "Kartica", "body": "x"})).await;
+    app.post(
+        "/v1/csat",
+        &t.key,
+        json!({"contact": {"external_id": "ana"}, "score": 4, "source": "phone"}),
+    )
+    .await;
+    let basic = format!(
+        "Basic {}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "id1:tok")
+    );
+    wiremock::Mock::given(method("POST"))
+        .and(path("/v1/calls/1001/insight_cards"))
+        .and(header("authorization", basic.as_str()))
+        .and(body_json(json!({"contents": [
+            {"type": "title", "text": "Ana Horvat"},
+            {"type": "shortText", "label": "Open tickets", "text": "1 (latest #1: Kartica)"},
+            {"type": "shortText", "label": "Last CSAT", "text": "4/5"},
+            {"type": "shortText", "label": "Advisor", "text": "Marija"},
+            {"type": "shortText", "label": "plan", "text": "gold"},
+            {"type": "shortText", "label": "available credit", "text": "4200"}
+        ]})))
+        .respond_with(wiremock::ResponseTemplate::new(201))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let created = answered_call(1001)[0].clone();
+    deliver(&app, &t, &created).await;
+    deliver(&app, &t, &created).await; // redelivered: one card
+    assert_eq!(rapport::jobs::run_due(&app.app.state).await.unwrap(), 1);
+    server.verify().await;
+    let status: String = sqlx::query_scalar("SELECT status FROM jobs")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "done");
+}

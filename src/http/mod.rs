@@ -103,12 +103,14 @@ fn groups() -> Groups {
             .merge(crate::csat::routes::router())
             .merge(crate::reports::routes::router())
             .merge(crate::telephony::calls::router())
-            .merge(crate::telephony::integrations::router()),
+            .merge(crate::telephony::integrations::router())
+            .merge(crate::telephony::neutral::settings_router()),
         public: ops::router()
             .merge(crate::tracking::routes::router())
             .merge(crate::webhooks::router())
             .merge(crate::csat::survey::router())
-            .merge(crate::telephony::aircall::router()),
+            .merge(crate::telephony::aircall::router())
+            .merge(crate::telephony::neutral::router()),
     }
 }
 

@@ -171,6 +171,25 @@ async fn webhook(
     .await?;
     let ctx = ctx.ok_or_else(unauthorized)?;
     let call = calls::apply(&mut tx, &ctx, "aircall", &update).await?;
+    // When a known contact calls in, the agent gets the contact card before answering.
+    let has_api = integration.settings.contains_key("api_id")
+        && integration.secrets.contains_key("api_token");
+    if let (true, true, Some(contact)) = (
+        has_api,
+        call.direction.as_deref() == Some("inbound") && call.status != "ended",
+        call.contact_id,
+    ) {
+        let payload =
+            serde_json::json!({"call_id": update.provider_call_id, "contact_id": contact});
+        crate::jobs::enqueue(
+            &mut tx,
+            tenant,
+            super::insight::KIND,
+            &update.provider_call_id,
+            &payload,
+        )
+        .await?;
+    }
     tx.commit().await?;
     Ok(Json(WebhookResult {
         call_id: Some(call.id),

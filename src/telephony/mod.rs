@@ -9,4 +9,6 @@
 
 pub mod aircall;
 pub mod calls;
+pub mod insight;
 pub mod integrations;
+pub mod neutral;

@@ -23,6 +23,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     jobs.spawn(dispatch::run(state.clone(), shutdown.clone()));
     jobs.spawn(sweep_leases(state.clone(), shutdown.clone()));
     jobs.spawn(watch_sla(state.clone(), shutdown.clone()));
+    jobs.spawn(crate::jobs::run(state.clone(), shutdown.clone()));
     tracing::info!(jobs = jobs.len(), "worker started");
     while let Some(result) = jobs.join_next().await {
         if let Err(e) = result {

@@ -1,0 +1,129 @@
+//! The Aircall insight card: when a known contact calls in, the agent sees who it is before
+//! answering (`POST {api}/v1/calls/{id}/insight_cards`, Basic auth api_id:api_token). Pushed by
+//! the worker, so the webhook answers within Aircall's 5 s.
+
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::jobs::{Job, JobError};
+use crate::tenancy::TenantId;
+
+pub const KIND: &str = "aircall.insight_card";
+
+/// name, phone, attributes, advisor's name.
+type CardRow = (Option<String>, Option<String>, Value, Option<String>);
+
+/// The card's contents for a contact: name, open tickets, last CSAT, advisor, key attributes.
+pub async fn contents(
+    conn: &mut sqlx::PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+) -> Result<Vec<Value>, sqlx::Error> {
+    let row: Option<CardRow> = sqlx::query_as(
+        "SELECT nullif(trim(concat_ws(' ', c.first_name, c.last_name)), ''), c.phone, c.attributes, a.name
+         FROM contacts c LEFT JOIN agents a ON a.tenant_id = c.tenant_id AND a.id = c.owner_agent_id
+         WHERE c.tenant_id = $1 AND c.id = $2",
+    )
+    .bind(tenant)
+    .bind(contact)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((name, phone, attributes, advisor)) = row else {
+        return Ok(Vec::new());
+    };
+    let mut out = vec![
+        json!({"type": "title", "text": name.or(phone).unwrap_or_else(|| "Customer".to_owned())}),
+    ];
+    let open: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT number, subject FROM tickets WHERE tenant_id = $1 AND contact_id = $2
+           AND status IN ('new', 'open', 'pending') ORDER BY created_at DESC",
+    )
+    .bind(tenant)
+    .bind(contact)
+    .fetch_all(&mut *conn)
+    .await?;
+    let tickets = match open.first() {
+        Some((n, subject)) => format!("{} (latest #{n}: {subject})", open.len()),
+        None => "none".to_owned(),
+    };
+    out.push(json!({"type": "shortText", "label": "Open tickets", "text": tickets}));
+    if let Some(score) = crate::csat::store::last_score(conn, tenant, contact)
+        .await
+        .ok()
+        .flatten()
+    {
+        out.push(json!({"type": "shortText", "label": "Last CSAT", "text": format!("{score}/5")}));
+    }
+    if let Some(a) = advisor {
+        out.push(json!({"type": "shortText", "label": "Advisor", "text": a}));
+    }
+    for key in ["plan", "segment", "credit_limit", "available_credit"] {
+        if let Some(v) = attributes.get(key).filter(|v| !v.is_null()) {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            out.push(json!({"type": "shortText", "label": key.replace('_', " "), "text": text}));
+        }
+    }
+    Ok(out)
+}
+
+/// Runs an insight-card job: `{call_id (Aircall's), contact_id}`.
+pub async fn push(state: &AppState, job: &Job) -> Result<(), JobError> {
+    let retry = |e: String| JobError::Retry(e);
+    let call_id = job
+        .payload
+        .get("call_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| JobError::Fail("no call_id".into()))?;
+    let contact: Uuid = job
+        .payload
+        .get("contact_id")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| JobError::Fail("no contact_id".into()))?;
+    let mut conn = state
+        .pool
+        .acquire()
+        .await
+        .map_err(|e| retry(e.to_string()))?;
+    let integration =
+        super::integrations::load(&mut conn, &state.secrets, job.tenant_id, "aircall")
+            .await
+            .map_err(|e| retry(e.to_string()))?
+            .ok_or_else(|| JobError::Fail("Aircall is not configured any more".into()))?;
+    let (Some(api_id), Some(api_token)) = (
+        integration.settings.get("api_id").and_then(Value::as_str),
+        integration.secrets.get("api_token"),
+    ) else {
+        return Err(JobError::Fail("no Aircall API credentials".into()));
+    };
+    let base = integration
+        .settings
+        .get("api_base_url")
+        .and_then(Value::as_str)
+        .unwrap_or("https://api.aircall.io");
+    let body = json!({"contents": contents(&mut conn, job.tenant_id, contact).await.map_err(|e| retry(e.to_string()))?});
+    drop(conn);
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/calls/{call_id}/insight_cards",
+            base.trim_end_matches('/')
+        ))
+        .basic_auth(api_id, Some(api_token))
+        .timeout(std::time::Duration::from_secs(10))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| retry(format!("aircall: {e}")))?;
+    let status = response.status();
+    if status.is_success() {
+        Ok(())
+    } else if status.as_u16() == 429 || status.is_server_error() {
+        Err(retry(format!("aircall: HTTP {status}")))
+    } else {
+        Err(JobError::Fail(format!("aircall: HTTP {status}")))
+    }
+}
