@@ -621,7 +621,7 @@ pub async fn apply_receipt(
     provider_message_id: &str,
     receipt: &DeliveryReport,
 ) -> Result<bool, sqlx::Error> {
-    let row: Option<(Uuid, Uuid, String)> =
+    let row: Option<(Uuid, Option<Uuid>, String)> =
         match receipt {
             DeliveryReport::Delivered => sqlx::query_as(
                 "UPDATE messages SET status = 'delivered', delivered_at = now(), updated_at = now()
@@ -662,6 +662,10 @@ pub async fn apply_receipt(
     let Some((id, contact_id, channel)) = row else {
         return Ok(false);
     };
+    // Messages to agents change state but go on no timeline.
+    let Some(contact_id) = contact_id else {
+        return Ok(true);
+    };
     let (kind, properties) = match receipt {
         DeliveryReport::Delivered => (
             "message.delivered",
@@ -691,7 +695,7 @@ pub async fn mark_opened(
     tenant: TenantId,
     id: Uuid,
 ) -> Result<bool, sqlx::Error> {
-    let row: Option<(Uuid, String)> = sqlx::query_as(
+    let row: Option<(Option<Uuid>, String)> = sqlx::query_as(
         "UPDATE messages SET opened_at = now(), updated_at = now(),
             status = CASE WHEN status = 'sent' THEN 'delivered' ELSE status END,
             delivered_at = coalesce(delivered_at, CASE WHEN status = 'sent' THEN now() END)
@@ -704,6 +708,9 @@ pub async fn mark_opened(
     .await?;
     let Some((contact_id, channel)) = row else {
         return Ok(false);
+    };
+    let Some(contact_id) = contact_id else {
+        return Ok(true);
     };
     events::emit_about(
         conn,
@@ -725,7 +732,7 @@ pub async fn click(
     id: Uuid,
     index: u32,
 ) -> Result<Option<String>, sqlx::Error> {
-    let row: Option<(Uuid, String, Option<String>)> = sqlx::query_as(
+    let row: Option<(Option<Uuid>, String, Option<String>)> = sqlx::query_as(
         "UPDATE messages SET clicked_at = coalesce(clicked_at, now()), updated_at = now()
          WHERE tenant_id = $1 AND id = $2 AND jsonb_typeof(extras->'links') = 'array'
            AND jsonb_array_length(extras->'links') > $3
@@ -738,6 +745,9 @@ pub async fn click(
     .await?;
     let Some((contact_id, channel, Some(url))) = row else {
         return Ok(None);
+    };
+    let Some(contact_id) = contact_id else {
+        return Ok(Some(url));
     };
     events::emit_about(
         conn,

@@ -20,7 +20,7 @@ use super::integrations;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::ApiPath;
-use crate::tenancy::{Tenant, TenantId};
+use crate::tenancy::TenantId;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(webhook))
@@ -162,13 +162,7 @@ async fn webhook(
         .filter(|d| d.is_object())
         .ok_or_else(|| ApiError::field("data", "is required"))?;
     let update = update_from(event, data)?;
-    let ctx: Option<Tenant> = sqlx::query_as(
-        "SELECT id AS tenant_id, '00000000-0000-0000-0000-000000000000'::uuid AS key_id, default_country, default_locale, timezone
-         FROM tenants WHERE id = $1",
-    )
-    .bind(tenant)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let ctx = crate::tenants::store::context(&mut tx, tenant).await?;
     let ctx = ctx.ok_or_else(unauthorized)?;
     let call = calls::apply(&mut tx, &ctx, "aircall", &update).await?;
     // When a known contact calls in, the agent gets the contact card before answering.

@@ -254,13 +254,9 @@ async fn webhook(
             ));
         }
     }
-    let ctx: Tenant = sqlx::query_as(
-        "SELECT id AS tenant_id, '00000000-0000-0000-0000-000000000000'::uuid AS key_id, default_country, default_locale, timezone
-         FROM tenants WHERE id = $1",
-    )
-    .bind(tenant)
-    .fetch_one(&mut *tx)
-    .await?;
+    let ctx = crate::tenants::store::context(&mut tx, tenant)
+        .await?
+        .ok_or_else(|| unauthorized("the tenant does not exist"))?;
     let call = calls::apply(&mut tx, &ctx, "neutral", &update).await?;
     tx.commit().await?;
     Ok(Json(IntakeResult {

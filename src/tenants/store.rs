@@ -141,3 +141,18 @@ pub async fn authenticate(
     .fetch_optional(conn)
     .await
 }
+
+/// The request context of a tenant named in a path (webhooks, which carry no API key).
+pub async fn context(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+) -> Result<Option<tenancy::Tenant>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id AS tenant_id, '00000000-0000-0000-0000-000000000000'::uuid AS key_id,
+                default_country, default_locale, timezone
+         FROM tenants WHERE id = $1",
+    )
+    .bind(tenant)
+    .fetch_optional(conn)
+    .await
+}
