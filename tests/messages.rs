@@ -56,6 +56,22 @@ fn transient(reason: &str) -> Result<Receipt, SendError> {
     })
 }
 
+/// Sends the `order_shipped` SMS to Ana and returns the message id.
+async fn send_sms(app: &TestApp, t: &TestTenant, order: &str) -> String {
+    let r = app
+        .post(
+            "/v1/messages",
+            &t.key,
+            json!({"contact": {"external_id": "ana"}, "template": "order_shipped",
+                                              "channel": "sms", "variables": {"order": order}}),
+        )
+        .await;
+    r.body["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id: {}", r.text))
+        .to_owned()
+}
+
 async fn setup(app: &TestApp) -> TestTenant {
     let t = app.tenant("acme").await;
     let r = app
@@ -414,10 +430,7 @@ async fn after_the_last_attempt_a_message_fails_with_the_reason() {
         transient("timeout"),
         transient("429 Too Many Requests"),
     ]));
-    let id = app
-        .post("/v1/messages", &t.key, json!({"contact": {"external_id": "ana"}, "template": "order_shipped", "channel": "sms", "variables": {"order": "1"}}))
-        .await
-        .body["id"].as_str().unwrap().to_owned();
+    let id = send_sms(&app, &t, "1").await;
     for _ in 0..3 {
         sqlx::query("UPDATE messages SET next_attempt_at = now()")
             .execute(&app.pool)
@@ -439,10 +452,7 @@ async fn a_message_held_by_a_dead_worker_is_sent_by_another() {
     let t = setup(&app).await;
     let provider = Scripted::with(vec![]);
     app.use_provider(provider.clone());
-    let id = app
-        .post("/v1/messages", &t.key, json!({"contact": {"external_id": "ana"}, "template": "order_shipped", "channel": "sms", "variables": {"order": "1"}}))
-        .await
-        .body["id"].as_str().unwrap().to_owned();
+    let id = send_sms(&app, &t, "1").await;
     // A worker claims it and dies before recording anything.
     let claimed = rapport::messages::store::claim(&app.pool, 10, Duration::from_secs(60))
         .await
@@ -497,10 +507,7 @@ async fn a_message_held_by_a_dead_worker_is_sent_by_another() {
 async fn a_lease_lost_on_the_last_attempt_fails_the_message() {
     let app = TestApp::with_config(|c| c.outbox_max_attempts = 1).await;
     let t = setup(&app).await;
-    let id = app
-        .post("/v1/messages", &t.key, json!({"contact": {"external_id": "ana"}, "template": "order_shipped", "channel": "sms", "variables": {"order": "1"}}))
-        .await
-        .body["id"].as_str().unwrap().to_owned();
+    let id = send_sms(&app, &t, "1").await;
     rapport::messages::store::claim(&app.pool, 10, Duration::from_secs(60))
         .await
         .unwrap();
@@ -586,10 +593,7 @@ async fn the_worker_wakes_on_notify() {
         shutdown.clone(),
     ));
     tokio::time::sleep(Duration::from_millis(300)).await; // the worker is listening
-    let id = app
-        .post("/v1/messages", &t.key, json!({"contact": {"external_id": "ana"}, "template": "order_shipped", "channel": "sms", "variables": {"order": "1"}}))
-        .await
-        .body["id"].as_str().unwrap().to_owned();
+    let id = send_sms(&app, &t, "1").await;
     // Polling is a minute away: only the notification can deliver it within the deadline.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -609,10 +613,7 @@ async fn messages_and_templates_are_invisible_to_other_tenants() {
     let app = TestApp::new().await;
     let a = setup(&app).await;
     let b = app.tenant("beta").await;
-    let id = app
-        .post("/v1/messages", &a.key, json!({"contact": {"external_id": "ana"}, "template": "order_shipped", "channel": "sms", "variables": {"order": "1"}}))
-        .await
-        .body["id"].as_str().unwrap().to_owned();
+    let id = send_sms(&app, &a, "1").await;
     app.get(&format!("/v1/messages/{id}"), &b.key)
         .await
         .assert_problem(404);
