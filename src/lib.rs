@@ -4,7 +4,9 @@
 //! [`App::run_api`] serves HTTP and [`App::run_worker`] runs the background jobs, both until
 //! their shutdown token is cancelled.
 
+pub mod campaigns;
 pub mod channels;
+pub mod clock;
 pub mod config;
 pub mod contacts;
 pub mod crypto;
@@ -52,6 +54,10 @@ pub struct AppState {
     pub links: Arc<LinkKeys>,
     /// The OpenAPI document, rendered once.
     pub openapi_json: Arc<String>,
+    /// The time the rule engine reads (a manual clock in tests).
+    pub clock: clock::Clock,
+    /// Compiled campaign versions.
+    pub campaigns: Arc<campaigns::engine::Definitions>,
 }
 
 /// The link-signing key, loaded once from the database.
@@ -123,6 +129,8 @@ impl App {
                 secrets,
                 links,
                 openapi_json: Arc::new(openapi_json),
+                clock: clock::Clock::system(),
+                campaigns: Arc::new(campaigns::engine::Definitions::default()),
             },
         }
     }
@@ -130,6 +138,12 @@ impl App {
     /// The same application with other providers (tests replace them with local servers).
     pub fn with_channels(mut self, channels: channels::Channels) -> App {
         self.state.channels = channels;
+        self
+    }
+
+    /// The same application reading the time from `clock` (tests move a manual clock).
+    pub fn with_clock(mut self, clock: clock::Clock) -> App {
+        self.state.clock = clock;
         self
     }
 

@@ -5,7 +5,7 @@ mod common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{TestApp, TestTenant};
+use common::{TestApp, TestTenant, link};
 use hmac::Mac;
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
@@ -288,18 +288,6 @@ async fn viber_callbacks_are_verified_and_mapped() {
         "opted_out"
     );
     assert_eq!(count_events(&app, "contact.unsubscribed").await, 1);
-}
-
-/// Finds the first `{public_url}{prefix}...` link in `html` and returns its path.
-fn link(html: &str, prefix: &str, nth: usize) -> String {
-    let base = "http://localhost:8080";
-    let start = html
-        .match_indices(&format!("{base}{prefix}"))
-        .nth(nth)
-        .expect("link present")
-        .0;
-    let end = html[start..].find(['"', '\'']).unwrap() + start;
-    html[start + base.len()..end].to_owned()
 }
 
 #[tokio::test]

@@ -572,7 +572,24 @@ pub async fn erase(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> ApiRe
     )
     .bind(tenant)
     .bind(id)
-    .execute(conn)
+    .execute(&mut *conn)
     .await?;
+    // Campaign journeys end, and keep no copy of the events' properties.
+    sqlx::query(
+        "UPDATE journeys SET trigger_event = '{}', wake_at = NULL, updated_at = now(),
+            exit_reason = CASE WHEN status = 'active' THEN 'contact_erased' ELSE exit_reason END,
+            ended_at = coalesce(ended_at, now()),
+            status = CASE WHEN status = 'active' THEN 'exited' ELSE status END
+         WHERE tenant_id = $1 AND contact_id = $2",
+    )
+    .bind(tenant)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("DELETE FROM campaign_inbox WHERE tenant_id = $1 AND contact_id = $2")
+        .bind(tenant)
+        .bind(id)
+        .execute(conn)
+        .await?;
     Ok(true)
 }

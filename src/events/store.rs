@@ -35,6 +35,8 @@ pub struct Appended {
 
 /// Appends an event and bumps the contact's counter for its type, in one statement. The
 /// counter's row lock orders concurrent events of one contact and type, so ordinals are exact.
+/// While the tenant has a running campaign, the same statement puts the event in the rule
+/// engine's inbox (Rapport's own `campaign.*` decisions are not triggers).
 /// None when an event with the same idempotency key exists (the counter is left as it was).
 pub async fn append(
     conn: &mut PgConnection,
@@ -49,11 +51,21 @@ pub async fn append(
             DO UPDATE SET count = c.count + 1
             RETURNING count
          )
-         INSERT INTO events (tenant_id, id, contact_id, type, occurred_at, properties, source,
-                             ordinal, idempotency_key, subject_type, subject_id)
-         SELECT $1, $2, $3, $4, $5, $6, $7, counter.count, $8, $9, $10 FROM counter
-         ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
-         RETURNING ordinal",
+         , appended AS (
+            INSERT INTO events (tenant_id, id, contact_id, type, occurred_at, properties, source,
+                                ordinal, idempotency_key, subject_type, subject_id)
+            SELECT $1, $2, $3, $4, $5, $6, $7, counter.count, $8, $9, $10 FROM counter
+            ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+            RETURNING id, ordinal
+         )
+         , inbox AS (
+            INSERT INTO campaign_inbox (tenant_id, contact_id, event_id)
+            SELECT $1, $3, appended.id FROM appended
+            WHERE left($4, 9) <> 'campaign.'
+              AND EXISTS (SELECT 1 FROM campaigns WHERE tenant_id = $1
+                          AND status IN ('active', 'paused'))
+         )
+         SELECT ordinal FROM appended",
     )
     .bind(tenant)
     .bind(e.id)

@@ -44,6 +44,7 @@ use crate::tenancy::{require_admin, require_tenant};
         (name = "channels", description = "Per-tenant providers of email, SMS and Viber"),
         (name = "support", description = "Agents and tickets: the support desk"),
         (name = "csat", description = "Satisfaction ratings and the public survey page"),
+        (name = "campaigns", description = "Rules written once: triggers, steps, journeys and their stats"),
         (name = "reports", description = "CSAT and support KPIs, computed in SQL"),
         (name = "telephony", description = "Calls from Aircall, matched to contacts and on the timeline"),
         (name = "webhooks", description = "Delivery receipts from providers (signed)"),
@@ -102,6 +103,7 @@ fn groups() -> Groups {
             .merge(crate::support::snippets::router())
             .merge(crate::csat::routes::router())
             .merge(crate::reports::routes::router())
+            .merge(crate::campaigns::routes::router())
             .merge(crate::telephony::calls::router())
             .merge(crate::telephony::integrations::router())
             .merge(crate::telephony::neutral::settings_router()),

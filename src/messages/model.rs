@@ -118,4 +118,9 @@ pub struct Compose<'a> {
     pub channels: &'a [Channel],
     pub vars: Value,
     pub event: Option<Value>,
+    /// The campaign journey that sends it: (campaign id, journey id).
+    pub journey: Option<(Uuid, Uuid)>,
+    /// Record the message as suppressed for this reason instead of sending it (a campaign's
+    /// frequency cap, a ticket still open past the hold limit).
+    pub suppress: Option<&'a str>,
 }

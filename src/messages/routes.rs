@@ -47,6 +47,8 @@ async fn send_message(
         channels: &channels,
         vars: Value::Object(body.variables.clone().unwrap_or_default()),
         event: None,
+        journey: None,
+        suppress: None,
     };
     let message = store::enqueue(&mut tx, &tenant, compose, &state.send_options().await?).await?;
     tx.commit().await?;

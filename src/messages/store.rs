@@ -150,30 +150,34 @@ pub async fn enqueue(
         }
     }
     let id = Uuid::now_v7();
-    let Some(channel) = chosen else {
-        let reason = if preference.len() == 1 {
-            refusals[0]
-                .split(": ")
-                .nth(1)
-                .unwrap_or("suppressed")
-                .to_owned()
-        } else {
-            refusals.join("; ")
-        };
-        let recipient = address(&contact, preference[0], viber);
-        return insert_suppressed(
-            conn,
-            tenant.id,
-            id,
-            &contact,
-            recipient,
-            preference[0],
-            purpose,
-            c.template_key,
-            &reason,
-            max_attempts,
-        )
-        .await;
+    let channel = match (c.suppress, chosen) {
+        (None, Some(channel)) => channel,
+        (forced, chosen) => {
+            let channel = chosen.unwrap_or(preference[0]);
+            let reason = match forced {
+                Some(reason) => reason.to_owned(),
+                None if preference.len() == 1 => refusals[0]
+                    .split(": ")
+                    .nth(1)
+                    .unwrap_or("suppressed")
+                    .to_owned(),
+                None => refusals.join("; "),
+            };
+            return insert_suppressed(
+                conn,
+                tenant.id,
+                id,
+                &contact,
+                address(&contact, channel, viber),
+                channel,
+                purpose,
+                c.template_key,
+                &reason,
+                max_attempts,
+                c.journey,
+            )
+            .await;
+        }
     };
     let recipient = address(&contact, channel, viber);
 
@@ -204,6 +208,7 @@ pub async fn enqueue(
             c.template_key,
             &reason,
             max_attempts,
+            c.journey,
         )
         .await;
     };
@@ -226,8 +231,9 @@ pub async fn enqueue(
     }
     let sql = format!(
         "INSERT INTO messages (tenant_id, id, contact_id, channel, purpose, template_key, locale,
-            recipient, subject, body_text, body_html, extras, status, max_attempts, next_attempt_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $13, now())
+            recipient, subject, body_text, body_html, extras, status, max_attempts, next_attempt_at,
+            campaign_id, journey_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $13, now(), $14, $15)
          RETURNING {MESSAGE_COLUMNS}"
     );
     let message: Message = sqlx::query_as(&sql)
@@ -244,6 +250,8 @@ pub async fn enqueue(
         .bind(&rendered.html)
         .bind(&rendered.extras)
         .bind(max_attempts)
+        .bind(c.journey.map(|j| j.0))
+        .bind(c.journey.map(|j| j.1))
         .fetch_one(&mut *conn)
         .await?;
     events::emit_about(
@@ -274,11 +282,13 @@ async fn insert_suppressed(
     template_key: &str,
     reason: &str,
     max_attempts: i32,
+    journey: Option<(Uuid, Uuid)>,
 ) -> ApiResult<Message> {
     let sql = format!(
         "INSERT INTO messages (tenant_id, id, contact_id, channel, purpose, template_key,
-            recipient, status, status_reason, max_attempts, next_attempt_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'suppressed', $8, $9, now())
+            recipient, status, status_reason, max_attempts, next_attempt_at, campaign_id,
+            journey_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'suppressed', $8, $9, now(), $10, $11)
          RETURNING {MESSAGE_COLUMNS}"
     );
     let message: Message = sqlx::query_as(&sql)
@@ -291,6 +301,8 @@ async fn insert_suppressed(
         .bind(recipient)
         .bind(reason)
         .bind(max_attempts)
+        .bind(journey.map(|j| j.0))
+        .bind(journey.map(|j| j.1))
         .fetch_one(&mut *conn)
         .await?;
     events::emit_about(

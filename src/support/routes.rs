@@ -158,6 +158,8 @@ async fn notify_customer(
             vars
         },
         event: None,
+        journey: None,
+        suppress: None,
     };
     messages::enqueue(conn, tenant, compose, &state.send_options().await?).await?;
     Ok(())
@@ -207,6 +209,7 @@ async fn create_ticket(
             .priority
             .unwrap_or(super::model::Priority::Normal)
             .as_str(),
+        assignee: None,
     };
     let ticket = store::create_ticket(&mut tx, &tenant, &row).await?;
     notify_customer(

@@ -200,24 +200,38 @@ pub async fn assign(
     .bind(agent)
     .execute(&mut *conn)
     .await?;
+    set_assignee(conn, tenant.id, ticket_id, contact_id, agent, true).await?;
+    Ok(Some(agent))
+}
+
+/// Assigns a ticket (chosen by the desk, or by the caller whatever the agent's load) and puts
+/// it on the contact's timeline.
+async fn set_assignee(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    ticket_id: Uuid,
+    contact_id: Uuid,
+    agent: Uuid,
+    automatic: bool,
+) -> ApiResult<()> {
     sqlx::query(
         "UPDATE tickets SET assignee_id = $3, updated_at = now() WHERE tenant_id = $1 AND id = $2",
     )
-    .bind(tenant.id)
+    .bind(tenant)
     .bind(ticket_id)
     .bind(agent)
     .execute(&mut *conn)
     .await?;
     events::emit_about(
         conn,
-        tenant.id,
+        tenant,
         contact_id,
         "ticket.assigned",
-        json!({"ticket_id": ticket_id, "agent_id": agent, "automatic": true}),
+        json!({"ticket_id": ticket_id, "agent_id": agent, "automatic": automatic}),
         Some(("ticket", ticket_id)),
     )
     .await?;
-    Ok(Some(agent))
+    Ok(())
 }
 
 /// Assigns waiting tickets, oldest first, now that capacity may have freed or an agent joined.
@@ -259,6 +273,9 @@ pub struct NewTicketRow<'a> {
     pub body: &'a str,
     pub category: Option<&'a str>,
     pub priority: &'a str,
+    /// An agent chosen by the caller (a campaign hands the contact to its advisor); None
+    /// assigns automatically.
+    pub assignee: Option<Uuid>,
 }
 
 /// Opens a ticket with the customer's first message, emits `ticket.created`, and assigns it.
@@ -294,7 +311,12 @@ pub async fn create_ticket(
         Some(("ticket", id)),
     )
     .await?;
-    assign(conn, tenant, id).await?;
+    match t.assignee {
+        Some(agent) => set_assignee(conn, tenant.id, id, t.contact_id, agent, false).await?,
+        None => {
+            assign(conn, tenant, id).await?;
+        }
+    }
     get_ticket(conn, tenant.id, id)
         .await?
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("ticket vanished")))

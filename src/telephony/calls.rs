@@ -368,6 +368,7 @@ async fn open_callback_ticket(
                 body: &note,
                 category: Some("callback"),
                 priority: "high",
+                assignee: None,
             };
             support::create_ticket(conn, tenant, &row).await?.id
         }

@@ -24,6 +24,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     jobs.spawn(sweep_leases(state.clone(), shutdown.clone()));
     jobs.spawn(watch_sla(state.clone(), shutdown.clone()));
     jobs.spawn(crate::jobs::run(state.clone(), shutdown.clone()));
+    jobs.spawn(run_campaigns(state.clone(), shutdown.clone()));
     tracing::info!(jobs = jobs.len(), "worker started");
     while let Some(result) = jobs.join_next().await {
         if let Err(e) = result {
@@ -86,6 +87,53 @@ async fn watch_sla(state: AppState, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(30)) => {}
         }
+    }
+}
+
+/// How often the engine looks for new events and due journeys when it has nothing to do.
+const CAMPAIGN_POLL: Duration = Duration::from_millis(200);
+/// How often schedules (birthdays) are looked at.
+const SCHEDULE_EVERY: Duration = Duration::from_secs(30);
+
+/// Runs the campaign engine: rounds back to back while there is work, a short poll otherwise.
+async fn run_campaigns(state: AppState, shutdown: CancellationToken) {
+    let mut last_schedule: Option<tokio::time::Instant> = None;
+    loop {
+        let schedules = last_schedule.is_none_or(|t| t.elapsed() >= SCHEDULE_EVERY);
+        if schedules {
+            last_schedule = Some(tokio::time::Instant::now());
+        }
+        let idle = match crate::campaigns::engine::round(&state, schedules).await {
+            Ok(round) => round.is_idle(),
+            Err(e) => {
+                tracing::warn!(error = %crate::error::error_chain(&e), "campaign round failed");
+                true
+            }
+        };
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if idle {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(CAMPAIGN_POLL) => {}
+            }
+        }
+    }
+}
+
+/// Runs the campaign engine and the dispatcher until neither has anything left to do (tests
+/// and the benchmark drive the worker this way instead of sleeping).
+pub async fn drain(state: &AppState) -> Result<usize, crate::error::ApiError> {
+    let mut total = 0;
+    loop {
+        let round = crate::campaigns::engine::round(state, true).await?;
+        let sent = dispatch::drain(state).await?;
+        let done = round.events + round.contacts + round.scheduled + sent;
+        if done == 0 {
+            return Ok(total);
+        }
+        total += done;
     }
 }
 

@@ -229,7 +229,9 @@ impl TestApp {
             .await
             .expect("connect to the test database");
         rapport::db::migrate(&pool, &db.url).await.expect("migrate");
-        let app = App::from_pool(pool.clone(), config);
+        // The engine's clock stands still unless a test moves it with `advance`.
+        let app = App::from_pool(pool.clone(), config)
+            .with_clock(rapport::clock::Clock::manual(chrono::Utc::now()));
         TestApp {
             router: app.router(),
             app,
@@ -247,11 +249,22 @@ impl TestApp {
         self.router = self.app.router();
     }
 
-    /// Runs the dispatcher until no message is due; the number handled.
+    /// Runs the campaign engine and the dispatcher until neither has anything to do; the
+    /// number of things done.
     pub async fn drain(&self) -> usize {
-        rapport::worker::dispatch::drain(&self.app.state)
+        rapport::worker::drain(&self.app.state)
             .await
             .expect("drain")
+    }
+
+    /// Moves the engine's clock forward.
+    pub fn advance(&self, by: chrono::Duration) {
+        self.app.state.clock.advance(by);
+    }
+
+    /// The engine's current time.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.app.state.clock.now()
     }
 
     /// The lines the `log` provider wrote, parsed.
@@ -366,4 +379,16 @@ fn init_logs() {
             rapport::telemetry::init_logging(&config);
         }
     });
+}
+
+/// The path of the `nth` link under `prefix` (`/t/c/`, `/t/o/`) in a sent HTML body.
+pub fn link(html: &str, prefix: &str, nth: usize) -> String {
+    let base = "http://localhost:8080";
+    let start = html
+        .match_indices(&format!("{base}{prefix}"))
+        .nth(nth)
+        .expect("link present")
+        .0;
+    let end = html[start..].find(['"', '\'']).unwrap() + start;
+    html[start + base.len()..end].to_owned()
 }

@@ -1,0 +1,303 @@
+//! `/v1/campaigns`: write a rule once, activate it, watch what it does.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::model::{Campaign, CampaignStats, CampaignStatus, Definition};
+use super::store::{self, campaign_not_found};
+use crate::AppState;
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::http::extract::{ApiPath, ApiQuery, ValidJson, parse_json};
+use crate::http::pagination::{Page, decode_id_cursor, encode_id_cursor, paginate};
+use crate::tenancy::Tenant;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_campaign, list_campaigns))
+        .routes(routes!(get_campaign, update_campaign))
+        .routes(routes!(activate))
+        .routes(routes!(pause))
+        .routes(routes!(archive))
+        .routes(routes!(stats))
+        .routes(routes!(journeys))
+}
+
+/// `GET /v1/campaigns` filters.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct CampaignFilter {
+    /// `draft`, `active`, `paused` or `archived`.
+    pub status: Option<CampaignStatus>,
+    /// Items per page, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// `GET /v1/campaigns/{id}/journeys` filters.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct JourneyFilter {
+    /// `active`, `completed` or `exited`.
+    pub status: Option<JourneyStatus>,
+    pub contact_id: Option<Uuid>,
+    /// Items per page, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// Where a journey is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JourneyStatus {
+    Active,
+    Completed,
+    Exited,
+}
+
+/// One contact's run through one campaign version.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+pub struct JourneyView {
+    pub id: Uuid,
+    pub campaign_id: Uuid,
+    /// The campaign version the journey started on and keeps.
+    pub version: i32,
+    pub contact_id: Uuid,
+    pub status: String,
+    /// The step it stands at: `[2]`, or `[2, 0]` inside step 2's `on_timeout`.
+    pub position: Vec<i32>,
+    /// When the worker looks at it next.
+    pub wake_at: Option<DateTime<Utc>>,
+    pub enrolled_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub exit_reason: Option<String>,
+    pub converted: bool,
+    pub trigger_event_id: Option<Uuid>,
+    pub last_message_id: Option<Uuid>,
+}
+
+/// Create a campaign (a draft); it runs once activated. A campaign that cannot run is a 422
+/// naming the field: an unknown template or channel, a condition that does not compile (with
+/// its line and column), steps that cannot end.
+#[utoipa::path(post, path = "/v1/campaigns", tag = "campaigns", security(("api_key" = [])),
+    request_body = Definition,
+    responses((status = 201, body = Campaign),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn create_campaign(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ValidJson(def): ValidJson<Definition>,
+) -> ApiResult<(StatusCode, Json<Campaign>)> {
+    def.check().map_err(ApiError::validation)?;
+    let mut tx = state.pool.begin().await?;
+    store::check_templates(&mut tx, tenant.id, &def).await?;
+    let campaign = store::create(&mut tx, tenant.id, &def).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(campaign)))
+}
+
+/// List campaigns, newest first.
+#[utoipa::path(get, path = "/v1/campaigns", tag = "campaigns", security(("api_key" = [])),
+    params(CampaignFilter), responses((status = 200, body = Page<Campaign>)))]
+async fn list_campaigns(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiQuery(filter): ApiQuery<CampaignFilter>,
+) -> ApiResult<Json<Page<Campaign>>> {
+    let page = crate::http::pagination::PageParams {
+        limit: filter.limit,
+        cursor: filter.cursor.clone(),
+    };
+    let limit = page.limit()?;
+    let before = page.cursor.as_deref().map(decode_id_cursor).transpose()?;
+    let mut conn = state.pool.acquire().await?;
+    let rows = store::list(&mut conn, tenant.id, filter.status, before, limit).await?;
+    Ok(Json(paginate(rows, limit, |c| encode_id_cursor(c.id))))
+}
+
+/// Get a campaign with its current definition.
+#[utoipa::path(get, path = "/v1/campaigns/{id}", tag = "campaigns", security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "Campaign id")),
+    responses((status = 200, body = Campaign), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn get_campaign(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<Campaign>> {
+    let mut conn = state.pool.acquire().await?;
+    store::get(&mut conn, tenant.id, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| campaign_not_found(id))
+}
+
+/// Change a campaign: send any top-level fields of the definition (`null` removes an optional
+/// one). The result is a new version; journeys already running keep the version they started
+/// on.
+#[utoipa::path(patch, path = "/v1/campaigns/{id}", tag = "campaigns", security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "Campaign id")), request_body = Definition,
+    responses((status = 200, body = Campaign), (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 409, body = Problem, content_type = "application/problem+json"),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn update_campaign(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ValidJson(patch): ValidJson<Map<String, Value>>,
+) -> ApiResult<Json<Campaign>> {
+    let mut tx = state.pool.begin().await?;
+    let status = store::lock(&mut tx, tenant.id, id)
+        .await?
+        .ok_or_else(|| campaign_not_found(id))?;
+    if status == CampaignStatus::Archived {
+        return Err(ApiError::Conflict(
+            "an archived campaign cannot change; create a new one".to_owned(),
+        ));
+    }
+    let current = store::get(&mut tx, tenant.id, id)
+        .await?
+        .ok_or_else(|| campaign_not_found(id))?;
+    let mut merged = match serde_json::to_value(&current.definition) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    for (key, value) in patch {
+        if value.is_null() {
+            merged.remove(&key);
+        } else {
+            merged.insert(key, value);
+        }
+    }
+    let bytes = Bytes::from(serde_json::to_vec(&Value::Object(merged)).unwrap_or_default());
+    let def: Definition = parse_json(&bytes)?;
+    def.check().map_err(ApiError::validation)?;
+    store::check_templates(&mut tx, tenant.id, &def).await?;
+    let campaign = store::update(&mut tx, tenant.id, id, &def).await?;
+    tx.commit().await?;
+    Ok(Json(campaign))
+}
+
+async fn change_status(
+    state: &AppState,
+    tenant: &Tenant,
+    id: Uuid,
+    next: CampaignStatus,
+) -> ApiResult<Json<Campaign>> {
+    let mut tx = state.pool.begin().await?;
+    let campaign = store::set_status(&mut tx, tenant.id, id, next, state.clock.now()).await?;
+    tx.commit().await?;
+    Ok(Json(campaign))
+}
+
+/// Start (or resume) enrolling contacts and running journeys. Events from now on count;
+/// activation is not retroactive.
+#[utoipa::path(post, path = "/v1/campaigns/{id}/activate", tag = "campaigns", security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "Campaign id")),
+    responses((status = 200, body = Campaign), (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 409, body = Problem, content_type = "application/problem+json")))]
+async fn activate(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<Campaign>> {
+    change_status(&state, &tenant, id, CampaignStatus::Active).await
+}
+
+/// Stop enrolling and sending; journeys wait where they are (exit_on events still end them)
+/// and go on when the campaign is activated again.
+#[utoipa::path(post, path = "/v1/campaigns/{id}/pause", tag = "campaigns", security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "Campaign id")),
+    responses((status = 200, body = Campaign), (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 409, body = Problem, content_type = "application/problem+json")))]
+async fn pause(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<Campaign>> {
+    change_status(&state, &tenant, id, CampaignStatus::Paused).await
+}
+
+/// End a campaign for good: running journeys exit with reason `campaign_archived`.
+#[utoipa::path(post, path = "/v1/campaigns/{id}/archive", tag = "campaigns", security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "Campaign id")),
+    responses((status = 200, body = Campaign), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn archive(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<Campaign>> {
+    change_status(&state, &tenant, id, CampaignStatus::Archived).await
+}
+
+/// What a campaign did: journeys enrolled, active, completed, exited and converted; messages
+/// sent per channel, delivered, opened, clicked, failed, and suppressed per reason.
+#[utoipa::path(get, path = "/v1/campaigns/{id}/stats", tag = "campaigns", security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "Campaign id")),
+    responses((status = 200, body = CampaignStats), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn stats(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<CampaignStats>> {
+    let mut conn = state.pool.acquire().await?;
+    if store::get(&mut conn, tenant.id, id).await?.is_none() {
+        return Err(campaign_not_found(id));
+    }
+    Ok(Json(store::stats(&mut conn, tenant.id, id).await?))
+}
+
+/// A campaign's journeys, newest first: where each contact stands and why it ended.
+#[utoipa::path(get, path = "/v1/campaigns/{id}/journeys", tag = "campaigns", security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "Campaign id"), JourneyFilter),
+    responses((status = 200, body = Page<JourneyView>), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn journeys(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(filter): ApiQuery<JourneyFilter>,
+) -> ApiResult<Json<Page<JourneyView>>> {
+    let page = crate::http::pagination::PageParams {
+        limit: filter.limit,
+        cursor: filter.cursor.clone(),
+    };
+    let limit = page.limit()?;
+    let before = page.cursor.as_deref().map(decode_id_cursor).transpose()?;
+    let mut conn = state.pool.acquire().await?;
+    if store::get(&mut conn, tenant.id, id).await?.is_none() {
+        return Err(campaign_not_found(id));
+    }
+    let status = filter.status.map(|s| match s {
+        JourneyStatus::Active => "active",
+        JourneyStatus::Completed => "completed",
+        JourneyStatus::Exited => "exited",
+    });
+    let rows: Vec<JourneyView> = sqlx::query_as(
+        "SELECT id, campaign_id, version, contact_id, status, position, wake_at, enrolled_at,
+                ended_at, exit_reason, converted, trigger_event_id, last_message_id
+         FROM journeys
+         WHERE tenant_id = $1 AND campaign_id = $2 AND ($3::text IS NULL OR status = $3)
+           AND ($4::uuid IS NULL OR contact_id = $4) AND ($5::uuid IS NULL OR id < $5)
+         ORDER BY id DESC LIMIT $6",
+    )
+    .bind(tenant.id)
+    .bind(id)
+    .bind(status)
+    .bind(filter.contact_id)
+    .bind(before)
+    .bind(limit + 1)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Json(paginate(rows, limit, |j| encode_id_cursor(j.id))))
+}

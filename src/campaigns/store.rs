@@ -1,0 +1,350 @@
+//! SQL for campaigns, their versions and their stats.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::model::{Campaign, CampaignStats, CampaignStatus, Definition};
+use crate::error::{ApiError, ApiResult, FieldError};
+use crate::events::store as events;
+use crate::templates::store as templates;
+use crate::tenancy::TenantId;
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: Uuid,
+    status: String,
+    version: i32,
+    definition: serde_json::Value,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    activated_at: Option<DateTime<Utc>>,
+    archived_at: Option<DateTime<Utc>>,
+}
+
+const SELECT: &str = "SELECT c.id, c.status, c.version, v.definition, c.created_at, c.updated_at,
+        c.activated_at, c.archived_at
+     FROM campaigns c JOIN campaign_versions v
+       ON v.tenant_id = c.tenant_id AND v.campaign_id = c.id AND v.version = c.version";
+
+fn to_campaign(row: Row) -> ApiResult<Campaign> {
+    let definition = parse_definition(row.definition)?;
+    let status = CampaignStatus::parse(&row.status)
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("stored status {}", row.status)))?;
+    Ok(Campaign {
+        id: row.id,
+        status,
+        version: row.version,
+        definition,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+        activated_at: row.activated_at,
+        archived_at: row.archived_at,
+    })
+}
+
+/// A stored definition (it was valid when written, so failing to read it is a bug).
+pub fn parse_definition(value: serde_json::Value) -> ApiResult<Definition> {
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored campaign definition: {e}")))
+}
+
+pub fn campaign_not_found(id: Uuid) -> ApiError {
+    ApiError::NotFound(format!("no campaign with id {id}"))
+}
+
+/// Checks what only the database knows: every `send` names a template of this tenant that has
+/// a variant on at least one of the step's channels.
+pub async fn check_templates(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    def: &Definition,
+) -> ApiResult<()> {
+    let mut errors = Vec::new();
+    for (field, key, channels) in def.templates() {
+        match templates::get(conn, tenant, key).await? {
+            None => errors.push(FieldError::new(
+                field,
+                format!("no template with key `{key}`"),
+            )),
+            Some(t) => {
+                let usable = if channels.is_empty() {
+                    [
+                        crate::contacts::model::Channel::Email,
+                        crate::contacts::model::Channel::Sms,
+                        crate::contacts::model::Channel::Viber,
+                    ]
+                    .iter()
+                    .any(|c| t.variants.has(*c))
+                } else {
+                    channels.iter().any(|c| t.variants.has(*c))
+                };
+                if !usable {
+                    let names: Vec<&str> = channels.iter().map(|c| c.as_str()).collect();
+                    errors.push(FieldError::new(
+                        field,
+                        format!("template `{key}` has no variant for {}", names.join(", ")),
+                    ));
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::validation(errors))
+    }
+}
+
+/// Creates a draft campaign with its first version.
+pub async fn create(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    def: &Definition,
+) -> ApiResult<Campaign> {
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO campaigns (tenant_id, id, name, status, version) VALUES ($1, $2, $3, 'draft', 1)",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(def.name.trim())
+    .execute(&mut *conn)
+    .await?;
+    insert_version(conn, tenant, id, 1, def).await?;
+    get(conn, tenant, id)
+        .await?
+        .ok_or_else(|| campaign_not_found(id))
+}
+
+async fn insert_version(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+    version: i32,
+    def: &Definition,
+) -> ApiResult<()> {
+    let definition = serde_json::to_value(def)
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("serialise definition: {e}")))?;
+    sqlx::query(
+        "INSERT INTO campaign_versions (tenant_id, campaign_id, version, definition)
+         VALUES ($1, $2, $3, $4)",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(version)
+    .bind(definition)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Adds a version; journeys already running keep the version they started on.
+pub async fn update(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+    def: &Definition,
+) -> ApiResult<Campaign> {
+    let version: i32 = sqlx::query_scalar(
+        "UPDATE campaigns SET version = version + 1, name = $3, updated_at = now()
+         WHERE tenant_id = $1 AND id = $2 RETURNING version",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(def.name.trim())
+    .fetch_one(&mut *conn)
+    .await?;
+    insert_version(conn, tenant, id, version, def).await?;
+    get(conn, tenant, id)
+        .await?
+        .ok_or_else(|| campaign_not_found(id))
+}
+
+pub async fn get(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> ApiResult<Option<Campaign>> {
+    let sql = format!("{SELECT} WHERE c.tenant_id = $1 AND c.id = $2");
+    let row: Option<Row> = sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    row.map(to_campaign).transpose()
+}
+
+/// Locks a campaign row for a change of status or definition (NO KEY: journeys referring to
+/// it can still be inserted meanwhile).
+pub async fn lock(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> ApiResult<Option<CampaignStatus>> {
+    let status: Option<String> = sqlx::query_scalar(
+        "SELECT status FROM campaigns WHERE tenant_id = $1 AND id = $2 FOR NO KEY UPDATE",
+    )
+    .bind(tenant)
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(status.as_deref().and_then(CampaignStatus::parse))
+}
+
+/// Campaigns newest first, optionally of one status, before the cursor id.
+pub async fn list(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    status: Option<CampaignStatus>,
+    before: Option<Uuid>,
+    limit: i64,
+) -> ApiResult<Vec<Campaign>> {
+    let sql = format!(
+        "{SELECT} WHERE c.tenant_id = $1 AND ($2::text IS NULL OR c.status = $2)
+           AND ($3::uuid IS NULL OR c.id < $3)
+         ORDER BY c.id DESC LIMIT $4"
+    );
+    let rows: Vec<Row> = sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(status.map(CampaignStatus::as_str))
+        .bind(before)
+        .bind(limit + 1)
+        .fetch_all(conn)
+        .await?;
+    rows.into_iter().map(to_campaign).collect()
+}
+
+/// Moves a campaign to `next`. Archiving exits every running journey, each on its contact's
+/// timeline.
+pub async fn set_status(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+    next: CampaignStatus,
+    now: DateTime<Utc>,
+) -> ApiResult<Campaign> {
+    let current = lock(conn, tenant, id)
+        .await?
+        .ok_or_else(|| campaign_not_found(id))?;
+    use CampaignStatus::*;
+    let allowed = matches!(
+        (current, next),
+        (Draft | Paused | Active, Active)
+            | (Active | Paused, Paused)
+            | (Draft | Active | Paused | Archived, Archived)
+    );
+    if !allowed {
+        return Err(ApiError::Conflict(format!(
+            "a {} campaign cannot become {}",
+            current.as_str(),
+            next.as_str()
+        )));
+    }
+    if current != next {
+        sqlx::query(
+            "UPDATE campaigns SET status = $3, updated_at = now(),
+                activated_at = CASE WHEN $3 = 'active' THEN coalesce(activated_at, now()) ELSE activated_at END,
+                archived_at = CASE WHEN $3 = 'archived' THEN now() ELSE archived_at END
+             WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(tenant)
+        .bind(id)
+        .bind(next.as_str())
+        .execute(&mut *conn)
+        .await?;
+    }
+    if next == Archived && current != Archived {
+        let exited: Vec<(Uuid, Uuid, i32)> = sqlx::query_as(
+            "UPDATE journeys SET status = 'exited', exit_reason = 'campaign_archived',
+                ended_at = $3, wake_at = NULL, updated_at = now()
+             WHERE tenant_id = $1 AND campaign_id = $2 AND status = 'active'
+             RETURNING id, contact_id, version",
+        )
+        .bind(tenant)
+        .bind(id)
+        .bind(now)
+        .fetch_all(&mut *conn)
+        .await?;
+        for (journey, contact, version) in exited {
+            events::emit_about(
+                conn,
+                tenant,
+                contact,
+                "campaign.exited",
+                json!({"campaign_id": id, "journey_id": journey, "version": version,
+                       "reason": "campaign_archived", "converted": false}),
+                Some(("journey", journey)),
+            )
+            .await?;
+        }
+    }
+    get(conn, tenant, id)
+        .await?
+        .ok_or_else(|| campaign_not_found(id))
+}
+
+/// Journeys by state and the campaign's messages by outcome.
+pub async fn stats(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> ApiResult<CampaignStats> {
+    let (enrolled, active, completed, exited, converted): (i64, i64, i64, i64, i64) =
+        sqlx::query_as(
+            "SELECT count(*),
+                    count(*) FILTER (WHERE status = 'active'),
+                    count(*) FILTER (WHERE status = 'completed'),
+                    count(*) FILTER (WHERE status = 'exited'),
+                    count(*) FILTER (WHERE converted)
+             FROM journeys WHERE tenant_id = $1 AND campaign_id = $2",
+        )
+        .bind(tenant)
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let rows: Vec<(String, String, Option<String>, i64, i64, i64)> = sqlx::query_as(
+        "SELECT channel, status, CASE WHEN status = 'suppressed' THEN status_reason END,
+                count(*), count(opened_at), count(clicked_at)
+         FROM messages WHERE tenant_id = $1 AND campaign_id = $2
+         GROUP BY 1, 2, 3",
+    )
+    .bind(tenant)
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut stats = CampaignStats {
+        campaign_id: id,
+        enrolled,
+        active,
+        completed,
+        exited,
+        converted,
+        ..CampaignStats::default()
+    };
+    let mut sent: BTreeMap<String, i64> = BTreeMap::new();
+    for (channel, status, reason, n, opened, clicked) in rows {
+        stats.opened += opened;
+        stats.clicked += clicked;
+        match status.as_str() {
+            "sent" | "delivered" => {
+                *sent.entry(channel).or_default() += n;
+                if status == "delivered" {
+                    stats.delivered += n;
+                }
+            }
+            "queued" | "sending" => stats.queued += n,
+            "failed" | "dead" => stats.failed += n,
+            "suppressed" => {
+                let reason = reason.unwrap_or_else(|| "suppressed".to_owned());
+                *stats.suppressed.entry(reason).or_default() += n;
+            }
+            _ => {}
+        }
+    }
+    stats.sent = sent;
+    Ok(stats)
+}
