@@ -50,8 +50,10 @@ pub struct Config {
     pub outbox_log: String,
     /// Messages a worker claims at once.
     pub outbox_batch_size: i64,
-    /// Messages a worker sends at once.
+    /// Messages a dispatch loop sends at once.
     pub outbox_concurrency: usize,
+    /// Dispatch loops per worker process, each claiming and sending its own batches.
+    pub outbox_dispatchers: usize,
     /// How long a claimed message is held before another worker may take it over.
     pub outbox_lease_secs: u64,
     /// Attempts before a message is `failed`.
@@ -80,7 +82,8 @@ impl Default for Config {
             shutdown_grace_secs: 20,
             outbox_log: "var/outbox.jsonl".to_owned(),
             outbox_batch_size: 100,
-            outbox_concurrency: 32,
+            outbox_concurrency: 100,
+            outbox_dispatchers: 4,
             outbox_lease_secs: 60,
             outbox_max_attempts: 8,
             outbox_poll_interval_ms: 1000,

@@ -375,3 +375,56 @@ async fn timeline_is_newest_first_and_paginated() {
     assert!(types.contains(&"contact.created"));
     assert_eq!(types.len(), 6);
 }
+
+#[tokio::test]
+async fn events_appended_in_one_statement_get_exact_ordinals() {
+    use rapport::events::store::{Emitted, append_many};
+    use rapport::tenancy::TenantId;
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let ana = app.contact(&t, "ana", json!({})).await["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ivo = app.contact(&t, "ivo", json!({})).await["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let tenant = TenantId(t.id.parse().unwrap());
+    let row = |contact, kind| Emitted {
+        tenant,
+        contact_id: contact,
+        kind,
+        properties: json!({}),
+        subject: None,
+    };
+    let mut conn = app.pool.acquire().await.unwrap();
+    let rows = [
+        row(ana, "message.sent"),
+        row(ivo, "message.sent"),
+        row(ana, "message.sent"),
+        row(ana, "message.failed"),
+    ];
+    assert_eq!(append_many(&mut conn, &rows).await.unwrap(), 4);
+    assert_eq!(append_many(&mut conn, &rows[..1]).await.unwrap(), 1);
+    let got: Vec<(uuid::Uuid, String, i64)> = sqlx::query_as(
+        "SELECT contact_id, type, ordinal FROM events WHERE type LIKE 'message.%' ORDER BY id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        got,
+        [
+            (ana, "message.sent".to_owned(), 1),
+            (ivo, "message.sent".to_owned(), 1),
+            (ana, "message.sent".to_owned(), 2),
+            (ana, "message.failed".to_owned(), 1),
+            (ana, "message.sent".to_owned(), 3),
+        ]
+    );
+    let stats = app.get(&format!("/v1/contacts/{ana}"), &t.key).await.body["stats"].clone();
+    assert_eq!(stats["message.sent"], 3);
+}

@@ -98,6 +98,78 @@ pub async fn append(
     }
 }
 
+/// An event Rapport emits, for [`append_many`].
+#[derive(Debug, Clone)]
+pub struct Emitted {
+    pub tenant: TenantId,
+    pub contact_id: Uuid,
+    pub kind: &'static str,
+    pub properties: Value,
+    pub subject: Option<(&'static str, Uuid)>,
+}
+
+/// Appends many events Rapport emits in one statement (the outbox records a batch of sends
+/// this way). Counters are bumped once per contact and type, in a sorted order so that
+/// concurrent batches cannot deadlock, and each event gets its exact ordinal. Like
+/// [`append`], it feeds the rule engine's inbox while the tenant has a running campaign.
+pub async fn append_many(conn: &mut PgConnection, rows: &[Emitted]) -> Result<u64, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let tenants: Vec<Uuid> = rows.iter().map(|r| r.tenant.0).collect();
+    let ids: Vec<Uuid> = rows.iter().map(|_| Uuid::now_v7()).collect();
+    let contacts: Vec<Uuid> = rows.iter().map(|r| r.contact_id).collect();
+    let kinds: Vec<&str> = rows.iter().map(|r| r.kind).collect();
+    let properties: Vec<&Value> = rows.iter().map(|r| &r.properties).collect();
+    let subject_types: Vec<Option<&str>> = rows.iter().map(|r| r.subject.map(|s| s.0)).collect();
+    let subject_ids: Vec<Option<Uuid>> = rows.iter().map(|r| r.subject.map(|s| s.1)).collect();
+    let appended: i64 = sqlx::query_scalar(
+        "WITH input AS (
+            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::jsonb[],
+                                 $6::text[], $7::uuid[])
+                   WITH ORDINALITY AS u(t, id, c, k, p, st, sid, n)
+         ), numbered AS (
+            SELECT input.*,
+                   row_number() OVER (PARTITION BY t, c, k ORDER BY n) AS rn,
+                   count(*) OVER (PARTITION BY t, c, k) AS total
+            FROM input
+         ), counters AS (
+            INSERT INTO contact_event_counts AS cc (tenant_id, contact_id, event_type, count)
+            SELECT t, c, k, count(*) FROM input GROUP BY t, c, k ORDER BY t, c, k
+            ON CONFLICT (tenant_id, contact_id, event_type)
+            DO UPDATE SET count = cc.count + excluded.count
+            RETURNING tenant_id, contact_id, event_type, count
+         ), appended AS (
+            INSERT INTO events (tenant_id, id, contact_id, type, occurred_at, properties, source,
+                                ordinal, subject_type, subject_id)
+            SELECT x.t, x.id, x.c, x.k, clock_timestamp(), x.p, 'rapport',
+                   cn.count - x.total + x.rn, x.st, x.sid
+            FROM numbered x JOIN counters cn
+              ON cn.tenant_id = x.t AND cn.contact_id = x.c AND cn.event_type = x.k
+            ORDER BY x.n
+            RETURNING tenant_id, id, contact_id, type
+         ), inbox AS (
+            INSERT INTO campaign_inbox (tenant_id, contact_id, event_id)
+            SELECT a.tenant_id, a.contact_id, a.id FROM appended a JOIN input i ON i.id = a.id
+            WHERE left(a.type, 9) <> 'campaign.'
+              AND EXISTS (SELECT 1 FROM campaigns cp WHERE cp.tenant_id = a.tenant_id
+                          AND cp.status IN ('active', 'paused'))
+            ORDER BY i.n
+         )
+         SELECT count(*) FROM appended",
+    )
+    .bind(&tenants)
+    .bind(&ids)
+    .bind(&contacts)
+    .bind(&kinds)
+    .bind(&properties)
+    .bind(&subject_types)
+    .bind(&subject_ids)
+    .fetch_one(conn)
+    .await?;
+    Ok(u64::try_from(appended).unwrap_or(0))
+}
+
 /// Appends an event Rapport emits itself (`contact.updated`, `message.sent`...).
 pub async fn emit(
     conn: &mut PgConnection,

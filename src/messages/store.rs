@@ -613,6 +613,85 @@ pub async fn finish(
     Ok(true)
 }
 
+/// A message a provider accepted, for [`finish_sent`].
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub message: Claimed,
+    pub provider: &'static str,
+    pub started_at: DateTime<Utc>,
+    pub provider_message_id: Option<String>,
+}
+
+/// Records a batch of accepted sends in one transaction: the messages, their attempt rows
+/// and their `message.sent` events, set-based. Messages whose lease was lost meanwhile are
+/// left to their new holder, exactly as [`finish`] does one at a time. Returns how many were
+/// recorded.
+pub async fn finish_sent(pool: &PgPool, accepted: &[Accepted]) -> Result<usize, sqlx::Error> {
+    if accepted.is_empty() {
+        return Ok(0);
+    }
+    let tenants: Vec<Uuid> = accepted.iter().map(|a| a.message.tenant_id.0).collect();
+    let ids: Vec<Uuid> = accepted.iter().map(|a| a.message.id).collect();
+    let attempts: Vec<i32> = accepted.iter().map(|a| a.message.attempts).collect();
+    let providers: Vec<&str> = accepted.iter().map(|a| a.provider).collect();
+    let provider_ids: Vec<Option<&str>> = accepted
+        .iter()
+        .map(|a| a.provider_message_id.as_deref())
+        .collect();
+    let started: Vec<DateTime<Utc>> = accepted.iter().map(|a| a.started_at).collect();
+    let mut tx = pool.begin().await?;
+    let recorded: Vec<(TenantId, Uuid)> = sqlx::query_as(
+        "WITH input AS (
+            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[],
+                                 $6::timestamptz[]) AS u(t, id, attempt, provider, pmid, started)
+         ), updated AS (
+            UPDATE messages m SET status = 'sent', provider = i.provider,
+                provider_message_id = i.pmid, status_reason = NULL, sent_at = now(),
+                locked_until = NULL, updated_at = now()
+            FROM input i
+            WHERE m.tenant_id = i.t AND m.id = i.id AND m.status = 'sending'
+              AND m.attempts = i.attempt
+            RETURNING m.tenant_id, m.id, i.attempt, i.provider, i.pmid, i.started
+         ), attempts AS (
+            INSERT INTO message_attempts (tenant_id, message_id, attempt, provider, started_at,
+                finished_at, outcome, provider_message_id)
+            SELECT tenant_id, id, attempt, provider, started, now(), 'sent', pmid FROM updated
+         )
+         SELECT tenant_id, id FROM updated",
+    )
+    .bind(&tenants)
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&providers)
+    .bind(&provider_ids)
+    .bind(&started)
+    .fetch_all(&mut *tx)
+    .await?;
+    let recorded: std::collections::HashSet<(TenantId, Uuid)> = recorded.into_iter().collect();
+    let mut events_rows: Vec<events::Emitted> = Vec::with_capacity(recorded.len());
+    for a in accepted {
+        let m = &a.message;
+        if !recorded.contains(&(m.tenant_id, m.id)) {
+            tracing::warn!(message_id = %m.id, "lease lost before the outcome was recorded; the new holder decides");
+            continue;
+        }
+        if let Some(contact_id) = m.contact_id {
+            events_rows.push(events::Emitted {
+                tenant: m.tenant_id,
+                contact_id,
+                kind: "message.sent",
+                properties: json!({"message_id": m.id, "channel": m.channel,
+                    "provider": a.provider, "provider_message_id": a.provider_message_id,
+                    "attempt": m.attempts}),
+                subject: Some(("message", m.id)),
+            });
+        }
+    }
+    events::append_many(&mut tx, &events_rows).await?;
+    tx.commit().await?;
+    Ok(recorded.len())
+}
+
 /// A delivery receipt's verdict.
 #[derive(Debug, Clone)]
 pub enum DeliveryReport {

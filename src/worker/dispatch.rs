@@ -5,6 +5,8 @@
 //! so nothing committed to the outbox is lost; the lease is fenced by the attempt number, so a
 //! worker that lost its lease cannot overwrite the new holder's outcome.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -14,9 +16,10 @@ use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
-use crate::channels::{Outbound, SendError};
+use crate::channels::{Outbound, Provider, SendError};
 use crate::contacts::model::Channel;
 use crate::messages::store::{self, Claimed, NOTIFY_CHANNEL, Outcome};
+use crate::tenancy::TenantId;
 
 /// First retry delay; doubled each attempt, with full jitter, up to [`MAX_BACKOFF`].
 const BASE_BACKOFF: Duration = Duration::from_secs(2);
@@ -38,8 +41,18 @@ pub fn backoff(attempt: i32, retry_after: Option<Duration>) -> Duration {
     }
 }
 
-/// Sends messages until `shutdown`; a batch in flight is finished first.
+/// Runs `outbox_dispatchers` dispatch loops until `shutdown`. While one loop records its
+/// batch, the others are claiming and sending theirs (SKIP LOCKED keeps them apart), so the
+/// provider and the database are both kept busy.
 pub async fn run(state: AppState, shutdown: CancellationToken) {
+    let loops = (0..state.config.outbox_dispatchers.max(1))
+        .map(|_| tokio::spawn(run_loop(state.clone(), shutdown.clone())));
+    futures::future::join_all(loops).await;
+}
+
+/// One dispatch loop: rounds back to back while messages are due, else a wait for NOTIFY or
+/// the poll interval; a batch in flight is finished first on shutdown.
+async fn run_loop(state: AppState, shutdown: CancellationToken) {
     let mut listener = match PgListener::connect_with(&state.pool).await {
         Ok(mut l) => match l.listen(NOTIFY_CHANNEL).await {
             Ok(()) => Some(l),
@@ -94,11 +107,31 @@ pub async fn dispatch_once(state: &AppState) -> Result<usize, sqlx::Error> {
     )
     .await?;
     let n = claimed.len();
-    futures::stream::iter(claimed)
-        .map(|m| send_one(state, m))
+    // One settings lookup per tenant and channel a round, not one per message.
+    let mut providers: HashMap<(TenantId, Channel), Result<Arc<dyn Provider>, SendError>> =
+        HashMap::new();
+    for m in &claimed {
+        if let Some(channel) = Channel::parse(&m.channel)
+            && !providers.contains_key(&(m.tenant_id, channel))
+        {
+            let provider = state
+                .channels
+                .provider(&state.pool, m.tenant_id, channel)
+                .await;
+            providers.insert((m.tenant_id, channel), provider);
+        }
+    }
+    let providers = &providers;
+    let attempted: Vec<Attempted> = futures::stream::iter(claimed)
+        .map(|m| async move {
+            let provider =
+                Channel::parse(&m.channel).and_then(|c| providers.get(&(m.tenant_id, c)).cloned());
+            attempt(state, m, provider).await
+        })
         .buffer_unordered(config.outbox_concurrency.max(1))
-        .collect::<Vec<()>>()
+        .collect()
         .await;
+    record_all(state, attempted).await;
     Ok(n)
 }
 
@@ -115,45 +148,42 @@ pub async fn drain(state: &AppState) -> Result<usize, sqlx::Error> {
     }
 }
 
-async fn send_one(state: &AppState, m: Claimed) {
+/// One attempt's result, before it is recorded.
+struct Attempted {
+    message: Claimed,
+    provider: &'static str,
+    started_at: chrono::DateTime<Utc>,
+    outcome: Outcome,
+}
+
+/// Sends one claimed message through its provider (None: an unknown channel) and says what
+/// happened; nothing is recorded yet.
+async fn attempt(
+    state: &AppState,
+    m: Claimed,
+    provider: Option<Result<Arc<dyn Provider>, SendError>>,
+) -> Attempted {
     let started_at = Utc::now();
-    let Some(channel) = Channel::parse(&m.channel) else {
-        record(
-            state,
-            &m,
-            "none",
-            started_at,
-            Outcome::Failed {
-                reason: format!("unknown channel `{}`", m.channel),
-            },
-        )
-        .await;
-        return;
+    let done = |m: Claimed, provider: &'static str, outcome: Outcome| Attempted {
+        message: m,
+        provider,
+        started_at,
+        outcome,
     };
-    let provider = match state
-        .channels
-        .provider(&state.pool, m.tenant_id, channel)
-        .await
-    {
+    let (Some(channel), Some(provider)) = (Channel::parse(&m.channel), provider) else {
+        let reason = format!("unknown channel `{}`", m.channel);
+        return done(m, "none", Outcome::Failed { reason });
+    };
+    let provider = match provider {
         Ok(p) => p,
         Err(e) => {
             let outcome = outcome_of_error(&m, e);
-            record(state, &m, "none", started_at, outcome).await;
-            return;
+            return done(m, "none", outcome);
         }
     };
     let Some(to) = m.recipient.clone() else {
-        record(
-            state,
-            &m,
-            provider.name(),
-            started_at,
-            Outcome::Failed {
-                reason: "no_address".to_owned(),
-            },
-        )
-        .await;
-        return;
+        let reason = "no_address".to_owned();
+        return done(m, provider.name(), Outcome::Failed { reason });
     };
     let outbound = Outbound {
         tenant_id: m.tenant_id,
@@ -181,24 +211,38 @@ async fn send_one(state: &AppState, m: Claimed) {
     };
     let outcome = match result {
         Ok(receipt) => Outcome::Sent(receipt),
-        Err(SendError::Permanent { reason }) => Outcome::Failed { reason },
-        Err(SendError::Transient { reason, .. }) if m.attempts >= m.max_attempts => {
-            Outcome::Failed {
-                reason: format!("gave up after {} attempts: {reason}", m.attempts),
-            }
-        }
-        Err(SendError::Transient {
-            reason,
-            retry_after,
-        }) => Outcome::Retry {
-            reason,
-            delay: backoff(m.attempts, retry_after),
-        },
+        Err(e) => outcome_of_error(&m, e),
     };
     metrics::counter!("outbox_attempts_total", "channel" => m.channel.clone(),
         "outcome" => match &outcome { Outcome::Sent(_) => "sent", Outcome::Retry { .. } => "retry", Outcome::Failed { .. } => "failed" })
     .increment(1);
-    record(state, &m, provider.name(), started_at, outcome).await;
+    done(m, provider.name(), outcome)
+}
+
+/// Records a round's outcomes: accepted sends together in one transaction, retries and
+/// failures one by one. If the batch cannot be written, each is tried alone.
+async fn record_all(state: &AppState, attempted: Vec<Attempted>) {
+    let mut accepted = Vec::new();
+    for a in attempted {
+        match a.outcome {
+            Outcome::Sent(receipt) => accepted.push(store::Accepted {
+                message: a.message,
+                provider: a.provider,
+                started_at: a.started_at,
+                provider_message_id: receipt.provider_message_id,
+            }),
+            outcome => record(state, &a.message, a.provider, a.started_at, outcome).await,
+        }
+    }
+    if let Err(e) = store::finish_sent(&state.pool, &accepted).await {
+        tracing::warn!(error = %crate::error::error_chain(&e), "cannot record a batch of sends; recording them one by one");
+        for a in accepted {
+            let outcome = Outcome::Sent(crate::channels::Receipt {
+                provider_message_id: a.provider_message_id.clone(),
+            });
+            record(state, &a.message, a.provider, a.started_at, outcome).await;
+        }
+    }
 }
 
 /// A failed attempt: retried with backoff while attempts remain, unless permanent.

@@ -91,7 +91,7 @@ async fn watch_sla(state: AppState, shutdown: CancellationToken) {
 }
 
 /// How often the engine looks for new events and due journeys when it has nothing to do.
-const CAMPAIGN_POLL: Duration = Duration::from_millis(200);
+const CAMPAIGN_POLL: Duration = Duration::from_millis(25);
 /// How often schedules (birthdays) are looked at.
 const SCHEDULE_EVERY: Duration = Duration::from_secs(30);
 

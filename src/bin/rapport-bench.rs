@@ -1,0 +1,1143 @@
+//! `rapport-bench`: measures Rapport's hot paths over loopback HTTP against a real server, and
+//! the database's own limit for the same rows, so every figure is also a ratio of what
+//! PostgreSQL can do on this machine.
+//!
+//! By default it starts `rapport serve` (the binary next to this one) on a fresh database,
+//! creates its own tenant and data, runs each scenario for `--duration`, prints a table,
+//! writes JSON, stops the server and drops the database. See BENCHMARKS.md.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use axum::extract::State;
+use clap::Parser;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::sync::Semaphore;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "rapport-bench",
+    about = "Measure Rapport's hot paths against PostgreSQL's own limit"
+)]
+struct Args {
+    /// Base PostgreSQL URL; the benchmark creates (and drops) its own database on that server.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/rapport"
+    )]
+    database_url: String,
+    /// The `rapport` binary to start (default: the one next to this program).
+    #[arg(long)]
+    server_bin: Option<String>,
+    /// Seconds each scenario runs.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Concurrent clients for the single-request scenarios.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Scenarios to run, comma-separated: events,batch,rules,dispatch,e2e,reads.
+    #[arg(long, default_value = "events,batch,rules,dispatch,e2e,reads")]
+    scenarios: String,
+    /// Messages queued for the dispatch scenario.
+    #[arg(long, default_value_t = 100_000)]
+    dispatch_messages: usize,
+    /// Contacts created before the scenarios run.
+    #[arg(long, default_value_t = 10_000)]
+    contacts: usize,
+    /// Events per second in the end-to-end scenario.
+    #[arg(long, default_value_t = 20.0)]
+    e2e_rate: f64,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = "bench.json")]
+    json: String,
+}
+
+const ADMIN: &str = "bench-admin-token";
+
+/// Latencies of one scenario.
+#[derive(Default)]
+struct Samples {
+    micros: Vec<u64>,
+    errors: u64,
+}
+
+impl Samples {
+    fn merge(&mut self, other: Samples) {
+        self.micros.extend(other.micros);
+        self.errors += other.errors;
+    }
+
+    fn pct(&mut self, p: f64) -> f64 {
+        if self.micros.is_empty() {
+            return 0.0;
+        }
+        self.micros.sort_unstable();
+        let i = ((self.micros.len() as f64 - 1.0) * p).round() as usize;
+        self.micros[i] as f64 / 1000.0
+    }
+}
+
+/// One row of the results.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Row {
+    scenario: String,
+    unit: String,
+    throughput: f64,
+    p50_ms: f64,
+    p95_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+    db_limit: Option<f64>,
+    ratio: Option<f64>,
+    target: String,
+    met: Option<bool>,
+    peak_rss_mb: f64,
+    cpu_pct: f64,
+    notes: String,
+}
+
+/// The server process, watched for memory and CPU.
+struct Server {
+    child: Option<Child>,
+    pid: u32,
+    url: String,
+    db_name: String,
+    peak_rss_kb: Arc<AtomicU64>,
+}
+
+fn proc_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// User + system CPU seconds of a process.
+fn proc_cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let after = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields after the command: state is 0, utime is 11, stime is 12.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+impl Server {
+    async fn start(args: &Args) -> anyhow::Result<Server> {
+        let bin = match &args.server_bin {
+            Some(b) => b.clone(),
+            None => std::env::current_exe()?
+                .with_file_name("rapport")
+                .to_string_lossy()
+                .into_owned(),
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let db_name = format!("rapport_bench_{}", std::process::id());
+        let mut db_url = url::Url::parse(&args.database_url)?;
+        db_url.set_path(&format!("/{db_name}"));
+        let log = std::env::temp_dir().join(format!("{db_name}.jsonl"));
+        let child = Command::new(&bin)
+            .arg("serve")
+            .env("DATABASE_URL", db_url.as_str())
+            .env("RAPPORT_LISTEN", format!("127.0.0.1:{port}"))
+            .env("RAPPORT_ADMIN_TOKEN", ADMIN)
+            .env(
+                "RAPPORT_SECRET_KEY",
+                "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
+            )
+            .env("RAPPORT_OUTBOX_LOG", &log)
+            .env("RAPPORT_LOG_LEVEL", "warn,sqlx=error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("start {bin} (build it with `cargo build --release`)"))?;
+        let pid = child.id();
+        let server = Server {
+            child: Some(child),
+            pid,
+            url: format!("http://127.0.0.1:{port}"),
+            db_name,
+            peak_rss_kb: Arc::new(AtomicU64::new(0)),
+        };
+        let http = reqwest::Client::new();
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = http.get(format!("{}/readyz", server.url)).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("the server did not become ready in 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let peak = server.peak_rss_kb.clone();
+        tokio::spawn(async move {
+            loop {
+                let rss = proc_rss_kb(pid);
+                if rss == 0 {
+                    return;
+                }
+                peak.fetch_max(rss, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        Ok(server)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.pid.to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What every scenario shares.
+struct Bench {
+    args: Args,
+    http: reqwest::Client,
+    url: String,
+    key: String,
+    db: PgPool,
+    pid: u32,
+    peak: Arc<AtomicU64>,
+    /// Pre-created contacts: (id, external_id, E.164 phone).
+    contacts: Vec<(String, String, String)>,
+    stub: Stub,
+}
+
+/// A Twilio-shaped HTTP stub that answers after 10 ms and remembers every body it got.
+#[derive(Clone, Default)]
+struct Stub {
+    seen: Arc<Mutex<HashMap<String, (u32, Instant)>>>,
+    requests: Arc<AtomicU64>,
+    url: String,
+}
+
+async fn stub_messages(
+    State(stub): State<Stub>,
+    body: String,
+) -> (axum::http::StatusCode, axum::Json<Value>) {
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let text = url::form_urlencoded::parse(body.as_bytes())
+        .find(|(k, _)| k == "Body")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    stub.requests.fetch_add(1, Ordering::Relaxed);
+    {
+        let mut seen = stub.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.entry(text).or_insert((0, Instant::now())).0 += 1;
+    }
+    (
+        axum::http::StatusCode::CREATED,
+        axum::Json(
+            json!({"sid": format!("SM{}", uuid::Uuid::new_v4().simple()), "status": "queued"}),
+        ),
+    )
+}
+
+impl Stub {
+    async fn start() -> anyhow::Result<Stub> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let mut stub = Stub {
+            url: format!("http://{}", listener.local_addr()?),
+            ..Stub::default()
+        };
+        let app = axum::Router::new()
+            .route(
+                "/2010-04-01/Accounts/{sid}/Messages.json",
+                axum::routing::post(stub_messages),
+            )
+            .with_state(stub.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        stub.url = stub.url.clone();
+        Ok(stub)
+    }
+
+    fn reset(&self) {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.requests.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Bench {
+    fn row(&self, scenario: &str, unit: &str) -> Row {
+        Row {
+            scenario: scenario.to_owned(),
+            unit: unit.to_owned(),
+            throughput: 0.0,
+            p50_ms: 0.0,
+            p95_ms: 0.0,
+            p99_ms: 0.0,
+            errors: 0,
+            db_limit: None,
+            ratio: None,
+            target: String::new(),
+            met: None,
+            peak_rss_mb: 0.0,
+            cpu_pct: 0.0,
+            notes: String::new(),
+        }
+    }
+
+    /// Runs `f` (one request) from `clients` loops for `secs`; per-request latencies.
+    async fn closed_loop<F, Fut>(&self, clients: usize, secs: f64, f: F) -> (Samples, f64)
+    where
+        F: Fn(u64) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = bool> + Send,
+    {
+        let counter = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs_f64(secs);
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let f = f.clone();
+            let counter = counter.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut s = Samples::default();
+                while Instant::now() < deadline {
+                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    let t = Instant::now();
+                    if f(n).await {
+                        s.micros.push(t.elapsed().as_micros() as u64);
+                    } else {
+                        s.errors += 1;
+                    }
+                }
+                s
+            }));
+        }
+        let mut all = Samples::default();
+        for t in tasks {
+            if let Ok(s) = t.await {
+                all.merge(s);
+            }
+        }
+        (all, start.elapsed().as_secs_f64())
+    }
+
+    fn post(&self, path: &str, body: Value) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(&self.key)
+            .json(&body)
+    }
+
+    /// Measures the server's CPU and peak memory around a scenario.
+    fn watch(&self) -> (f64, Instant) {
+        self.peak.store(proc_rss_kb(self.pid), Ordering::Relaxed);
+        (proc_cpu_secs(self.pid), Instant::now())
+    }
+
+    fn finish_watch(&self, row: &mut Row, (cpu0, t0): (f64, Instant)) {
+        let cpu = proc_cpu_secs(self.pid) - cpu0;
+        row.cpu_pct = 100.0 * cpu / t0.elapsed().as_secs_f64().max(1e-3);
+        row.peak_rss_mb = self.peak.load(Ordering::Relaxed) as f64 / 1024.0;
+    }
+
+    fn event_body(&self, n: u64, kind: &str) -> Value {
+        let c = &self.contacts[(n as usize * 7919) % self.contacts.len()];
+        json!({"type": kind, "contact": {"external_id": c.1},
+               "properties": {"n": n, "amount": 129.9, "sku": "SKU-42"}})
+    }
+
+    /// The raw limit: the same event rows straight into a copy of the events table, one row
+    /// per commit from `clients` connections, or `batch` rows per statement with UNNEST.
+    async fn raw_insert_rate(
+        &self,
+        clients: usize,
+        batch: usize,
+        secs: f64,
+    ) -> anyhow::Result<f64> {
+        sqlx::query("DROP TABLE IF EXISTS bench_raw_events")
+            .execute(&self.db)
+            .await?;
+        sqlx::query("CREATE TABLE bench_raw_events (LIKE events INCLUDING ALL)")
+            .execute(&self.db)
+            .await?;
+        let tenant: uuid::Uuid = sqlx::query_scalar("SELECT id FROM tenants LIMIT 1")
+            .fetch_one(&self.db)
+            .await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(clients as u32)
+            .connect_with(self.db.connect_options().as_ref().clone())
+            .await?;
+        let counter = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs_f64(secs);
+        let mut tasks = Vec::new();
+        let contact_ids: Arc<Vec<uuid::Uuid>> = Arc::new(
+            self.contacts
+                .iter()
+                .filter_map(|c| c.0.parse().ok())
+                .collect(),
+        );
+        for _ in 0..clients {
+            let pool = pool.clone();
+            let counter = counter.clone();
+            let contact_ids = contact_ids.clone();
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let n = counter.fetch_add(batch as u64, Ordering::Relaxed);
+                    let ids: Vec<uuid::Uuid> = (0..batch).map(|_| uuid::Uuid::now_v7()).collect();
+                    let contacts: Vec<uuid::Uuid> = (0..batch)
+                        .map(|i| contact_ids[((n as usize + i) * 7919) % contact_ids.len()])
+                        .collect();
+                    let props: Vec<Value> = (0..batch)
+                        .map(|i| json!({"n": n + i as u64, "amount": 129.9, "sku": "SKU-42"}))
+                        .collect();
+                    let r = sqlx::query(
+                        "INSERT INTO bench_raw_events (tenant_id, id, contact_id, type, occurred_at,
+                             properties, source, ordinal)
+                         SELECT $1, id, c, 'bench.raw', now(), p, 'api', 1
+                         FROM unnest($2::uuid[], $3::uuid[], $4::jsonb[]) AS u(id, c, p)",
+                    )
+                    .bind(tenant)
+                    .bind(&ids)
+                    .bind(&contacts)
+                    .bind(&props)
+                    .execute(&pool)
+                    .await;
+                    if r.is_err() {
+                        counter.fetch_sub(batch as u64, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let rate = counter.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+        pool.close().await;
+        sqlx::query("DROP TABLE bench_raw_events")
+            .execute(&self.db)
+            .await?;
+        Ok(rate)
+    }
+}
+
+fn fill(row: &mut Row, samples: &mut Samples, count: f64, secs: f64) {
+    row.throughput = count / secs.max(1e-6);
+    row.p50_ms = samples.pct(0.50);
+    row.p95_ms = samples.pct(0.95);
+    row.p99_ms = samples.pct(0.99);
+    row.errors = samples.errors;
+}
+
+async fn setup(args: &Args, server: &Server) -> anyhow::Result<Bench> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    let t: Value = http
+        .post(format!("{}/admin/v1/tenants", server.url))
+        .bearer_auth(ADMIN)
+        .json(
+            &json!({"name": "Bench", "slug": "bench", "default_country": "HR",
+                      "default_locale": "hr", "timezone": "Europe/Zagreb"}),
+        )
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let tenant = t["id"].as_str().context("tenant id")?.to_owned();
+    let k: Value = http
+        .post(format!("{}/admin/v1/tenants/{tenant}/api-keys", server.url))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "bench"}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let key = k["key"].as_str().context("api key")?.to_owned();
+    let mut db_url = url::Url::parse(&args.database_url)?;
+    db_url.set_path(&format!("/{}", server.db_name));
+    let db = PgPoolOptions::new()
+        .max_connections(8)
+        .connect(db_url.as_str())
+        .await?;
+    let stub = Stub::start().await?;
+    let mut bench = Bench {
+        args: args.clone(),
+        http,
+        url: server.url.clone(),
+        key,
+        db,
+        pid: server.pid,
+        peak: server.peak_rss_kb.clone(),
+        contacts: Vec::new(),
+        stub,
+    };
+    // Contacts, 1,000 a request.
+    for chunk in 0..args.contacts.div_ceil(1000) {
+        let items: Vec<Value> = (chunk * 1000..((chunk + 1) * 1000).min(args.contacts))
+            .map(|i| {
+                json!({"external_id": format!("c{i}"), "first_name": "Ana",
+                            "phone": format!("+3859{:08}", 10_000_000 + i),
+                            "email": format!("c{i}@bench.example"),
+                            "consents": {"sms": {"marketing": "opted_in"}},
+                            "attributes": {"credit_limit": 10000, "available_credit": 5000}})
+            })
+            .collect();
+        let r: Value = bench
+            .post("/v1/contacts/batch", json!({"contacts": items}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        for item in r["results"]
+            .as_array()
+            .or(r["data"].as_array())
+            .into_iter()
+            .flatten()
+        {
+            let c = if item.get("contact").is_some() {
+                &item["contact"]
+            } else {
+                item
+            };
+            if let (Some(id), Some(ext), Some(phone)) = (
+                c["id"].as_str(),
+                c["external_id"].as_str(),
+                c["phone"].as_str(),
+            ) {
+                bench
+                    .contacts
+                    .push((id.to_owned(), ext.to_owned(), phone.to_owned()));
+            }
+        }
+    }
+    if bench.contacts.is_empty() {
+        bail!("no contacts were created");
+    }
+    Ok(bench)
+}
+
+async fn scenario_events(b: &Bench) -> anyhow::Result<Row> {
+    let mut row = b.row("1. POST /v1/events", "events/s");
+    let w = b.watch();
+    let http = b.http.clone();
+    let url = format!("{}/v1/events", b.url);
+    let key = b.key.clone();
+    let bodies: Arc<Vec<Value>> = Arc::new(
+        (0..50_000)
+            .map(|n| b.event_body(n, "bench.viewed"))
+            .collect(),
+    );
+    let (mut s, secs) = b
+        .closed_loop(b.args.concurrency, b.args.duration, move |n| {
+            let req = http
+                .post(&url)
+                .bearer_auth(&key)
+                .json(&bodies[n as usize % bodies.len()]);
+            async move { matches!(req.send().await, Ok(r) if r.status().as_u16() == 202) }
+        })
+        .await;
+    b.finish_watch(&mut row, w);
+    let count = s.micros.len() as f64;
+    fill(&mut row, &mut s, count, secs);
+    let raw = b
+        .raw_insert_rate(b.args.concurrency, 1, b.args.duration)
+        .await?;
+    row.db_limit = Some(raw);
+    row.ratio = Some(row.throughput / raw);
+    row.target = ">= 1.0x raw, p99 < 25 ms".into();
+    row.met = Some(row.throughput >= raw && row.p99_ms < 25.0);
+    row.notes = format!(
+        "raw = one INSERT per commit at concurrency {}",
+        b.args.concurrency
+    );
+    Ok(row)
+}
+
+async fn scenario_batch(b: &Bench) -> anyhow::Result<Row> {
+    let mut row = b.row("2. POST /v1/events/batch (1,000)", "events/s");
+    let clients = 4;
+    let w = b.watch();
+    let http = b.http.clone();
+    let url = format!("{}/v1/events/batch", b.url);
+    let key = b.key.clone();
+    let batches: Arc<Vec<Value>> = Arc::new(
+        (0..20u64)
+            .map(|k| json!({"events": (0..1000).map(|i| b.event_body(k * 1000 + i, "bench.batched")).collect::<Vec<_>>()}))
+            .collect(),
+    );
+    let (mut s, secs) = b
+        .closed_loop(clients, b.args.duration, move |n| {
+            let req = http
+                .post(&url)
+                .bearer_auth(&key)
+                .json(&batches[n as usize % batches.len()]);
+            async move { matches!(req.send().await, Ok(r) if r.status().is_success()) }
+        })
+        .await;
+    b.finish_watch(&mut row, w);
+    let count = s.micros.len() as f64 * 1000.0;
+    fill(&mut row, &mut s, count, secs);
+    let raw = b.raw_insert_rate(clients, 1000, b.args.duration).await?;
+    row.db_limit = Some(raw);
+    row.ratio = Some(row.throughput / raw);
+    row.target = ">= 0.6x raw batched".into();
+    row.met = Some(row.throughput >= 0.6 * raw);
+    row.notes =
+        format!("{clients} clients; raw = UNNEST of 1,000 rows per statement; latency per batch");
+    Ok(row)
+}
+
+async fn create_campaign(b: &Bench, body: Value) -> anyhow::Result<String> {
+    let c: Value = b
+        .post("/v1/campaigns", body)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = c["id"].as_str().context("campaign id")?.to_owned();
+    b.post(&format!("/v1/campaigns/{id}/activate"), json!({}))
+        .send()
+        .await?
+        .error_for_status()?;
+    Ok(id)
+}
+
+async fn archive(b: &Bench, id: &str) -> anyhow::Result<()> {
+    b.post(&format!("/v1/campaigns/{id}/archive"), json!({}))
+        .send()
+        .await?
+        .error_for_status()?;
+    Ok(())
+}
+
+async fn scenario_rules(b: &Bench) -> anyhow::Result<Row> {
+    let mut row = b.row("3. rule evaluation (10 campaigns)", "events/s");
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(
+            create_campaign(b, json!({"name": format!("Bench rule {i}"),
+                "trigger": {"event": "bench.rule", "where": format!("event.properties.amount > {i}.0")},
+                "audience": "contact.attributes.available_credit / contact.attributes.credit_limit < 0.9",
+                "steps": [{"type": "exit"}], "reentry": "always"}))
+            .await?,
+        );
+    }
+    let w = b.watch();
+    // Sample the age of the oldest event the engine has not consumed yet.
+    let lags = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let db = b.db.clone();
+        let lags = lags.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let age: Option<f64> = sqlx::query_scalar(
+                    "SELECT extract(epoch FROM clock_timestamp() - min(e.received_at))::float8
+                     FROM campaign_inbox i JOIN events e ON e.tenant_id = i.tenant_id AND e.id = i.event_id",
+                )
+                .fetch_one(&db)
+                .await
+                .unwrap_or(None);
+                lags.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(age.unwrap_or(0.0));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let http = b.http.clone();
+    let url = format!("{}/v1/events", b.url);
+    let key = b.key.clone();
+    let bodies: Arc<Vec<Value>> =
+        Arc::new((0..50_000).map(|n| b.event_body(n, "bench.rule")).collect());
+    let started = Instant::now();
+    let (s, secs) = b
+        .closed_loop(b.args.concurrency, b.args.duration, move |n| {
+            let req = http
+                .post(&url)
+                .bearer_auth(&key)
+                .json(&bodies[n as usize % bodies.len()]);
+            async move { matches!(req.send().await, Ok(r) if r.status().as_u16() == 202) }
+        })
+        .await;
+    let ingested = s.micros.len() as f64;
+    // Wait for the engine to empty its inbox.
+    let mut drained = false;
+    while started.elapsed() < Duration::from_secs_f64(b.args.duration * 6.0 + 30.0) {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM campaign_inbox")
+            .fetch_one(&b.db)
+            .await?;
+        if left == 0 {
+            drained = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let total = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.await;
+    b.finish_watch(&mut row, w);
+    let mut lag = Samples {
+        micros: lags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|s| (s * 1e6) as u64)
+            .collect(),
+        errors: s.errors,
+    };
+    row.throughput = ingested / total;
+    row.p50_ms = lag.pct(0.5);
+    row.p95_ms = lag.pct(0.95);
+    row.p99_ms = lag.pct(0.99);
+    row.errors = s.errors;
+    row.db_limit = Some(ingested / secs);
+    row.ratio = Some(row.throughput / (ingested / secs));
+    row.target = "keeps up with ingestion, lag p99 < 1 s".into();
+    row.met = Some(drained && row.p99_ms < 1000.0);
+    row.notes = format!(
+        "throughput = evaluated events/s until the inbox was empty{}; latencies = age of the oldest unconsumed event; db_limit = ingestion rate",
+        if drained { "" } else { " (NOT drained)" }
+    );
+    for id in ids {
+        archive(b, &id).await?;
+    }
+    Ok(row)
+}
+
+async fn use_stub(b: &Bench) -> anyhow::Result<()> {
+    b.http
+        .put(format!("{}/v1/channels/sms", b.url))
+        .bearer_auth(&b.key)
+        .json(&json!({"provider": "twilio",
+            "settings": {"account_sid": "ACbench", "from": "+15005550006", "base_url": b.stub.url},
+            "secrets": {"auth_token": "bench"}}))
+        .send()
+        .await?
+        .error_for_status()?;
+    Ok(())
+}
+
+async fn scenario_dispatch(b: &Bench) -> anyhow::Result<Row> {
+    let mut row = b.row("4. dispatch to a 10 ms Twilio stub", "messages/s");
+    use_stub(b).await?;
+    b.stub.reset();
+    let n = b.args.dispatch_messages;
+    let tenant: uuid::Uuid = sqlx::query_scalar("SELECT id FROM tenants LIMIT 1")
+        .fetch_one(&b.db)
+        .await?;
+    // Queue the messages straight in the outbox, as committed sends would be.
+    for start in (0..n).step_by(10_000) {
+        let count = (n - start).min(10_000);
+        let contacts: Vec<uuid::Uuid> = (start..start + count)
+            .map(|i| {
+                b.contacts[i % b.contacts.len()]
+                    .0
+                    .parse()
+                    .unwrap_or_default()
+            })
+            .collect();
+        let phones: Vec<String> = (start..start + count)
+            .map(|i| b.contacts[i % b.contacts.len()].2.clone())
+            .collect();
+        let bodies: Vec<String> = (start..start + count)
+            .map(|i| format!("bench message {i}"))
+            .collect();
+        sqlx::query(
+            "INSERT INTO messages (tenant_id, id, contact_id, channel, purpose, recipient, body_text,
+                 status, max_attempts, next_attempt_at)
+             SELECT $1, uuidv7_bench, c, 'sms', 'transactional', p, b, 'held', 8, now()
+             FROM (SELECT gen_random_uuid() AS uuidv7_bench, c, p, b
+                   FROM unnest($2::uuid[], $3::text[], $4::text[]) AS u(c, p, b)) x",
+        )
+        .bind(tenant)
+        .bind(&contacts)
+        .bind(&phones)
+        .bind(&bodies)
+        .execute(&b.db)
+        .await?;
+    }
+    let w = b.watch();
+    let started = Instant::now();
+    sqlx::query(
+        "UPDATE messages SET status = 'queued', next_attempt_at = now() WHERE status = 'held'",
+    )
+    .execute(&b.db)
+    .await?;
+    sqlx::query("SELECT pg_notify('rapport_outbox', '')")
+        .execute(&b.db)
+        .await?;
+    let mut rss_samples = Vec::new();
+    loop {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM messages WHERE status IN ('queued', 'sending')",
+        )
+        .fetch_one(&b.db)
+        .await?;
+        rss_samples.push(proc_rss_kb(b.pid));
+        if left == 0 || started.elapsed() > Duration::from_secs(900) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    b.finish_watch(&mut row, w);
+    let sent: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM messages WHERE status = 'sent' AND body_text LIKE 'bench message %'",
+    )
+    .fetch_one(&b.db)
+    .await?;
+    let requests = b.stub.requests.load(Ordering::Relaxed);
+    let distinct = b.stub.seen.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
+    let duplicates = requests.saturating_sub(distinct);
+    row.throughput = sent as f64 / secs;
+    row.errors = (n as u64).saturating_sub(sent as u64);
+    row.target = ">= 5,000/s, zero duplicates, flat memory".into();
+    let rss_first = rss_samples
+        .get(rss_samples.len() / 10)
+        .copied()
+        .unwrap_or(0) as f64
+        / 1024.0;
+    let rss_last = rss_samples.last().copied().unwrap_or(0) as f64 / 1024.0;
+    row.met = Some(row.throughput >= 5000.0 && duplicates == 0 && sent as usize == n);
+    row.notes = format!(
+        "{sent} of {n} sent in {secs:.1} s; stub requests {requests}, duplicates {duplicates}; RSS {rss_first:.0} MB at 10% -> {rss_last:.0} MB at the end"
+    );
+    Ok(row)
+}
+
+async fn scenario_e2e(b: &Bench) -> anyhow::Result<Row> {
+    let mut row = b.row("5. event -> provider (end to end)", "events/s");
+    use_stub(b).await?;
+    b.stub.reset();
+    b.http
+        .put(format!("{}/v1/templates/bench_e2e", b.url))
+        .bearer_auth(&b.key)
+        .json(&json!({"sms": {"hr": {"text": "e2e {{ event.properties.n }}"}}}))
+        .send()
+        .await?
+        .error_for_status()?;
+    let id = create_campaign(b, json!({"name": "Bench e2e", "trigger": {"event": "bench.e2e"},
+        "steps": [{"type": "send", "template": "bench_e2e", "channels": ["sms"]}], "reentry": "always"}))
+    .await?;
+    let w = b.watch();
+    let accepted: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let total = (b.args.e2e_rate * b.args.duration).ceil() as u64;
+    let interval = Duration::from_secs_f64(1.0 / b.args.e2e_rate);
+    let mut ticker = tokio::time::interval(interval);
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for n in 0..total {
+        ticker.tick().await;
+        let req = b.post("/v1/events", b.event_body(1_000_000 + n, "bench.e2e"));
+        let accepted = accepted.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Ok(r) = req.send().await
+                && r.status().as_u16() == 202
+            {
+                accepted
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(1_000_000 + n, Instant::now());
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let wait_until = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < wait_until {
+        if b.stub.seen.lock().unwrap_or_else(|e| e.into_inner()).len() as u64 >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    b.finish_watch(&mut row, w);
+    let seen = b
+        .stub
+        .seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let accepted = accepted.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut s = Samples::default();
+    for (n, at) in &accepted {
+        match seen.get(&format!("e2e {n}")) {
+            Some((_, arrived)) => s
+                .micros
+                .push(arrived.saturating_duration_since(*at).as_micros() as u64),
+            None => s.errors += 1,
+        }
+    }
+    s.errors += total - accepted.len() as u64;
+    let count = s.micros.len() as f64;
+    fill(&mut row, &mut s, count, secs);
+    row.target = "p99 < 100 ms from the 202 to the provider".into();
+    row.met = Some(row.p99_ms < 100.0 && row.errors == 0);
+    row.notes = format!("{} events at {} /s", total, b.args.e2e_rate);
+    archive(b, &id).await?;
+    Ok(row)
+}
+
+async fn scenario_reads(b: &Bench) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for (name, lookup) in [
+        ("6a. GET /v1/contacts/{id}", false),
+        ("6b. GET /v1/contacts/lookup (card)", true),
+    ] {
+        let mut row = b.row(name, "requests/s");
+        let paths: Arc<Vec<String>> = Arc::new(
+            b.contacts
+                .iter()
+                .map(|c| {
+                    if lookup {
+                        format!(
+                            "{}/v1/contacts/lookup?phone={}",
+                            b.url,
+                            c.2.replace('+', "%2B")
+                        )
+                    } else {
+                        format!("{}/v1/contacts/{}", b.url, c.0)
+                    }
+                })
+                .collect(),
+        );
+        // The maximum, closed loop.
+        let http = b.http.clone();
+        let key = b.key.clone();
+        let p = paths.clone();
+        let (max, max_secs) = b
+            .closed_loop(b.args.concurrency, b.args.duration / 2.0, move |n| {
+                let req = http
+                    .get(&p[(n as usize * 7919) % p.len()])
+                    .bearer_auth(&key);
+                async move { matches!(req.send().await, Ok(r) if r.status().is_success()) }
+            })
+            .await;
+        let max_rate = max.micros.len() as f64 / max_secs;
+        // Half of it, open loop: latency at a load the server can carry.
+        let rate = (max_rate / 2.0).max(1.0);
+        let w = b.watch();
+        let sem = Arc::new(Semaphore::new(512));
+        let total = (rate * b.args.duration / 2.0) as u64;
+        let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let samples = Arc::new(Mutex::new(Samples::default()));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for n in 0..total {
+            ticker.tick().await;
+            let permit = sem.clone().acquire_owned().await?;
+            let req = b
+                .http
+                .get(&paths[(n as usize * 7919) % paths.len()])
+                .bearer_auth(&b.key);
+            let samples = samples.clone();
+            tasks.push(tokio::spawn(async move {
+                let t = Instant::now();
+                let ok = matches!(req.send().await, Ok(r) if r.status().is_success());
+                let mut s = samples.lock().unwrap_or_else(|e| e.into_inner());
+                if ok {
+                    s.micros.push(t.elapsed().as_micros() as u64);
+                } else {
+                    s.errors += 1;
+                }
+                drop(permit);
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        b.finish_watch(&mut row, w);
+        let mut s = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
+        let count = s.micros.len() as f64;
+        fill(&mut row, &mut s, count, secs);
+        row.db_limit = Some(max_rate);
+        row.ratio = Some(row.throughput / max_rate);
+        row.target = "p99 < 5 ms at half the maximum".into();
+        row.met = Some(row.p99_ms < 5.0);
+        row.notes = format!(
+            "maximum {max_rate:.0}/s at concurrency {}; measured open loop at half",
+            b.args.concurrency
+        );
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+fn print_table(rows: &[Row], idle_mb: f64, idle_end_mb: f64, peak_mb: f64) {
+    println!();
+    println!(
+        "{:<38} {:>11} {:>9} {:>9} {:>9} {:>7} {:>11} {:>7} {:>8} {:>6}  target",
+        "scenario",
+        "throughput",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "errors",
+        "db limit",
+        "ratio",
+        "RSS MB",
+        "CPU%",
+    );
+    for r in rows {
+        println!(
+            "{:<38} {:>11.0} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>11} {:>7} {:>8.0} {:>6.0}  {} [{}]",
+            r.scenario,
+            r.throughput,
+            r.p50_ms,
+            r.p95_ms,
+            r.p99_ms,
+            r.errors,
+            r.db_limit
+                .map(|v| format!("{v:.0}"))
+                .unwrap_or_else(|| "-".into()),
+            r.ratio
+                .map(|v| format!("{v:.2}x"))
+                .unwrap_or_else(|| "-".into()),
+            r.peak_rss_mb,
+            r.cpu_pct,
+            r.target,
+            match r.met {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "-",
+            }
+        );
+        if !r.notes.is_empty() {
+            println!("{:<38} {}", "", r.notes);
+        }
+    }
+    println!();
+    println!(
+        "server RSS: idle {idle_mb:.0} MB at start, {idle_end_mb:.0} MB idle at the end, peak {peak_mb:.0} MB (targets: < 40 MB idle, < 150 MB peak)"
+    );
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let wanted: Vec<&str> = args.scenarios.split(',').map(str::trim).collect();
+    let mut server = Server::start(&args).await?;
+    let result = run(&args, &server, &wanted).await;
+    server.stop();
+    drop_database(&args, &server.db_name).await;
+    result
+}
+
+async fn run(args: &Args, server: &Server, wanted: &[&str]) -> anyhow::Result<()> {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_mb = proc_rss_kb(server.pid) as f64 / 1024.0;
+    let overall_peak = Arc::new(AtomicU64::new(0));
+    {
+        let overall_peak = overall_peak.clone();
+        let pid = server.pid;
+        tokio::spawn(async move {
+            loop {
+                let rss = proc_rss_kb(pid);
+                if rss == 0 {
+                    return;
+                }
+                overall_peak.fetch_max(rss, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
+    eprintln!(
+        "rapport-bench: server pid {} at {}, idle RSS {idle_mb:.0} MB; setting up {} contacts",
+        server.pid, server.url, args.contacts
+    );
+    let bench = setup(args, server).await?;
+    let mut rows = Vec::new();
+    for name in wanted {
+        eprintln!("rapport-bench: running {name}");
+        match *name {
+            "events" => rows.push(scenario_events(&bench).await?),
+            "batch" => rows.push(scenario_batch(&bench).await?),
+            "rules" => rows.push(scenario_rules(&bench).await?),
+            "dispatch" => rows.push(scenario_dispatch(&bench).await?),
+            "e2e" => rows.push(scenario_e2e(&bench).await?),
+            "reads" => rows.extend(scenario_reads(&bench).await?),
+            other => bail!("unknown scenario `{other}`"),
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_end_mb = proc_rss_kb(server.pid) as f64 / 1024.0;
+    let peak_mb = overall_peak.load(Ordering::Relaxed) as f64 / 1024.0;
+    print_table(&rows, idle_mb, idle_end_mb, peak_mb);
+    let machine = json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "os": std::env::consts::OS,
+    });
+    let out = json!({
+        "machine": machine,
+        "duration_secs": args.duration,
+        "concurrency": args.concurrency,
+        "server": {"idle_rss_mb": idle_mb, "idle_rss_end_mb": idle_end_mb, "peak_rss_mb": peak_mb},
+        "scenarios": rows,
+    });
+    std::fs::write(&args.json, serde_json::to_vec_pretty(&out)?)
+        .with_context(|| format!("write {}", args.json))?;
+    eprintln!("rapport-bench: results written to {}", args.json);
+    Ok(())
+}
+
+async fn drop_database(args: &Args, name: &str) {
+    let Ok(mut url) = url::Url::parse(&args.database_url) else {
+        return;
+    };
+    url.set_path("/postgres");
+    if let Ok(pool) = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(url.as_str())
+        .await
+    {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .execute(&pool)
+            .await;
+    }
+}

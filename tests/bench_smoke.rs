@@ -1,0 +1,41 @@
+//! A few seconds of the benchmark program against a real server, so that it cannot rot. Its
+//! figures are not checked: speed never fails the test suite (see BENCHMARKS.md).
+
+use std::process::Command;
+
+#[test]
+fn the_benchmark_runs_every_scenario_and_writes_its_results() {
+    let out = std::env::temp_dir().join(format!("rapport-bench-smoke-{}.json", std::process::id()));
+    let status = Command::new(env!("CARGO_BIN_EXE_rapport-bench"))
+        .args(["--server-bin", env!("CARGO_BIN_EXE_rapport")])
+        .args([
+            "--duration",
+            "0.5",
+            "--concurrency",
+            "8",
+            "--contacts",
+            "300",
+        ])
+        .args(["--dispatch-messages", "300", "--e2e-rate", "10"])
+        .arg("--json")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run rapport-bench");
+    assert!(status.success(), "rapport-bench failed: {status}");
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&out).expect("the JSON results")).unwrap();
+    let _ = std::fs::remove_file(&out);
+    let rows = results["scenarios"].as_array().expect("scenarios");
+    assert_eq!(rows.len(), 7, "{results}");
+    for row in rows {
+        assert!(row["throughput"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    // Scenario 4 must never send a message twice, however fast it is.
+    assert!(
+        rows[3]["notes"].as_str().unwrap().contains("duplicates 0"),
+        "{}",
+        rows[3]
+    );
+    assert!(results["server"]["peak_rss_mb"].as_f64().unwrap() > 0.0);
+}
