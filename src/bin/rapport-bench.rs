@@ -166,7 +166,10 @@ impl Server {
                 "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
             )
             .env("RAPPORT_OUTBOX_LOG", &log)
-            .env("RAPPORT_LOG_LEVEL", "warn,sqlx=error")
+            .env(
+                "RAPPORT_LOG_LEVEL",
+                std::env::var("RAPPORT_LOG_LEVEL").unwrap_or_else(|_| "warn,sqlx=error".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -158,7 +158,11 @@ async fn process_contact_logged(
     contact: Uuid,
     scheduled: &[(Uuid, i32, String)],
 ) -> Option<Processed> {
-    match process_contact(state, tenant, contact, scheduled).await {
+    let started = std::time::Instant::now();
+    let result = process_contact(state, tenant, contact, scheduled).await;
+    metrics::histogram!("campaign_contact_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    match result {
         Ok(p) => Some(p),
         Err(e) => {
             tracing::error!(%tenant, %contact, error = %e, "campaign evaluation failed; will retry");
@@ -240,6 +244,25 @@ struct Scope<'a> {
     now: DateTime<Utc>,
     /// Status of each running campaign (active or paused) and its current version.
     campaigns: HashMap<Uuid, (String, i32, String)>,
+    /// The engine's own `campaign.*` events, appended together before the commit.
+    emitted: Mutex<Vec<events::Emitted>>,
+}
+
+impl Scope<'_> {
+    /// Puts a decision about a journey on the contact's timeline (at the commit).
+    fn emit(&self, kind: &'static str, properties: Value, journey: Uuid) {
+        let event = events::Emitted {
+            tenant: self.tenant.id,
+            contact_id: self.contact.id,
+            kind,
+            properties,
+            subject: Some(("journey", journey)),
+        };
+        self.emitted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(event);
+    }
 }
 
 /// Consumes a contact's pending events and runs its due journeys, in one transaction under
@@ -305,6 +328,7 @@ async fn process_contact(
         opts: state.send_options().await?,
         now,
         campaigns,
+        emitted: Mutex::new(Vec::new()),
     };
     let sql = format!(
         "SELECT {JOURNEY_COLUMNS} FROM journeys
@@ -373,6 +397,8 @@ async fn process_contact(
             save(&mut tx, tenant_id, journey, now).await?;
         }
     }
+    let emitted = std::mem::take(&mut *scope.emitted.lock().unwrap_or_else(|e| e.into_inner()));
+    events::append_many(&mut tx, &emitted).await?;
     if !seqs.is_empty() {
         sqlx::query("DELETE FROM campaign_inbox WHERE tenant_id = $1 AND seq = ANY($2)")
             .bind(tenant_id)
@@ -523,15 +549,7 @@ async fn consume(
                     .is_none_or(|f| facts::holds(f, &contact, &ev, now))
         });
         if goal.is_some() {
-            finish(
-                conn,
-                scope,
-                j,
-                "exited",
-                &format!("exit_on:{}", event.kind),
-                true,
-            )
-            .await?;
+            finish(scope, j, "exited", &format!("exit_on:{}", event.kind), true)?;
             continue;
         }
         if let Some(Step::WaitFor {
@@ -547,13 +565,11 @@ async fn consume(
                 .is_none_or(|f| facts::holds(f, &contact, &ev, now))
         {
             log_step(
-                conn,
                 scope,
                 j,
                 "wait_for",
                 json!({"outcome": "event", "event_id": event.id, "event": event.kind}),
-            )
-            .await?;
+            )?;
             j.position = def.next(&j.position);
             j.wait_until = None;
             j.wake_at = Some(now);
@@ -701,17 +717,13 @@ async fn enrol(
         return Ok(());
     };
     metrics::counter!("campaign_enrolments_total").increment(1);
-    events::emit_about(
-        conn,
-        scope.tenant.id,
-        scope.contact.id,
+    scope.emit(
         "campaign.enrolled",
         json!({"campaign_id": campaign, "campaign": campaign_name(scope, campaign),
                "journey_id": journey.id, "version": version,
                "trigger_event_id": trigger_event_id}),
-        Some(("journey", journey.id)),
-    )
-    .await?;
+        journey.id,
+    );
     journeys.push(journey);
     Ok(())
 }
@@ -725,34 +737,19 @@ fn campaign_name(scope: &Scope<'_>, campaign: Uuid) -> String {
 }
 
 /// Puts a journey decision on the contact's timeline.
-async fn log_step(
-    conn: &mut PgConnection,
-    scope: &Scope<'_>,
-    j: &Journey,
-    step: &str,
-    details: Value,
-) -> ApiResult<()> {
+fn log_step(scope: &Scope<'_>, j: &Journey, step: &str, details: Value) -> ApiResult<()> {
     let mut properties = json!({"campaign_id": j.campaign_id,
         "campaign": campaign_name(scope, j.campaign_id), "journey_id": j.id,
         "version": j.version, "step": step, "position": j.position});
     if let (Some(p), Value::Object(d)) = (properties.as_object_mut(), details) {
         p.extend(d);
     }
-    events::emit_about(
-        conn,
-        scope.tenant.id,
-        scope.contact.id,
-        "campaign.step",
-        properties,
-        Some(("journey", j.id)),
-    )
-    .await?;
+    scope.emit("campaign.step", properties, j.id);
     Ok(())
 }
 
 /// Ends a journey: `completed` after its last step, `exited` otherwise.
-async fn finish(
-    conn: &mut PgConnection,
+fn finish(
     scope: &Scope<'_>,
     j: &mut Journey,
     status: &str,
@@ -769,17 +766,13 @@ async fn finish(
     } else {
         "campaign.exited"
     };
-    events::emit_about(
-        conn,
-        scope.tenant.id,
-        scope.contact.id,
+    scope.emit(
         kind,
         json!({"campaign_id": j.campaign_id, "campaign": campaign_name(scope, j.campaign_id),
                "journey_id": j.id, "version": j.version, "reason": reason,
                "converted": converted}),
-        Some(("journey", j.id)),
-    )
-    .await?;
+        j.id,
+    );
     metrics::counter!("campaign_journeys_ended_total", "status" => status.to_owned()).increment(1);
     Ok(())
 }
@@ -833,12 +826,12 @@ async fn advance(conn: &mut PgConnection, scope: &Scope<'_>, j: &mut Journey) ->
     // Positions only move forward through a finite list, so this ends; the bound is a guard.
     for _ in 0..1_000 {
         let Some(step) = def.step_at(&j.position) else {
-            return finish(conn, scope, j, "completed", "completed", false).await;
+            return finish(scope, j, "completed", "completed", false);
         };
         match step {
             Step::Wait { duration } => match timer(j, duration.as_chrono(), now) {
                 Timer::Started(until) => {
-                    log_step(conn, scope, j, "wait", json!({"until": until})).await?;
+                    log_step(scope, j, "wait", json!({"until": until}))?;
                     return Ok(());
                 }
                 Timer::Running => return Ok(()),
@@ -854,13 +847,13 @@ async fn advance(conn: &mut PgConnection, scope: &Scope<'_>, j: &mut Journey) ->
                 match timer(j, span, now) {
                     Timer::Started(until) => {
                         let details = json!({"event": event.0, "until": until});
-                        log_step(conn, scope, j, "wait_for", details).await?;
+                        log_step(scope, j, "wait_for", details)?;
                         return Ok(());
                     }
                     Timer::Running => return Ok(()),
                     Timer::Over => {
                         let details = json!({"outcome": "timeout", "event": event.0});
-                        log_step(conn, scope, j, "wait_for", details).await?;
+                        log_step(scope, j, "wait_for", details)?;
                         if on_timeout.is_empty() {
                             j.position = def.next(&j.position);
                         } else {
@@ -905,11 +898,11 @@ async fn advance(conn: &mut PgConnection, scope: &Scope<'_>, j: &mut Journey) ->
                 j.position = def.next(&j.position);
             }
             Step::Exit => {
-                return finish(conn, scope, j, "exited", "exit_step", false).await;
+                return finish(scope, j, "exited", "exit_step", false);
             }
         }
     }
-    finish(conn, scope, j, "exited", "too_many_steps", false).await
+    finish(scope, j, "exited", "too_many_steps", false)
 }
 
 /// Where a journey's current wait stands.
@@ -996,14 +989,12 @@ async fn send(
     let now = scope.now;
     let Some(found) = templates::get(conn, scope.tenant.id, template).await? else {
         finish(
-            conn,
             scope,
             j,
             "exited",
             &format!("template_missing:{template}"),
             false,
-        )
-        .await?;
+        )?;
         return Ok(SendOutcome::Done);
     };
     let marketing = found.purpose == Purpose::Marketing;
@@ -1023,14 +1014,12 @@ async fn send(
                 None => {
                     j.held_since = Some(now);
                     log_step(
-                        conn,
                         scope,
                         j,
                         "send",
                         json!({"outcome": "held", "reason": "ticket_open",
                         "template": template, "until": now + def.hold_limit()}),
-                    )
-                    .await?;
+                    )?;
                     now
                 }
             };
@@ -1046,14 +1035,12 @@ async fn send(
         && let Some(until) = quiet_until(q, zone(scope), now)
     {
         log_step(
-            conn,
             scope,
             j,
             "send",
             json!({"outcome": "deferred", "reason": "quiet_hours",
             "template": template, "until": until}),
-        )
-        .await?;
+        )?;
         return Ok(SendOutcome::Later(until));
     }
     if suppress.is_none()
@@ -1090,7 +1077,7 @@ async fn send(
         // The template no longer renders for this contact: the journey cannot go on.
         Err(e @ (ApiError::Validation { .. } | ApiError::NotFound(_))) => {
             let reason = format!("send_failed: {}", e.to_problem().detail);
-            finish(conn, scope, j, "exited", &reason, false).await?;
+            finish(scope, j, "exited", &reason, false)?;
             return Ok(SendOutcome::Done);
         }
         Err(e) => return Err(e),
@@ -1110,14 +1097,12 @@ async fn send(
     }
     j.last_message_id = Some(message.id);
     log_step(
-        conn,
         scope,
         j,
         "send",
         json!({"outcome": message.status, "reason": message.status_reason,
         "template": template, "message_id": message.id, "channel": message.channel}),
-    )
-    .await?;
+    )?;
     Ok(SendOutcome::Done)
 }
 
@@ -1208,14 +1193,12 @@ async fn notify_agent(
         .await?;
     }
     log_step(
-        conn,
         scope,
         j,
         "notify_agent",
         json!({"ticket_id": ticket, "agent_id": agent,
         "outcome": if agent.is_some() { "notified" } else { "unassigned" }}),
     )
-    .await
 }
 
 /// Enrols the contacts whose date comes round: for each active campaign with a schedule, the
