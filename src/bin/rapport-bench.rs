@@ -123,6 +123,20 @@ fn proc_rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Keeps `peak` at the highest RSS of the process, sampled every 50 ms, while it lives.
+fn watch_peak(pid: u32, peak: Arc<AtomicU64>) {
+    tokio::spawn(async move {
+        loop {
+            let rss = proc_rss_kb(pid);
+            if rss == 0 {
+                return;
+            }
+            peak.fetch_max(rss, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+
 /// User + system CPU seconds of a process.
 fn proc_cpu_secs(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -195,17 +209,7 @@ impl Server {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let peak = server.peak_rss_kb.clone();
-        tokio::spawn(async move {
-            loop {
-                let rss = proc_rss_kb(pid);
-                if rss == 0 {
-                    return;
-                }
-                peak.fetch_max(rss, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        });
+        watch_peak(pid, server.peak_rss_kb.clone());
         Ok(server)
     }
 
@@ -1076,20 +1080,7 @@ async fn run(args: &Args, server: &Server, wanted: &[&str]) -> anyhow::Result<()
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_mb = proc_rss_kb(server.pid) as f64 / 1024.0;
     let overall_peak = Arc::new(AtomicU64::new(0));
-    {
-        let overall_peak = overall_peak.clone();
-        let pid = server.pid;
-        tokio::spawn(async move {
-            loop {
-                let rss = proc_rss_kb(pid);
-                if rss == 0 {
-                    return;
-                }
-                overall_peak.fetch_max(rss, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        });
-    }
+    watch_peak(server.pid, overall_peak.clone());
     eprintln!(
         "rapport-bench: server pid {} at {}, idle RSS {idle_mb:.0} MB; setting up {} contacts",
         server.pid, server.url, args.contacts
