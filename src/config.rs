@@ -62,6 +62,10 @@ pub struct Config {
     pub outbox_poll_interval_ms: u64,
     /// How long a provider may take to answer.
     pub outbox_send_timeout_secs: u64,
+    /// Transactions that write ingested events at once (group commit; see README).
+    pub ingest_writers: usize,
+    /// Most events one group-commit transaction takes from waiting requests.
+    pub ingest_max_group: usize,
 }
 
 impl Default for Config {
@@ -88,6 +92,8 @@ impl Default for Config {
             outbox_max_attempts: 8,
             outbox_poll_interval_ms: 1000,
             outbox_send_timeout_secs: 30,
+            ingest_writers: 4,
+            ingest_max_group: 1000,
         }
     }
 }

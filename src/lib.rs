@@ -58,6 +58,10 @@ pub struct AppState {
     pub clock: clock::Clock,
     /// Compiled campaign versions.
     pub campaigns: Arc<campaigns::engine::Definitions>,
+    /// Group commit of ingested events.
+    pub events: Arc<events::writer::Writer>,
+    /// The tenant behind each API key seen lately.
+    pub api_keys: Arc<tenancy::KeyCache>,
 }
 
 /// The link-signing key, loaded once from the database.
@@ -120,8 +124,15 @@ impl App {
         let openapi_json = http::openapi()
             .to_pretty_json()
             .unwrap_or_else(|_| "{}".to_owned());
+        let events = Arc::new(events::writer::Writer::new(
+            pool.clone(),
+            config.ingest_writers,
+            config.ingest_max_group,
+        ));
         App {
             state: AppState {
+                events,
+                api_keys: Arc::new(tenancy::KeyCache::new(pool.clone())),
                 pool,
                 config: Arc::new(config),
                 metrics: telemetry::metrics_handle(),

@@ -83,8 +83,155 @@ async fn tenant_for_key(state: &AppState, token: &str) -> Result<Option<Tenant>,
     if !token.starts_with(KEY_PREFIX) {
         return Ok(None);
     }
+    let hash = hash_api_key(token);
+    let keys = &state.api_keys;
+    if let Some(tenant) = keys.get(&hash) {
+        return Ok(Some(tenant));
+    }
+    let generation = keys.generation();
     let mut conn = state.pool.acquire().await?;
-    Ok(crate::tenants::store::authenticate(&mut conn, &hash_api_key(token)).await?)
+    let tenant = crate::tenants::store::authenticate(&mut conn, &hash).await?;
+    if let Some(t) = &tenant {
+        keys.put(hash, t.clone(), generation);
+    }
+    Ok(tenant)
+}
+
+/// Channel on which the database announces changes to keys and tenants (see the
+/// `auth_notify` migration).
+const AUTH_CHANNEL: &str = "rapport_auth";
+/// Most keys a process remembers; the cache starts afresh past that.
+const MAX_CACHED_KEYS: usize = 10_000;
+
+/// The tenant behind each API key seen lately, so that a request costs no look-up.
+///
+/// Entries are trusted only while this process listens on [`AUTH_CHANNEL`]: a trigger
+/// notifies every process at the commit of any change to `api_keys` or to a tenant's defaults,
+/// and the cache is emptied on each notification, so a revoked key stops working everywhere at
+/// once. While the listening connection is down, nothing is cached and every request looks
+/// its key up. Unknown keys are never cached.
+pub struct KeyCache {
+    pool: sqlx::PgPool,
+    state: std::sync::Mutex<KeyCacheState>,
+    listener: std::sync::OnceLock<()>,
+}
+
+#[derive(Default)]
+struct KeyCacheState {
+    /// Whether the invalidation listener is connected.
+    live: bool,
+    /// Bumped by every invalidation, so a look-up that raced one is not cached.
+    generation: u64,
+    tenants: std::collections::HashMap<Vec<u8>, Tenant>,
+}
+
+impl KeyCache {
+    pub fn new(pool: sqlx::PgPool) -> KeyCache {
+        KeyCache {
+            pool,
+            state: std::sync::Mutex::default(),
+            listener: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeyCacheState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The cached tenant of a key hash (None while the listener is down).
+    pub fn get(&self, hash: &[u8]) -> Option<Tenant> {
+        let state = self.lock();
+        if !state.live {
+            return None;
+        }
+        state.tenants.get(hash).cloned()
+    }
+
+    /// The current generation, read before a look-up whose result is then [`KeyCache::put`].
+    pub fn generation(self: &std::sync::Arc<Self>) -> u64 {
+        self.listener
+            .get_or_init(|| drop(tokio::spawn(listen(std::sync::Arc::downgrade(self)))));
+        self.lock().generation
+    }
+
+    /// Remembers a key looked up at `generation`, unless an invalidation came since.
+    pub fn put(&self, hash: Vec<u8>, tenant: Tenant, generation: u64) {
+        let mut state = self.lock();
+        if !state.live || state.generation != generation {
+            return;
+        }
+        if state.tenants.len() >= MAX_CACHED_KEYS {
+            state.tenants.clear();
+        }
+        state.tenants.insert(hash, tenant);
+    }
+
+    /// Forgets every key (a key was revoked, or the listener lost track).
+    pub fn invalidate(&self) {
+        let mut state = self.lock();
+        state.generation += 1;
+        state.tenants.clear();
+    }
+
+    fn set_live(&self, live: bool) {
+        let mut state = self.lock();
+        state.live = live;
+        state.generation += 1;
+        state.tenants.clear();
+    }
+}
+
+/// Keeps `cache` told of changes to keys and tenants until it is dropped or its pool closed.
+async fn listen(cache: std::sync::Weak<KeyCache>) {
+    let Some(pool) = cache.upgrade().map(|c| c.pool.clone()) else {
+        return;
+    };
+    let closed = pool.close_event();
+    tokio::pin!(closed);
+    loop {
+        let connected = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            listener.listen(AUTH_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = tokio::select! {
+            () = &mut closed => return,
+            r = connected => match r {
+                Ok(l) => l,
+                Err(_) if pool.is_closed() => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for API key changes; keys are looked up on every request");
+                    tokio::select! {
+                        () = &mut closed => return,
+                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        match cache.upgrade() {
+            Some(c) => c.set_live(true),
+            None => return,
+        }
+        loop {
+            let received = tokio::select! {
+                () = &mut closed => return,
+                r = tokio::time::timeout(std::time::Duration::from_secs(30), listener.try_recv()) => r,
+            };
+            let Some(cache) = cache.upgrade() else {
+                return;
+            };
+            match received {
+                // Quiet for a while: still wanted? (checked above)
+                Err(_) => {}
+                Ok(Ok(Some(_))) => cache.invalidate(),
+                // The connection dropped: notifications may have been missed.
+                Ok(Ok(None)) | Ok(Err(_)) => {
+                    cache.set_live(false);
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Lets through requests carrying a live tenant API key; everything else is 401/403.

@@ -1,6 +1,8 @@
 //! SQL for contacts. Every write that changes a contact also puts an event on its timeline
 //! (`contact.created`, `contact.updated` with old and new values) in the same transaction.
 
+use std::collections::HashMap;
+
 use chrono::Utc;
 use serde_json::{Map, Value, json};
 use sqlx::PgConnection;
@@ -384,26 +386,98 @@ pub async fn ensure_by_external_id(
     email: Option<&str>,
     phone: Option<&str>,
 ) -> ApiResult<Uuid> {
+    let wanted = ExternalRef {
+        external_id,
+        email,
+        phone,
+    };
+    ensure_by_external_ids(conn, tenant, &[wanted])
+        .await?
+        .remove(external_id)
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("contact {external_id} not ensured")))
+}
+
+/// A contact named by the tenant's external id, with the addresses to create it with.
+#[derive(Debug, Clone, Copy)]
+pub struct ExternalRef<'a> {
+    pub external_id: &'a str,
+    pub email: Option<&'a str>,
+    pub phone: Option<&'a str>,
+}
+
+/// The ids of the contacts with these external ids, creating the missing ones (each with a
+/// `contact.created` event) in one statement: one round trip when they all exist, two or three
+/// when some are new. New contacts are inserted in external-id order, so concurrent batches
+/// wait on each other instead of deadlocking; a contact a concurrent request created first is
+/// read back once that request commits.
+pub async fn ensure_by_external_ids(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    refs: &[ExternalRef<'_>],
+) -> ApiResult<HashMap<String, Uuid>> {
+    let mut found: HashMap<String, Uuid> = HashMap::with_capacity(refs.len());
     for _ in 0..3 {
-        let found: Option<Uuid> =
-            sqlx::query_scalar("SELECT id FROM contacts WHERE tenant_id = $1 AND external_id = $2")
-                .bind(tenant)
-                .bind(external_id)
-                .fetch_optional(&mut *conn)
-                .await?;
-        if let Some(id) = found {
-            return Ok(id);
+        let wanted: Vec<&str> = refs
+            .iter()
+            .map(|r| r.external_id)
+            .filter(|x| !found.contains_key(*x))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(found);
         }
-        let fields = ContactFields {
-            email: email.map(str::to_owned),
-            phone: phone.map(str::to_owned),
-            ..ContactFields::empty()
-        };
-        let id = Uuid::now_v7();
-        if insert(conn, tenant, id, external_id, &fields).await? {
-            events::emit(conn, tenant, id, "contact.created", json!({"via": "event"})).await?;
-            return Ok(id);
+        let existing: Vec<(String, Uuid)> = sqlx::query_as(
+            "SELECT external_id, id FROM contacts
+             WHERE tenant_id = $1 AND external_id = ANY($2)",
+        )
+        .bind(tenant)
+        .bind(&wanted)
+        .fetch_all(&mut *conn)
+        .await?;
+        found.extend(existing);
+        let mut missing: Vec<&ExternalRef<'_>> = refs
+            .iter()
+            .filter(|r| !found.contains_key(r.external_id))
+            .collect();
+        if missing.is_empty() {
+            return Ok(found);
         }
+        missing.sort_by_key(|r| r.external_id);
+        missing.dedup_by_key(|r| r.external_id);
+        let ids: Vec<Uuid> = missing.iter().map(|_| Uuid::now_v7()).collect();
+        let external_ids: Vec<&str> = missing.iter().map(|r| r.external_id).collect();
+        let emails: Vec<Option<&str>> = missing.iter().map(|r| r.email).collect();
+        let phones: Vec<Option<&str>> = missing.iter().map(|r| r.phone).collect();
+        let created: Vec<(String, Uuid)> = sqlx::query_as(
+            "INSERT INTO contacts (tenant_id, id, external_id, email, phone)
+             SELECT $1, id, x, e, p
+             FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[])
+                  WITH ORDINALITY AS u(id, x, e, p, n)
+             ORDER BY n
+             ON CONFLICT (tenant_id, external_id) DO NOTHING
+             RETURNING external_id, id",
+        )
+        .bind(tenant)
+        .bind(&ids)
+        .bind(&external_ids)
+        .bind(&emails)
+        .bind(&phones)
+        .fetch_all(&mut *conn)
+        .await?;
+        let emitted: Vec<events::Emitted> = created
+            .iter()
+            .map(|(_, id)| events::Emitted {
+                tenant,
+                contact_id: *id,
+                kind: "contact.created",
+                properties: json!({"via": "event"}),
+                subject: None,
+            })
+            .collect();
+        events::append_many(conn, &emitted).await?;
+        found.extend(created);
+    }
+    if refs.iter().all(|r| found.contains_key(r.external_id)) {
+        return Ok(found);
     }
     Err(ApiError::Unavailable(
         "the contact is being created by concurrent requests; retry".to_owned(),
@@ -417,21 +491,38 @@ pub async fn id_by_address(
     column: Address,
     value: &str,
 ) -> ApiResult<Option<Uuid>> {
+    Ok(ids_by_address(conn, tenant, column, &[value])
+        .await?
+        .remove(value))
+}
+
+/// The oldest live contact with each of these addresses (`email` or `phone` column), in one
+/// query; addresses no contact has are absent.
+pub async fn ids_by_address(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    column: Address,
+    values: &[&str],
+) -> ApiResult<HashMap<String, Uuid>> {
+    if values.is_empty() {
+        return Ok(HashMap::new());
+    }
     let sql = match column {
         Address::Email => {
-            "SELECT id FROM contacts WHERE tenant_id = $1 AND email = $2 AND erased_at IS NULL
-             ORDER BY id LIMIT 1"
+            "SELECT DISTINCT ON (email) email, id FROM contacts
+             WHERE tenant_id = $1 AND email = ANY($2) AND erased_at IS NULL ORDER BY email, id"
         }
         Address::Phone => {
-            "SELECT id FROM contacts WHERE tenant_id = $1 AND phone = $2 AND erased_at IS NULL
-             ORDER BY id LIMIT 1"
+            "SELECT DISTINCT ON (phone) phone, id FROM contacts
+             WHERE tenant_id = $1 AND phone = ANY($2) AND erased_at IS NULL ORDER BY phone, id"
         }
     };
-    Ok(sqlx::query_scalar(sql)
+    let rows: Vec<(String, Uuid)> = sqlx::query_as(sql)
         .bind(tenant)
-        .bind(value)
-        .fetch_optional(conn)
-        .await?)
+        .bind(values)
+        .fetch_all(conn)
+        .await?;
+    Ok(rows.into_iter().collect())
 }
 
 /// The live contact a reference names (by external id, else email, else phone), without

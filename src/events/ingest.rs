@@ -4,7 +4,7 @@
 //! bumped in (contact, type) order, so two concurrent batches take their locks in the same order
 //! and cannot deadlock; events of one contact and type keep their order within the batch.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -13,10 +13,10 @@ use uuid::Uuid;
 
 use super::model::{Accepted, NewEvent};
 use super::store::{self, NewEventRow};
-use crate::contacts::store::{self as contacts, Address};
+use crate::contacts::store::{self as contacts, Address, ExternalRef};
 use crate::error::{ApiError, ApiResult, FieldError};
 use crate::http::extract::Errors;
-use crate::tenancy::Tenant;
+use crate::tenancy::{Tenant, TenantId};
 use crate::validate;
 
 /// Most events a batch may carry.
@@ -33,6 +33,8 @@ pub struct ValidEvent {
     pub occurred_at: DateTime<Utc>,
     pub properties: Value,
     pub idempotency_key: Option<String>,
+    /// Put before field names in errors found later (`events[3].`).
+    pub field_prefix: String,
 }
 
 /// A validated contact reference.
@@ -60,11 +62,7 @@ impl ValidRef {
 }
 
 /// Validates one event; `prefix` is put before field names (`events[3].`).
-pub fn validate(
-    e: &NewEvent,
-    tenant: &Tenant,
-    prefix: &str,
-) -> Result<ValidEvent, Vec<FieldError>> {
+pub fn validate(e: NewEvent, tenant: &Tenant, prefix: &str) -> Result<ValidEvent, Vec<FieldError>> {
     let mut errors = Errors::new();
     let f = |name: &str| format!("{prefix}{name}");
     errors.check(&f("type"), validate::event_type(&e.kind));
@@ -117,11 +115,12 @@ pub fn validate(
         (None, None, None) => return Err(vec![FieldError::new(f("contact"), "is required")]),
     };
     Ok(ValidEvent {
-        kind: e.kind.clone(),
+        kind: e.kind,
         contact,
         occurred_at,
-        properties: Value::Object(e.properties.clone().unwrap_or_default()),
-        idempotency_key: e.idempotency_key.clone(),
+        properties: Value::Object(e.properties.unwrap_or_default()),
+        idempotency_key: e.idempotency_key,
+        field_prefix: prefix.to_owned(),
     })
 }
 
@@ -132,38 +131,83 @@ pub enum Outcome {
     Rejected(Vec<FieldError>),
 }
 
-/// Records validated events (or carries their validation errors through), in one transaction
-/// the caller commits. Outcomes are in input order.
+/// A validated event, or why it was rejected.
+pub type Item = Result<ValidEvent, Vec<FieldError>>;
+
+/// The fast path of [`ingest`], for events that all name their contact by external id and
+/// carry no idempotency key (most traffic), of any tenants: one statement and no transaction
+/// around it, when every contact exists. None when they need the full path (a contact is
+/// new, an event has a key or names its contact by email or phone): nothing was written then.
+pub async fn ingest_known(
+    conn: &mut PgConnection,
+    items: &[(TenantId, &Item)],
+) -> Result<Option<Vec<Outcome>>, sqlx::Error> {
+    let mut rows = Vec::with_capacity(items.len());
+    for (tenant, item) in items {
+        let Ok(valid) = item else { continue };
+        let ValidRef::External { external_id, .. } = &valid.contact else {
+            return Ok(None);
+        };
+        if valid.idempotency_key.is_some() {
+            return Ok(None);
+        }
+        rows.push(store::ByExternalId {
+            tenant: *tenant,
+            external_id,
+            kind: &valid.kind,
+            occurred_at: valid.occurred_at,
+            properties: &valid.properties,
+        });
+    }
+    let Some(appended) = store::append_known(conn, &rows).await? else {
+        return Ok(None);
+    };
+    let mut appended = appended.into_iter();
+    let mut outcomes = Vec::with_capacity(items.len());
+    for (_, item) in items {
+        outcomes.push(match item {
+            Err(errors) => Outcome::Rejected(errors.clone()),
+            Ok(_) => match appended.next() {
+                Some((id, contact_id, ordinal)) => Outcome::Accepted(Accepted {
+                    id,
+                    contact_id,
+                    ordinal,
+                    duplicate: false,
+                }),
+                None => return Err(sqlx::Error::Protocol("an appended event is missing".into())),
+            },
+        });
+    }
+    Ok(Some(outcomes))
+}
+
+/// Records a tenant's validated events (or carries their validation errors through) in the
+/// caller's transaction, with a fixed number of statements whatever their count: the contacts
+/// they name are resolved together (the missing ones created together), their idempotency
+/// keys locked and looked up together, and the new events appended in one statement.
+/// Outcomes are in input order.
 pub async fn ingest(
     conn: &mut PgConnection,
     tenant: &Tenant,
-    items: Vec<Result<ValidEvent, Vec<FieldError>>>,
-    field_prefix: impl Fn(usize) -> String,
+    items: &[&Item],
 ) -> ApiResult<Vec<Outcome>> {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
+    let valid = || items.iter().filter_map(|i| i.as_ref().ok());
+    let resolved = resolve_all(conn, tenant, valid().map(|v| &v.contact)).await?;
 
-    // 1. Resolve each distinct contact once, in a stable order.
-    let mut refs: BTreeMap<(u8, &str), &ValidRef> = BTreeMap::new();
-    for item in items.iter().flatten() {
-        refs.entry(item.contact.key()).or_insert(&item.contact);
-    }
-    let mut resolved: HashMap<(u8, &str), Result<Uuid, &'static str>> = HashMap::new();
-    for (key, r) in &refs {
-        resolved.insert(*key, resolve(conn, tenant, r).await?);
-    }
-
-    // 2. Deduplicate on idempotency keys: recorded before, or earlier in this batch.
-    let keys: Vec<String> = items
-        .iter()
-        .flatten()
-        .filter_map(|i| i.idempotency_key.clone())
+    // Idempotency keys: locked, so that no concurrent request records one between our look-up
+    // and our insert; then deduplicated against recorded events and earlier items.
+    let keys: Vec<&str> = valid()
+        .filter_map(|i| i.idempotency_key.as_deref())
         .collect();
+    store::lock_idempotency_keys(conn, tenant.id, &keys).await?;
     let recorded = store::by_idempotency_keys(conn, tenant.id, &keys).await?;
     let mut first_with_key: HashMap<&str, usize> = HashMap::new();
-    let mut duplicate_of: HashMap<usize, usize> = HashMap::new();
-    let mut todo: Vec<(Uuid, &str, usize)> = Vec::new();
+    let mut duplicate_of: Vec<(usize, usize)> = Vec::new();
+    let mut rows: Vec<NewEventRow<'_>> = Vec::with_capacity(items.len());
+    let mut row_items: Vec<usize> = Vec::with_capacity(items.len());
     for (index, item) in items.iter().enumerate() {
-        let valid = match item {
+        let valid = match *item {
             Ok(v) => v,
             Err(errors) => {
                 outcomes[index] = Some(Outcome::Rejected(errors.clone()));
@@ -177,7 +221,7 @@ pub async fn ingest(
                     ValidRef::Email(_) => "contact.email",
                     _ => "contact.phone",
                 };
-                let field = format!("{}{field}", field_prefix(index));
+                let field = format!("{}{field}", valid.field_prefix);
                 outcomes[index] = Some(Outcome::Rejected(vec![FieldError::new(field, *message)]));
                 continue;
             }
@@ -193,49 +237,46 @@ pub async fn ingest(
                 continue;
             }
             if let Some(&first) = first_with_key.get(key) {
-                duplicate_of.insert(index, first);
+                duplicate_of.push((index, first));
                 continue;
             }
             first_with_key.insert(key, index);
         }
-        todo.push((contact_id, valid.kind.as_str(), index));
-    }
-
-    // 3. Append in (contact, type, position) order.
-    todo.sort();
-    for (contact_id, kind, index) in todo {
-        let Ok(valid) = &items[index] else { continue };
-        let row = NewEventRow {
+        rows.push(NewEventRow {
             id: Uuid::now_v7(),
             contact_id,
-            kind,
+            kind: &valid.kind,
             occurred_at: valid.occurred_at,
             properties: &valid.properties,
             source: "api",
             idempotency_key: valid.idempotency_key.as_deref(),
             subject: None,
-        };
-        outcomes[index] = Some(match store::append(conn, tenant.id, &row).await? {
-            Some(appended) => Outcome::Accepted(Accepted {
-                id: appended.id,
-                contact_id,
-                ordinal: appended.ordinal,
-                duplicate: false,
-            }),
-            None => {
-                // Recorded by a concurrent request after our look-up.
-                let key = valid.idempotency_key.clone().unwrap_or_default();
-                let found = store::by_idempotency_keys(conn, tenant.id, &[key]).await?;
-                match found.into_values().next() {
-                    Some((id, contact_id, ordinal)) => duplicate(id, contact_id, ordinal),
-                    None => {
-                        return Err(ApiError::Unavailable(
-                            "a concurrent request holds this idempotency key; retry".into(),
-                        ));
-                    }
-                }
-            }
         });
+        row_items.push(index);
+    }
+
+    let appended = match store::append_all(conn, tenant.id, &rows).await {
+        Ok(a) if a.len() == rows.len() => a,
+        Ok(_) => {
+            return Err(ApiError::Internal(anyhow::anyhow!(
+                "an event was not appended"
+            )));
+        }
+        // Only a writer that skipped the key locks can get here; the caller rolls back.
+        Err(e) if crate::db::is_unique_violation(&e, Some("events_idempotency_key")) => {
+            return Err(ApiError::Unavailable(
+                "a concurrent request recorded one of these idempotency keys; retry".into(),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for ((row, appended), index) in rows.iter().zip(appended).zip(row_items) {
+        outcomes[index] = Some(Outcome::Accepted(Accepted {
+            id: appended.id,
+            contact_id: row.contact_id,
+            ordinal: appended.ordinal,
+            duplicate: false,
+        }));
     }
     for (index, first) in duplicate_of {
         outcomes[index] = match &outcomes[first] {
@@ -258,30 +299,63 @@ fn duplicate(id: Uuid, contact_id: Uuid, ordinal: i64) -> Outcome {
     })
 }
 
-/// The contact an event refers to; an unknown email or phone is an error message.
-async fn resolve(
+/// The contact each distinct reference names, in three queries at most whatever their
+/// number; an unknown email or phone is an error message.
+async fn resolve_all<'a>(
     conn: &mut PgConnection,
     tenant: &Tenant,
-    r: &ValidRef,
-) -> ApiResult<Result<Uuid, &'static str>> {
-    Ok(match r {
-        ValidRef::External {
-            external_id,
-            email,
-            phone,
-        } => Ok(contacts::ensure_by_external_id(
-            conn,
-            tenant.id,
-            external_id,
-            email.as_deref(),
-            phone.as_deref(),
-        )
-        .await?),
-        ValidRef::Email(email) => contacts::id_by_address(conn, tenant.id, Address::Email, email)
-            .await?
-            .ok_or("no contact has this email; refer to new contacts by external_id"),
-        ValidRef::Phone(phone) => contacts::id_by_address(conn, tenant.id, Address::Phone, phone)
-            .await?
-            .ok_or("no contact has this phone; refer to new contacts by external_id"),
-    })
+    refs: impl Iterator<Item = &'a ValidRef>,
+) -> ApiResult<HashMap<(u8, &'a str), Result<Uuid, &'static str>>> {
+    let mut external: Vec<ExternalRef<'a>> = Vec::new();
+    let mut emails: Vec<&'a str> = Vec::new();
+    let mut phones: Vec<&'a str> = Vec::new();
+    let mut seen: HashSet<(u8, &'a str)> = HashSet::new();
+    for r in refs {
+        if !seen.insert(r.key()) {
+            continue;
+        }
+        match r {
+            ValidRef::External {
+                external_id,
+                email,
+                phone,
+            } => external.push(ExternalRef {
+                external_id,
+                email: email.as_deref(),
+                phone: phone.as_deref(),
+            }),
+            ValidRef::Email(email) => emails.push(email),
+            ValidRef::Phone(phone) => phones.push(phone),
+        }
+    }
+    let mut resolved = HashMap::with_capacity(seen.len());
+    if !external.is_empty() {
+        let ids = contacts::ensure_by_external_ids(conn, tenant.id, &external).await?;
+        for r in &external {
+            let id = ids.get(r.external_id).copied().ok_or_else(|| {
+                ApiError::Internal(anyhow::anyhow!("contact {} not ensured", r.external_id))
+            })?;
+            resolved.insert((0, r.external_id), Ok(id));
+        }
+    }
+    for (tag, column, values, missing) in [
+        (
+            1,
+            Address::Email,
+            &emails,
+            "no contact has this email; refer to new contacts by external_id",
+        ),
+        (
+            2,
+            Address::Phone,
+            &phones,
+            "no contact has this phone; refer to new contacts by external_id",
+        ),
+    ] {
+        let ids = contacts::ids_by_address(conn, tenant.id, column, values).await?;
+        for v in values {
+            resolved.insert((tag, *v), ids.get(*v).copied().ok_or(missing));
+        }
+    }
+    Ok(resolved)
 }

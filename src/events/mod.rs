@@ -5,3 +5,4 @@ pub mod ingest;
 pub mod model;
 pub mod routes;
 pub mod store;
+pub mod writer;

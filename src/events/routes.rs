@@ -35,14 +35,10 @@ async fn create_event(
     State(state): State<AppState>,
     ValidJson(body): ValidJson<NewEvent>,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
-    let valid = ingest::validate(&body, &tenant, "").map_err(ApiError::validation)?;
-    let mut tx = state.pool.begin().await?;
-    let outcome = ingest::ingest(&mut tx, &tenant, vec![Ok(valid)], |_| String::new()).await?;
+    let valid = ingest::validate(body, &tenant, "").map_err(ApiError::validation)?;
+    let outcome = state.events.ingest(tenant, vec![Ok(valid)]).await?;
     match outcome.into_iter().next() {
-        Some(Outcome::Accepted(accepted)) => {
-            tx.commit().await?;
-            Ok((StatusCode::ACCEPTED, Json(accepted)))
-        }
+        Some(Outcome::Accepted(accepted)) => Ok((StatusCode::ACCEPTED, Json(accepted))),
         Some(Outcome::Rejected(errors)) => Err(ApiError::validation(errors)),
         None => Err(ApiError::Internal(anyhow::anyhow!(
             "no outcome for an event"
@@ -70,13 +66,11 @@ async fn create_events(
     let prefix = |i: usize| format!("events[{i}].");
     let items = body
         .events
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, e)| ingest::validate(e, &tenant, &prefix(i)))
         .collect();
-    let mut tx = state.pool.begin().await?;
-    let outcomes = ingest::ingest(&mut tx, &tenant, items, prefix).await?;
-    tx.commit().await?;
+    let outcomes = state.events.ingest(tenant, items).await?;
     let results: Vec<EventBatchItem> = outcomes
         .into_iter()
         .enumerate()

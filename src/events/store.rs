@@ -33,69 +33,87 @@ pub struct Appended {
     pub ordinal: i64,
 }
 
-/// Appends an event and bumps the contact's counter for its type, in one statement. The
-/// counter's row lock orders concurrent events of one contact and type, so ordinals are exact.
-/// While the tenant has a running campaign, the same statement puts the event in the rule
-/// engine's inbox (Rapport's own `campaign.*` decisions are not triggers).
-/// None when an event with the same idempotency key exists (the counter is left as it was).
+/// Appends an event and bumps the contact's counter for its type (see [`append_all`]).
 pub async fn append(
     conn: &mut PgConnection,
     tenant: TenantId,
     e: &NewEventRow<'_>,
-) -> Result<Option<Appended>, sqlx::Error> {
-    let ordinal: Option<i64> = sqlx::query_scalar(
-        "WITH counter AS (
-            INSERT INTO contact_event_counts AS c (tenant_id, contact_id, event_type, count)
-            VALUES ($1, $3, $4, 1)
-            ON CONFLICT (tenant_id, contact_id, event_type)
-            DO UPDATE SET count = c.count + 1
-            RETURNING count
-         )
-         , appended AS (
-            INSERT INTO events (tenant_id, id, contact_id, type, occurred_at, properties, source,
-                                ordinal, idempotency_key, subject_type, subject_id)
-            SELECT $1, $2, $3, $4, $5, $6, $7, counter.count, $8, $9, $10 FROM counter
-            ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
-            RETURNING id, ordinal
-         )
-         , inbox AS (
-            INSERT INTO campaign_inbox (tenant_id, contact_id, event_id)
-            SELECT $1, $3, appended.id FROM appended
-            WHERE left($4, 9) <> 'campaign.'
-              AND EXISTS (SELECT 1 FROM campaigns WHERE tenant_id = $1
-                          AND status IN ('active', 'paused'))
-         )
-         SELECT ordinal FROM appended",
-    )
-    .bind(tenant)
-    .bind(e.id)
-    .bind(e.contact_id)
-    .bind(e.kind)
-    .bind(e.occurred_at)
-    .bind(e.properties)
-    .bind(e.source)
-    .bind(e.idempotency_key)
-    .bind(e.subject.map(|s| s.0))
-    .bind(e.subject.map(|s| s.1))
-    .fetch_optional(&mut *conn)
-    .await?;
-    match ordinal {
-        Some(ordinal) => Ok(Some(Appended { id: e.id, ordinal })),
-        None => {
-            // A concurrent request recorded the same idempotency key first: undo our bump. We
-            // still hold the counter's lock, so nobody saw the bumped value.
-            sqlx::query(
-                "UPDATE contact_event_counts SET count = count - 1
-                 WHERE tenant_id = $1 AND contact_id = $2 AND event_type = $3",
-            )
-            .bind(tenant)
-            .bind(e.contact_id)
-            .bind(e.kind)
-            .execute(conn)
-            .await?;
-            Ok(None)
-        }
+) -> Result<Appended, sqlx::Error> {
+    append_all(conn, tenant, std::slice::from_ref(e))
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| sqlx::Error::Protocol("the event was not appended".into()))
+}
+
+/// Appends a tenant's events in one statement and bumps the contacts' counters, so each event
+/// gets its exact ordinal among the contact's events of its type (in slice order). Counter
+/// rows are locked in (contact, type) order, so concurrent appends cannot deadlock. While the
+/// tenant has a running campaign, the same statement puts the events in the rule engine's
+/// inbox (Rapport's own `campaign.*` decisions are not triggers).
+///
+/// An idempotency key already recorded is a unique violation; callers that pass keys hold
+/// [`lock_idempotency_keys`] and look them up first, so that cannot happen under them.
+pub async fn append_all(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    rows: &[NewEventRow<'_>],
+) -> Result<Vec<Appended>, sqlx::Error> {
+    let mut columns = Columns::with_capacity(rows.len());
+    for r in rows {
+        columns.push(Row {
+            tenant,
+            id: r.id,
+            contact: ContactKey::Id(r.contact_id),
+            kind: r.kind,
+            occurred_at: Some(r.occurred_at),
+            properties: r.properties,
+            source: r.source,
+            idempotency_key: r.idempotency_key,
+            subject: r.subject,
+        });
     }
+    let appended = columns.insert(conn).await?;
+    Ok(appended
+        .into_iter()
+        .map(|(id, _, ordinal)| Appended { id, ordinal })
+        .collect())
+}
+
+/// An event of a known contact named by the tenant's external id, for [`append_known`].
+#[derive(Debug, Clone, Copy)]
+pub struct ByExternalId<'a> {
+    pub tenant: TenantId,
+    pub external_id: &'a str,
+    pub kind: &'a str,
+    pub occurred_at: DateTime<Utc>,
+    pub properties: &'a Value,
+}
+
+/// Appends events of contacts named by external id, of any tenants, in one statement that
+/// also finds the contacts: the fast path of ingestion, one round trip and no transaction
+/// around it. All or nothing: when a contact does not exist (yet), nothing is appended and
+/// the answer is None. Otherwise (id, contact, ordinal) of each event, in slice order.
+pub async fn append_known(
+    conn: &mut PgConnection,
+    rows: &[ByExternalId<'_>],
+) -> Result<Option<Vec<(Uuid, Uuid, i64)>>, sqlx::Error> {
+    let mut columns = Columns::with_capacity(rows.len());
+    for r in rows {
+        columns.push(Row {
+            tenant: r.tenant,
+            id: Uuid::now_v7(),
+            contact: ContactKey::External(r.external_id),
+            kind: r.kind,
+            occurred_at: Some(r.occurred_at),
+            properties: r.properties,
+            source: "api",
+            idempotency_key: None,
+            subject: None,
+        });
+    }
+    let appended = columns.insert(conn).await?;
+    Ok((appended.len() == rows.len()).then_some(appended))
 }
 
 /// An event Rapport emits, for [`append_many`].
@@ -108,67 +126,221 @@ pub struct Emitted {
     pub subject: Option<(&'static str, Uuid)>,
 }
 
-/// Appends many events Rapport emits in one statement (the outbox records a batch of sends
-/// this way). Counters are bumped once per contact and type, in a sorted order so that
-/// concurrent batches cannot deadlock, and each event gets its exact ordinal. Like
-/// [`append`], it feeds the rule engine's inbox while the tenant has a running campaign.
+/// Appends many events Rapport emits, of any tenants, in one statement (the outbox records a
+/// batch of sends this way), like [`append_all`]. They happen now, in slice order.
 pub async fn append_many(conn: &mut PgConnection, rows: &[Emitted]) -> Result<u64, sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(0);
+    let mut columns = Columns::with_capacity(rows.len());
+    for r in rows {
+        columns.push(Row {
+            tenant: r.tenant,
+            id: Uuid::now_v7(),
+            contact: ContactKey::Id(r.contact_id),
+            kind: r.kind,
+            occurred_at: None,
+            properties: &r.properties,
+            source: "rapport",
+            idempotency_key: None,
+            subject: r.subject,
+        });
     }
-    let tenants: Vec<Uuid> = rows.iter().map(|r| r.tenant.0).collect();
-    let ids: Vec<Uuid> = rows.iter().map(|_| Uuid::now_v7()).collect();
-    let contacts: Vec<Uuid> = rows.iter().map(|r| r.contact_id).collect();
-    let kinds: Vec<&str> = rows.iter().map(|r| r.kind).collect();
-    let properties: Vec<&Value> = rows.iter().map(|r| &r.properties).collect();
-    let subject_types: Vec<Option<&str>> = rows.iter().map(|r| r.subject.map(|s| s.0)).collect();
-    let subject_ids: Vec<Option<Uuid>> = rows.iter().map(|r| r.subject.map(|s| s.1)).collect();
-    let appended: i64 = sqlx::query_scalar(
-        "WITH input AS (
-            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::jsonb[],
-                                 $6::text[], $7::uuid[])
-                   WITH ORDINALITY AS u(t, id, c, k, p, st, sid, n)
-         ), numbered AS (
-            SELECT input.*,
-                   row_number() OVER (PARTITION BY t, c, k ORDER BY n) AS rn,
-                   count(*) OVER (PARTITION BY t, c, k) AS total
-            FROM input
-         ), counters AS (
-            INSERT INTO contact_event_counts AS cc (tenant_id, contact_id, event_type, count)
-            SELECT t, c, k, count(*) FROM input GROUP BY t, c, k ORDER BY t, c, k
-            ON CONFLICT (tenant_id, contact_id, event_type)
-            DO UPDATE SET count = cc.count + excluded.count
-            RETURNING tenant_id, contact_id, event_type, count
-         ), appended AS (
-            INSERT INTO events (tenant_id, id, contact_id, type, occurred_at, properties, source,
-                                ordinal, subject_type, subject_id)
-            SELECT x.t, x.id, x.c, x.k, clock_timestamp(), x.p, 'rapport',
-                   cn.count - x.total + x.rn, x.st, x.sid
-            FROM numbered x JOIN counters cn
-              ON cn.tenant_id = x.t AND cn.contact_id = x.c AND cn.event_type = x.k
-            ORDER BY x.n
-            RETURNING tenant_id, id, contact_id, type
-         ), inbox AS (
-            INSERT INTO campaign_inbox (tenant_id, contact_id, event_id)
-            SELECT a.tenant_id, a.contact_id, a.id FROM appended a JOIN input i ON i.id = a.id
-            WHERE left(a.type, 9) <> 'campaign.'
-              AND EXISTS (SELECT 1 FROM campaigns cp WHERE cp.tenant_id = a.tenant_id
-                          AND cp.status IN ('active', 'paused'))
-            ORDER BY i.n
-         )
-         SELECT count(*) FROM appended",
-    )
-    .bind(&tenants)
-    .bind(&ids)
-    .bind(&contacts)
-    .bind(&kinds)
-    .bind(&properties)
-    .bind(&subject_types)
-    .bind(&subject_ids)
-    .fetch_one(conn)
-    .await?;
-    Ok(u64::try_from(appended).unwrap_or(0))
+    Ok(columns.insert(conn).await?.len() as u64)
 }
+
+/// How an event to append names its contact.
+enum ContactKey<'a> {
+    Id(Uuid),
+    /// Found by the statement itself; the contact must exist.
+    External(&'a str),
+}
+
+/// One event to append.
+struct Row<'a> {
+    tenant: TenantId,
+    id: Uuid,
+    contact: ContactKey<'a>,
+    kind: &'a str,
+    /// None: the time of the insert, row by row (`clock_timestamp()`), so events emitted
+    /// together keep their order on the timeline.
+    occurred_at: Option<DateTime<Utc>>,
+    properties: &'a Value,
+    source: &'a str,
+    idempotency_key: Option<&'a str>,
+    subject: Option<(&'a str, Uuid)>,
+}
+
+/// Events to append, as one array per column (what one `unnest` statement takes).
+struct Columns<'a> {
+    tenant: Vec<Uuid>,
+    id: Vec<Uuid>,
+    contact: Vec<Option<Uuid>>,
+    external_id: Vec<Option<&'a str>>,
+    kind: Vec<&'a str>,
+    occurred_at: Vec<Option<DateTime<Utc>>>,
+    properties: Vec<&'a Value>,
+    source: Vec<&'a str>,
+    idempotency_key: Vec<Option<&'a str>>,
+    subject_type: Vec<Option<&'a str>>,
+    subject_id: Vec<Option<Uuid>>,
+}
+
+impl<'a> Columns<'a> {
+    fn with_capacity(n: usize) -> Self {
+        Columns {
+            tenant: Vec::with_capacity(n),
+            id: Vec::with_capacity(n),
+            contact: Vec::with_capacity(n),
+            external_id: Vec::with_capacity(n),
+            kind: Vec::with_capacity(n),
+            occurred_at: Vec::with_capacity(n),
+            properties: Vec::with_capacity(n),
+            source: Vec::with_capacity(n),
+            idempotency_key: Vec::with_capacity(n),
+            subject_type: Vec::with_capacity(n),
+            subject_id: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, r: Row<'a>) {
+        self.tenant.push(r.tenant.0);
+        self.id.push(r.id);
+        let (contact, external_id) = match r.contact {
+            ContactKey::Id(id) => (Some(id), None),
+            ContactKey::External(x) => (None, Some(x)),
+        };
+        self.contact.push(contact);
+        self.external_id.push(external_id);
+        self.kind.push(r.kind);
+        self.occurred_at.push(r.occurred_at);
+        self.properties.push(r.properties);
+        self.source.push(r.source);
+        self.idempotency_key.push(r.idempotency_key);
+        self.subject_type.push(r.subject.map(|s| s.0));
+        self.subject_id.push(r.subject.map(|s| s.1));
+    }
+
+    /// The position of each event among the events of its contact and type in this slice,
+    /// and how many there are: the statement turns them into exact ordinals.
+    fn numbering(&self) -> (Vec<i64>, Vec<i64>) {
+        // Every caller names all the contacts of a statement one way (by id, or by external id
+        // in `append_known`), so equal keys are equal contacts.
+        let key = |i: usize| {
+            (
+                self.tenant[i],
+                self.contact[i],
+                self.external_id[i],
+                self.kind[i],
+            )
+        };
+        let mut seen = HashMap::with_capacity(self.id.len());
+        let position: Vec<i64> = (0..self.id.len())
+            .map(|i| {
+                let n = seen.entry(key(i)).or_insert(0);
+                *n += 1;
+                *n
+            })
+            .collect();
+        let total = (0..self.id.len())
+            .map(|i| seen.get(&key(i)).copied().unwrap_or(1))
+            .collect();
+        (position, total)
+    }
+
+    /// The one statement that appends events: (id, contact, ordinal) of each appended, in
+    /// input order. Nothing at all when a contact named by external id is missing.
+    ///
+    /// The counter of each (contact, type) is bumped once by the number of its events here
+    /// (from the row that is its first), in key order so concurrent statements cannot
+    /// deadlock; each event's ordinal is the new count less the events after it.
+    async fn insert(self, conn: &mut PgConnection) -> Result<Vec<(Uuid, Uuid, i64)>, sqlx::Error> {
+        if self.id.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (position, total) = self.numbering();
+        sqlx::query_as(
+            "WITH input AS (
+                SELECT u.t, u.id, coalesce(u.c, (SELECT ct.id FROM contacts ct
+                                                 WHERE ct.tenant_id = u.t
+                                                   AND ct.external_id = u.x)) AS c,
+                       u.k, u.at, u.p, u.src, u.ik, u.st, u.sid, u.rn, u.total, u.n
+                FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
+                            $6::timestamptz[], $7::jsonb[], $8::text[], $9::text[],
+                            $10::text[], $11::uuid[], $12::int8[], $13::int8[])
+                     WITH ORDINALITY AS u(t, id, c, x, k, at, p, src, ik, st, sid, rn, total, n)
+             ), complete AS (
+                SELECT input.* FROM input
+                WHERE NOT EXISTS (SELECT 1 FROM input missing WHERE missing.c IS NULL)
+             ), counters AS (
+                INSERT INTO contact_event_counts AS cc (tenant_id, contact_id, event_type, count)
+                SELECT t, c, k, total FROM complete WHERE rn = 1 ORDER BY t, c, k
+                ON CONFLICT (tenant_id, contact_id, event_type)
+                DO UPDATE SET count = cc.count + excluded.count
+                RETURNING tenant_id, contact_id, event_type, count
+             ), appended AS (
+                INSERT INTO events (tenant_id, id, contact_id, type, occurred_at, properties,
+                                    source, ordinal, idempotency_key, subject_type, subject_id)
+                SELECT x.t, x.id, x.c, x.k, coalesce(x.at, clock_timestamp()), x.p, x.src,
+                       cn.count - x.total + x.rn, x.ik, x.st, x.sid
+                FROM complete x JOIN counters cn
+                  ON cn.tenant_id = x.t AND cn.contact_id = x.c AND cn.event_type = x.k
+                ORDER BY x.n
+                RETURNING tenant_id, id, contact_id, type, ordinal
+             ), inbox AS (
+                INSERT INTO campaign_inbox (tenant_id, contact_id, event_id)
+                SELECT a.tenant_id, a.contact_id, a.id FROM appended a JOIN input i ON i.id = a.id
+                WHERE left(a.type, 9) <> 'campaign.'
+                  AND a.tenant_id IN (SELECT cp.tenant_id FROM campaigns cp
+                                      WHERE cp.tenant_id = ANY($1)
+                                        AND cp.status IN ('active', 'paused'))
+                ORDER BY i.n
+             )
+             SELECT a.id, a.contact_id, a.ordinal
+             FROM appended a JOIN input i ON i.id = a.id ORDER BY i.n",
+        )
+        .bind(&self.tenant)
+        .bind(&self.id)
+        .bind(&self.contact)
+        .bind(&self.external_id)
+        .bind(&self.kind)
+        .bind(&self.occurred_at)
+        .bind(&self.properties)
+        .bind(&self.source)
+        .bind(&self.idempotency_key)
+        .bind(&self.subject_type)
+        .bind(&self.subject_id)
+        .bind(&position)
+        .bind(&total)
+        .fetch_all(conn)
+        .await
+    }
+}
+
+/// Takes a transaction-scoped lock on each of a tenant's event idempotency keys (in one
+/// order, so concurrent requests cannot deadlock), so that looking a key up and recording it cannot be
+/// raced by another request with the same key.
+pub async fn lock_idempotency_keys(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    keys: &[&str],
+) -> Result<(), sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    // Locked in the order of the lock keys themselves, whatever keys hash alike.
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock($1, h)
+         FROM (SELECT DISTINCT hashtext($2::text || k) AS h FROM unnest($3::text[]) AS u(k)
+               ORDER BY h) locks",
+    )
+    .bind(IDEMPOTENCY_LOCK_CLASS)
+    .bind(tenant.0.to_string())
+    .bind(keys)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The first key of the advisory locks on event idempotency keys (the second is a hash).
+const IDEMPOTENCY_LOCK_CLASS: i32 = 7401;
 
 /// Appends an event Rapport emits itself (`contact.updated`, `message.sent`...).
 pub async fn emit(
@@ -200,9 +372,7 @@ pub async fn emit_about(
         idempotency_key: None,
         subject,
     };
-    append(conn, tenant, &row).await?.ok_or_else(|| {
-        sqlx::Error::Protocol("event without idempotency key was deduplicated".into())
-    })
+    append(conn, tenant, &row).await
 }
 
 /// [`emit_about`] for a fact that happened at `occurred_at` (a call's own times), so the
@@ -226,16 +396,14 @@ pub async fn emit_about_at(
         idempotency_key: None,
         subject,
     };
-    append(conn, tenant, &row).await?.ok_or_else(|| {
-        sqlx::Error::Protocol("event without idempotency key was deduplicated".into())
-    })
+    append(conn, tenant, &row).await
 }
 
 /// The events already recorded under these idempotency keys: key -> (id, contact, ordinal).
 pub async fn by_idempotency_keys(
     conn: &mut PgConnection,
     tenant: TenantId,
-    keys: &[String],
+    keys: &[&str],
 ) -> Result<HashMap<String, (Uuid, Uuid, i64)>, sqlx::Error> {
     if keys.is_empty() {
         return Ok(HashMap::new());

@@ -138,6 +138,8 @@ async fn revoke_api_key(
 ) -> ApiResult<StatusCode> {
     let mut conn = state.pool.acquire().await?;
     if store::revoke_key(&mut conn, TenantId(id), key_id).await? {
+        // Other processes hear of it from the database; this one forgets at once.
+        state.api_keys.invalidate();
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound(format!(

@@ -1,0 +1,238 @@
+//! Group commit: concurrent ingestion requests share one transaction.
+//!
+//! A request hands its validated events to the [`Writer`] and waits for their outcomes. A few
+//! writer tasks take the requests waiting in the queue (as many as arrived while the previous
+//! commit ran, up to `ingest_max_group` events), record them with [`ingest::ingest`] in one
+//! transaction, commit once, and answer every request. Each event is durable before its 202,
+//! but a burst of requests costs one commit and a handful of statements instead of five round
+//! trips and one commit each. At low load a group is one request: nothing waits for company.
+//!
+//! A group that fails before its commit (a statement error in one tenant's part) is retried
+//! request by request, so one request's failure is never another's. A failed commit is not
+//! retried: whether it happened is unknown, and events without an idempotency key would be
+//! recorded twice.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+use sqlx::PgPool;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use super::ingest::{self, Item, Outcome};
+use crate::error::{ApiError, ApiResult};
+use crate::tenancy::{Tenant, TenantId};
+
+/// Requests waiting for a writer, at most; senders wait for room beyond that.
+const QUEUE: usize = 4096;
+
+/// One request's events and where to send their outcomes.
+struct Job {
+    tenant: Tenant,
+    items: Vec<Item>,
+    reply: oneshot::Sender<ApiResult<Vec<Outcome>>>,
+}
+
+/// The group-commit queue of one process. Its writer tasks start with the first request, on
+/// that request's runtime, and stop when the last handle to the queue is dropped.
+pub struct Writer {
+    pool: PgPool,
+    writers: usize,
+    max_group: usize,
+    queue: OnceLock<mpsc::Sender<Job>>,
+}
+
+impl Writer {
+    /// `writers` transactions may be open at once, each with up to `max_group` events (a
+    /// request is never split).
+    pub fn new(pool: PgPool, writers: usize, max_group: usize) -> Writer {
+        Writer {
+            pool,
+            writers: writers.max(1),
+            max_group: max_group.max(1),
+            queue: OnceLock::new(),
+        }
+    }
+
+    /// Records a tenant's events, committed (with other requests' events) before it returns.
+    /// Outcomes are in input order.
+    pub async fn ingest(&self, tenant: Tenant, items: Vec<Item>) -> ApiResult<Vec<Outcome>> {
+        let (reply, outcome) = oneshot::channel();
+        let job = Job {
+            tenant,
+            items,
+            reply,
+        };
+        self.queue()
+            .send(job)
+            .await
+            .map_err(|_| ApiError::Unavailable("event ingestion is shutting down".into()))?;
+        outcome.await.map_err(|_| {
+            ApiError::Internal(anyhow::anyhow!("the event writer stopped before answering"))
+        })?
+    }
+
+    fn queue(&self) -> &mpsc::Sender<Job> {
+        self.queue.get_or_init(|| {
+            let (sender, receiver) = mpsc::channel(QUEUE);
+            let receiver = Arc::new(Mutex::new(receiver));
+            for _ in 0..self.writers {
+                tokio::spawn(write_loop(
+                    self.pool.clone(),
+                    receiver.clone(),
+                    self.max_group,
+                ));
+            }
+            sender
+        })
+    }
+}
+
+/// One writer: takes the waiting requests (one writer at a time collects), writes them.
+async fn write_loop(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Job>>>, max_group: usize) {
+    loop {
+        let group = {
+            let mut queue = queue.lock().await;
+            let Some(first) = queue.recv().await else {
+                return;
+            };
+            let mut events = first.items.len();
+            let mut group = vec![first];
+            while events < max_group {
+                match queue.try_recv() {
+                    Ok(job) => {
+                        events += job.items.len();
+                        group.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            group
+        };
+        metrics::histogram!("ingest_group_requests").record(group.len() as f64);
+        write_group(&pool, group).await;
+    }
+}
+
+/// Writes a group, in one statement when its contacts are all known, else in one
+/// transaction, and answers each request.
+async fn write_group(pool: &PgPool, group: Vec<Job>) {
+    match write_known(pool, &group).await {
+        Ok(Some(outcomes)) => {
+            for (job, outcome) in group.into_iter().zip(outcomes) {
+                let _ = job.reply.send(Ok(outcome));
+            }
+            return;
+        }
+        Ok(None) => {}
+        // The statement failed as a whole: nothing was written.
+        Err(sqlx::Error::Database(e)) => {
+            tracing::warn!(error = %e, "the one-statement path failed; writing in a transaction");
+        }
+        // The connection failed mid-way: whether the statement ran is unknown.
+        Err(e) => {
+            let e = crate::error::error_chain(&e);
+            for job in group {
+                let _ = job.reply.send(Err(ApiError::Internal(anyhow::anyhow!(
+                    "appending a group of events failed: {e}"
+                ))));
+            }
+            return;
+        }
+    }
+    if group.len() == 1 {
+        for job in group {
+            let result = write_alone(pool, &job.tenant, &job.items).await;
+            let _ = job.reply.send(result);
+        }
+        return;
+    }
+    match write_together(pool, &group).await {
+        Ok(Some(outcomes)) => {
+            for (job, outcome) in group.into_iter().zip(outcomes) {
+                let _ = job.reply.send(Ok(outcome));
+            }
+        }
+        Ok(None) => {
+            for job in group {
+                let result = write_alone(pool, &job.tenant, &job.items).await;
+                let _ = job.reply.send(result);
+            }
+        }
+        Err(e) => {
+            for job in group {
+                let _ = job.reply.send(Err(ApiError::Internal(anyhow::anyhow!(
+                    "committing a group of events failed: {e}"
+                ))));
+            }
+        }
+    }
+}
+
+/// The group through [`ingest::ingest_known`]: outcomes per request, or None when it needs
+/// the full path.
+async fn write_known(
+    pool: &PgPool,
+    group: &[Job],
+) -> Result<Option<Vec<Vec<Outcome>>>, sqlx::Error> {
+    let items: Vec<(TenantId, &Item)> = group
+        .iter()
+        .flat_map(|job| job.items.iter().map(|item| (job.tenant.id, item)))
+        .collect();
+    let mut conn = pool.acquire().await?;
+    let Some(outcomes) = ingest::ingest_known(&mut conn, &items).await? else {
+        return Ok(None);
+    };
+    let mut outcomes = outcomes.into_iter();
+    Ok(Some(
+        group
+            .iter()
+            .map(|job| outcomes.by_ref().take(job.items.len()).collect())
+            .collect(),
+    ))
+}
+
+/// One request's events in a transaction of their own.
+async fn write_alone(pool: &PgPool, tenant: &Tenant, items: &[Item]) -> ApiResult<Vec<Outcome>> {
+    let mut tx = pool.begin().await?;
+    let refs: Vec<&Item> = items.iter().collect();
+    let outcomes = ingest::ingest(&mut tx, tenant, &refs).await?;
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// Every request's events in one transaction, tenant by tenant in id order (so concurrent
+/// groups take their locks in one order). Outcomes per request, in group order; None when the
+/// group failed before its commit and must be written request by request; an error when the
+/// commit itself failed.
+async fn write_together(pool: &PgPool, group: &[Job]) -> Result<Option<Vec<Vec<Outcome>>>, String> {
+    let mut by_tenant: BTreeMap<uuid::Uuid, Vec<usize>> = BTreeMap::new();
+    for (i, job) in group.iter().enumerate() {
+        by_tenant.entry(job.tenant.id.0).or_default().push(i);
+    }
+    let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new(); group.len()];
+    let mut tx = match pool.begin().await {
+        Ok(tx) => tx,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot begin a group of events");
+            return Ok(None);
+        }
+    };
+    for jobs in by_tenant.values() {
+        let items: Vec<&Item> = jobs.iter().flat_map(|&i| &group[i].items).collect();
+        let tenant = &group[jobs[0]].tenant;
+        let mut recorded = match ingest::ingest(&mut tx, tenant, &items).await {
+            Ok(o) => o.into_iter(),
+            Err(e) => {
+                tracing::debug!(error = %e, "a group of events failed; writing its requests one by one");
+                return Ok(None);
+            }
+        };
+        for &i in jobs {
+            outcomes[i] = recorded.by_ref().take(group[i].items.len()).collect();
+        }
+    }
+    match tx.commit().await {
+        Ok(()) => Ok(Some(outcomes)),
+        Err(e) => Err(crate::error::error_chain(&e)),
+    }
+}
