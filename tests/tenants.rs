@@ -211,3 +211,31 @@ async fn revoking_an_unknown_key_is_404() {
         .await;
     r.assert_problem(404);
 }
+
+#[tokio::test]
+async fn a_key_revoked_by_another_process_stops_working_at_once() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    // Seen a few times, the key is remembered by this process.
+    for _ in 0..5 {
+        assert_eq!(app.get("/v1/contacts", &t.key).await.status, StatusCode::OK);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Revoked behind this process's back, as `rapport api-key revoke` in another one would.
+    sqlx::query("UPDATE api_keys SET revoked_at = now()")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let status = app.get("/v1/contacts", &t.key).await.status;
+        if status == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked key still works: {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
