@@ -51,6 +51,21 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
+            // Histogram samples wait in buffers until the next render: drain them now and
+            // then, so that memory stays flat when nobody scrapes /metrics.
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("metrics-upkeep".to_owned())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                        unsafe {
+                            libc::malloc_trim(0);
+                        }
+                    }
+                });
             // Fails only when another recorder is installed; the handle still renders ours.
             let _ = metrics::set_global_recorder(recorder);
             handle

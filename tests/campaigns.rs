@@ -1270,3 +1270,71 @@ async fn erasing_a_contact_ends_its_journeys_and_keeps_no_copy_of_the_trigger() 
         .unwrap();
     assert_eq!(kept, json!({}));
 }
+
+#[tokio::test]
+async fn many_contacts_are_evaluated_together_with_the_same_decisions_as_one_by_one() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    // Every event starts a journey that ends at once; a second campaign waits an hour, so a
+    // contact's later events in the same round find its journey running.
+    let always = campaign(
+        &app,
+        &t,
+        json!({"name": "Always", "trigger": {"event": "page.viewed"}, "reentry": "always",
+               "steps": [{"type": "exit"}]}),
+    )
+    .await;
+    let waiting = campaign(
+        &app,
+        &t,
+        json!({"name": "Waiting", "trigger": {"event": "page.viewed"}, "reentry": "always",
+               "steps": [{"type": "wait", "duration": "1h"}]}),
+    )
+    .await;
+    // 120 contacts (more than one transaction's worth), three events each, in one batch.
+    let items: Vec<Value> = (0..360)
+        .map(|i| json!({"type": "page.viewed", "contact": {"external_id": format!("c{}", i % 120)},
+                        "properties": {"n": i}}))
+        .collect();
+    let r = app
+        .post("/v1/events/batch", &t.key, json!({"events": items}))
+        .await;
+    assert_eq!(r.body["accepted"], 360, "{}", r.text);
+    app.drain().await;
+
+    let count = |sql: &'static str| {
+        let pool = app.pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await.unwrap() }
+    };
+    assert_eq!(count("SELECT count(*) FROM campaign_inbox").await, 0);
+    // `always`: a journey per event, each ended by its exit step.
+    let ended = journeys(&app, &t, &always).await;
+    assert_eq!(ended.len(), 360);
+    assert!(ended.iter().all(|j| j["status"] == "exited"), "{ended:?}");
+    // `waiting`: one running journey per contact; its later events could not start another.
+    let running = journeys(&app, &t, &waiting).await;
+    assert_eq!(running.len(), 120);
+    assert!(running.iter().all(|j| j["status"] == "active"));
+    // The decisions are on each timeline, counted exactly.
+    assert_eq!(
+        count("SELECT count(*) FROM events WHERE type = 'campaign.enrolled'").await,
+        480
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM events WHERE type = 'campaign.exited'").await,
+        360
+    );
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM contact_event_counts
+             WHERE event_type = 'campaign.enrolled' AND count = 4"
+        )
+        .await,
+        120
+    );
+    // An hour later every waiting journey completes.
+    app.advance(Duration::hours(1) + Duration::seconds(1));
+    app.drain().await;
+    let done = journeys(&app, &t, &waiting).await;
+    assert!(done.iter().all(|j| j["status"] == "completed"), "{done:?}");
+}

@@ -11,6 +11,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use futures::StreamExt;
+
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Value, json};
 use sqlx::PgConnection;
@@ -30,8 +32,9 @@ use crate::support::store as support;
 use crate::templates::store as templates;
 use crate::tenancy::{Tenant, TenantId};
 
-/// How many events of one contact are consumed in one transaction.
-const EVENTS_PER_ROUND: i64 = 500;
+/// Most events consumed in one transaction (by all its contacts). With ten campaigns matching
+/// each event, that is a few thousand journeys and decisions written at its commit.
+const EVENTS_PER_TX: i64 = 200;
 /// After this many failed evaluations an event is set aside (and logged) so it cannot block
 /// the contact's later events for ever.
 const MAX_FAILURES: i32 = 5;
@@ -96,16 +99,34 @@ impl Round {
     }
 }
 
+/// A scheduled enrolment to look at: campaign, version, occurrence key (`birthday:2026`).
+type Scheduled = (Uuid, i32, String);
+
+/// Contacts evaluated together in one transaction.
+const CONTACTS_PER_TX: usize = 50;
+/// Transactions of the engine open at once (one process).
+const PARALLEL_TX: usize = 2;
+/// Most inbox events (and most due journeys) one round looks at.
+const ROUND_SIZE: i64 = 1000;
+
 /// One round: contacts with new events, contacts with due journeys, and (when asked) the
 /// schedules. Returns what it did; zero everywhere means there was nothing to do.
+///
+/// Contacts are evaluated by tenant in chunks of [`CONTACTS_PER_TX`], each chunk in one
+/// transaction with a fixed number of statements for its loads and its writes; a chunk that
+/// fails is evaluated again contact by contact, so one contact's failure is only its own.
 pub async fn round(state: &AppState, schedules: bool) -> ApiResult<Round> {
     let now = state.clock.now();
     let mut done = Round::default();
+    // The oldest events first (the inbox's order index), then the journeys due first.
     let pending: Vec<(TenantId, Uuid)> = sqlx::query_as(
-        "SELECT tenant_id, contact_id FROM campaign_inbox WHERE failures < $1
-         GROUP BY tenant_id, contact_id ORDER BY min(seq) LIMIT 200",
+        "SELECT tenant_id, contact_id FROM (
+            SELECT tenant_id, contact_id, seq FROM campaign_inbox WHERE failures < $1
+            ORDER BY seq LIMIT $2) oldest
+         GROUP BY tenant_id, contact_id ORDER BY min(seq)",
     )
     .bind(MAX_FAILURES)
+    .bind(ROUND_SIZE)
     .fetch_all(&state.pool)
     .await?;
     let due: Vec<(TenantId, Uuid)> = sqlx::query_as(
@@ -113,31 +134,34 @@ pub async fn round(state: &AppState, schedules: bool) -> ApiResult<Round> {
             SELECT j.tenant_id, j.contact_id FROM journeys j
               JOIN campaigns c ON c.tenant_id = j.tenant_id AND c.id = j.campaign_id
              WHERE j.status = 'active' AND j.wake_at <= $1 AND c.status = 'active'
-             ORDER BY j.wake_at LIMIT 200) due",
+             ORDER BY j.wake_at LIMIT $2) due",
     )
     .bind(now)
+    .bind(ROUND_SIZE)
     .fetch_all(&state.pool)
     .await?;
-    let mut contacts: Vec<(TenantId, Uuid)> = pending;
-    for c in due {
-        if !contacts.contains(&c) {
-            contacts.push(c);
+    let mut seen = std::collections::HashSet::with_capacity(pending.len() + due.len());
+    let mut contacts: Vec<(TenantId, Uuid)> = pending
+        .into_iter()
+        .chain(due)
+        .filter(|c| seen.insert(*c))
+        .collect();
+    contacts.sort_by_key(|c| c.0.0);
+    let mut chunks: Vec<(TenantId, Vec<Uuid>)> = Vec::new();
+    for (tenant, contact) in contacts {
+        match chunks.last_mut() {
+            Some((t, ids)) if *t == tenant && ids.len() < CONTACTS_PER_TX => ids.push(contact),
+            _ => chunks.push((tenant, vec![contact])),
         }
     }
-    let results =
-        futures::future::join_all(contacts.chunks(contacts.len().div_ceil(4).max(1)).map(
-            |chunk| async move {
-                let mut out = Vec::new();
-                for (tenant, contact) in chunk {
-                    out.push(process_contact_logged(state, *tenant, *contact, &[]).await);
-                }
-                out
-            },
-        ))
+    let results: Vec<Processed> = futures::stream::iter(chunks)
+        .map(|(tenant, ids)| process_chunk(state, tenant, ids))
+        .buffer_unordered(PARALLEL_TX)
+        .collect()
         .await;
-    for r in results.into_iter().flatten().flatten() {
+    for r in results {
         done.events += r.events;
-        done.contacts += usize::from(r.ran);
+        done.contacts += r.ran;
     }
     if schedules {
         done.scheduled = run_schedules(state, now).await?;
@@ -145,23 +169,59 @@ pub async fn round(state: &AppState, schedules: bool) -> ApiResult<Round> {
     Ok(done)
 }
 
-/// What processing one contact did.
+/// What evaluating contacts did.
 #[derive(Debug, Default, Clone, Copy)]
 struct Processed {
+    /// Inbox events consumed.
     events: usize,
-    ran: bool,
+    /// Contacts whose due journeys ran.
+    ran: usize,
+}
+
+impl std::ops::AddAssign for Processed {
+    fn add_assign(&mut self, other: Processed) {
+        self.events += other.events;
+        self.ran += other.ran;
+    }
+}
+
+/// A chunk of one tenant's contacts in one transaction, else one by one.
+async fn process_chunk(state: &AppState, tenant: TenantId, contacts: Vec<Uuid>) -> Processed {
+    if contacts.len() == 1 {
+        return process_contact_logged(state, tenant, contacts[0], &[])
+            .await
+            .unwrap_or_default();
+    }
+    let started = std::time::Instant::now();
+    let batch: Vec<(Uuid, &[Scheduled])> = contacts.iter().map(|c| (*c, &[][..])).collect();
+    match process_contacts(state, tenant, &batch).await {
+        Ok(p) => {
+            metrics::histogram!("campaign_batch_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            p
+        }
+        Err(e) => {
+            tracing::debug!(%tenant, error = %e, "a chunk of contacts failed; evaluating them one by one");
+            let mut total = Processed::default();
+            for contact in contacts {
+                if let Some(p) = process_contact_logged(state, tenant, contact, &[]).await {
+                    total += p;
+                }
+            }
+            total
+        }
+    }
 }
 
 async fn process_contact_logged(
     state: &AppState,
     tenant: TenantId,
     contact: Uuid,
-    scheduled: &[(Uuid, i32, String)],
+    scheduled: &[Scheduled],
 ) -> Option<Processed> {
     let started = std::time::Instant::now();
-    let result = process_contact(state, tenant, contact, scheduled).await;
-    metrics::histogram!("campaign_contact_duration_seconds")
-        .record(started.elapsed().as_secs_f64());
+    let result = process_contacts(state, tenant, &[(contact, scheduled)]).await;
+    metrics::histogram!("campaign_batch_duration_seconds").record(started.elapsed().as_secs_f64());
     match result {
         Ok(p) => Some(p),
         Err(e) => {
@@ -211,12 +271,21 @@ struct Pending {
     subject_id: Option<Uuid>,
 }
 
+/// A pending event and its contact, as loaded for a chunk.
+#[derive(Debug, sqlx::FromRow)]
+struct PendingOf {
+    contact_id: Uuid,
+    #[sqlx(flatten)]
+    event: Pending,
+}
+
 /// A running journey.
 #[derive(Debug, Clone, sqlx::FromRow)]
 struct Journey {
     id: Uuid,
     campaign_id: Uuid,
     version: i32,
+    contact_id: Uuid,
     status: String,
     position: Vec<i32>,
     wake_at: Option<DateTime<Utc>>,
@@ -226,24 +295,36 @@ struct Journey {
     last_message_id: Option<Uuid>,
     exit_reason: Option<String>,
     converted: bool,
+    /// Changed since it was read (or written): saved at the commit.
     #[sqlx(skip)]
     dirty: bool,
+    /// Not in the database yet: inserted at the commit, in its state then.
+    #[sqlx(skip)]
+    new: Option<Enrolment>,
 }
 
-const JOURNEY_COLUMNS: &str = "id, campaign_id, version, status, position, wake_at, wait_until,
-    held_since, trigger_event, last_message_id, exit_reason, converted";
+/// What a journey inserted at the commit starts from.
+#[derive(Debug, Clone)]
+struct Enrolment {
+    key: String,
+    trigger_event_id: Option<Uuid>,
+    enrolled_at: DateTime<Utc>,
+}
+
+const JOURNEY_COLUMNS: &str = "id, campaign_id, version, contact_id, status, position, wake_at,
+    wait_until, held_since, trigger_event, last_message_id, exit_reason, converted";
 
 /// Everything the steps of one contact's journeys need.
 struct Scope<'a> {
     state: &'a AppState,
-    tenant: Tenant,
+    tenant: &'a Tenant,
     contact: Contact,
     /// The contact as conditions see it (current values).
     facts: Value,
-    opts: SendOptions,
+    opts: &'a SendOptions,
     now: DateTime<Utc>,
     /// Status of each running campaign (active or paused) and its current version.
-    campaigns: HashMap<Uuid, (String, i32, String)>,
+    campaigns: &'a HashMap<Uuid, (String, i32, String)>,
     /// The engine's own `campaign.*` events, appended together before the commit.
     emitted: Mutex<Vec<events::Emitted>>,
 }
@@ -265,86 +346,168 @@ impl Scope<'_> {
     }
 }
 
-/// Consumes a contact's pending events and runs its due journeys, in one transaction under
-/// the contact's advisory lock. A contact another worker holds is skipped (it is being done).
-async fn process_contact(
+/// Consumes the pending events and runs the due journeys of some of a tenant's contacts, in
+/// one transaction under each contact's advisory lock; `scheduled` enrolments are looked at
+/// too. Contacts another worker holds are skipped (they are being done). Loads and writes are
+/// one statement each for all the contacts; only steps that send, hand over to an agent or
+/// enrol once-only take statements of their own.
+async fn process_contacts(
     state: &AppState,
     tenant_id: TenantId,
-    contact_id: Uuid,
-    scheduled: &[(Uuid, i32, String)],
+    batch: &[(Uuid, &[Scheduled])],
 ) -> ApiResult<Processed> {
     let mut tx = state.pool.begin().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(contact_lock_key(tenant_id, contact_id))
-        .fetch_one(&mut *tx)
-        .await?;
-    if !locked {
+    let keys: Vec<i64> = batch
+        .iter()
+        .map(|(c, _)| contact_lock_key(tenant_id, *c))
+        .collect();
+    let locked: std::collections::HashSet<i64> = sqlx::query_scalar(
+        "SELECT k FROM unnest($1::int8[]) AS u(k) WHERE pg_try_advisory_xact_lock(k)",
+    )
+    .bind(&keys)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    let batch: Vec<&(Uuid, &[Scheduled])> = batch
+        .iter()
+        .filter(|(c, _)| locked.contains(&contact_lock_key(tenant_id, *c)))
+        .collect();
+    if batch.is_empty() {
         return Ok(Processed::default());
     }
+    let ids: Vec<Uuid> = batch.iter().map(|(c, _)| *c).collect();
     let now = state.clock.now();
-    let pending: Vec<Pending> = sqlx::query_as(
-        "SELECT i.seq, e.id, e.type, e.properties, e.occurred_at, e.ordinal, e.source, e.subject_id
+    // In inbox order, so each contact gets the oldest of its events.
+    let rows: Vec<PendingOf> = sqlx::query_as(
+        "SELECT i.contact_id, i.seq, e.id, e.type, e.properties, e.occurred_at, e.ordinal,
+                e.source, e.subject_id
          FROM campaign_inbox i JOIN events e ON e.tenant_id = i.tenant_id AND e.id = i.event_id
-         WHERE i.tenant_id = $1 AND i.contact_id = $2 AND i.failures < $3
+         WHERE i.tenant_id = $1 AND i.contact_id = ANY($2) AND i.failures < $3
          ORDER BY i.seq LIMIT $4",
     )
     .bind(tenant_id)
-    .bind(contact_id)
+    .bind(&ids)
     .bind(MAX_FAILURES)
-    .bind(EVENTS_PER_ROUND)
+    .bind(EVENTS_PER_TX)
     .fetch_all(&mut *tx)
     .await?;
-    let seqs: Vec<i64> = pending.iter().map(|p| p.seq).collect();
-    let Some(contact) = contacts::get(&mut tx, tenant_id, contact_id).await? else {
-        // Erased: nothing more may happen to this contact.
-        forget_contact(&mut tx, tenant_id, contact_id, &seqs, now).await?;
-        tx.commit().await?;
-        return Ok(Processed {
-            events: seqs.len(),
-            ran: false,
-        });
-    };
-    let tenant = crate::tenants::store::context(&mut tx, tenant_id)
-        .await?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("tenant {tenant_id} is missing")))?;
-    let campaigns: HashMap<Uuid, (String, i32, String)> =
-        sqlx::query_as::<_, (Uuid, String, i32, String)>(
-            "SELECT id, status, version, name FROM campaigns
-         WHERE tenant_id = $1 AND status IN ('active', 'paused')",
-        )
-        .bind(tenant_id)
-        .fetch_all(&mut *tx)
+    let seqs: Vec<i64> = rows.iter().map(|r| r.event.seq).collect();
+    let mut pending: HashMap<Uuid, Vec<Pending>> = HashMap::new();
+    for r in rows {
+        pending.entry(r.contact_id).or_default().push(r.event);
+    }
+    let mut found: HashMap<Uuid, Contact> = contacts::get_many(&mut tx, tenant_id, &ids)
         .await?
         .into_iter()
-        .map(|(id, status, version, name)| (id, (status, version, name)))
+        .map(|c| (c.id, c))
         .collect();
-    let facts_json = serde_json::to_value(&contact)
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("serialise contact: {e}")))?;
-    let mut scope = Scope {
-        state,
-        tenant,
-        contact,
-        facts: facts_json,
-        opts: state.send_options().await?,
-        now,
-        campaigns,
-        emitted: Mutex::new(Vec::new()),
+    // Erased: nothing more may happen to these contacts.
+    let erased: Vec<Uuid> = ids
+        .iter()
+        .copied()
+        .filter(|c| !found.contains_key(c))
+        .collect();
+    forget_contacts(&mut tx, tenant_id, &erased, now).await?;
+    let mut done = Processed {
+        events: seqs.len(),
+        ran: 0,
     };
-    let sql = format!(
-        "SELECT {JOURNEY_COLUMNS} FROM journeys
-         WHERE tenant_id = $1 AND contact_id = $2 AND status = 'active' FOR UPDATE"
-    );
-    let mut journeys: Vec<Journey> = sqlx::query_as(&sql)
-        .bind(tenant_id)
-        .bind(contact_id)
-        .fetch_all(&mut *tx)
-        .await?;
+    if !found.is_empty() {
+        let tenant = crate::tenants::store::context(&mut tx, tenant_id)
+            .await?
+            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("tenant {tenant_id} is missing")))?;
+        let campaigns: HashMap<Uuid, (String, i32, String)> =
+            sqlx::query_as::<_, (Uuid, String, i32, String)>(
+                "SELECT id, status, version, name FROM campaigns
+                 WHERE tenant_id = $1 AND status IN ('active', 'paused')",
+            )
+            .bind(tenant_id)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .map(|(id, status, version, name)| (id, (status, version, name)))
+            .collect();
+        let opts = state.send_options().await?;
+        let sql = format!(
+            "SELECT {JOURNEY_COLUMNS} FROM journeys
+             WHERE tenant_id = $1 AND contact_id = ANY($2) AND status = 'active'
+             ORDER BY id FOR UPDATE"
+        );
+        let mut journeys: HashMap<Uuid, Vec<Journey>> = HashMap::new();
+        for j in sqlx::query_as::<_, Journey>(&sql)
+            .bind(tenant_id)
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            journeys.entry(j.contact_id).or_default().push(j);
+        }
+        let mut emitted = Vec::new();
+        let mut touched: Vec<Journey> = Vec::new();
+        for (contact_id, scheduled) in batch {
+            let Some(contact) = found.remove(contact_id) else {
+                continue;
+            };
+            let scope = Scope {
+                state,
+                tenant: &tenant,
+                facts: serde_json::to_value(&contact)
+                    .map_err(|e| ApiError::Internal(anyhow::anyhow!("serialise contact: {e}")))?,
+                contact,
+                opts: &opts,
+                now,
+                campaigns: &campaigns,
+                emitted: Mutex::new(Vec::new()),
+            };
+            let events_of = pending.remove(contact_id).unwrap_or_default();
+            let mut mine = journeys.remove(contact_id).unwrap_or_default();
+            let ran = evaluate(&mut tx, &scope, &mut mine, &events_of, scheduled).await?;
+            done.ran += usize::from(ran);
+            touched.extend(mine.into_iter().filter(|j| j.dirty));
+            emitted.extend(
+                scope
+                    .emitted
+                    .into_inner()
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+        }
+        save_journeys(&mut tx, tenant_id, &touched, now).await?;
+        events::append_many(&mut tx, &emitted).await?;
+    }
+    if !seqs.is_empty() {
+        sqlx::query("DELETE FROM campaign_inbox WHERE tenant_id = $1 AND seq = ANY($2)")
+            .bind(tenant_id)
+            .bind(&seqs)
+            .execute(&mut *tx)
+            .await?;
+    }
+    // The statements above can be megabytes; a pooled connection would keep buffers that
+    // size for the rest of its life.
+    sqlx::Connection::shrink_buffers(&mut *tx);
+    tx.commit().await?;
+    if !seqs.is_empty() {
+        metrics::counter!("campaign_events_consumed_total").increment(seqs.len() as u64);
+    }
+    Ok(done)
+}
 
+/// One contact: its pending events against its journeys and the running campaigns, the
+/// scheduled enrolments, then its due journeys. True when a due journey ran.
+async fn evaluate(
+    conn: &mut PgConnection,
+    scope: &Scope<'_>,
+    journeys: &mut Vec<Journey>,
+    pending: &[Pending],
+    scheduled: &[Scheduled],
+) -> ApiResult<bool> {
+    let (state, tenant_id, contact_id, now) =
+        (scope.state, scope.tenant.id, scope.contact.id, scope.now);
     // Conditions see the contact as it was at each event, not as it is now: rewind the
     // pending events' changes and counts, then replay them one by one.
-    let mut as_of = rewind(&scope.facts, &pending);
-    for event in &pending {
-        consume(&mut tx, &mut scope, &mut journeys, event, &mut as_of).await?;
+    let mut as_of = rewind(&scope.facts, pending);
+    for event in pending {
+        consume(conn, scope, journeys, event, &mut as_of).await?;
     }
     for (campaign, version, key) in scheduled {
         sqlx::query(
@@ -355,11 +518,11 @@ async fn process_contact(
         .bind(campaign)
         .bind(contact_id)
         .bind(key)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
         let def = state
             .campaigns
-            .get(&mut tx, tenant_id, *campaign, *version)
+            .get(conn, tenant_id, *campaign, *version)
             .await?;
         let contact = facts::contact(&scope.facts);
         let ev = facts::event("schedule", &json!({}), now, 1, "rapport");
@@ -371,14 +534,7 @@ async fn process_contact(
             let trigger =
                 json!({"type": "schedule", "schedule": def.trigger.schedule, "occurrence": key});
             enrol(
-                &mut tx,
-                &scope,
-                &mut journeys,
-                *campaign,
-                *version,
-                key,
-                None,
-                trigger,
+                conn, scope, journeys, *campaign, *version, key, None, trigger,
             )
             .await?;
         }
@@ -390,30 +546,11 @@ async fn process_contact(
             .get(&journey.campaign_id)
             .is_some_and(|c| c.0 == "active");
         if journey.status == "active" && running && journey.wake_at.is_some_and(|w| w <= now) {
-            advance(&mut tx, &scope, journey).await?;
+            advance(conn, scope, journey).await?;
             ran = true;
         }
-        if journey.dirty {
-            save(&mut tx, tenant_id, journey, now).await?;
-        }
     }
-    let emitted = std::mem::take(&mut *scope.emitted.lock().unwrap_or_else(|e| e.into_inner()));
-    events::append_many(&mut tx, &emitted).await?;
-    if !seqs.is_empty() {
-        sqlx::query("DELETE FROM campaign_inbox WHERE tenant_id = $1 AND seq = ANY($2)")
-            .bind(tenant_id)
-            .bind(&seqs)
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
-    if !seqs.is_empty() {
-        metrics::counter!("campaign_events_consumed_total").increment(seqs.len() as u64);
-    }
-    Ok(Processed {
-        events: seqs.len(),
-        ran,
-    })
+    Ok(ran)
 }
 
 /// The advisory lock that serialises everything the engine does for one contact.
@@ -423,29 +560,26 @@ fn contact_lock_key(tenant: TenantId, contact: Uuid) -> i64 {
     (t.0 ^ t.1 ^ c.0.rotate_left(17) ^ c.1) as i64
 }
 
-/// An erased contact's journeys end and its pending events are dropped.
-async fn forget_contact(
+/// Erased contacts' journeys end (their pending events are dropped with the others').
+async fn forget_contacts(
     conn: &mut PgConnection,
     tenant: TenantId,
-    contact: Uuid,
-    seqs: &[i64],
+    contacts: &[Uuid],
     now: DateTime<Utc>,
 ) -> ApiResult<()> {
+    if contacts.is_empty() {
+        return Ok(());
+    }
     sqlx::query(
         "UPDATE journeys SET status = 'exited', exit_reason = 'contact_erased', ended_at = $3,
             wake_at = NULL, updated_at = now()
-         WHERE tenant_id = $1 AND contact_id = $2 AND status = 'active'",
+         WHERE tenant_id = $1 AND contact_id = ANY($2) AND status = 'active'",
     )
     .bind(tenant)
-    .bind(contact)
+    .bind(contacts)
     .bind(now)
-    .execute(&mut *conn)
+    .execute(conn)
     .await?;
-    sqlx::query("DELETE FROM campaign_inbox WHERE tenant_id = $1 AND seq = ANY($2)")
-        .bind(tenant)
-        .bind(seqs)
-        .execute(conn)
-        .await?;
     Ok(())
 }
 
@@ -502,7 +636,7 @@ fn rewind(current: &Value, pending: &[Pending]) -> Value {
 /// running campaigns' triggers.
 async fn consume(
     conn: &mut PgConnection,
-    scope: &mut Scope<'_>,
+    scope: &Scope<'_>,
     journeys: &mut Vec<Journey>,
     event: &Pending,
     as_of: &mut Value,
@@ -671,15 +805,19 @@ async fn enrol(
         if previous.status == "active" {
             return Ok(());
         }
-        // Its end must be stored before the next journey can take its place.
-        save(conn, scope.tenant.id, previous, scope.now).await?;
     }
     let def = scope
         .state
         .campaigns
         .get(conn, scope.tenant.id, campaign, version)
         .await?;
+    let enrolled_here = journeys
+        .iter()
+        .any(|j| j.campaign_id == campaign && j.new.is_some());
     if let Reentry::After(span) = def.reentry {
+        if enrolled_here && !span.as_chrono().is_zero() {
+            return Ok(());
+        }
         let last: Option<DateTime<Utc>> = sqlx::query_scalar(
             "SELECT max(enrolled_at) FROM journeys
              WHERE tenant_id = $1 AND campaign_id = $2 AND contact_id = $3",
@@ -694,6 +832,55 @@ async fn enrol(
         }
     }
     let id = Uuid::now_v7();
+    // An enrolment keyed by its trigger event cannot have been made before (the event is
+    // consumed once): the journey is inserted with the others at the commit. A once-only or
+    // scheduled enrolment asks the unique index now.
+    if trigger_event_id.is_some() && def.reentry != Reentry::Once {
+        metrics::counter!("campaign_enrolments_total").increment(1);
+        scope.emit(
+            "campaign.enrolled",
+            json!({"campaign_id": campaign, "campaign": campaign_name(scope, campaign),
+                   "journey_id": id, "version": version,
+                   "trigger_event_id": trigger_event_id}),
+            id,
+        );
+        journeys.push(Journey {
+            id,
+            campaign_id: campaign,
+            version,
+            contact_id: scope.contact.id,
+            status: "active".to_owned(),
+            position: vec![0],
+            wake_at: Some(scope.now),
+            wait_until: None,
+            held_since: None,
+            trigger_event: trigger,
+            last_message_id: None,
+            exit_reason: None,
+            converted: false,
+            dirty: true,
+            new: Some(Enrolment {
+                key: key.to_owned(),
+                trigger_event_id,
+                enrolled_at: scope.now,
+            }),
+        });
+        return Ok(());
+    }
+    // The previous journey's end must be stored before the next one can take its place.
+    if let Some(previous) = journeys
+        .iter_mut()
+        .find(|j| j.campaign_id == campaign && j.dirty && j.new.is_none())
+    {
+        save_journeys(
+            conn,
+            scope.tenant.id,
+            std::slice::from_ref(previous),
+            scope.now,
+        )
+        .await?;
+        previous.dirty = false;
+    }
     let sql = format!(
         "INSERT INTO journeys (tenant_id, id, campaign_id, version, contact_id, status, position,
             wake_at, enrol_key, trigger_event_id, trigger_event, enrolled_at)
@@ -777,32 +964,119 @@ fn finish(
     Ok(())
 }
 
-async fn save(
+/// Writes journeys as they now stand: an UPDATE of those read from the database, then an
+/// INSERT of those enrolled since (in that order, so a journey that ended makes room for the
+/// next one of its campaign), one statement each.
+async fn save_journeys(
     conn: &mut PgConnection,
     tenant: TenantId,
-    j: &Journey,
+    journeys: &[Journey],
     now: DateTime<Utc>,
 ) -> ApiResult<()> {
-    sqlx::query(
-        "UPDATE journeys SET status = $3, position = $4, wake_at = $5, wait_until = $6,
-            held_since = $7, last_message_id = $8, exit_reason = $9, converted = $10,
-            ended_at = CASE WHEN $3 = 'active' THEN NULL ELSE coalesce(ended_at, $11) END,
-            updated_at = now()
-         WHERE tenant_id = $1 AND id = $2",
-    )
-    .bind(tenant)
-    .bind(j.id)
-    .bind(&j.status)
-    .bind(&j.position)
-    .bind(j.wake_at)
-    .bind(j.wait_until)
-    .bind(j.held_since)
-    .bind(j.last_message_id)
-    .bind(&j.exit_reason)
-    .bind(j.converted)
-    .bind(now)
-    .execute(conn)
-    .await?;
+    let (new, read): (Vec<&Journey>, Vec<&Journey>) = journeys
+        .iter()
+        .filter(|j| j.dirty)
+        .partition(|j| j.new.is_some());
+    let position = |j: &Journey| {
+        let items: Vec<String> = j.position.iter().map(i32::to_string).collect();
+        format!("{{{}}}", items.join(","))
+    };
+    if !read.is_empty() {
+        sqlx::query(
+            "UPDATE journeys j SET status = u.status, position = u.position::int4[],
+                wake_at = u.wake_at, wait_until = u.wait_until, held_since = u.held_since,
+                last_message_id = u.last_message_id, exit_reason = u.exit_reason,
+                converted = u.converted,
+                ended_at = CASE WHEN u.status = 'active' THEN NULL
+                                ELSE coalesce(j.ended_at, $2) END,
+                updated_at = now()
+             FROM unnest($3::uuid[], $4::text[], $5::text[], $6::timestamptz[],
+                         $7::timestamptz[], $8::timestamptz[], $9::uuid[], $10::text[],
+                         $11::bool[])
+                  AS u(id, status, position, wake_at, wait_until, held_since, last_message_id,
+                       exit_reason, converted)
+             WHERE j.tenant_id = $1 AND j.id = u.id",
+        )
+        .bind(tenant)
+        .bind(now)
+        .bind(read.iter().map(|j| j.id).collect::<Vec<_>>())
+        .bind(read.iter().map(|j| j.status.as_str()).collect::<Vec<_>>())
+        .bind(read.iter().map(|j| position(j)).collect::<Vec<_>>())
+        .bind(read.iter().map(|j| j.wake_at).collect::<Vec<_>>())
+        .bind(read.iter().map(|j| j.wait_until).collect::<Vec<_>>())
+        .bind(read.iter().map(|j| j.held_since).collect::<Vec<_>>())
+        .bind(read.iter().map(|j| j.last_message_id).collect::<Vec<_>>())
+        .bind(
+            read.iter()
+                .map(|j| j.exit_reason.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(read.iter().map(|j| j.converted).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !new.is_empty() {
+        let enrolment = |j: &&Journey| {
+            j.new.clone().unwrap_or(Enrolment {
+                key: j.id.to_string(),
+                trigger_event_id: None,
+                enrolled_at: now,
+            })
+        };
+        let enrolments: Vec<Enrolment> = new.iter().map(enrolment).collect();
+        sqlx::query(
+            "INSERT INTO journeys (tenant_id, id, campaign_id, version, contact_id, status,
+                 position, wake_at, wait_until, held_since, enrol_key, trigger_event_id,
+                 trigger_event, last_message_id, enrolled_at, ended_at, exit_reason, converted)
+             SELECT $1, u.id, u.campaign_id, u.version, u.contact_id, u.status,
+                    u.position::int4[], u.wake_at, u.wait_until, u.held_since, u.enrol_key,
+                    u.trigger_event_id, u.trigger_event, u.last_message_id, u.enrolled_at,
+                    CASE WHEN u.status = 'active' THEN NULL ELSE $2 END, u.exit_reason,
+                    u.converted
+             FROM unnest($3::uuid[], $4::uuid[], $5::int4[], $6::uuid[], $7::text[], $8::text[],
+                         $9::timestamptz[], $10::timestamptz[], $11::timestamptz[], $12::text[],
+                         $13::uuid[], $14::jsonb[], $15::uuid[], $16::timestamptz[], $17::text[],
+                         $18::bool[])
+                  WITH ORDINALITY AS u(id, campaign_id, version, contact_id, status, position,
+                       wake_at, wait_until, held_since, enrol_key, trigger_event_id,
+                       trigger_event, last_message_id, enrolled_at, exit_reason, converted, n)
+             ORDER BY u.n",
+        )
+        .bind(tenant)
+        .bind(now)
+        .bind(new.iter().map(|j| j.id).collect::<Vec<_>>())
+        .bind(new.iter().map(|j| j.campaign_id).collect::<Vec<_>>())
+        .bind(new.iter().map(|j| j.version).collect::<Vec<_>>())
+        .bind(new.iter().map(|j| j.contact_id).collect::<Vec<_>>())
+        .bind(new.iter().map(|j| j.status.as_str()).collect::<Vec<_>>())
+        .bind(new.iter().map(|j| position(j)).collect::<Vec<_>>())
+        .bind(new.iter().map(|j| j.wake_at).collect::<Vec<_>>())
+        .bind(new.iter().map(|j| j.wait_until).collect::<Vec<_>>())
+        .bind(new.iter().map(|j| j.held_since).collect::<Vec<_>>())
+        .bind(
+            enrolments
+                .iter()
+                .map(|e| e.key.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            enrolments
+                .iter()
+                .map(|e| e.trigger_event_id)
+                .collect::<Vec<_>>(),
+        )
+        .bind(new.iter().map(|j| &j.trigger_event).collect::<Vec<_>>())
+        .bind(new.iter().map(|j| j.last_message_id).collect::<Vec<_>>())
+        .bind(enrolments.iter().map(|e| e.enrolled_at).collect::<Vec<_>>())
+        .bind(
+            new.iter()
+                .map(|j| j.exit_reason.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(new.iter().map(|j| j.converted).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(())
 }
 
@@ -1072,7 +1346,7 @@ async fn send(
         journey: Some((j.campaign_id, j.id)),
         suppress,
     };
-    let message = match messages::enqueue(conn, &scope.tenant, compose, &scope.opts).await {
+    let message = match messages::enqueue(conn, scope.tenant, compose, scope.opts).await {
         Ok(m) => m,
         // The template no longer renders for this contact: the journey cannot go on.
         Err(e @ (ApiError::Validation { .. } | ApiError::NotFound(_))) => {
@@ -1167,7 +1441,7 @@ async fn notify_agent(
             priority,
             assignee: owner,
         };
-        let ticket = support::create_ticket(conn, &scope.tenant, &row).await?;
+        let ticket = support::create_ticket(conn, scope.tenant, &row).await?;
         (Some(ticket.id), ticket.assignee_id)
     } else if owner.is_some() {
         (None, owner)

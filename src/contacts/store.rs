@@ -43,6 +43,23 @@ pub async fn get(
         .await?)
 }
 
+/// The live contacts among these ids, in one query.
+pub async fn get_many(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    ids: &[Uuid],
+) -> ApiResult<Vec<Contact>> {
+    let sql = format!(
+        "SELECT {CONTACT_COLUMNS} FROM contacts c
+         WHERE c.tenant_id = $1 AND c.id = ANY($2) AND c.erased_at IS NULL"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(ids)
+        .fetch_all(conn)
+        .await?)
+}
+
 /// Filters of a contact list, already normalised.
 #[derive(Debug, Default)]
 pub struct ListFilter {
