@@ -1293,8 +1293,10 @@ async fn many_contacts_are_evaluated_together_with_the_same_decisions_as_one_by_
     .await;
     // 120 contacts (more than one transaction's worth), three events each, in one batch.
     let items: Vec<Value> = (0..360)
-        .map(|i| json!({"type": "page.viewed", "contact": {"external_id": format!("c{}", i % 120)},
-                        "properties": {"n": i}}))
+        .map(|i| {
+            json!({"type": "page.viewed", "contact": {"external_id": format!("c{}", i % 120)},
+                        "properties": {"n": i}})
+        })
         .collect();
     let r = app
         .post("/v1/events/batch", &t.key, json!({"events": items}))
@@ -1304,7 +1306,12 @@ async fn many_contacts_are_evaluated_together_with_the_same_decisions_as_one_by_
 
     let count = |sql: &'static str| {
         let pool = app.pool.clone();
-        async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await.unwrap() }
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
     };
     assert_eq!(count("SELECT count(*) FROM campaign_inbox").await, 0);
     // `always`: a journey per event, each ended by its exit step.

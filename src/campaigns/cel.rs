@@ -87,30 +87,39 @@ pub fn event(
 /// Evaluates a condition. A condition that cannot be evaluated (an attribute the contact does
 /// not have, a type mismatch) or is not a boolean is false: use `has()` for optional fields.
 pub fn holds(condition: &Condition, contact: &Cel, event: &Cel, now: DateTime<Utc>) -> bool {
-    match evaluate(condition, contact, event, now) {
-        Ok(Cel::Bool(b)) => b,
-        Ok(other) => {
-            tracing::debug!(condition = condition.source(), result = ?other, "condition is not a boolean");
-            false
-        }
-        Err(e) => {
-            tracing::debug!(condition = condition.source(), error = %e, "condition cannot be evaluated");
-            false
-        }
-    }
+    Facts::new(contact, event, now).holds(condition)
 }
 
-fn evaluate(
-    condition: &Condition,
-    contact: &Cel,
-    event: &Cel,
-    now: DateTime<Utc>,
-) -> Result<Cel, ExecutionError> {
-    let mut ctx = Context::with_env(env());
-    ctx.add_variable_from_value("contact", contact.clone());
-    ctx.add_variable_from_value("event", event.clone());
-    ctx.add_variable_from_value("now", Cel::Timestamp(now.fixed_offset()));
-    condition.program().execute(&ctx)
+/// A contact, an event and the time bound once, for the several conditions one event is
+/// checked against: binding converts every value to CEL's own representation, which costs
+/// more than evaluating a typical condition.
+pub struct Facts {
+    ctx: Context<'static, 'static>,
+}
+
+impl Facts {
+    pub fn new(contact: &Cel, event: &Cel, now: DateTime<Utc>) -> Facts {
+        let mut ctx = Context::with_env(env());
+        ctx.add_variable_from_value("contact", contact.clone());
+        ctx.add_variable_from_value("event", event.clone());
+        ctx.add_variable_from_value("now", Cel::Timestamp(now.fixed_offset()));
+        Facts { ctx }
+    }
+
+    /// Whether `condition` holds for these facts (see [`holds`]).
+    pub fn holds(&self, condition: &Condition) -> bool {
+        match condition.program().execute(&self.ctx) {
+            Ok(Cel::Bool(b)) => b,
+            Ok(other) => {
+                tracing::debug!(condition = condition.source(), result = ?other, "condition is not a boolean");
+                false
+            }
+            Err(e) => {
+                tracing::debug!(condition = condition.source(), error = %e, "condition cannot be evaluated");
+                false
+            }
+        }
+    }
 }
 
 /// Runs a freshly compiled condition against an empty contact and event, to refuse names
@@ -123,7 +132,10 @@ pub fn dry_run(condition: &Condition) -> Result<(), String> {
         "attributes": {}, "consents": {}, "stats": {}, "created_at": null, "updated_at": null
     }));
     let event = event("sample", &serde_json::json!({}), Utc::now(), 1, "api");
-    match evaluate(condition, &contact, &event, Utc::now()) {
+    match condition
+        .program()
+        .execute(&Facts::new(&contact, &event, Utc::now()).ctx)
+    {
         Err(ExecutionError::UndeclaredReference(name)) => Err(format!(
             "unknown name `{name}`: conditions see `contact`, `event` and `now`"
         )),

@@ -656,6 +656,7 @@ async fn consume(
         event.ordinal,
         &event.source,
     );
+    let bound = facts::Facts::new(&contact, &ev, now);
 
     // A `message.*` event belongs to the journey that queued the message.
     let message_journey: Option<Uuid> = match (event.kind.starts_with("message."), event.subject_id)
@@ -676,12 +677,10 @@ async fn consume(
             .campaigns
             .get(conn, scope.tenant.id, j.campaign_id, j.version)
             .await?;
-        let goal = def.exit_on.iter().find(|x| {
-            x.event.0 == event.kind
-                && x.filter
-                    .as_ref()
-                    .is_none_or(|f| facts::holds(f, &contact, &ev, now))
-        });
+        let goal = def
+            .exit_on
+            .iter()
+            .find(|x| x.event.0 == event.kind && x.filter.as_ref().is_none_or(|f| bound.holds(f)));
         if goal.is_some() {
             finish(scope, j, "exited", &format!("exit_on:{}", event.kind), true)?;
             continue;
@@ -694,9 +693,7 @@ async fn consume(
             && j.wait_until.is_some()
             && wanted.0 == event.kind
             && (!event.kind.starts_with("message.") || message_journey == Some(j.id))
-            && filter
-                .as_ref()
-                .is_none_or(|f| facts::holds(f, &contact, &ev, now))
+            && filter.as_ref().is_none_or(|f| bound.holds(f))
         {
             log_step(
                 scope,
@@ -733,17 +730,13 @@ async fn consume(
             .await?;
         let t = &def.trigger;
         let fires = if let Some(kind) = &t.event {
-            kind.0 == event.kind
-                && t.filter
-                    .as_ref()
-                    .is_none_or(|f| facts::holds(f, &contact, &ev, now))
+            kind.0 == event.kind && t.filter.as_ref().is_none_or(|f| bound.holds(f))
         } else if let Some(condition) = &t.condition {
             match event.kind.as_str() {
-                "contact.created" => facts::holds(condition, &contact, &ev, now),
+                "contact.created" => bound.holds(condition),
                 "contact.updated" => {
                     let before = facts::contact(&previous);
-                    facts::holds(condition, &contact, &ev, now)
-                        && !facts::holds(condition, &before, &ev, now)
+                    bound.holds(condition) && !facts::holds(condition, &before, &ev, now)
                 }
                 _ => false,
             }
@@ -754,7 +747,7 @@ async fn consume(
             continue;
         }
         if let Some(audience) = &def.audience
-            && !facts::holds(audience, &contact, &ev, now)
+            && !bound.holds(audience)
         {
             continue;
         }
