@@ -60,6 +60,14 @@ pub async fn connect(
         .max_connections(max_connections)
         .min_connections(0)
         .acquire_timeout(timeout)
+        // One large statement or result (a batch of events, a campaign chunk) grows a
+        // connection's buffers; give the memory back when the connection returns to the pool.
+        .after_release(|conn, _| {
+            Box::pin(async move {
+                conn.shrink_buffers();
+                Ok(true)
+            })
+        })
         .connect_with(options)
         .await
         .map_err(|e| StartupError::Unreachable {

@@ -1099,10 +1099,10 @@ async fn run(args: &Args, server: &Server, wanted: &[&str]) -> anyhow::Result<()
             other => bail!("unknown scenario `{other}`"),
         }
     }
-    // Idle means no load and no client: close our connections, then give the server a few
-    // seconds (its allocator is trimmed every 5 s).
+    // Idle means no load and no client: close our connections, then give the server the
+    // time to close its idle provider connections (10 s) and trim its allocator (every 5 s).
     drop(bench);
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(16)).await;
     let idle_end_mb = proc_rss_kb(server.pid) as f64 / 1024.0;
     let peak_mb = overall_peak.load(Ordering::Relaxed) as f64 / 1024.0;
     print_table(&rows, idle_mb, idle_end_mb, peak_mb);

@@ -482,9 +482,6 @@ async fn process_contacts(
             .execute(&mut *tx)
             .await?;
     }
-    // The statements above can be megabytes; a pooled connection would keep buffers that
-    // size for the rest of its life.
-    sqlx::Connection::shrink_buffers(&mut *tx);
     tx.commit().await?;
     if !seqs.is_empty() {
         metrics::counter!("campaign_events_consumed_total").increment(seqs.len() as u64);

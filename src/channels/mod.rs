@@ -113,6 +113,9 @@ impl Channels {
         let http = reqwest::Client::builder()
             .timeout(send_timeout)
             .connect_timeout(Duration::from_secs(10))
+            // A blast opens hundreds of connections to a provider; reused while the blast
+            // lasts, they are closed (with their buffers) soon after it.
+            .pool_idle_timeout(Duration::from_secs(10))
             .user_agent(concat!("rapport/", env!("CARGO_PKG_VERSION")))
             .build()
             .unwrap_or_default();
