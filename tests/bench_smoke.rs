@@ -16,7 +16,14 @@ fn the_benchmark_runs_every_scenario_and_writes_its_results() {
             "--contacts",
             "300",
         ])
-        .args(["--dispatch-messages", "300", "--e2e-rate", "10"])
+        .args([
+            "--dispatch-messages",
+            "300",
+            "--e2e-rate",
+            "10",
+            "--idle-wait",
+            "1",
+        ])
         .arg("--json")
         .arg(&out)
         .stdout(std::process::Stdio::null())

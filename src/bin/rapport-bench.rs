@@ -54,6 +54,10 @@ struct Args {
     /// Events per second in the end-to-end scenario.
     #[arg(long, default_value_t = 20.0)]
     e2e_rate: f64,
+    /// Seconds to wait, after closing the benchmark's connections, before reading the
+    /// server's idle memory (it closes idle provider connections after 10 s).
+    #[arg(long, default_value_t = 16.0)]
+    idle_wait: f64,
     /// Where to write the results as JSON.
     #[arg(long, default_value = "bench.json")]
     json: String,
@@ -1102,7 +1106,7 @@ async fn run(args: &Args, server: &Server, wanted: &[&str]) -> anyhow::Result<()
     // Idle means no load and no client: close our connections, then give the server the
     // time to close its idle provider connections (10 s) and trim its allocator (every 5 s).
     drop(bench);
-    tokio::time::sleep(Duration::from_secs(16)).await;
+    tokio::time::sleep(Duration::from_secs_f64(args.idle_wait)).await;
     let idle_end_mb = proc_rss_kb(server.pid) as f64 / 1024.0;
     let peak_mb = overall_peak.load(Ordering::Relaxed) as f64 / 1024.0;
     print_table(&rows, idle_mb, idle_end_mb, peak_mb);
