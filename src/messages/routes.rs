@@ -107,7 +107,7 @@ async fn get_message(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no message with id {id}")))?;
     let delivery_attempts = store::attempts(&mut conn, tenant.id, id).await?;
-    let history = events::about(&mut conn, tenant.id, "message", id).await?;
+    let history = events::about_message(&mut conn, tenant.id, id).await?;
     Ok(Json(MessageDetail {
         message,
         delivery_attempts,
