@@ -2,10 +2,12 @@
 //!
 //! A request hands its validated events to the [`Writer`] and waits for their outcomes. A few
 //! writer tasks take the requests waiting in the queue (as many as arrived while the previous
-//! commit ran, up to `ingest_max_group` events), record them with [`ingest::ingest`] in one
-//! transaction, commit once, and answer every request. Each event is durable before its 202,
-//! but a burst of requests costs one commit and a handful of statements instead of five round
-//! trips and one commit each. At low load a group is one request: nothing waits for company.
+//! write ran, up to `ingest_max_group` events), record them together, and answer every
+//! request. When every contact is known and no event has an idempotency key, that is one
+//! statement with no transaction around it ([`ingest::ingest_known`]); otherwise one
+//! transaction through [`ingest::ingest`]. Each event is durable before its 202, but a burst of
+//! requests costs one commit instead of five round trips and one commit each. At low load a
+//! group is one request: nothing waits for company.
 //!
 //! A group that fails before its commit (a statement error in one tenant's part) is retried
 //! request by request, so one request's failure is never another's. A failed commit is not
@@ -114,57 +116,49 @@ async fn write_loop(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Job>>>, max_gr
 }
 
 /// Writes a group, in one statement when its contacts are all known, else in one
-/// transaction, and answers each request.
+/// transaction (else request by request), and answers each request.
 async fn write_group(pool: &PgPool, group: Vec<Job>) {
     match write_known(pool, &group).await {
-        Ok(Some(outcomes)) => {
-            for (job, outcome) in group.into_iter().zip(outcomes) {
-                let _ = job.reply.send(Ok(outcome));
-            }
-            return;
-        }
+        Ok(Some(outcomes)) => return answer(group, outcomes),
         Ok(None) => {}
         // The statement failed as a whole: nothing was written.
         Err(sqlx::Error::Database(e)) => {
             tracing::warn!(error = %e, "the one-statement path failed; writing in a transaction");
         }
         // The connection failed mid-way: whether the statement ran is unknown.
-        Err(e) => {
-            let e = crate::error::error_chain(&e);
-            for job in group {
-                let _ = job.reply.send(Err(ApiError::Internal(anyhow::anyhow!(
-                    "appending a group of events failed: {e}"
-                ))));
-            }
-            return;
-        }
+        Err(e) => return fail(group, &crate::error::error_chain(&e)),
     }
     if group.len() == 1 {
-        for job in group {
-            let result = write_alone(pool, &job.tenant, &job.items).await;
-            let _ = job.reply.send(result);
-        }
-        return;
+        return write_each(pool, group).await;
     }
     match write_together(pool, &group).await {
-        Ok(Some(outcomes)) => {
-            for (job, outcome) in group.into_iter().zip(outcomes) {
-                let _ = job.reply.send(Ok(outcome));
-            }
-        }
-        Ok(None) => {
-            for job in group {
-                let result = write_alone(pool, &job.tenant, &job.items).await;
-                let _ = job.reply.send(result);
-            }
-        }
-        Err(e) => {
-            for job in group {
-                let _ = job.reply.send(Err(ApiError::Internal(anyhow::anyhow!(
-                    "committing a group of events failed: {e}"
-                ))));
-            }
-        }
+        Ok(Some(outcomes)) => answer(group, outcomes),
+        Ok(None) => write_each(pool, group).await,
+        Err(e) => fail(group, &e),
+    }
+}
+
+/// Answers each request with its outcomes.
+fn answer(group: Vec<Job>, outcomes: Vec<Vec<Outcome>>) {
+    for (job, outcome) in group.into_iter().zip(outcomes) {
+        let _ = job.reply.send(Ok(outcome));
+    }
+}
+
+/// Answers each request with a write that may or may not have happened.
+fn fail(group: Vec<Job>, reason: &str) {
+    for job in group {
+        let _ = job.reply.send(Err(ApiError::Internal(anyhow::anyhow!(
+            "writing a group of events failed: {reason}"
+        ))));
+    }
+}
+
+/// Writes and answers each request in a transaction of its own.
+async fn write_each(pool: &PgPool, group: Vec<Job>) {
+    for job in group {
+        let result = write_alone(pool, &job.tenant, &job.items).await;
+        let _ = job.reply.send(result);
     }
 }
 
