@@ -9,6 +9,7 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
     && cargo build --release --locked \
     && rm -rf src target/release/deps/rapport* target/release/rapport*
+COPY build.rs ./
 COPY src ./src
 COPY migrations ./migrations
 # COPY keeps the files' modification times, which may be older than the stub build.
