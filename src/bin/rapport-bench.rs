@@ -685,8 +685,11 @@ async fn scenario_rules(b: &Bench) -> anyhow::Result<Row> {
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let age: Option<f64> = sqlx::query_scalar(
-                    "SELECT extract(epoch FROM clock_timestamp() - min(e.received_at))::float8
-                     FROM campaign_inbox i JOIN events e ON e.tenant_id = i.tenant_id AND e.id = i.event_id",
+                    // The inbox's first row (its order index), not min() over a join of
+                    // every pending event: the sampler must not load the database it measures.
+                    "SELECT extract(epoch FROM clock_timestamp() - e.received_at)::float8
+                     FROM (SELECT tenant_id, event_id FROM campaign_inbox ORDER BY seq LIMIT 1) i
+                     JOIN events e ON e.tenant_id = i.tenant_id AND e.id = i.event_id",
                 )
                 .fetch_one(&db)
                 .await
@@ -717,10 +720,10 @@ async fn scenario_rules(b: &Bench) -> anyhow::Result<Row> {
     // Wait for the engine to empty its inbox.
     let mut drained = false;
     while started.elapsed() < Duration::from_secs_f64(b.args.duration * 6.0 + 30.0) {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM campaign_inbox")
+        let left: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM campaign_inbox)")
             .fetch_one(&b.db)
             .await?;
-        if left == 0 {
+        if !left {
             drained = true;
             break;
         }
