@@ -143,7 +143,7 @@ pub async fn append_many(conn: &mut PgConnection, rows: &[Emitted]) -> Result<u6
             subject: r.subject,
         });
     }
-    Ok(columns.insert(conn).await?.len() as u64)
+    columns.insert_by_id(conn).await
 }
 
 /// How an event to append names its contact.
@@ -311,6 +311,69 @@ impl<'a> Columns<'a> {
         .bind(&total)
         .fetch_all(conn)
         .await
+    }
+}
+
+impl Columns<'_> {
+    /// [`Columns::insert`] for events whose contacts are all named by id and whose ids were
+    /// made by [`Uuid::now_v7`] in slice order, when nothing is asked back but how many: the
+    /// same counters, ordinals and inbox, without carrying the input through the statement
+    /// to check contacts and to answer in input order (about a third of the statement's time
+    /// for the rule engine's thousands of decisions a transaction).
+    async fn insert_by_id(self, conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
+        if self.id.is_empty() {
+            return Ok(0);
+        }
+        debug_assert!(self.contact.iter().all(Option::is_some));
+        let (position, total) = self.numbering();
+        let done: i64 = sqlx::query_scalar(
+            "WITH counters AS (
+                INSERT INTO contact_event_counts AS cc (tenant_id, contact_id, event_type, count)
+                SELECT t, c, k, total
+                FROM unnest($1::uuid[], $3::uuid[], $4::text[], $10::int8[], $11::int8[])
+                     AS u(t, c, k, rn, total)
+                WHERE rn = 1 ORDER BY t, c, k
+                ON CONFLICT (tenant_id, contact_id, event_type)
+                DO UPDATE SET count = cc.count + excluded.count
+                RETURNING tenant_id, contact_id, event_type, count
+             ), appended AS (
+                INSERT INTO events (tenant_id, id, contact_id, type, occurred_at, properties,
+                                    source, ordinal, subject_type, subject_id)
+                SELECT u.t, u.id, u.c, u.k, coalesce(u.at, clock_timestamp()), u.p, u.src,
+                       cn.count - u.total + u.rn, u.st, u.sid
+                FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[],
+                            $6::jsonb[], $7::text[], $8::text[], $9::uuid[], $10::int8[],
+                            $11::int8[])
+                     WITH ORDINALITY AS u(t, id, c, k, at, p, src, st, sid, rn, total, n)
+                JOIN counters cn
+                  ON cn.tenant_id = u.t AND cn.contact_id = u.c AND cn.event_type = u.k
+                ORDER BY u.n
+                RETURNING tenant_id, id, contact_id, type
+             ), inbox AS (
+                INSERT INTO campaign_inbox (tenant_id, contact_id, event_id)
+                SELECT a.tenant_id, a.contact_id, a.id FROM appended a
+                WHERE left(a.type, 9) <> 'campaign.'
+                  AND a.tenant_id IN (SELECT cp.tenant_id FROM campaigns cp
+                                      WHERE cp.tenant_id = ANY($1)
+                                        AND cp.status IN ('active', 'paused'))
+                ORDER BY a.id
+             )
+             SELECT count(*) FROM appended",
+        )
+        .bind(&self.tenant)
+        .bind(&self.id)
+        .bind(&self.contact)
+        .bind(&self.kind)
+        .bind(&self.occurred_at)
+        .bind(&self.properties)
+        .bind(&self.source)
+        .bind(&self.subject_type)
+        .bind(&self.subject_id)
+        .bind(&position)
+        .bind(&total)
+        .fetch_one(conn)
+        .await?;
+        Ok(done as u64)
     }
 }
 
