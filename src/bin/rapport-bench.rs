@@ -1095,6 +1095,10 @@ async fn run(args: &Args, server: &Server, wanted: &[&str]) -> anyhow::Result<()
     let bench = setup(args, server).await?;
     let mut rows = Vec::new();
     for name in wanted {
+        // Like pgbench, each scenario starts from vacuumed, analysed tables and a fresh
+        // checkpoint, so it does not measure the autovacuum of the previous one's rows.
+        sqlx::query("VACUUM (ANALYZE)").execute(&bench.db).await?;
+        sqlx::query("CHECKPOINT").execute(&bench.db).await?;
         eprintln!("rapport-bench: running {name}");
         match *name {
             "events" => rows.push(scenario_events(&bench).await?),
