@@ -102,6 +102,7 @@ enum ApiKeyCommand {
 }
 
 fn main() -> ExitCode {
+    rapport::telemetry::tune_allocator();
     let cli = Cli::parse();
     if matches!(cli.command, Some(Command::Openapi)) {
         println!(
