@@ -979,6 +979,42 @@ async fn reentry_once_never_enrols_twice_even_under_concurrent_events_and_worker
 }
 
 #[tokio::test]
+async fn reentry_after_a_duration_counts_from_the_last_enrolment_even_once_it_has_ended() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    for who in ["ana", "ivo"] {
+        app.contact(&t, who, json!({})).await;
+    }
+    let daily = campaign(
+        &app,
+        &t,
+        json!({"name": "Daily", "trigger": {"event": "visit.started"},
+        "reentry": "1d", "steps": [{"type": "exit"}]}),
+    )
+    .await;
+    // Three visits of ana evaluated together, one of ivo: one journey each, ended at once.
+    for who in ["ana", "ana", "ivo", "ana"] {
+        event(&app, &t, who, "visit.started", json!({})).await;
+    }
+    app.drain().await;
+    let first = journeys(&app, &t, &daily).await;
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert!(first.iter().all(|j| j["status"] == "exited"), "{first:?}");
+    // The journeys have ended, but a day has not passed since they began.
+    app.advance(Duration::hours(23));
+    event(&app, &t, "ana", "visit.started", json!({})).await;
+    app.drain().await;
+    assert_eq!(journeys(&app, &t, &daily).await.len(), 2);
+    app.advance(Duration::hours(1) + Duration::seconds(1));
+    for who in ["ana", "ana"] {
+        event(&app, &t, who, "visit.started", json!({})).await;
+    }
+    app.drain().await;
+    let all = journeys(&app, &t, &daily).await;
+    assert_eq!(all.len(), 3, "{all:?}");
+}
+
+#[tokio::test]
 async fn a_campaign_that_cannot_run_is_refused_with_the_field_at_fault() {
     let app = TestApp::new().await;
     let t = app.tenant("acme").await;

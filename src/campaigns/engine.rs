@@ -327,9 +327,23 @@ struct Scope<'a> {
     campaigns: &'a HashMap<Uuid, (String, i32, String)>,
     /// The engine's own `campaign.*` events, appended together before the commit.
     emitted: Mutex<Vec<events::Emitted>>,
+    /// When the contact last enrolled in each running campaign that re-enrols only after a
+    /// while (`reentry: "30d"`), kept up to date as this evaluation enrols.
+    last_enrolled: Mutex<HashMap<Uuid, DateTime<Utc>>>,
 }
 
 impl Scope<'_> {
+    fn last_enrolled(&self, campaign: Uuid) -> Option<DateTime<Utc>> {
+        let last = self.last_enrolled.lock().unwrap_or_else(|e| e.into_inner());
+        last.get(&campaign).copied()
+    }
+
+    /// Notes an enrolment made now, for the reentry checks that follow in this evaluation.
+    fn enrolled(&self, campaign: Uuid) {
+        let mut last = self.last_enrolled.lock().unwrap_or_else(|e| e.into_inner());
+        last.insert(campaign, self.now);
+    }
+
     /// Puts a decision about a journey on the contact's timeline (at the commit).
     fn emit(&self, kind: &'static str, properties: Value, journey: Uuid) {
         let event = events::Emitted {
@@ -443,6 +457,37 @@ async fn process_contacts(
         {
             journeys.entry(j.contact_id).or_default().push(j);
         }
+        // When each contact last enrolled in the campaigns that re-enrol only after a while:
+        // one look-up for the chunk, not one per enrolment.
+        let mut timed = Vec::new();
+        for (id, (_, version, _)) in &campaigns {
+            let def = state
+                .campaigns
+                .get(&mut tx, tenant_id, *id, *version)
+                .await?;
+            if matches!(def.reentry, Reentry::After(_)) {
+                timed.push(*id);
+            }
+        }
+        let mut last_enrolled: HashMap<Uuid, HashMap<Uuid, DateTime<Utc>>> = HashMap::new();
+        if !timed.is_empty() {
+            for (contact, campaign, at) in sqlx::query_as::<_, (Uuid, Uuid, DateTime<Utc>)>(
+                "SELECT contact_id, campaign_id, max(enrolled_at) FROM journeys
+                 WHERE tenant_id = $1 AND campaign_id = ANY($2) AND contact_id = ANY($3)
+                 GROUP BY contact_id, campaign_id",
+            )
+            .bind(tenant_id)
+            .bind(&timed)
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?
+            {
+                last_enrolled
+                    .entry(contact)
+                    .or_default()
+                    .insert(campaign, at);
+            }
+        }
         let mut emitted = Vec::new();
         let mut touched: Vec<Journey> = Vec::new();
         for (contact_id, scheduled) in batch {
@@ -459,6 +504,7 @@ async fn process_contacts(
                 now,
                 campaigns: &campaigns,
                 emitted: Mutex::new(Vec::new()),
+                last_enrolled: Mutex::new(last_enrolled.remove(contact_id).unwrap_or_default()),
             };
             let events_of = pending.remove(contact_id).unwrap_or_default();
             let mut mine = journeys.remove(contact_id).unwrap_or_default();
@@ -801,25 +847,12 @@ async fn enrol(
         .campaigns
         .get(conn, scope.tenant.id, campaign, version)
         .await?;
-    let enrolled_here = journeys
-        .iter()
-        .any(|j| j.campaign_id == campaign && j.new.is_some());
-    if let Reentry::After(span) = def.reentry {
-        if enrolled_here && !span.as_chrono().is_zero() {
-            return Ok(());
-        }
-        let last: Option<DateTime<Utc>> = sqlx::query_scalar(
-            "SELECT max(enrolled_at) FROM journeys
-             WHERE tenant_id = $1 AND campaign_id = $2 AND contact_id = $3",
-        )
-        .bind(scope.tenant.id)
-        .bind(campaign)
-        .bind(scope.contact.id)
-        .fetch_one(&mut *conn)
-        .await?;
-        if last.is_some_and(|l| l + span.as_chrono() > scope.now) {
-            return Ok(());
-        }
+    if let Reentry::After(span) = def.reentry
+        && scope
+            .last_enrolled(campaign)
+            .is_some_and(|l| l + span.as_chrono() > scope.now)
+    {
+        return Ok(());
     }
     let id = Uuid::now_v7();
     // An enrolment keyed by its trigger event cannot have been made before (the event is
@@ -827,6 +860,7 @@ async fn enrol(
     // scheduled enrolment asks the unique index now.
     if trigger_event_id.is_some() && def.reentry != Reentry::Once {
         metrics::counter!("campaign_enrolments_total").increment(1);
+        scope.enrolled(campaign);
         scope.emit(
             "campaign.enrolled",
             json!({"campaign_id": campaign, "campaign": campaign_name(scope, campaign),
@@ -894,6 +928,7 @@ async fn enrol(
         return Ok(());
     };
     metrics::counter!("campaign_enrolments_total").increment(1);
+    scope.enrolled(campaign);
     scope.emit(
         "campaign.enrolled",
         json!({"campaign_id": campaign, "campaign": campaign_name(scope, campaign),
