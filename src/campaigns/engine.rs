@@ -457,10 +457,10 @@ async fn process_contacts(
         {
             journeys.entry(j.contact_id).or_default().push(j);
         }
-        // When each contact last enrolled in the campaigns that re-enrol only after a while:
-        // one look-up for the chunk, not one per enrolment.
+        // When each contact last enrolled in the active campaigns (the only ones that enrol)
+        // that re-enrol only after a while: one look-up for the chunk, not one per enrolment.
         let mut timed = Vec::new();
-        for (id, (_, version, _)) in &campaigns {
+        for (id, (_, version, _)) in campaigns.iter().filter(|(_, c)| c.0 == "active") {
             let def = state
                 .campaigns
                 .get(&mut tx, tenant_id, *id, *version)

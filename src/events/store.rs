@@ -312,9 +312,7 @@ impl<'a> Columns<'a> {
         .fetch_all(conn)
         .await
     }
-}
 
-impl Columns<'_> {
     /// [`Columns::insert`] for events whose contacts are all named by id and whose ids were
     /// made by [`Uuid::now_v7`] in slice order, when nothing is asked back but how many: the
     /// same counters, ordinals and inbox, without carrying the input through the statement
