@@ -55,8 +55,9 @@ struct Args {
     #[arg(long, default_value_t = 20.0)]
     e2e_rate: f64,
     /// Seconds to wait, after closing the benchmark's connections, before reading the
-    /// server's idle memory (it closes idle provider connections after 10 s).
-    #[arg(long, default_value_t = 16.0)]
+    /// server's idle memory: it closes provider connections idle for 10 s, at its pool's
+    /// next check (every 10 s), so 10 to 20 s after a burst of sends ends.
+    #[arg(long, default_value_t = 25.0)]
     idle_wait: f64,
     /// Where to write the results as JSON.
     #[arg(long, default_value = "bench.json")]
