@@ -420,6 +420,55 @@ async fn contact_card_by_phone() {
     assert_eq!(last[0]["properties"]["n"], 11);
     assert_eq!(card.body["open_tickets"], json!([]));
     assert!(card.body["last_csat"].is_null());
+
+    // An open ticket is on the card as the ticket API shows it, a solved one is not; the
+    // last interactions are the timeline's first ten, field for field.
+    let ticket = |subject: &str| {
+        json!({"contact": {"external_id": "c1"}, "channel": "phone", "subject": subject,
+               "body": "Call me back", "priority": "high"})
+    };
+    let solved = app.post("/v1/tickets", &t.key, ticket("Solved")).await;
+    assert_eq!(solved.status, StatusCode::CREATED, "{}", solved.text);
+    let solved_id = solved.body["id"].as_str().unwrap();
+    for status in ["open", "solved"] {
+        let r = app
+            .patch(
+                &format!("/v1/tickets/{solved_id}"),
+                &t.key,
+                json!({"status": status}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+    let open = app.post("/v1/tickets", &t.key, ticket("Open")).await;
+    assert_eq!(open.status, StatusCode::CREATED, "{}", open.text);
+    let mut shown = app
+        .get(
+            &format!("/v1/tickets/{}", open.body["id"].as_str().unwrap()),
+            &t.key,
+        )
+        .await
+        .body;
+    shown.as_object_mut().unwrap().remove("messages");
+    let card = app
+        .get("/v1/contacts/lookup?phone=%2B385912345678", &t.key)
+        .await;
+    assert_eq!(card.status, StatusCode::OK, "{}", card.text);
+    assert_eq!(card.body["open_tickets"], json!([shown]));
+    let timeline = app
+        .get(
+            &format!(
+                "/v1/contacts/{}/timeline?limit=10",
+                c["id"].as_str().unwrap()
+            ),
+            &t.key,
+        )
+        .await;
+    assert_eq!(card.body["last_interactions"], timeline.body["data"]);
+    assert_eq!(
+        card.body["last_interactions"][0]["type"], "ticket.created",
+        "newest first"
+    );
     app.get("/v1/contacts/lookup?phone=091%20000%200000", &t.key)
         .await
         .assert_problem(404);

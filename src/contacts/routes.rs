@@ -280,22 +280,10 @@ async fn lookup(
     let phone = validate::phone(&params.phone, Some(&tenant.default_country))
         .map_err(|m| ApiError::field("phone", m))?;
     let mut conn = state.pool.acquire().await?;
-    let contact = store::find_by_phone(&mut conn, tenant.id, &phone)
+    let card = store::card_by_phone(&mut conn, tenant.id, &phone)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no contact has the phone number {phone}")))?;
-    let mut last_interactions =
-        events::timeline(&mut conn, tenant.id, contact.id, None, None, 10).await?;
-    last_interactions.truncate(10);
-    let open_tickets =
-        crate::support::store::open_tickets_of(&mut conn, tenant.id, contact.id).await?;
-    let last_csat = crate::csat::store::last_score(&mut conn, tenant.id, contact.id).await?;
-    Ok(Json(ContactCard {
-        owner_agent_id: contact.owner_agent_id,
-        contact,
-        open_tickets,
-        last_interactions,
-        last_csat,
-    }))
+    Ok(Json(card))
 }
 
 /// The contact's timeline: every event, newest first.

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use crate::error::FieldError;
 
 /// Something that happened to a contact.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct Event {
     pub id: Uuid,
     #[serde(rename = "type")]

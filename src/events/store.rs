@@ -10,7 +10,8 @@ use uuid::Uuid;
 use super::model::Event;
 use crate::tenancy::TenantId;
 
-const EVENT_COLUMNS: &str = "id, type, contact_id, occurred_at, received_at, properties, source,
+pub(crate) const EVENT_COLUMNS: &str =
+    "id, type, contact_id, occurred_at, received_at, properties, source,
     ordinal, idempotency_key, subject_type, subject_id";
 
 /// An event to append to a contact's timeline.

@@ -249,7 +249,7 @@ impl Status {
 }
 
 /// A ticket.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct Ticket {
     pub id: Uuid,
     /// Sequential per tenant.

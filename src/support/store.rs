@@ -20,7 +20,8 @@ const AGENT_COLUMNS: &str = "a.id, a.name, a.email, a.phone, a.languages, a.coun
        AND t.status IN ('new', 'open', 'pending')) AS open_tickets,
     a.created_at, a.updated_at";
 
-const TICKET_COLUMNS: &str = "id, number, contact_id, channel, subject, category, priority, status,
+pub(crate) const TICKET_COLUMNS: &str =
+    "id, number, contact_id, channel, subject, category, priority, status,
     assignee_id, first_response_at, solved_at, closed_at, created_at, updated_at";
 
 fn email_taken(e: sqlx::Error) -> ApiError {
@@ -458,21 +459,4 @@ pub async fn change_status(
         json!({"ticket_id": t.id, "number": t.number, "from": current.as_str(), "to": next.as_str()}),
         Some(("ticket", t.id))).await?;
     Ok(())
-}
-
-/// The contact's tickets that still need work, newest first (for the contact card).
-pub async fn open_tickets_of(
-    conn: &mut PgConnection,
-    tenant: TenantId,
-    contact: Uuid,
-) -> ApiResult<Vec<Ticket>> {
-    let sql = format!(
-        "SELECT {TICKET_COLUMNS} FROM tickets WHERE tenant_id = $1 AND contact_id = $2
-           AND status IN ('new', 'open', 'pending') ORDER BY id DESC LIMIT 20"
-    );
-    Ok(sqlx::query_as(&sql)
-        .bind(tenant)
-        .bind(contact)
-        .fetch_all(conn)
-        .await?)
 }
