@@ -44,6 +44,9 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
+/// A pooled connection idle for this long is pinged before use (a dead one is replaced).
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// Connects to the database named by `url`, creating the database first if it is missing.
 pub async fn connect(
     url: &str,
@@ -60,6 +63,18 @@ pub async fn connect(
         .max_connections(max_connections)
         .min_connections(0)
         .acquire_timeout(timeout)
+        // sqlx pings every connection before handing it out (a round trip per acquire, as
+        // many as the one query of a read). Ping only those that sat idle long enough to
+        // have been dropped by a restart or a proxy; one in use a moment ago is alive.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         // One large statement or result (a batch of events, a campaign chunk) grows a
         // connection's buffers; give the memory back when the connection returns to the pool.
         .after_release(|conn, _| {

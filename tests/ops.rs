@@ -96,3 +96,38 @@ async fn docs_page_renders_the_openapi_document() {
     assert!(r.content_type().starts_with("text/html"));
     assert!(r.text.contains("/openapi.json"));
 }
+
+/// The pool pings only connections that sat idle (not one per request): a connection that
+/// PostgreSQL closed meanwhile (a restart, an administrator) is replaced, never handed out.
+#[tokio::test]
+async fn pooled_connections_closed_by_the_server_are_replaced() {
+    let app = TestApp::new().await;
+    // One connection, so that every query below is on the same one until it is replaced.
+    let pool = rapport::db::connect(&app.db.url, 1, std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    // Back in the pool (sqlx checks a connection as it returns), then closed by the server.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(killed);
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let again: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .expect("the dead connection is replaced");
+    assert_ne!(again, pid);
+    pool.close().await;
+}
