@@ -179,11 +179,16 @@ impl ApiError {
     }
 }
 
-/// Errors a retry can cure: pool exhaustion, lost connections, deadlocks, serialization.
+/// Errors a retry can cure: pool exhaustion, lost connections, deadlocks, serialization, and
+/// the server closing the connection (SQLSTATE class 08, and 57P01-57P03: an administrator,
+/// a restart or a crash ended the session, or the server is still starting).
 fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
-        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("40001" | "40P01")),
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            matches!(c.as_ref(), "40001" | "40P01" | "57P01" | "57P02" | "57P03")
+                || c.starts_with("08")
+        }),
         _ => false,
     }
 }

@@ -277,3 +277,34 @@ async fn nul_characters_are_422_not_500() {
         .unwrap();
     assert_eq!(n, 0);
 }
+
+/// A session PostgreSQL ended (an administrator, a restart) is the database being
+/// unavailable for a moment: a 503 problem that says to retry, not a 500.
+#[tokio::test]
+async fn a_connection_the_server_closed_is_a_503_to_retry() {
+    use axum::response::IntoResponse;
+    use sqlx::Connection;
+
+    let app = TestApp::new().await;
+    let mut conn = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let lost = sqlx::query("SELECT 1")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    let error = rapport::error::ApiError::from(lost);
+    let problem = error.to_problem();
+    assert_eq!(problem.status, 503, "{}", problem.detail);
+    assert!(problem.detail.contains("retry"), "{}", problem.detail);
+    let response = error.into_response();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
