@@ -291,11 +291,7 @@ async fn a_connection_the_server_closed_is_a_503_to_retry() {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    sqlx::query("SELECT pg_terminate_backend($1)")
-        .bind(pid)
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    app.terminate_backend(pid).await;
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let lost = sqlx::query("SELECT 1")
         .execute(&mut conn)

@@ -117,12 +117,7 @@ async fn pooled_connections_closed_by_the_server_are_replaced() {
         .unwrap();
     // Back in the pool (sqlx checks a connection as it returns), then closed by the server.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-        .bind(pid)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    assert!(killed);
+    app.terminate_backend(pid).await;
     tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
     let again: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&pool)

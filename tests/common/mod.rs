@@ -331,6 +331,17 @@ impl TestApp {
             .await
     }
 
+    /// Ends a PostgreSQL session as an administrator or a restart would (`57P01` on its next
+    /// statement).
+    pub async fn terminate_backend(&self, pid: i32) {
+        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+        assert!(killed, "no backend {pid}");
+    }
+
     pub async fn delete(&self, path: &str, token: &str) -> Resp {
         self.call(Method::DELETE, path, Some(token), None).await
     }
