@@ -34,15 +34,33 @@ fn the_benchmark_runs_every_scenario_and_writes_its_results() {
         serde_json::from_slice(&std::fs::read(&out).expect("the JSON results")).unwrap();
     let _ = std::fs::remove_file(&out);
     let rows = results["scenarios"].as_array().expect("scenarios");
-    assert_eq!(rows.len(), 7, "{results}");
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["scenario"].as_str().unwrap().split('.').next().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["1", "2", "3", "3b", "4", "5", "6a", "6b"],
+        "{results}"
+    );
     for row in rows {
         assert!(row["throughput"].as_f64().unwrap() > 0.0, "{row}");
     }
     // Scenario 4 must never send a message twice, however fast it is.
+    let dispatch = &rows[4];
     assert!(
-        rows[3]["notes"].as_str().unwrap().contains("duplicates 0"),
-        "{}",
-        rows[3]
+        dispatch["notes"].as_str().unwrap().contains("duplicates 0"),
+        "{dispatch}"
+    );
+    // The rules scenario's steady part offers half the rate its first part evaluated.
+    let (evaluated, steady) = (&rows[2], &rows[3]);
+    assert_eq!(steady["db_limit"], evaluated["throughput"], "{steady}");
+    assert!(
+        steady["notes"]
+            .as_str()
+            .unwrap()
+            .contains("half of 3's evaluation rate"),
+        "{steady}"
     );
     assert!(results["server"]["peak_rss_mb"].as_f64().unwrap() > 0.0);
 }

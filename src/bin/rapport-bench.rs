@@ -54,6 +54,10 @@ struct Args {
     /// Events per second in the end-to-end scenario.
     #[arg(long, default_value_t = 20.0)]
     e2e_rate: f64,
+    /// Events per second ingested in the steady part of the rules scenario (3b); by default
+    /// half the evaluation rate its closed-loop part (3) measured.
+    #[arg(long)]
+    rules_rate: Option<f64>,
     /// Seconds to wait, after closing the benchmark's connections, before reading the
     /// server's idle memory: it closes provider connections idle for 10 s, at its pool's
     /// next check (every 10 s), so 10 to 20 s after a burst of sends ends.
@@ -313,6 +317,26 @@ impl Stub {
     }
 }
 
+/// The lag samples of [`Bench::sample_lag`].
+struct LagSampler {
+    lags: Arc<Mutex<Vec<f64>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LagSampler {
+    /// Stops sampling: the lags, in microseconds.
+    async fn stop(self) -> Samples {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        let lags = self.lags.lock().unwrap_or_else(|e| e.into_inner());
+        Samples {
+            micros: lags.iter().map(|s| (s * 1e6) as u64).collect(),
+            errors: 0,
+        }
+    }
+}
+
 impl Bench {
     fn row(&self, scenario: &str, unit: &str) -> Row {
         Row {
@@ -367,6 +391,95 @@ impl Bench {
             }
         }
         (all, start.elapsed().as_secs_f64())
+    }
+
+    /// Starts `f` (one request) `rate` times a second for `secs`, whether or not the earlier
+    /// ones have finished (at most 512 in flight); per-request latencies.
+    async fn open_loop<F, Fut>(&self, rate: f64, secs: f64, f: F) -> (Samples, f64)
+    where
+        F: Fn(u64) -> Fut,
+        Fut: std::future::Future<Output = bool> + Send + 'static,
+    {
+        let rate = rate.max(1.0);
+        let sem = Arc::new(Semaphore::new(512));
+        let total = ((rate * secs) as u64).max(1);
+        let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let samples = Arc::new(Mutex::new(Samples::default()));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for n in 0..total {
+            ticker.tick().await;
+            let Ok(permit) = sem.clone().acquire_owned().await else {
+                break;
+            };
+            let request = f(n);
+            let samples = samples.clone();
+            tasks.push(tokio::spawn(async move {
+                let t = Instant::now();
+                let ok = request.await;
+                let mut s = samples.lock().unwrap_or_else(|e| e.into_inner());
+                if ok {
+                    s.micros.push(t.elapsed().as_micros() as u64);
+                } else {
+                    s.errors += 1;
+                }
+                drop(permit);
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let s = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
+        (s, secs)
+    }
+
+    /// Samples, every 100 ms until stopped, the age of the oldest event the rule engine has
+    /// not consumed yet (0 when it has consumed them all).
+    fn sample_lag(&self) -> LagSampler {
+        let db = self.db.clone();
+        let lags = Arc::new(Mutex::new(Vec::<f64>::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = {
+            let lags = lags.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let age: Option<f64> = sqlx::query_scalar(
+                        // The inbox's first row (its order index), not min() over a join of
+                        // every pending event: the sampler must not load the database it
+                        // measures.
+                        "SELECT extract(epoch FROM clock_timestamp() - e.received_at)::float8
+                         FROM (SELECT tenant_id, event_id FROM campaign_inbox ORDER BY seq LIMIT 1) i
+                         JOIN events e ON e.tenant_id = i.tenant_id AND e.id = i.event_id",
+                    )
+                    .fetch_one(&db)
+                    .await
+                    .unwrap_or(None);
+                    lags.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(age.unwrap_or(0.0));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        LagSampler { lags, stop, task }
+    }
+
+    /// Waits until the rule engine's inbox is empty, or `limit` after `started`; true when it
+    /// emptied.
+    async fn inbox_drained(&self, started: Instant, limit: Duration) -> anyhow::Result<bool> {
+        while started.elapsed() < limit {
+            let left: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM campaign_inbox)")
+                .fetch_one(&self.db)
+                .await?;
+            if !left {
+                return Ok(true);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(false)
     }
 
     fn post(&self, path: &str, body: Value) -> reqwest::RequestBuilder {
@@ -663,7 +776,7 @@ async fn archive(b: &Bench, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn scenario_rules(b: &Bench) -> anyhow::Result<Row> {
+async fn scenario_rules(b: &Bench) -> anyhow::Result<Vec<Row>> {
     let mut row = b.row("3. rule evaluation (10 campaigns)", "events/s");
     let mut ids = Vec::new();
     for i in 0..10 {
@@ -675,74 +788,34 @@ async fn scenario_rules(b: &Bench) -> anyhow::Result<Row> {
             .await?,
         );
     }
-    let w = b.watch();
-    // Sample the age of the oldest event the engine has not consumed yet.
-    let lags = Arc::new(Mutex::new(Vec::<f64>::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let db = b.db.clone();
-        let lags = lags.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let age: Option<f64> = sqlx::query_scalar(
-                    // The inbox's first row (its order index), not min() over a join of
-                    // every pending event: the sampler must not load the database it measures.
-                    "SELECT extract(epoch FROM clock_timestamp() - e.received_at)::float8
-                     FROM (SELECT tenant_id, event_id FROM campaign_inbox ORDER BY seq LIMIT 1) i
-                     JOIN events e ON e.tenant_id = i.tenant_id AND e.id = i.event_id",
-                )
-                .fetch_one(&db)
-                .await
-                .unwrap_or(None);
-                lags.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(age.unwrap_or(0.0));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
-    let http = b.http.clone();
-    let url = format!("{}/v1/events", b.url);
-    let key = b.key.clone();
     let bodies: Arc<Vec<Value>> =
         Arc::new((0..50_000).map(|n| b.event_body(n, "bench.rule")).collect());
-    let started = Instant::now();
-    let (s, secs) = b
-        .closed_loop(b.args.concurrency, b.args.duration, move |n| {
+    let ingest = {
+        let http = b.http.clone();
+        let url = format!("{}/v1/events", b.url);
+        let key = b.key.clone();
+        move |n: u64| {
             let req = http
                 .post(&url)
                 .bearer_auth(&key)
                 .json(&bodies[n as usize % bodies.len()]);
             async move { matches!(req.send().await, Ok(r) if r.status().as_u16() == 202) }
-        })
+        }
+    };
+
+    // 3: ingestion as fast as it goes, and how fast evaluation follows.
+    let w = b.watch();
+    let lag = b.sample_lag();
+    let started = Instant::now();
+    let (s, secs) = b
+        .closed_loop(b.args.concurrency, b.args.duration, ingest.clone())
         .await;
     let ingested = s.micros.len() as f64;
-    // Wait for the engine to empty its inbox.
-    let mut drained = false;
-    while started.elapsed() < Duration::from_secs_f64(b.args.duration * 6.0 + 30.0) {
-        let left: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM campaign_inbox)")
-            .fetch_one(&b.db)
-            .await?;
-        if !left {
-            drained = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let limit = Duration::from_secs_f64(b.args.duration * 6.0 + 30.0);
+    let drained = b.inbox_drained(started, limit).await?;
     let total = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let _ = sampler.await;
+    let mut lag = lag.stop().await;
     b.finish_watch(&mut row, w);
-    let mut lag = Samples {
-        micros: lags
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|s| (s * 1e6) as u64)
-            .collect(),
-        errors: s.errors,
-    };
     row.throughput = ingested / total;
     row.p50_ms = lag.pct(0.5);
     row.p95_ms = lag.pct(0.95);
@@ -756,10 +829,42 @@ async fn scenario_rules(b: &Bench) -> anyhow::Result<Row> {
         "throughput = evaluated events/s until the inbox was empty{}; latencies = age of the oldest unconsumed event; db_limit = ingestion rate",
         if drained { "" } else { " (NOT drained)" }
     );
+
+    // 3b: a steady rate below that, and the lag evaluation keeps behind it.
+    let evaluated = row.throughput;
+    let rate = b.args.rules_rate.unwrap_or(evaluated / 2.0).max(1.0);
+    let mut steady = b.row("3b. rule evaluation at a steady rate", "events/s");
+    settle(b).await?;
+    let w = b.watch();
+    let lag = b.sample_lag();
+    let started = Instant::now();
+    let (mut s, secs) = b.open_loop(rate, b.args.duration, ingest).await;
+    let limit = Duration::from_secs_f64(b.args.duration * 3.0 + 30.0);
+    let drained = b.inbox_drained(started, limit).await?;
+    let mut lag = lag.stop().await;
+    b.finish_watch(&mut steady, w);
+    steady.throughput = s.micros.len() as f64 / secs;
+    steady.p50_ms = lag.pct(0.5);
+    steady.p95_ms = lag.pct(0.95);
+    steady.p99_ms = lag.pct(0.99);
+    steady.errors = s.errors;
+    steady.db_limit = Some(evaluated);
+    steady.ratio = Some(steady.throughput / evaluated);
+    steady.target = "none (what evaluation sustains; lag p99 < 1 s wanted)".into();
+    steady.notes = format!(
+        "{rate:.0} events/s offered, open loop{}; latencies = age of the oldest unconsumed event; ingestion p99 {:.1} ms; db_limit = evaluation rate of 3{}",
+        if b.args.rules_rate.is_some() {
+            " (--rules-rate)"
+        } else {
+            " (half of 3's evaluation rate)"
+        },
+        s.pct(0.99),
+        if drained { "" } else { " (NOT drained)" }
+    );
     for id in ids {
         archive(b, &id).await?;
     }
-    Ok(row)
+    Ok(vec![row, steady])
 }
 
 async fn use_stub(b: &Bench) -> anyhow::Result<()> {
@@ -978,39 +1083,17 @@ async fn scenario_reads(b: &Bench) -> anyhow::Result<Vec<Row>> {
         // Half of it, open loop: latency at a load the server can carry.
         let rate = (max_rate / 2.0).max(1.0);
         let w = b.watch();
-        let sem = Arc::new(Semaphore::new(512));
-        let total = (rate * b.args.duration / 2.0) as u64;
-        let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        let samples = Arc::new(Mutex::new(Samples::default()));
-        let started = Instant::now();
-        let mut tasks = Vec::new();
-        for n in 0..total {
-            ticker.tick().await;
-            let permit = sem.clone().acquire_owned().await?;
-            let req = b
-                .http
-                .get(&paths[(n as usize * 7919) % paths.len()])
-                .bearer_auth(&b.key);
-            let samples = samples.clone();
-            tasks.push(tokio::spawn(async move {
-                let t = Instant::now();
-                let ok = matches!(req.send().await, Ok(r) if r.status().is_success());
-                let mut s = samples.lock().unwrap_or_else(|e| e.into_inner());
-                if ok {
-                    s.micros.push(t.elapsed().as_micros() as u64);
-                } else {
-                    s.errors += 1;
-                }
-                drop(permit);
-            }));
-        }
-        for t in tasks {
-            let _ = t.await;
-        }
-        let secs = started.elapsed().as_secs_f64();
+        let http = b.http.clone();
+        let key = b.key.clone();
+        let (mut s, secs) = b
+            .open_loop(rate, b.args.duration / 2.0, |n| {
+                let req = http
+                    .get(&paths[(n as usize * 7919) % paths.len()])
+                    .bearer_auth(&key);
+                async move { matches!(req.send().await, Ok(r) if r.status().is_success()) }
+            })
+            .await;
         b.finish_watch(&mut row, w);
-        let mut s = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
         let count = s.micros.len() as f64;
         fill(&mut row, &mut s, count, secs);
         row.db_limit = Some(max_rate);
@@ -1098,15 +1181,12 @@ async fn run(args: &Args, server: &Server, wanted: &[&str]) -> anyhow::Result<()
     let bench = setup(args, server).await?;
     let mut rows = Vec::new();
     for name in wanted {
-        // Like pgbench, each scenario starts from vacuumed, analysed tables and a fresh
-        // checkpoint, so it does not measure the autovacuum of the previous one's rows.
-        sqlx::query("VACUUM (ANALYZE)").execute(&bench.db).await?;
-        sqlx::query("CHECKPOINT").execute(&bench.db).await?;
+        settle(&bench).await?;
         eprintln!("rapport-bench: running {name}");
         match *name {
             "events" => rows.push(scenario_events(&bench).await?),
             "batch" => rows.push(scenario_batch(&bench).await?),
-            "rules" => rows.push(scenario_rules(&bench).await?),
+            "rules" => rows.extend(scenario_rules(&bench).await?),
             "dispatch" => rows.push(scenario_dispatch(&bench).await?),
             "e2e" => rows.push(scenario_e2e(&bench).await?),
             "reads" => rows.extend(scenario_reads(&bench).await?),
@@ -1134,6 +1214,15 @@ async fn run(args: &Args, server: &Server, wanted: &[&str]) -> anyhow::Result<()
     std::fs::write(&args.json, serde_json::to_vec_pretty(&out)?)
         .with_context(|| format!("write {}", args.json))?;
     eprintln!("rapport-bench: results written to {}", args.json);
+    Ok(())
+}
+
+/// Like pgbench, each scenario (and each part of the rules scenario) starts from vacuumed,
+/// analysed tables and a fresh checkpoint, so it does not measure the autovacuum of the rows
+/// the previous one left.
+async fn settle(b: &Bench) -> anyhow::Result<()> {
+    sqlx::query("VACUUM (ANALYZE)").execute(&b.db).await?;
+    sqlx::query("CHECKPOINT").execute(&b.db).await?;
     Ok(())
 }
 
