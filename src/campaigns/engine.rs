@@ -102,8 +102,16 @@ impl Round {
 /// A scheduled enrolment to look at: campaign, version, occurrence key (`birthday:2026`).
 type Scheduled = (Uuid, i32, String);
 
-/// Contacts evaluated together in one transaction.
-const CONTACTS_PER_TX: usize = 50;
+/// Contacts evaluated together in one transaction while evaluation keeps up: each has an
+/// event or two waiting, and transactions of fewer contacts would spend more of their time on
+/// round trips and commits than on the events.
+const CONTACTS_PER_TX: usize = 200;
+/// Contacts evaluated together in one transaction during a backlog (at least
+/// [`BACKLOG_DEPTH`] events waiting): each contact is likely to have several events waiting,
+/// and fewer contacts fill a transaction's [`EVENTS_PER_TX`] with fewer contacts to load.
+const CONTACTS_PER_TX_BACKLOG: usize = 50;
+/// How many events waiting in the inbox make a backlog.
+const BACKLOG_DEPTH: i64 = 10 * ROUND_SIZE;
 /// Transactions of the engine open at once (one process).
 const PARALLEL_TX: usize = 2;
 /// Most inbox events (and most due journeys) one round looks at.
@@ -112,15 +120,17 @@ const ROUND_SIZE: i64 = 1000;
 /// One round: contacts with new events, contacts with due journeys, and (when asked) the
 /// schedules. Returns what it did; zero everywhere means there was nothing to do.
 ///
-/// Contacts are evaluated by tenant in chunks of [`CONTACTS_PER_TX`], each chunk in one
-/// transaction with a fixed number of statements for its loads and its writes; a chunk that
+/// Contacts are evaluated by tenant in chunks of [`CONTACTS_PER_TX`] (of
+/// [`CONTACTS_PER_TX_BACKLOG`] during a backlog), each chunk in one transaction with a fixed number of statements for its loads and its writes; a chunk that
 /// fails is evaluated again contact by contact, so one contact's failure is only its own.
 pub async fn round(state: &AppState, schedules: bool) -> ApiResult<Round> {
     let now = state.clock.now();
     let mut done = Round::default();
     // The oldest events first (the inbox's order index), then the journeys due first.
-    let pending: Vec<(TenantId, Uuid)> = sqlx::query_as(
-        "SELECT tenant_id, contact_id FROM (
+    // With each contact, the first sequence number of the round and the inbox's last one: how
+    // many events are waiting, counting those that arrived while the round was read.
+    let pending: Vec<(TenantId, Uuid, i64, i64)> = sqlx::query_as(
+        "SELECT tenant_id, contact_id, min(seq), (SELECT max(seq) FROM campaign_inbox) FROM (
             SELECT tenant_id, contact_id, seq FROM campaign_inbox WHERE failures < $1
             ORDER BY seq LIMIT $2) oldest
          GROUP BY tenant_id, contact_id ORDER BY min(seq)",
@@ -129,6 +139,12 @@ pub async fn round(state: &AppState, schedules: bool) -> ApiResult<Round> {
     .bind(ROUND_SIZE)
     .fetch_all(&state.pool)
     .await?;
+    let waiting = pending.first().map_or(0, |p| p.3 - p.2 + 1);
+    let per_tx = if waiting >= BACKLOG_DEPTH {
+        CONTACTS_PER_TX_BACKLOG
+    } else {
+        CONTACTS_PER_TX
+    };
     let due: Vec<(TenantId, Uuid)> = sqlx::query_as(
         "SELECT DISTINCT tenant_id, contact_id FROM (
             SELECT j.tenant_id, j.contact_id FROM journeys j
@@ -143,6 +159,7 @@ pub async fn round(state: &AppState, schedules: bool) -> ApiResult<Round> {
     let mut seen = std::collections::HashSet::with_capacity(pending.len() + due.len());
     let mut contacts: Vec<(TenantId, Uuid)> = pending
         .into_iter()
+        .map(|(tenant, contact, _, _)| (tenant, contact))
         .chain(due)
         .filter(|c| seen.insert(*c))
         .collect();
@@ -150,7 +167,7 @@ pub async fn round(state: &AppState, schedules: bool) -> ApiResult<Round> {
     let mut chunks: Vec<(TenantId, Vec<Uuid>)> = Vec::new();
     for (tenant, contact) in contacts {
         match chunks.last_mut() {
-            Some((t, ids)) if *t == tenant && ids.len() < CONTACTS_PER_TX => ids.push(contact),
+            Some((t, ids)) if *t == tenant && ids.len() < per_tx => ids.push(contact),
             _ => chunks.push((tenant, vec![contact])),
         }
     }
