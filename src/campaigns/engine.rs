@@ -121,8 +121,9 @@ const ROUND_SIZE: i64 = 1000;
 /// schedules. Returns what it did; zero everywhere means there was nothing to do.
 ///
 /// Contacts are evaluated by tenant in chunks of [`CONTACTS_PER_TX`] (of
-/// [`CONTACTS_PER_TX_BACKLOG`] during a backlog), each chunk in one transaction with a fixed number of statements for its loads and its writes; a chunk that
-/// fails is evaluated again contact by contact, so one contact's failure is only its own.
+/// [`CONTACTS_PER_TX_BACKLOG`] during a backlog), each chunk in one transaction with a fixed
+/// number of statements for its loads and its writes; a chunk that fails is evaluated again
+/// contact by contact, so one contact's failure is only its own.
 pub async fn round(state: &AppState, schedules: bool) -> ApiResult<Round> {
     let now = state.clock.now();
     let mut done = Round::default();
