@@ -816,10 +816,7 @@ async fn scenario_rules(b: &Bench) -> anyhow::Result<Vec<Row>> {
     let total = started.elapsed().as_secs_f64();
     let mut lag = lag.stop().await;
     b.finish_watch(&mut row, w);
-    row.throughput = ingested / total;
-    row.p50_ms = lag.pct(0.5);
-    row.p95_ms = lag.pct(0.95);
-    row.p99_ms = lag.pct(0.99);
+    fill(&mut row, &mut lag, ingested, total);
     row.errors = s.errors;
     row.db_limit = Some(ingested / secs);
     row.ratio = Some(row.throughput / (ingested / secs));
@@ -843,10 +840,7 @@ async fn scenario_rules(b: &Bench) -> anyhow::Result<Vec<Row>> {
     let drained = b.inbox_drained(started, limit).await?;
     let mut lag = lag.stop().await;
     b.finish_watch(&mut steady, w);
-    steady.throughput = s.micros.len() as f64 / secs;
-    steady.p50_ms = lag.pct(0.5);
-    steady.p95_ms = lag.pct(0.95);
-    steady.p99_ms = lag.pct(0.99);
+    fill(&mut steady, &mut lag, s.micros.len() as f64, secs);
     steady.errors = s.errors;
     steady.db_limit = Some(evaluated);
     steady.ratio = Some(steady.throughput / evaluated);
