@@ -252,12 +252,17 @@ impl<'a> Columns<'a> {
     /// The counter of each (contact, type) is bumped once by the number of its events here
     /// (from the row that is its first), in key order so concurrent statements cannot
     /// deadlock; each event's ordinal is the new count less the events after it.
+    ///
+    /// When a contact is missing, the counters' one-time check leaves them empty, so the join
+    /// appends nothing. The inbox's join is not even built while the tenants have no running
+    /// campaign. The rows come back as inserted and are put in input order here, by id, rather
+    /// than by joining the input once more.
     async fn insert(self, conn: &mut PgConnection) -> Result<Vec<(Uuid, Uuid, i64)>, sqlx::Error> {
         if self.id.is_empty() {
             return Ok(Vec::new());
         }
         let (position, total) = self.numbering();
-        sqlx::query_as(
+        let appended: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
             "WITH input AS (
                 SELECT u.t, u.id, coalesce(u.c, (SELECT ct.id FROM contacts ct
                                                  WHERE ct.tenant_id = u.t
@@ -267,12 +272,11 @@ impl<'a> Columns<'a> {
                             $6::timestamptz[], $7::jsonb[], $8::text[], $9::text[],
                             $10::text[], $11::uuid[], $12::int8[], $13::int8[])
                      WITH ORDINALITY AS u(t, id, c, x, k, at, p, src, ik, st, sid, rn, total, n)
-             ), complete AS (
-                SELECT input.* FROM input
-                WHERE NOT EXISTS (SELECT 1 FROM input missing WHERE missing.c IS NULL)
              ), counters AS (
                 INSERT INTO contact_event_counts AS cc (tenant_id, contact_id, event_type, count)
-                SELECT t, c, k, total FROM complete WHERE rn = 1 ORDER BY t, c, k
+                SELECT t, c, k, total FROM input
+                WHERE rn = 1 AND NOT EXISTS (SELECT 1 FROM input missing WHERE missing.c IS NULL)
+                ORDER BY t, c, k
                 ON CONFLICT (tenant_id, contact_id, event_type)
                 DO UPDATE SET count = cc.count + excluded.count
                 RETURNING tenant_id, contact_id, event_type, count
@@ -281,21 +285,23 @@ impl<'a> Columns<'a> {
                                     source, ordinal, idempotency_key, subject_type, subject_id)
                 SELECT x.t, x.id, x.c, x.k, coalesce(x.at, clock_timestamp()), x.p, x.src,
                        cn.count - x.total + x.rn, x.ik, x.st, x.sid
-                FROM complete x JOIN counters cn
+                FROM input x JOIN counters cn
                   ON cn.tenant_id = x.t AND cn.contact_id = x.c AND cn.event_type = x.k
                 ORDER BY x.n
                 RETURNING tenant_id, id, contact_id, type, ordinal
              ), inbox AS (
                 INSERT INTO campaign_inbox (tenant_id, contact_id, event_id)
                 SELECT a.tenant_id, a.contact_id, a.id FROM appended a JOIN input i ON i.id = a.id
-                WHERE left(a.type, 9) <> 'campaign.'
+                WHERE EXISTS (SELECT 1 FROM campaigns cp
+                              WHERE cp.tenant_id = ANY($1)
+                                AND cp.status IN ('active', 'paused'))
+                  AND left(a.type, 9) <> 'campaign.'
                   AND a.tenant_id IN (SELECT cp.tenant_id FROM campaigns cp
                                       WHERE cp.tenant_id = ANY($1)
                                         AND cp.status IN ('active', 'paused'))
                 ORDER BY i.n
              )
-             SELECT a.id, a.contact_id, a.ordinal
-             FROM appended a JOIN input i ON i.id = a.id ORDER BY i.n",
+             SELECT id, contact_id, ordinal FROM appended",
         )
         .bind(&self.tenant)
         .bind(&self.id)
@@ -311,7 +317,8 @@ impl<'a> Columns<'a> {
         .bind(&position)
         .bind(&total)
         .fetch_all(conn)
-        .await
+        .await?;
+        Ok(in_input_order(&self.id, appended))
     }
 
     /// [`Columns::insert`] for events whose contacts are all named by id and whose ids were
@@ -374,6 +381,17 @@ impl<'a> Columns<'a> {
         .await?;
         Ok(done as u64)
     }
+}
+
+/// Appended rows `(id, ..)` in the order of `ids` (inserted in that order, they usually come
+/// back so: then no map is built).
+fn in_input_order<T>(ids: &[Uuid], mut rows: Vec<(Uuid, Uuid, T)>) -> Vec<(Uuid, Uuid, T)> {
+    if rows.iter().map(|r| r.0).eq(ids.iter().copied()) {
+        return rows;
+    }
+    let position: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    rows.sort_by_key(|r| position.get(&r.0).copied().unwrap_or(usize::MAX));
+    rows
 }
 
 /// Takes a transaction-scoped lock on each of a tenant's event idempotency keys (in one
@@ -547,4 +565,21 @@ pub async fn about_message(
         .bind(message_id)
         .fetch_all(conn)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appended_rows_are_put_in_input_order() {
+        let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+        let contact = Uuid::now_v7();
+        let row = |i: usize| (ids[i], contact, i as i64);
+        let in_order = vec![row(0), row(1), row(2), row(3)];
+        assert_eq!(in_input_order(&ids, in_order.clone()), in_order);
+        let shuffled = vec![row(2), row(0), row(3), row(1)];
+        assert_eq!(in_input_order(&ids, shuffled), in_order);
+        assert!(in_input_order(&ids, Vec::<(Uuid, Uuid, i64)>::new()).is_empty());
+    }
 }
