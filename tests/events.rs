@@ -313,6 +313,42 @@ async fn batch_of_a_thousand_events() {
     assert_eq!(r.body["results"][999]["ordinal"], 10);
 }
 
+/// A batch naming a known and a new contact by external id: the one-statement path appends
+/// nothing (the new contact is missing), and the full path records each event once.
+#[tokio::test]
+async fn batch_of_known_and_new_contacts_records_each_event_once() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let event = |x: &str| json!({"type": "page.viewed", "contact": {"external_id": x}});
+    let first = app.post("/v1/events", &t.key, event("known")).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.text);
+    let r = app
+        .post(
+            "/v1/events/batch",
+            &t.key,
+            json!({"events": [event("known"), event("new"), event("known")]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert_eq!(r.body["accepted"], 3);
+    let ordinals: Vec<&Value> = (0..3).map(|i| &r.body["results"][i]["ordinal"]).collect();
+    assert_eq!(ordinals, [&json!(2), &json!(1), &json!(3)]);
+    let known = &first.body["contact_id"];
+    assert_eq!(r.body["results"][0]["contact_id"], *known);
+    assert_eq!(r.body["results"][2]["contact_id"], *known);
+    let views: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE type = 'page.viewed'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(views, 4, "no event is recorded twice");
+    let stats = app
+        .get(&format!("/v1/contacts/{}", known.as_str().unwrap()), &t.key)
+        .await
+        .body["stats"]
+        .clone();
+    assert_eq!(stats["page.viewed"], 3);
+}
+
 #[tokio::test]
 async fn timeline_is_newest_first_and_paginated() {
     let app = TestApp::new().await;
