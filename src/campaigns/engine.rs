@@ -28,6 +28,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::events::store as events;
 use crate::messages::model::Compose;
 use crate::messages::store::{self as messages, SendOptions};
+use crate::support::model::open_ticket_statuses;
 use crate::support::store as support;
 use crate::templates::store as templates;
 use crate::tenancy::{Tenant, TenantId};
@@ -1317,10 +1318,11 @@ async fn send(
     let marketing = found.purpose == Purpose::Marketing;
     let mut suppress: Option<&str> = None;
     if marketing && def.suppress_while_ticket_open {
-        let open: i64 = sqlx::query_scalar(
+        let open: i64 = sqlx::query_scalar(concat!(
             "SELECT count(*) FROM tickets WHERE tenant_id = $1 AND contact_id = $2
-               AND status IN ('new', 'open', 'pending')",
-        )
+               AND status IN ",
+            open_ticket_statuses!(),
+        ))
         .bind(scope.tenant.id)
         .bind(scope.contact.id)
         .fetch_one(&mut *conn)

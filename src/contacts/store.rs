@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::model::{Contact, ContactCard, ContactChanges, ContactFields, change};
 use crate::error::{ApiError, ApiResult};
 use crate::events::store as events;
+use crate::support::model::OPEN_TICKET_STATUSES;
 use crate::tenancy::{Tenant, TenantId};
 use crate::validate;
 
@@ -119,7 +120,7 @@ pub async fn card_by_phone(
             (SELECT coalesce(jsonb_agg(to_jsonb(t) ORDER BY t.id DESC), '[]')
                FROM (SELECT {ticket_columns} FROM tickets
                       WHERE tenant_id = c.tenant_id AND contact_id = c.id
-                        AND status IN ('new', 'open', 'pending')
+                        AND status IN {OPEN_TICKET_STATUSES}
                       ORDER BY id DESC LIMIT 20) t) AS open_tickets,
             (SELECT r.score FROM ratings r WHERE r.tenant_id = c.tenant_id AND r.contact_id = c.id
               ORDER BY r.created_at DESC, r.id DESC LIMIT 1) AS last_csat

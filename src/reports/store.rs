@@ -6,6 +6,7 @@ use sqlx::PgConnection;
 use utoipa::ToSchema;
 
 use crate::error::ApiResult;
+use crate::support::model::OPEN_TICKET_STATUSES;
 use crate::tenancy::TenantId;
 
 /// What a report groups by.
@@ -154,7 +155,7 @@ pub async fn support(
          backlog AS (
             SELECT {cg} AS grp, count(*) AS open
             FROM tickets t JOIN contacts c ON c.tenant_id = t.tenant_id AND c.id = t.contact_id
-            WHERE t.tenant_id = $1 AND t.status IN ('new', 'open', 'pending') GROUP BY 1),
+            WHERE t.tenant_id = $1 AND t.status IN {OPEN_TICKET_STATUSES} GROUP BY 1),
          joined AS (
             SELECT coalesce(created.grp, solved.grp, backlog.grp) AS grp,
                    coalesce(created.created, 0) AS created, coalesce(solved.solved, 0) AS solved,

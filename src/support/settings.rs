@@ -16,6 +16,7 @@ use crate::AppState;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::events::store as events;
 use crate::http::extract::{Errors, ValidJson};
+use crate::support::model::OPEN_TICKET_STATUSES;
 use crate::tenancy::{Tenant, TenantId};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -144,7 +145,7 @@ pub async fn check_sla(pool: &PgPool) -> Result<usize, sqlx::Error> {
         let sql = format!(
             "UPDATE tickets tk SET {stamp} = now()
              FROM tenants tn
-             WHERE tn.id = tk.tenant_id AND tk.status IN ('new', 'open', 'pending')
+             WHERE tn.id = tk.tenant_id AND tk.status IN {OPEN_TICKET_STATUSES}
                AND tk.{stamp} IS NULL AND tk.{done} IS NULL
                AND (tn.settings->'sla'->tk.priority->>'{target}') IS NOT NULL
                AND tk.created_at + make_interval(mins => (tn.settings->'sla'->tk.priority->>'{target}')::int) < now()

@@ -8,17 +8,21 @@ use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::model::{Agent, AgentChanges, Status, Ticket, TicketMessage};
+use super::model::{Agent, AgentChanges, Status, Ticket, TicketMessage, open_ticket_statuses};
 use crate::contacts::model::Patch;
 use crate::error::{ApiError, ApiResult};
 use crate::events::store as events;
 use crate::tenancy::{Tenant, TenantId};
 
-const AGENT_COLUMNS: &str = "a.id, a.name, a.email, a.phone, a.languages, a.countries,
+const AGENT_COLUMNS: &str = concat!(
+    "a.id, a.name, a.email, a.phone, a.languages, a.countries,
     a.max_open_tickets, a.active,
     (SELECT count(*) FROM tickets t WHERE t.tenant_id = a.tenant_id AND t.assignee_id = a.id
-       AND t.status IN ('new', 'open', 'pending')) AS open_tickets,
-    a.created_at, a.updated_at";
+       AND t.status IN ",
+    open_ticket_statuses!(),
+    ") AS open_tickets,
+    a.created_at, a.updated_at"
+);
 
 pub(crate) const TICKET_COLUMNS: &str =
     "id, number, contact_id, channel, subject, category, priority, status,
@@ -136,12 +140,13 @@ pub async fn assign(
     tenant: &Tenant,
     ticket_id: Uuid,
 ) -> ApiResult<Option<Uuid>> {
-    let target: Option<(String, String, Uuid)> = sqlx::query_as(
+    let target: Option<(String, String, Uuid)> = sqlx::query_as(concat!(
         "SELECT coalesce(split_part(c.locale, '-', 1), ''), coalesce(c.country, ''), t.contact_id
          FROM tickets t JOIN contacts c ON c.tenant_id = t.tenant_id AND c.id = t.contact_id
          WHERE t.tenant_id = $1 AND t.id = $2 AND t.assignee_id IS NULL
-           AND t.status IN ('new', 'open', 'pending')",
-    )
+           AND t.status IN ",
+        open_ticket_statuses!(),
+    ))
     .bind(tenant.id)
     .bind(ticket_id)
     .fetch_optional(&mut *conn)
@@ -179,14 +184,16 @@ pub async fn assign(
     if candidates.is_empty() {
         return Ok(None);
     }
-    let chosen: Option<Uuid> = sqlx::query_scalar(
+    let chosen: Option<Uuid> = sqlx::query_scalar(concat!(
         "SELECT a.id FROM agents a
          CROSS JOIN LATERAL (SELECT count(*) AS n FROM tickets t WHERE t.tenant_id = a.tenant_id
-                             AND t.assignee_id = a.id AND t.status IN ('new', 'open', 'pending')) load
+                             AND t.assignee_id = a.id AND t.status IN ",
+        open_ticket_statuses!(),
+        ") load
          WHERE a.tenant_id = $1 AND a.id = ANY($2) AND load.n < a.max_open_tickets
          ORDER BY load.n, a.last_assigned_at NULLS FIRST, a.id
          LIMIT 1",
-    )
+    ))
     .bind(tenant.id)
     .bind(&candidates)
     .fetch_optional(&mut *conn)
@@ -237,11 +244,12 @@ async fn set_assignee(
 
 /// Assigns waiting tickets, oldest first, now that capacity may have freed or an agent joined.
 pub async fn assign_waiting(conn: &mut PgConnection, tenant: &Tenant) -> ApiResult<usize> {
-    let waiting: Vec<Uuid> = sqlx::query_scalar(
+    let waiting: Vec<Uuid> = sqlx::query_scalar(concat!(
         "SELECT id FROM tickets WHERE tenant_id = $1 AND assignee_id IS NULL
-           AND status IN ('new', 'open', 'pending')
-         ORDER BY created_at LIMIT 100",
-    )
+           AND status IN ",
+        open_ticket_statuses!(),
+        " ORDER BY created_at LIMIT 100",
+    ))
     .bind(tenant.id)
     .fetch_all(&mut *conn)
     .await?;

@@ -16,6 +16,7 @@ use crate::error::{ApiError, ApiResult, Problem};
 use crate::events::store as events;
 use crate::http::extract::{ApiPath, ApiQuery};
 use crate::http::pagination::{Page, PageParams, decode_id_cursor, encode_id_cursor, paginate};
+use crate::support::model::open_ticket_statuses;
 use crate::support::store as support;
 use crate::tenancy::{Tenant, TenantId};
 use crate::validate;
@@ -347,10 +348,12 @@ async fn open_callback_ticket(
         ),
         None => format!("Missed call from {number} at {when}. Please call back."),
     };
-    let existing: Option<Uuid> = sqlx::query_scalar(
+    let existing: Option<Uuid> = sqlx::query_scalar(concat!(
         "SELECT id FROM tickets WHERE tenant_id = $1 AND contact_id = $2 AND channel = 'phone'
-           AND status IN ('new', 'open', 'pending') ORDER BY created_at DESC LIMIT 1 FOR UPDATE",
-    )
+           AND status IN ",
+        open_ticket_statuses!(),
+        " ORDER BY created_at DESC LIMIT 1 FOR UPDATE",
+    ))
     .bind(tenant.id)
     .bind(contact)
     .fetch_optional(&mut *conn)

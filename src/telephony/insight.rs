@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::jobs::{Job, JobError};
+use crate::support::model::open_ticket_statuses;
 use crate::tenancy::TenantId;
 
 pub const KIND: &str = "aircall.insight_card";
@@ -35,10 +36,12 @@ pub async fn contents(
     let mut out = vec![
         json!({"type": "title", "text": name.or(phone).unwrap_or_else(|| "Customer".to_owned())}),
     ];
-    let open: Vec<(i64, String)> = sqlx::query_as(
+    let open: Vec<(i64, String)> = sqlx::query_as(concat!(
         "SELECT number, subject FROM tickets WHERE tenant_id = $1 AND contact_id = $2
-           AND status IN ('new', 'open', 'pending') ORDER BY created_at DESC",
-    )
+           AND status IN ",
+        open_ticket_statuses!(),
+        " ORDER BY created_at DESC",
+    ))
     .bind(tenant)
     .bind(contact)
     .fetch_all(&mut *conn)
