@@ -1307,6 +1307,72 @@ async fn erasing_a_contact_ends_its_journeys_and_keeps_no_copy_of_the_trigger() 
     assert_eq!(kept, json!({}));
 }
 
+/// Only a running journey keeps its copy of the trigger event (its later steps read it); one
+/// that ends, at once or later, keeps the event's id only.
+#[tokio::test]
+async fn only_running_journeys_keep_a_copy_of_the_trigger_event() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    template(
+        &app,
+        &t,
+        "a",
+        json!({"sms": {"hr": {"text": "Kod {{ event.properties.code }}"}}}),
+    )
+    .await;
+    app.contact(&t, "ana", json!({"phone": "091 111 1111"}))
+        .await;
+    let now = campaign(
+        &app,
+        &t,
+        json!({"name": "Now", "trigger": {"event": "a.b"}, "reentry": "always",
+               "steps": [{"type": "exit"}]}),
+    )
+    .await;
+    let later = campaign(
+        &app,
+        &t,
+        json!({"name": "Later", "trigger": {"event": "a.b"},
+        "steps": [{"type": "wait", "duration": "1d"}, {"type": "send", "template": "a"}]}),
+    )
+    .await;
+    event(&app, &t, "ana", "a.b", json!({"code": "X7"})).await;
+    app.drain().await;
+    let copy = |campaign: String| {
+        let pool = app.pool.clone();
+        async move {
+            let (status, copy, trigger): (String, Value, Option<uuid::Uuid>) = sqlx::query_as(
+                "SELECT status, trigger_event, trigger_event_id FROM journeys
+                 WHERE campaign_id = $1::uuid",
+            )
+            .bind(campaign)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            assert!(trigger.is_some(), "the event's id is kept");
+            (status, copy)
+        }
+    };
+    let (status, kept) = copy(now.clone()).await;
+    assert_ne!(status, "active");
+    assert_eq!(kept, json!({}), "ended at once: no copy");
+    let (status, kept) = copy(later.clone()).await;
+    assert_eq!(status, "active");
+    assert_eq!(kept["properties"]["code"], "X7");
+
+    app.advance(Duration::days(2));
+    app.drain().await;
+    let texts: Vec<String> = sent(&app).into_iter().map(|(_, _, text)| text).collect();
+    assert_eq!(
+        texts,
+        ["Kod X7"],
+        "the later step still read the trigger event"
+    );
+    let (status, kept) = copy(later).await;
+    assert_eq!(status, "completed");
+    assert_eq!(kept, json!({}), "ended later: the copy is dropped");
+}
+
 #[tokio::test]
 async fn many_contacts_are_evaluated_together_with_the_same_decisions_as_one_by_one() {
     let app = TestApp::new().await;

@@ -1033,6 +1033,8 @@ async fn save_journeys(
                 converted = u.converted,
                 ended_at = CASE WHEN u.status = 'active' THEN NULL
                                 ELSE coalesce(j.ended_at, $2) END,
+                trigger_event = CASE WHEN u.status = 'active' THEN j.trigger_event
+                                     ELSE '{}' END,
                 updated_at = now()
              FROM unnest($3::uuid[], $4::text[], $5::text[], $6::timestamptz[],
                          $7::timestamptz[], $8::timestamptz[], $9::uuid[], $10::text[],
@@ -1068,6 +1070,10 @@ async fn save_journeys(
             })
         };
         let enrolments: Vec<Enrolment> = new.iter().map(enrolment).collect();
+        // Only the later steps of a running journey read its copy of the trigger event; one
+        // that ended where it started keeps none (`trigger_event_id` names the event), as
+        // the update above drops it when a journey ends.
+        let ended = Value::Object(Default::default());
         sqlx::query(
             "INSERT INTO journeys (tenant_id, id, campaign_id, version, contact_id, status,
                  position, wake_at, wait_until, held_since, enrol_key, trigger_event_id,
@@ -1109,7 +1115,14 @@ async fn save_journeys(
                 .map(|e| e.trigger_event_id)
                 .collect::<Vec<_>>(),
         )
-        .bind(new.iter().map(|j| &j.trigger_event).collect::<Vec<_>>())
+        .bind(
+            new.iter()
+                .map(|j| match j.status.as_str() {
+                    "active" => &j.trigger_event,
+                    _ => &ended,
+                })
+                .collect::<Vec<_>>(),
+        )
         .bind(new.iter().map(|j| j.last_message_id).collect::<Vec<_>>())
         .bind(enrolments.iter().map(|e| e.enrolled_at).collect::<Vec<_>>())
         .bind(
