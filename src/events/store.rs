@@ -255,8 +255,9 @@ impl<'a> Columns<'a> {
     ///
     /// When a contact is missing, the counters' one-time check leaves them empty, so the join
     /// appends nothing. The inbox's join is not even built while the tenants have no running
-    /// campaign. The rows come back as inserted and are put in input order here, by id, rather
-    /// than by joining the input once more.
+    /// campaign (`running` is read once, for that check and for each event's tenant). The
+    /// rows come back as inserted and are put in input order here, by id, rather than by
+    /// joining the input once more.
     async fn insert(self, conn: &mut PgConnection) -> Result<Vec<(Uuid, Uuid, i64)>, sqlx::Error> {
         if self.id.is_empty() {
             return Ok(Vec::new());
@@ -289,16 +290,15 @@ impl<'a> Columns<'a> {
                   ON cn.tenant_id = x.t AND cn.contact_id = x.c AND cn.event_type = x.k
                 ORDER BY x.n
                 RETURNING tenant_id, id, contact_id, type, ordinal
+             ), running AS (
+                SELECT DISTINCT cp.tenant_id FROM campaigns cp
+                WHERE cp.tenant_id = ANY($1) AND cp.status IN ('active', 'paused')
              ), inbox AS (
                 INSERT INTO campaign_inbox (tenant_id, contact_id, event_id)
                 SELECT a.tenant_id, a.contact_id, a.id FROM appended a JOIN input i ON i.id = a.id
-                WHERE EXISTS (SELECT 1 FROM campaigns cp
-                              WHERE cp.tenant_id = ANY($1)
-                                AND cp.status IN ('active', 'paused'))
+                WHERE EXISTS (SELECT 1 FROM running)
                   AND left(a.type, 9) <> 'campaign.'
-                  AND a.tenant_id IN (SELECT cp.tenant_id FROM campaigns cp
-                                      WHERE cp.tenant_id = ANY($1)
-                                        AND cp.status IN ('active', 'paused'))
+                  AND a.tenant_id IN (SELECT tenant_id FROM running)
                 ORDER BY i.n
              )
              SELECT id, contact_id, ordinal FROM appended",
