@@ -33,8 +33,26 @@ pub struct ValidEvent {
     pub occurred_at: DateTime<Utc>,
     pub properties: Value,
     pub idempotency_key: Option<String>,
-    /// Put before field names in errors found later (`events[3].`).
-    pub field_prefix: String,
+    /// Where the event stands in its request, for the names of fields in errors found later.
+    pub at: FieldPrefix,
+}
+
+/// Where an event stands in its request: alone, or at an index of a batch. Field names in
+/// errors are written from it only when there is an error (`type`, `events[3].type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldPrefix {
+    Single,
+    Batch(usize),
+}
+
+impl FieldPrefix {
+    /// The name of one of the event's fields, as an error gives it.
+    pub fn field(self, name: &str) -> String {
+        match self {
+            FieldPrefix::Single => name.to_owned(),
+            FieldPrefix::Batch(i) => format!("events[{i}].{name}"),
+        }
+    }
 }
 
 /// A validated contact reference.
@@ -61,24 +79,38 @@ impl ValidRef {
     }
 }
 
-/// Validates one event; `prefix` is put before field names (`events[3].`).
-pub fn validate(e: NewEvent, tenant: &Tenant, prefix: &str) -> Result<ValidEvent, Vec<FieldError>> {
+/// Validates one event; `at` names its fields in errors (`type`, `events[3].type`).
+pub fn validate(
+    e: NewEvent,
+    tenant: &Tenant,
+    at: FieldPrefix,
+) -> Result<ValidEvent, Vec<FieldError>> {
     let mut errors = Errors::new();
-    let f = |name: &str| format!("{prefix}{name}");
-    errors.check(&f("type"), validate::event_type(&e.kind));
+    let f = |name: &str| at.field(name);
+    if let Err(message) = validate::event_type(&e.kind) {
+        errors.add(f("type"), message);
+    }
+    // The field's name is only written out for an error: most events have none.
+    let mut check = |name: &str, result: Result<String, String>| match result {
+        Ok(v) => Some(v),
+        Err(message) => {
+            errors.add(f(name), message);
+            None
+        }
+    };
     let external_id = e
         .contact
         .external_id
         .as_deref()
-        .and_then(|v| errors.check(&f("contact.external_id"), validate::text(v, 255)));
+        .and_then(|v| check("contact.external_id", validate::text(v, 255)));
     let email = e
         .contact
         .email
         .as_deref()
-        .and_then(|v| errors.check(&f("contact.email"), validate::email(v)));
+        .and_then(|v| check("contact.email", validate::email(v)));
     let phone = e.contact.phone.as_deref().and_then(|v| {
-        errors.check(
-            &f("contact.phone"),
+        check(
+            "contact.phone",
             validate::phone(v, Some(&tenant.default_country)),
         )
     });
@@ -120,7 +152,7 @@ pub fn validate(e: NewEvent, tenant: &Tenant, prefix: &str) -> Result<ValidEvent
         occurred_at,
         properties: Value::Object(e.properties.unwrap_or_default()),
         idempotency_key: e.idempotency_key,
-        field_prefix: prefix.to_owned(),
+        at,
     })
 }
 
@@ -221,7 +253,7 @@ pub async fn ingest(
                     ValidRef::Email(_) => "contact.email",
                     _ => "contact.phone",
                 };
-                let field = format!("{}{field}", valid.field_prefix);
+                let field = valid.at.field(field);
                 outcomes[index] = Some(Outcome::Rejected(vec![FieldError::new(field, *message)]));
                 continue;
             }

@@ -7,7 +7,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::ingest::{self, MAX_BATCH, Outcome};
+use super::ingest::{self, FieldPrefix, MAX_BATCH, Outcome};
 use super::model::{
     Accepted, Event, EventBatch, EventBatchItem, EventBatchResult, EventItemStatus, NewEvent,
 };
@@ -35,7 +35,8 @@ async fn create_event(
     State(state): State<AppState>,
     ValidJson(body): ValidJson<NewEvent>,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
-    let valid = ingest::validate(body, &tenant, "").map_err(ApiError::validation)?;
+    let valid =
+        ingest::validate(body, &tenant, FieldPrefix::Single).map_err(ApiError::validation)?;
     let outcome = state.events.ingest(tenant, vec![Ok(valid)]).await?;
     match outcome.into_iter().next() {
         Some(Outcome::Accepted(accepted)) => Ok((StatusCode::ACCEPTED, Json(accepted))),
@@ -63,12 +64,11 @@ async fn create_events(
             format!("must hold 1 to {MAX_BATCH} events"),
         ));
     }
-    let prefix = |i: usize| format!("events[{i}].");
     let items = body
         .events
         .into_iter()
         .enumerate()
-        .map(|(i, e)| ingest::validate(e, &tenant, &prefix(i)))
+        .map(|(i, e)| ingest::validate(e, &tenant, FieldPrefix::Batch(i)))
         .collect();
     let outcomes = state.events.ingest(tenant, items).await?;
     let results: Vec<EventBatchItem> = outcomes

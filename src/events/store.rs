@@ -232,17 +232,23 @@ impl<'a> Columns<'a> {
                 self.kind[i],
             )
         };
-        let mut seen = HashMap::with_capacity(self.id.len());
+        // One look-up per row: each distinct key gets a slot, counted as its rows go by, and
+        // the totals are read back by slot.
+        let mut slots = HashMap::with_capacity(self.id.len());
+        let mut counts: Vec<i64> = Vec::with_capacity(self.id.len());
+        let mut slot_of = Vec::with_capacity(self.id.len());
         let position: Vec<i64> = (0..self.id.len())
             .map(|i| {
-                let n = seen.entry(key(i)).or_insert(0);
-                *n += 1;
-                *n
+                let slot = *slots.entry(key(i)).or_insert_with(|| {
+                    counts.push(0);
+                    counts.len() - 1
+                });
+                slot_of.push(slot);
+                counts[slot] += 1;
+                counts[slot]
             })
             .collect();
-        let total = (0..self.id.len())
-            .map(|i| seen.get(&key(i)).copied().unwrap_or(1))
-            .collect();
+        let total = slot_of.iter().map(|&s| counts[s]).collect();
         (position, total)
     }
 
@@ -581,5 +587,36 @@ mod tests {
         let shuffled = vec![row(2), row(0), row(3), row(1)];
         assert_eq!(in_input_order(&ids, shuffled), in_order);
         assert!(in_input_order(&ids, Vec::<(Uuid, Uuid, i64)>::new()).is_empty());
+    }
+
+    #[test]
+    fn numbering_counts_each_contact_and_type_in_slice_order() {
+        let tenant = TenantId(Uuid::now_v7());
+        let (ana, ivo) = (Uuid::now_v7(), Uuid::now_v7());
+        let properties = Value::Null;
+        let mut columns = Columns::with_capacity(6);
+        for (contact, kind) in [
+            (ana, "purchase"),
+            (ivo, "purchase"),
+            (ana, "purchase"),
+            (ana, "cart"),
+            (ana, "purchase"),
+            (ivo, "cart"),
+        ] {
+            columns.push(Row {
+                tenant,
+                id: Uuid::now_v7(),
+                contact: ContactKey::Id(contact),
+                kind,
+                occurred_at: None,
+                properties: &properties,
+                source: "api",
+                idempotency_key: None,
+                subject: None,
+            });
+        }
+        let (position, total) = columns.numbering();
+        assert_eq!(position, vec![1, 1, 2, 1, 3, 1]);
+        assert_eq!(total, vec![3, 1, 3, 1, 3, 1]);
     }
 }
