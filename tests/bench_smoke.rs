@@ -6,6 +6,7 @@ use std::process::Command;
 #[test]
 fn the_benchmark_runs_every_scenario_and_writes_its_results() {
     let out = std::env::temp_dir().join(format!("rapport-bench-smoke-{}.json", std::process::id()));
+    let log = out.with_extension("csv");
     let status = Command::new(env!("CARGO_BIN_EXE_rapport-bench"))
         .args(["--server-bin", env!("CARGO_BIN_EXE_rapport")])
         .args([
@@ -26,6 +27,8 @@ fn the_benchmark_runs_every_scenario_and_writes_its_results() {
         ])
         .arg("--json")
         .arg(&out)
+        .arg("--latency-log")
+        .arg(&log)
         .stdout(std::process::Stdio::null())
         .status()
         .expect("run rapport-bench");
@@ -63,4 +66,24 @@ fn the_benchmark_runs_every_scenario_and_writes_its_results() {
         "{steady}"
     );
     assert!(results["server"]["peak_rss_mb"].as_f64().unwrap() > 0.0);
+    // The latency log has a line per request of the open loops (3b, 6a, 6b).
+    let log_text = std::fs::read_to_string(&log).expect("the latency log");
+    let _ = std::fs::remove_file(&log);
+    let mut lines = log_text.lines();
+    assert_eq!(lines.next(), Some("scenario,start_us,latency_us"));
+    let mut per_scenario: std::collections::BTreeMap<&str, usize> = Default::default();
+    for line in lines {
+        let fields: Vec<&str> = line.split(',').collect();
+        assert_eq!(fields.len(), 3, "{line}");
+        assert!(
+            fields[1].parse::<u64>().is_ok() && fields[2].parse::<u64>().is_ok(),
+            "{line}"
+        );
+        *per_scenario.entry(fields[0]).or_default() += 1;
+    }
+    assert_eq!(
+        per_scenario.keys().copied().collect::<Vec<_>>(),
+        ["3b", "6a", "6b"],
+        "{per_scenario:?}"
+    );
 }

@@ -66,6 +66,12 @@ struct Args {
     /// Where to write the results as JSON.
     #[arg(long, default_value = "bench.json")]
     json: String,
+    /// Also write every request of the open-loop scenarios (3b and the halves of 6) to this
+    /// CSV file: scenario, when it started (µs into the scenario), its latency (µs). Slow
+    /// requests that bunch together in time point at a pause of the host rather than at a
+    /// slow request.
+    #[arg(long)]
+    latency_log: Option<String>,
 }
 
 const ADMIN: &str = "bench-admin-token";
@@ -75,6 +81,9 @@ const ADMIN: &str = "bench-admin-token";
 struct Samples {
     micros: Vec<u64>,
     errors: u64,
+    /// (start in µs since the scenario began, latency in µs) of each request, in the order
+    /// they finished; only the open loop records it.
+    timeline: Vec<(u64, u64)>,
 }
 
 impl Samples {
@@ -332,7 +341,7 @@ impl LagSampler {
         let lags = self.lags.lock().unwrap_or_else(|e| e.into_inner());
         Samples {
             micros: lags.iter().map(|s| (s * 1e6) as u64).collect(),
-            errors: 0,
+            ..Samples::default()
         }
     }
 }
@@ -420,7 +429,10 @@ impl Bench {
                 let ok = request.await;
                 let mut s = samples.lock().unwrap_or_else(|e| e.into_inner());
                 if ok {
-                    s.micros.push(t.elapsed().as_micros() as u64);
+                    let latency = t.elapsed().as_micros() as u64;
+                    s.micros.push(latency);
+                    s.timeline
+                        .push((t.duration_since(started).as_micros() as u64, latency));
                 } else {
                     s.errors += 1;
                 }
@@ -493,6 +505,31 @@ impl Bench {
     fn watch(&self) -> (f64, Instant) {
         self.peak.store(proc_rss_kb(self.pid), Ordering::Relaxed);
         (proc_cpu_secs(self.pid), Instant::now())
+    }
+
+    /// Appends an open loop's requests to `--latency-log`, when it is given.
+    fn log_latencies(&self, scenario: &str, s: &Samples) -> anyhow::Result<()> {
+        use std::io::Write;
+        let Some(path) = &self.args.latency_log else {
+            return Ok(());
+        };
+        let mut out = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot append to {path}"))?;
+        // "6a. GET /v1/contacts/{id}" -> "6a"
+        let scenario = scenario
+            .split_whitespace()
+            .next()
+            .unwrap_or(scenario)
+            .trim_end_matches('.');
+        let mut text = String::with_capacity(s.timeline.len() * 24);
+        for (start, latency) in &s.timeline {
+            text.push_str(&format!("{scenario},{start},{latency}\n"));
+        }
+        out.write_all(text.as_bytes())
+            .with_context(|| format!("cannot append to {path}"))?;
+        Ok(())
     }
 
     fn finish_watch(&self, row: &mut Row, (cpu0, t0): (f64, Instant)) {
@@ -836,6 +873,7 @@ async fn scenario_rules(b: &Bench) -> anyhow::Result<Vec<Row>> {
     let lag = b.sample_lag();
     let started = Instant::now();
     let (mut s, secs) = b.open_loop(rate, b.args.duration, ingest).await;
+    b.log_latencies(&steady.scenario, &s)?;
     let limit = Duration::from_secs_f64(b.args.duration * 3.0 + 30.0);
     let drained = b.inbox_drained(started, limit).await?;
     let mut lag = lag.stop().await;
@@ -1087,6 +1125,7 @@ async fn scenario_reads(b: &Bench) -> anyhow::Result<Vec<Row>> {
                 async move { matches!(req.send().await, Ok(r) if r.status().is_success()) }
             })
             .await;
+        b.log_latencies(&row.scenario, &s)?;
         b.finish_watch(&mut row, w);
         let count = s.micros.len() as f64;
         fill(&mut row, &mut s, count, secs);
@@ -1172,6 +1211,10 @@ async fn run(args: &Args, server: &Server, wanted: &[&str]) -> anyhow::Result<()
         "rapport-bench: server pid {} at {}, idle RSS {idle_mb:.0} MB; setting up {} contacts",
         server.pid, server.url, args.contacts
     );
+    if let Some(path) = &args.latency_log {
+        std::fs::write(path, "scenario,start_us,latency_us\n")
+            .with_context(|| format!("cannot write {path}"))?;
+    }
     let bench = setup(args, server).await?;
     let mut rows = Vec::new();
     for name in wanted {
