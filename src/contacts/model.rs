@@ -299,7 +299,7 @@ impl ContactInput {
         let mut errors = Errors::new();
         let f = |name: &str| format!("{prefix}{name}");
         let mut take = |name: &str, r: Result<Patch<String>, String>| {
-            errors.check(&f(name), r).unwrap_or_default()
+            errors.check_with(|| f(name), r).unwrap_or_default()
         };
         let email = take("email", self.email.try_map(|v| validate::email(v)));
         let phone = take("phone", self.phone.try_map(bounded(40)));

@@ -87,30 +87,21 @@ pub fn validate(
 ) -> Result<ValidEvent, Vec<FieldError>> {
     let mut errors = Errors::new();
     let f = |name: &str| at.field(name);
-    if let Err(message) = validate::event_type(&e.kind) {
-        errors.add(f("type"), message);
-    }
-    // The field's name is only written out for an error: most events have none.
-    let mut check = |name: &str, result: Result<String, String>| match result {
-        Ok(v) => Some(v),
-        Err(message) => {
-            errors.add(f(name), message);
-            None
-        }
-    };
+    // Field names are written out only for an error (check_with): most events have none.
+    errors.check_with(|| f("type"), validate::event_type(&e.kind));
     let external_id = e
         .contact
         .external_id
         .as_deref()
-        .and_then(|v| check("contact.external_id", validate::text(v, 255)));
+        .and_then(|v| errors.check_with(|| f("contact.external_id"), validate::text(v, 255)));
     let email = e
         .contact
         .email
         .as_deref()
-        .and_then(|v| check("contact.email", validate::email(v)));
+        .and_then(|v| errors.check_with(|| f("contact.email"), validate::email(v)));
     let phone = e.contact.phone.as_deref().and_then(|v| {
-        check(
-            "contact.phone",
+        errors.check_with(
+            || f("contact.phone"),
             validate::phone(v, Some(&tenant.default_country)),
         )
     });

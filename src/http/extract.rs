@@ -181,10 +181,20 @@ impl Errors {
 
     /// Runs a validator, keeping the value or recording the error under `field`.
     pub fn check<T>(&mut self, field: &str, result: Result<T, String>) -> Option<T> {
+        self.check_with(|| field.to_owned(), result)
+    }
+
+    /// [`Errors::check`] for a field name that has to be written out (`events[3].type`):
+    /// `field` runs only when there is an error, so valid input costs no formatting.
+    pub fn check_with<T>(
+        &mut self,
+        field: impl FnOnce() -> String,
+        result: Result<T, String>,
+    ) -> Option<T> {
         match result {
             Ok(v) => Some(v),
             Err(message) => {
-                self.add(field, message);
+                self.add(field(), message);
                 None
             }
         }
