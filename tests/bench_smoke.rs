@@ -24,6 +24,8 @@ fn the_benchmark_runs_every_scenario_and_writes_its_results() {
             "10",
             "--idle-wait",
             "1",
+            "--rules-probes",
+            "1",
         ])
         .arg("--json")
         .arg(&out)
@@ -43,14 +45,17 @@ fn the_benchmark_runs_every_scenario_and_writes_its_results() {
         .collect();
     assert_eq!(
         names,
-        ["1", "2", "3", "3b", "4", "5", "6a", "6b"],
+        ["1", "2", "3", "3b", "3c", "4", "5", "6a", "6b"],
         "{results}"
     );
     for row in rows {
-        assert!(row["throughput"].as_f64().unwrap() > 0.0, "{row}");
+        // 3c is 0 when no steady rate kept the lag under a second (not an error).
+        if !row["scenario"].as_str().unwrap().starts_with("3c.") {
+            assert!(row["throughput"].as_f64().unwrap() > 0.0, "{row}");
+        }
     }
     // Scenario 4 must never send a message twice, however fast it is.
-    let dispatch = &rows[4];
+    let dispatch = &rows[5];
     assert!(
         dispatch["notes"].as_str().unwrap().contains("duplicates 0"),
         "{dispatch}"
@@ -65,6 +70,13 @@ fn the_benchmark_runs_every_scenario_and_writes_its_results() {
             .contains("half of 3's evaluation rate"),
         "{steady}"
     );
+    // 3c bisects from 3b's run with one more (--rules-probes 1), against scenario 1's rate.
+    let sustained = &rows[4];
+    let notes = sustained["notes"].as_str().unwrap();
+    let (_, tried) = notes.split_once("3b's first: ").expect("the probes");
+    let probes = tried.split(", ").filter(|p| p.contains("/s ")).count();
+    assert_eq!(probes, 2, "{sustained}");
+    assert_eq!(sustained["db_limit"], rows[0]["throughput"], "{sustained}");
     assert!(results["server"]["peak_rss_mb"].as_f64().unwrap() > 0.0);
     // The latency log has a line per request of the open loops (3b, 6a, 6b).
     let log_text = std::fs::read_to_string(&log).expect("the latency log");

@@ -58,6 +58,10 @@ struct Args {
     /// half the evaluation rate its closed-loop part (3) measured.
     #[arg(long)]
     rules_rate: Option<f64>,
+    /// More steady-rate runs after 3b, bisecting for the highest rate at which evaluation
+    /// keeps the lag's p99 under a second (3c); 0 skips 3c.
+    #[arg(long, default_value_t = 3)]
+    rules_probes: u32,
     /// Seconds to wait, after closing the benchmark's connections, before reading the
     /// server's idle memory: it closes provider connections idle for 10 s, at its pool's
     /// next check (every 10 s), so 10 to 20 s after a burst of sends ends.
@@ -813,7 +817,7 @@ async fn archive(b: &Bench, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn scenario_rules(b: &Bench) -> anyhow::Result<Vec<Row>> {
+async fn scenario_rules(b: &Bench, ingestion_rate: Option<f64>) -> anyhow::Result<Vec<Row>> {
     let mut row = b.row("3. rule evaluation (10 campaigns)", "events/s");
     let mut ids = Vec::new();
     for i in 0..10 {
@@ -868,18 +872,7 @@ async fn scenario_rules(b: &Bench) -> anyhow::Result<Vec<Row>> {
     let evaluated = row.throughput;
     let rate = b.args.rules_rate.unwrap_or(evaluated / 2.0).max(1.0);
     let mut steady = b.row("3b. rule evaluation at a steady rate", "events/s");
-    settle(b).await?;
-    let w = b.watch();
-    let lag = b.sample_lag();
-    let started = Instant::now();
-    let (mut s, secs) = b.open_loop(rate, b.args.duration, ingest).await;
-    b.log_latencies(&steady.scenario, &s)?;
-    let limit = Duration::from_secs_f64(b.args.duration * 3.0 + 30.0);
-    let drained = b.inbox_drained(started, limit).await?;
-    let mut lag = lag.stop().await;
-    b.finish_watch(&mut steady, w);
-    fill(&mut steady, &mut lag, s.micros.len() as f64, secs);
-    steady.errors = s.errors;
+    let first = probe_rules(b, rate, &ingest, Some(&mut steady)).await?;
     steady.db_limit = Some(evaluated);
     steady.ratio = Some(steady.throughput / evaluated);
     steady.target = "none (what evaluation sustains; lag p99 < 1 s wanted)".into();
@@ -890,13 +883,156 @@ async fn scenario_rules(b: &Bench) -> anyhow::Result<Vec<Row>> {
         } else {
             " (half of 3's evaluation rate)"
         },
-        s.pct(0.99),
-        if drained { "" } else { " (NOT drained)" }
+        first.ingestion_p99_ms,
+        if first.drained { "" } else { " (NOT drained)" }
     );
+    let mut rows = vec![row, steady];
+
+    // 3c: target 3 read as a steady rate: the highest rate at which the lag stays under a
+    // second, found by bisection from 3b's probe.
+    if b.args.rules_probes > 0 {
+        rows.push(sustained_rate(b, evaluated, first, &ingest, ingestion_rate).await?);
+    }
     for id in ids {
         archive(b, &id).await?;
     }
-    Ok(vec![row, steady])
+    Ok(rows)
+}
+
+/// One open-loop run of the rules scenario at `rate` events/s: the lag evaluation kept behind
+/// it. Fills `row` (when given) with the lag's percentiles.
+async fn probe_rules<F, Fut>(
+    b: &Bench,
+    rate: f64,
+    ingest: &F,
+    row: Option<&mut Row>,
+) -> anyhow::Result<Probe>
+where
+    F: Fn(u64) -> Fut + Clone,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    settle(b).await?;
+    let w = b.watch();
+    let lag = b.sample_lag();
+    let started = Instant::now();
+    let (mut s, secs) = b.open_loop(rate, b.args.duration, ingest.clone()).await;
+    let limit = Duration::from_secs_f64(b.args.duration * 3.0 + 30.0);
+    let drained = b.inbox_drained(started, limit).await?;
+    let mut lag = lag.stop().await;
+    let lag_ms = [lag.pct(0.50), lag.pct(0.95), lag.pct(0.99)];
+    if let Some(row) = row {
+        b.log_latencies(&row.scenario, &s)?;
+        b.finish_watch(row, w);
+        fill(row, &mut lag, s.micros.len() as f64, secs);
+        row.errors = s.errors;
+    }
+    Ok(Probe {
+        rate,
+        lag_ms,
+        drained,
+        errors: s.errors,
+        ingestion_p99_ms: s.pct(0.99),
+    })
+}
+
+/// What one run of [`probe_rules`] found.
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    rate: f64,
+    /// The lag's p50, p95 and p99.
+    lag_ms: [f64; 3],
+    drained: bool,
+    errors: u64,
+    ingestion_p99_ms: f64,
+}
+
+impl Probe {
+    /// Evaluation kept up: every event accepted and evaluated, the lag's p99 under a second.
+    fn kept_up(&self) -> bool {
+        self.drained && self.errors == 0 && self.lag_ms[2] < 1000.0
+    }
+}
+
+/// 3c: bisects the steady rate between the fastest rate that kept up and the slowest that did
+/// not, `--rules-probes` more runs after 3b's `first`. The search starts with 1.25 times 3's
+/// flat-out evaluation rate as its (untried) upper bound, since ingestion at a steady rate
+/// leaves evaluation more of the machine than ingestion flat out does.
+async fn sustained_rate<F, Fut>(
+    b: &Bench,
+    evaluated: f64,
+    first: Probe,
+    ingest: &F,
+    ingestion_rate: Option<f64>,
+) -> anyhow::Result<Row>
+where
+    F: Fn(u64) -> Fut + Clone,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let mut row = b.row("3c. rules: fastest rate, lag p99 < 1 s", "events/s");
+    let mut probes = vec![first];
+    let (mut lo, mut hi) = if first.kept_up() {
+        (first.rate, (evaluated * 1.25).max(first.rate * 1.25))
+    } else {
+        (0.0, first.rate)
+    };
+    let w = b.watch();
+    for _ in 0..b.args.rules_probes {
+        if probes.last().is_some_and(|p| !p.drained) {
+            // The next run would start behind: stop the search here.
+            break;
+        }
+        let p = probe_rules(b, (lo + hi) / 2.0, ingest, None).await?;
+        if p.kept_up() {
+            lo = p.rate;
+        } else {
+            hi = p.rate;
+        }
+        probes.push(p);
+    }
+    b.finish_watch(&mut row, w);
+    let best = probes
+        .iter()
+        .rfind(|p| p.kept_up() && p.rate == lo)
+        .copied();
+    row.throughput = lo;
+    [row.p50_ms, row.p95_ms, row.p99_ms] = best.map_or([0.0; 3], |p| p.lag_ms);
+    row.errors = probes.iter().map(|p| p.errors).sum();
+    row.db_limit = ingestion_rate;
+    row.ratio = ingestion_rate.map(|r| lo / r);
+    row.met = ingestion_rate.map(|r| lo >= r);
+    row.target = "lag p99 < 1 s at scenario 1's rate (target 3 as a steady rate)".into();
+    let tried: Vec<String> = probes
+        .iter()
+        .map(|p| {
+            format!(
+                "{:.0}/s {} ({:.0} ms{})",
+                p.rate,
+                if p.kept_up() {
+                    "kept up"
+                } else {
+                    "fell behind"
+                },
+                p.lag_ms[2],
+                if p.drained { "" } else { ", NOT drained" }
+            )
+        })
+        .collect();
+    row.notes = format!(
+        "throughput = the fastest rate that kept up{}; latencies = its lag; db_limit = scenario 1's rate{}; probes of {} s, 3b's first: {}",
+        if probes.iter().all(Probe::kept_up) {
+            ", at least (every probe did)"
+        } else {
+            ""
+        },
+        if ingestion_rate.is_none() {
+            " (not run)"
+        } else {
+            ""
+        },
+        b.args.duration,
+        tried.join(", ")
+    );
+    Ok(row)
 }
 
 async fn use_stub(b: &Bench) -> anyhow::Result<()> {
@@ -1223,7 +1359,14 @@ async fn run(args: &Args, server: &Server, wanted: &[&str]) -> anyhow::Result<()
         match *name {
             "events" => rows.push(scenario_events(&bench).await?),
             "batch" => rows.push(scenario_batch(&bench).await?),
-            "rules" => rows.extend(scenario_rules(&bench).await?),
+            "rules" => {
+                // Target 3 is set against scenario 1's rate, when this run measured it.
+                let single = rows
+                    .iter()
+                    .find(|r: &&Row| r.scenario.starts_with("1."))
+                    .map(|r| r.throughput);
+                rows.extend(scenario_rules(&bench, single).await?)
+            }
             "dispatch" => rows.push(scenario_dispatch(&bench).await?),
             "e2e" => rows.push(scenario_e2e(&bench).await?),
             "reads" => rows.extend(scenario_reads(&bench).await?),
