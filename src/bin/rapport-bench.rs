@@ -970,10 +970,13 @@ where
 {
     let mut row = b.row("3c. rules: fastest rate, lag p99 < 1 s", "events/s");
     let mut probes = vec![first];
-    let (mut lo, mut hi) = if first.kept_up() {
-        (first.rate, (evaluated * 1.25).max(first.rate * 1.25))
+    // Every probe runs between the fastest rate that kept up and the slowest that did not,
+    // so the last one that kept up is the fastest.
+    let mut best = first.kept_up().then_some(first);
+    let mut hi = if first.kept_up() {
+        (evaluated * 1.25).max(first.rate * 1.25)
     } else {
-        (0.0, first.rate)
+        first.rate
     };
     let w = b.watch();
     for _ in 0..b.args.rules_probes {
@@ -981,19 +984,17 @@ where
             // The next run would start behind: stop the search here.
             break;
         }
+        let lo = best.map_or(0.0, |p| p.rate);
         let p = probe_rules(b, (lo + hi) / 2.0, ingest, None).await?;
         if p.kept_up() {
-            lo = p.rate;
+            best = Some(p);
         } else {
             hi = p.rate;
         }
         probes.push(p);
     }
     b.finish_watch(&mut row, w);
-    let best = probes
-        .iter()
-        .rfind(|p| p.kept_up() && p.rate == lo)
-        .copied();
+    let lo = best.map_or(0.0, |p| p.rate);
     row.throughput = lo;
     [row.p50_ms, row.p95_ms, row.p99_ms] = best.map_or([0.0; 3], |p| p.lag_ms);
     row.errors = probes.iter().map(|p| p.errors).sum();
