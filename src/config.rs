@@ -66,6 +66,14 @@ pub struct Config {
     pub ingest_writers: usize,
     /// Most events one group-commit transaction takes from waiting requests.
     pub ingest_max_group: usize,
+    /// How long one render of a tenant's template may take, in milliseconds.
+    pub template_timeout_ms: u64,
+    /// Address space of each process that renders templates, in MiB.
+    pub template_memory_mib: u64,
+    /// Processes that render templates at once; 0 means one per CPU.
+    pub template_workers: usize,
+    /// The `rapport` binary to run as a template renderer; this process's own when unset.
+    pub template_program: Option<String>,
 }
 
 impl Default for Config {
@@ -94,6 +102,10 @@ impl Default for Config {
             outbox_send_timeout_secs: 30,
             ingest_writers: 4,
             ingest_max_group: 1000,
+            template_timeout_ms: 1000,
+            template_memory_mib: 256,
+            template_workers: 0,
+            template_program: None,
         }
     }
 }
@@ -128,6 +140,22 @@ impl Config {
             config.admin_token = None;
         }
         Ok(config)
+    }
+
+    /// The program that renders templates (see [`crate::templates::sandbox`]).
+    pub fn template_program(&self) -> std::path::PathBuf {
+        match &self.template_program {
+            Some(p) => p.into(),
+            None => std::env::current_exe().unwrap_or_else(|_| "rapport".into()),
+        }
+    }
+
+    /// Processes that render templates at once.
+    pub fn template_workers(&self) -> usize {
+        match self.template_workers {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
     }
 
     /// The admin token, when the admin API is enabled.

@@ -62,6 +62,8 @@ pub struct AppState {
     pub events: Arc<events::writer::Writer>,
     /// The tenant behind each API key seen lately.
     pub api_keys: Arc<tenancy::KeyCache>,
+    /// The child processes that render tenants' templates.
+    pub sandbox: templates::sandbox::Sandbox,
 }
 
 /// The link-signing key, loaded once from the database.
@@ -85,6 +87,7 @@ impl AppState {
             max_attempts: self.config.outbox_max_attempts,
             public_url: self.config.public_url.trim_end_matches('/').to_owned(),
             signer: self.links.get(&self.pool).await?.clone(),
+            sandbox: self.sandbox.clone(),
         })
     }
 }
@@ -129,8 +132,17 @@ impl App {
             config.ingest_writers,
             config.ingest_max_group,
         ));
+        let sandbox = templates::sandbox::Sandbox::new(
+            config.template_program(),
+            templates::sandbox::Limits {
+                timeout: Duration::from_millis(config.template_timeout_ms),
+                memory_mib: config.template_memory_mib,
+                workers: config.template_workers(),
+            },
+        );
         App {
             state: AppState {
+                sandbox,
                 events,
                 api_keys: Arc::new(tenancy::KeyCache::new(pool.clone())),
                 pool,

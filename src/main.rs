@@ -52,6 +52,14 @@ enum Command {
     },
     /// Print the OpenAPI document.
     Openapi,
+    /// Render tenants' templates for a parent process (one JSON line a request); the service
+    /// starts these itself.
+    #[command(name = "render-sandbox", hide = true)]
+    RenderSandbox {
+        /// Address space this process may use.
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -104,6 +112,12 @@ enum ApiKeyCommand {
 fn main() -> ExitCode {
     rapport::telemetry::tune_allocator();
     let cli = Cli::parse();
+    if let Some(Command::RenderSandbox { memory_mib }) = cli.command {
+        return match rapport::templates::sandbox::run_child(memory_mib) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
     if matches!(cli.command, Some(Command::Openapi)) {
         println!(
             "{}",
@@ -155,7 +169,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Tenant { command } => tenant_command(&app, command).await,
         Command::ApiKey { command } => api_key_command(&app, command).await,
-        Command::Openapi => Ok(()),
+        Command::Openapi | Command::RenderSandbox { .. } => Ok(()),
     }
 }
 

@@ -1143,6 +1143,9 @@ enum SendOutcome {
     Done,
     /// Not now (quiet hours, an open ticket): look again at this time.
     Later(DateTime<Utc>),
+    /// The step could not send and ended the journey (a missing template, one that does not
+    /// render): go no further.
+    Ended,
 }
 
 /// Runs a journey's steps until it has to wait or ends.
@@ -1206,6 +1209,7 @@ async fn advance(conn: &mut PgConnection, scope: &Scope<'_>, j: &mut Journey) ->
                     j.wake_at = Some(at);
                     return Ok(());
                 }
+                SendOutcome::Ended => return Ok(()),
             },
             Step::NotifyAgent {
                 agent,
@@ -1326,7 +1330,7 @@ async fn send(
             &format!("template_missing:{template}"),
             false,
         )?;
-        return Ok(SendOutcome::Done);
+        return Ok(SendOutcome::Ended);
     };
     let marketing = found.purpose == Purpose::Marketing;
     let mut suppress: Option<&str> = None;
@@ -1410,7 +1414,7 @@ async fn send(
         Err(e @ (ApiError::Validation { .. } | ApiError::NotFound(_))) => {
             let reason = format!("send_failed: {}", e.to_problem().detail);
             finish(scope, j, "exited", &reason, false)?;
-            return Ok(SendOutcome::Done);
+            return Ok(SendOutcome::Ended);
         }
         Err(e) => return Err(e),
     };

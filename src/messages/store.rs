@@ -15,6 +15,7 @@ use crate::contacts::routes::contact_not_found;
 use crate::contacts::store as contacts;
 use crate::error::{ApiError, ApiResult};
 use crate::events::store as events;
+use crate::templates::routes::render_problem;
 use crate::templates::{render, store as templates};
 use crate::tenancy::{Tenant, TenantId};
 use crate::tenants::store as tenants;
@@ -26,6 +27,8 @@ pub struct SendOptions {
     /// Base of tracking and unsubscribe links, without a trailing slash.
     pub public_url: String,
     pub signer: crate::signing::Signer,
+    /// Where tenants' templates run.
+    pub sandbox: crate::templates::sandbox::Sandbox,
 }
 
 /// The LISTEN/NOTIFY channel that wakes workers when a message is queued.
@@ -217,8 +220,11 @@ pub async fn enqueue(
     if purpose == Purpose::Marketing {
         ctx["unsubscribe_url"] = json!(links.unsubscribe());
     }
-    let mut rendered = render::render(&template.variants, channel, locale, &ctx)
-        .map_err(|e| ApiError::field(format!("template.{}", e.field), e.message))?;
+    let mut rendered = opts
+        .sandbox
+        .render(&template.variants, channel, locale, &ctx)
+        .await
+        .map_err(|e| render_problem(e, "template."))?;
     if channel == Channel::Email {
         if let Some(html) = rendered.html.take() {
             let (instrumented, targets) = links.instrument_html(&html);

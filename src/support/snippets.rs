@@ -19,6 +19,7 @@ use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
 use crate::http::pagination::{Page, PageParams, decode_key_cursor, encode_key_cursor, paginate};
 use crate::templates::model::validate_key;
 use crate::templates::render;
+use crate::templates::routes::render_problem;
 use crate::tenancy::Tenant;
 use crate::tenants::store as tenants;
 
@@ -190,7 +191,11 @@ async fn render_snippet(
     if let Some(agent) = agent {
         ctx["agent"] = serde_json::to_value(&agent).map_err(|e| ApiError::Internal(e.into()))?;
     }
-    let text = render::render_text("snippet.txt", &snippet.body, &ctx, "body".to_owned())
-        .map_err(|e| ApiError::field(format!("snippet.{}", e.field), e.message))?;
+    drop(conn);
+    let text = state
+        .sandbox
+        .render_text("snippet.txt", &snippet.body, &ctx, "body")
+        .await
+        .map_err(|e| render_problem(e, "snippet."))?;
     Ok(Json(RenderedSnippet { text }))
 }

@@ -3,4 +3,5 @@
 pub mod model;
 pub mod render;
 pub mod routes;
+pub mod sandbox;
 pub mod store;

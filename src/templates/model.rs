@@ -77,6 +77,29 @@ impl Variants {
     pub fn has(&self, channel: Channel) -> bool {
         !self.locales(channel).is_empty()
     }
+
+    /// Only `channel`'s variant in `locale` (what one render needs).
+    pub fn only(&self, channel: Channel, locale: &str) -> Variants {
+        let mut out = Variants::default();
+        match channel {
+            Channel::Email => {
+                if let Some(v) = self.email.get(locale) {
+                    out.email.insert(locale.to_owned(), v.clone());
+                }
+            }
+            Channel::Sms => {
+                if let Some(v) = self.sms.get(locale) {
+                    out.sms.insert(locale.to_owned(), v.clone());
+                }
+            }
+            Channel::Viber => {
+                if let Some(v) = self.viber.get(locale) {
+                    out.viber.insert(locale.to_owned(), v.clone());
+                }
+            }
+        }
+        out
+    }
 }
 
 /// `PUT /v1/templates/{key}`.
@@ -216,7 +239,7 @@ pub struct PreviewRequest {
 }
 
 /// A rendered message.
-#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct Rendered {
     pub channel: Option<Channel>,
     pub locale: String,

@@ -46,7 +46,7 @@ fn describe(e: &minijinja::Error) -> String {
 }
 
 /// A render failure: which part of which variant, and why.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[error("{field}: {message}")]
 pub struct RenderError {
     pub field: String,
@@ -70,14 +70,42 @@ fn render_one(name: &str, source: &str, ctx: &Value, field: String) -> Result<St
         message: describe(&e),
     };
     let template = env.template_from_named_str(name, source).map_err(fail)?;
-    let out = template.render(ctx).map_err(fail)?;
-    if out.len() > MAX_OUTPUT {
-        return Err(RenderError {
-            field,
-            message: format!("renders to more than {MAX_OUTPUT} bytes"),
-        });
+    let mut out = Capped(Vec::new());
+    match template.render_captured_to(ctx, &mut out) {
+        Ok(_) => {}
+        Err(e) if out.0.len() > MAX_OUTPUT => {
+            tracing::debug!(error = %e, "render stopped at the output cap");
+            return Err(RenderError {
+                field,
+                message: format!("renders to more than {MAX_OUTPUT} bytes"),
+            });
+        }
+        Err(e) => return Err(fail(e)),
     }
-    Ok(out)
+    String::from_utf8(out.0).map_err(|_| RenderError {
+        field,
+        message: "renders to text that is not UTF-8".to_owned(),
+    })
+}
+
+/// Output that refuses to grow past [`MAX_OUTPUT`], so a loop that only prints stops at the
+/// cap instead of after it has filled memory.
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_OUTPUT {
+            // Keep the length over the cap, so the caller can tell this error from others.
+            self.0.resize(MAX_OUTPUT + 1, 0);
+            return Err(std::io::Error::other("output cap"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The best locale of `available` for `wanted`, then `fallback`: an exact match, then the same
@@ -220,6 +248,13 @@ mod tests {
     fn runaway_templates_run_out_of_fuel() {
         let e = render(&variants(), Channel::Sms, "en", &json!({})).unwrap_err();
         assert!(e.message.contains("fuel"), "{}", e.message);
+    }
+
+    #[test]
+    fn output_is_capped_while_it_is_written() {
+        let source = "{% for i in range(10) %}{{ 'x' * 100000 }}{% endfor %}";
+        let e = render_text("t.txt", source, &json!({}), "text".into()).unwrap_err();
+        assert!(e.message.contains("more than"), "{}", e.message);
     }
 
     #[test]

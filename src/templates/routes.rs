@@ -9,6 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::model::{PreviewRequest, Rendered, Template, TemplateInput, validate_key};
+use super::sandbox::SandboxError;
 use super::{render, store};
 use crate::AppState;
 use crate::contacts::routes::contact_not_found;
@@ -160,7 +161,24 @@ async fn preview(
     let event = body.event.clone().map(Value::Object);
     let vars = Value::Object(body.vars.clone().unwrap_or_default());
     let ctx = render::context(contact.as_ref(), &tenant_row, event.as_ref(), &vars);
-    let rendered = render::render(&template.variants, body.channel, locale, &ctx)
-        .map_err(|e| ApiError::field(e.field, e.message))?;
+    // A tenant's template may run until its deadline: not while holding a connection.
+    drop(conn);
+    let rendered = state
+        .sandbox
+        .render(&template.variants, body.channel, locale, &ctx)
+        .await
+        .map_err(|e| render_problem(e, ""))?;
     Ok(Json(rendered))
+}
+
+/// A failed render as the client sees it: the template's fault is a 422 naming the text
+/// (under `prefix`), ours a 503.
+pub fn render_problem(e: SandboxError, prefix: &str) -> ApiError {
+    match e {
+        SandboxError::Render(e) => ApiError::field(format!("{prefix}{}", e.field), e.message),
+        SandboxError::Unavailable(why) => {
+            tracing::error!(%why, "template renderer unavailable");
+            ApiError::Unavailable("templates cannot be rendered at the moment".to_owned())
+        }
+    }
 }

@@ -220,6 +220,8 @@ impl TestApp {
             db_max_connections: 16,
             outbox_log: outbox_log.to_string_lossy().into_owned(),
             secret_key: Some(TEST_SECRET_KEY.to_owned()),
+            // Tests run in their harness's process: templates render in the real binary.
+            template_program: Some(env!("CARGO_BIN_EXE_rapport").to_owned()),
             ..Config::default()
         };
         adjust(&mut config);
