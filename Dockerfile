@@ -6,14 +6,17 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # Dependencies first, so that code changes do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
-    && cargo build --release --locked \
+# Every target Cargo.toml names needs a stub, or cargo refuses the manifest.
+RUN mkdir -p src/bin && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
+    && echo 'fn main() {}' > src/bin/rapport-bench.rs \
+    && cargo build --release --locked --bin rapport \
     && rm -rf src target/release/deps/rapport* target/release/rapport*
 COPY build.rs ./
 COPY src ./src
 COPY migrations ./migrations
 # COPY keeps the files' modification times, which may be older than the stub build.
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked && strip target/release/rapport
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin rapport \
+    && strip target/release/rapport
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \

@@ -66,6 +66,22 @@ pub struct Config {
     pub ingest_writers: usize,
     /// Most events one group-commit transaction takes from waiting requests.
     pub ingest_max_group: usize,
+    /// Time a client has to send a request's headers, and the longest a keep-alive
+    /// connection may sit idle, in seconds.
+    pub http_header_timeout_secs: u64,
+    /// Connections open at once; 0 means three quarters of the file-descriptor limit.
+    pub http_max_connections: usize,
+    /// Requests per second one tenant's API keys may make (a token bucket); 0 turns it off.
+    pub tenant_rate_limit: u32,
+    /// Requests a tenant may make at once above its rate, before it gets 429s.
+    pub tenant_rate_burst: u32,
+    /// Hosts (names or addresses) that tenants' provider URLs and SMTP hosts may name although
+    /// they are not public, or over plain http: test servers, on-premise relays. A list, or
+    /// one string of comma-separated hosts (`RAPPORT_EGRESS_ALLOW_HOSTS=relay.corp,10.0.0.5`).
+    #[serde(deserialize_with = "list_or_commas")]
+    pub egress_allow_hosts: Vec<String>,
+    /// Bearer token `/metrics` asks for; open when unset.
+    pub metrics_token: Option<String>,
     /// How long one render of a tenant's template may take, in milliseconds.
     pub template_timeout_ms: u64,
     /// Address space of each process that renders templates, in MiB.
@@ -102,6 +118,12 @@ impl Default for Config {
             outbox_send_timeout_secs: 30,
             ingest_writers: 4,
             ingest_max_group: 1000,
+            http_header_timeout_secs: 10,
+            http_max_connections: 0,
+            tenant_rate_limit: 1000,
+            tenant_rate_burst: 2000,
+            metrics_token: None,
+            egress_allow_hosts: Vec::new(),
             template_timeout_ms: 1000,
             template_memory_mib: 256,
             template_workers: 0,
@@ -118,10 +140,33 @@ impl std::fmt::Debug for Config {
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
             .field("public_url", &self.public_url)
             .field("secret_key", &self.secret_key.as_ref().map(|_| "<set>"))
+            .field(
+                "metrics_token",
+                &self.metrics_token.as_ref().map(|_| "<set>"),
+            )
             .field("log_format", &self.log_format)
             .field("log_level", &self.log_level)
             .finish_non_exhaustive()
     }
+}
+
+/// A list, or a string of comma-separated items.
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        One(String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(items) => items,
+        Either::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
 }
 
 impl Config {

@@ -72,6 +72,9 @@ pub enum ApiError {
     Unprocessable(String),
     #[error("service unavailable: {0}")]
     Unavailable(String),
+    /// Over the tenant's request rate; retry after this many seconds.
+    #[error("too many requests")]
+    TooManyRequests { retry_after_secs: u64 },
     #[error("database error")]
     Database(#[from] sqlx::Error),
     #[error("internal error")]
@@ -113,6 +116,7 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Database(e) if is_transient(e) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Database(e) if is_data_exception(e) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Database(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -133,6 +137,7 @@ impl ApiError {
             ApiError::Validation { .. } => "validation",
             ApiError::Unprocessable(_) => "unprocessable",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::TooManyRequests { .. } => "rate-limited",
             ApiError::Database(e) if is_transient(e) => "unavailable",
             ApiError::Database(e) if is_data_exception(e) => "unprocessable",
             ApiError::Database(_) | ApiError::Internal(_) => "internal",
@@ -155,6 +160,9 @@ impl ApiError {
             | ApiError::Unavailable(d) => d.clone(),
             ApiError::Validation { detail, .. } => detail.clone(),
             ApiError::MethodNotAllowed => "this method is not allowed on this path".to_owned(),
+            ApiError::TooManyRequests { retry_after_secs } => {
+                format!("this tenant is over its request rate; retry in {retry_after_secs} s")
+            }
             ApiError::Database(e) if is_transient(e) => {
                 "the database is busy or unreachable; retry the request".to_owned()
             }
@@ -217,6 +225,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let ApiError::TooManyRequests { retry_after_secs } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
         response
     }

@@ -12,6 +12,7 @@ pub mod contacts;
 pub mod crypto;
 pub mod csat;
 pub mod db;
+pub mod egress;
 pub mod error;
 pub mod events;
 pub mod http;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub channels: channels::Channels,
     /// Seals and opens provider secrets.
     pub secrets: crypto::SecretBox,
+    /// Which addresses requests on tenants' behalf may reach.
+    pub egress: egress::EgressPolicy,
     /// Signs links in messages and webhook URLs; loaded from the database on first use.
     pub links: Arc<LinkKeys>,
     /// The OpenAPI document, rendered once.
@@ -64,6 +67,8 @@ pub struct AppState {
     pub api_keys: Arc<tenancy::KeyCache>,
     /// The child processes that render tenants' templates.
     pub sandbox: templates::sandbox::Sandbox,
+    /// Each tenant's request rate.
+    pub rate_limits: Arc<http::rate_limit::RateLimiter>,
 }
 
 /// The link-signing key, loaded once from the database.
@@ -115,9 +120,11 @@ impl App {
     pub fn from_pool(pool: PgPool, config: Config) -> App {
         let secrets = crypto::SecretBox::new(config.secret_key.as_deref());
         let links = Arc::new(LinkKeys::default());
+        let egress = egress::EgressPolicy::new(&config.egress_allow_hosts);
         let channels = channels::Channels::new(
             std::sync::Arc::new(channels::log::LogProvider::new(&config.outbox_log)),
             secrets.clone(),
+            egress.clone(),
             Duration::from_secs(config.outbox_send_timeout_secs),
             channels::Callbacks {
                 public_url: config.public_url.trim_end_matches('/').to_owned(),
@@ -142,6 +149,11 @@ impl App {
         );
         App {
             state: AppState {
+                egress,
+                rate_limits: Arc::new(http::rate_limit::RateLimiter::new(
+                    config.tenant_rate_limit,
+                    config.tenant_rate_burst,
+                )),
                 sandbox,
                 events,
                 api_keys: Arc::new(tenancy::KeyCache::new(pool.clone())),
@@ -176,31 +188,22 @@ impl App {
     }
 
     /// Serves HTTP on `listener` until `shutdown` is cancelled, then lets in-flight requests
-    /// finish (up to the configured grace period).
+    /// finish (up to the configured grace period). See [`http::server`] for the limits.
     pub async fn run_api(
         &self,
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        let grace = Duration::from_secs(self.state.config.shutdown_grace_secs);
-        let signal = shutdown.clone();
-        let server = axum::serve(listener, self.router())
-            .with_graceful_shutdown(async move { signal.cancelled().await });
-        let mut server = std::pin::pin!(server.into_future());
-        tokio::select! {
-            result = &mut server => return result,
-            () = shutdown.cancelled() => {}
-        }
-        match tokio::time::timeout(grace, server).await {
-            Ok(result) => result,
-            Err(_) => {
-                tracing::warn!(
-                    grace_secs = grace.as_secs(),
-                    "in-flight requests cut off after the grace period"
-                );
-                Ok(())
-            }
-        }
+        let config = &self.state.config;
+        let limits = http::server::EdgeLimits {
+            header_read_timeout: Duration::from_secs(config.http_header_timeout_secs.max(1)),
+            max_connections: match config.http_max_connections {
+                0 => http::server::default_max_connections(),
+                n => n,
+            },
+            grace: Duration::from_secs(config.shutdown_grace_secs),
+        };
+        http::server::serve(listener, self.router(), limits, shutdown).await
     }
 
     /// Runs the background jobs until `shutdown` is cancelled.

@@ -194,3 +194,413 @@ async fn a_condition_that_would_exhaust_memory_is_refused_on_save() {
     assert_eq!(campaigns, 0);
     let _: Value = r.body;
 }
+
+/// Serves `app` on a loopback port until the returned token is cancelled.
+async fn serve(app: &TestApp) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    let (server, stop) = (app.app.clone(), token.clone());
+    tokio::spawn(async move { server.run_api(listener, stop).await });
+    (addr, token)
+}
+
+/// A raw `GET /healthz` on a new connection; the status line, or the error.
+async fn healthz(addr: std::net::SocketAddr) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(
+            String::from_utf8_lossy(&out)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned(),
+        )
+    };
+    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+        Ok(Ok(line)) => Ok(line),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".to_owned()),
+    }
+}
+
+#[tokio::test]
+async fn idle_and_half_sent_connections_are_closed_and_the_cap_queues_new_ones() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::with_config(|c| {
+        c.http_header_timeout_secs = 1;
+        c.http_max_connections = 8;
+    })
+    .await;
+    let (addr, stop) = serve(&app).await;
+    // Twenty clients: half send half a request, half nothing at all.
+    let mut slow = Vec::new();
+    for n in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        if n % 2 == 0 {
+            s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+                .await
+                .unwrap();
+        }
+        slow.push(s);
+    }
+    // Past the cap, a new client waits in the backlog and is served once the idle ones
+    // are cut off, well within its patience.
+    let started = Instant::now();
+    assert_eq!(healthz(addr).await.as_deref(), Ok("HTTP/1.1 200 OK"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Every slow connection was closed by the server.
+    for mut s in slow {
+        let mut buf = [0u8; 512];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        match read {
+            Ok(Ok(_)) | Ok(Err(_)) => {}
+            Err(_) => panic!("a slow connection is still open"),
+        }
+    }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_tenant_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
+    let app = TestApp::with_config(|c| {
+        c.tenant_rate_limit = 5;
+        c.tenant_rate_burst = 5;
+    })
+    .await;
+    let t = app.tenant("acme").await;
+    let other = app.tenant("other").await;
+    for _ in 0..5 {
+        let r = app.get("/v1/contacts", &t.key).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+    let r = app.get("/v1/contacts", &t.key).await;
+    r.assert_problem(429);
+    assert_eq!(r.headers["retry-after"], "1");
+    assert_eq!(r.body["type"], "urn:rapport:problem:rate-limited");
+    // Another tenant, and the operators, are not slowed by it.
+    assert_eq!(
+        app.get("/v1/contacts", &other.key).await.status,
+        StatusCode::OK
+    );
+    for _ in 0..10 {
+        let r = app.get("/admin/v1/tenants", common::ADMIN).await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn metrics_can_be_put_behind_a_token() {
+    let app = TestApp::with_config(|c| c.metrics_token = Some("scrape-me".into())).await;
+    let r = app
+        .call(axum::http::Method::GET, "/metrics", None, None)
+        .await;
+    r.assert_problem(401);
+    let r = app
+        .call(axum::http::Method::GET, "/metrics", Some("scrape-me"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let open = TestApp::new().await;
+    let r = open
+        .call(axum::http::Method::GET, "/metrics", None, None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn provider_urls_must_be_public_https_unless_an_operator_allows_the_host() {
+    let app = TestApp::with_config(|c| c.egress_allow_hosts.clear()).await;
+    let t = app.tenant("acme").await;
+    for url in [
+        "http://169.254.169.254/latest",
+        "https://169.254.169.254/latest",
+        "http://10.0.0.1",
+        "https://10.0.0.1",
+        "https://127.0.0.1:5432",
+        "https://[::1]:8080",
+        "https://localhost",
+        "http://api.twilio.com",
+    ] {
+        let r = app
+            .put(
+                "/v1/channels/sms",
+                &t.key,
+                json!({"provider": "twilio", "settings": {"account_sid": "AC1", "from": "+15005550006", "base_url": url},
+                       "secrets": {"auth_token": "x"}}),
+            )
+            .await;
+        r.assert_problem(422);
+        assert_eq!(r.error_fields(), ["settings.base_url"], "{url}: {}", r.text);
+    }
+    let r = app
+        .put(
+            "/v1/channels/email",
+            &t.key,
+            json!({"provider": "smtp", "settings": {"host": "127.0.0.1", "from": "a@acme.hr"}}),
+        )
+        .await;
+    r.assert_problem(422);
+    assert_eq!(r.error_fields(), ["settings.host"]);
+    let r = app
+        .put(
+            "/v1/integrations/aircall",
+            &t.key,
+            json!({"webhook_token": "tok", "api_id": "id", "api_token": "secret",
+                   "api_base_url": "http://169.254.169.254"}),
+        )
+        .await;
+    r.assert_problem(422);
+    assert_eq!(r.error_fields(), ["api_base_url"], "{}", r.text);
+    let r = app
+        .put(
+            "/v1/channels/sms",
+            &t.key,
+            json!({"provider": "twilio", "settings": {"account_sid": "AC1", "from": "+15005550006",
+                   "base_url": "https://api.twilio.com"}, "secrets": {"auth_token": "x"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+}
+
+#[tokio::test]
+async fn a_private_address_saved_under_a_looser_policy_is_refused_when_sending() {
+    // Saved while the operator allowed 127.0.0.1 ...
+    let app = TestApp::new().await;
+    let t = setup(&app).await;
+    let r = app
+        .put(
+            "/v1/channels/sms",
+            &t.key,
+            json!({"provider": "twilio", "settings": {"account_sid": "AC1", "from": "+15005550006",
+                   "base_url": "https://127.0.0.1:9"}, "secrets": {"auth_token": "x"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    sms_template(&app, &t, "hi", "Bok").await;
+    let r = app
+        .post(
+            "/v1/messages",
+            &t.key,
+            json!({"contact": {"external_id": "ana"}, "template": "hi", "channel": "sms"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    // ... and sent by a worker whose operator no longer does.
+    let mut config = (*app.app.state.config).clone();
+    config.egress_allow_hosts.clear();
+    let strict = rapport::App::from_pool(app.pool.clone(), config);
+    rapport::worker::drain(&strict.state).await.unwrap();
+    let m = app.get(&format!("/v1/messages/{id}"), &t.key).await;
+    assert_ne!(m.body["status"], "sent", "{}", m.text);
+    let reason = m.body["status_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("must be a public address"), "{}", m.text);
+}
+
+/// Every row of every tenant-owned table, as text (stored responses decoded).
+async fn everything_of(app: &TestApp, tenant: &str) -> Vec<(String, String)> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.columns
+         WHERE table_schema = 'public' AND column_name = 'tenant_id' ORDER BY 1",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert!(tables.len() > 15, "{tables:?}");
+    let tenant: uuid::Uuid = tenant.parse().unwrap();
+    let mut rows = Vec::new();
+    for table in tables {
+        let texts: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT row_to_json(t)::text FROM {table} t WHERE tenant_id = $1"
+        ))
+        .bind(tenant)
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        rows.extend(texts.into_iter().map(|t| (table.clone(), t)));
+    }
+    let responses: Vec<String> = sqlx::query_scalar(
+        "SELECT convert_from(response_body, 'UTF8') FROM idempotency_keys
+         WHERE tenant_id = $1 AND response_body IS NOT NULL",
+    )
+    .bind(tenant)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    rows.extend(
+        responses
+            .into_iter()
+            .map(|r| ("idempotency_keys.response_body".to_owned(), r)),
+    );
+    rows
+}
+
+#[tokio::test]
+async fn erasure_leaves_no_personal_data_in_any_table_and_keeps_the_aggregates() {
+    use axum::body::Body;
+    use axum::http::Request;
+    let mut app = TestApp::new().await;
+    app.use_provider(std::sync::Arc::new(common_provider::Accepting));
+    let t = app.tenant("acme").await;
+    let r = app
+        .post(
+            "/v1/agents",
+            &t.key,
+            json!({"name": "Marko", "email": "marko@acme.example", "languages": ["hr"],
+                   "countries": ["HR"], "max_open_tickets": 5}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let agent = r.body["id"].as_str().unwrap().to_owned();
+    let ana = app
+        .contact(
+            &t,
+            "crm-ana-7781",
+            json!({"first_name": "Anastazija", "last_name": "Horvatić", "email": "anastazija.h@example.hr",
+                   "phone": "+385911234567", "locale": "hr", "attributes": {"iban": "HR1210010051863000160"}}),
+        )
+        .await;
+    let id = ana["id"].as_str().unwrap().to_owned();
+    let personal = [
+        "crm-ana-7781",
+        "Anastazija",
+        "Horvatić",
+        "anastazija.h@example.hr",
+        "385911234567",
+        "HR1210010051863000160",
+    ];
+    app.put(
+        "/v1/templates/hello",
+        &t.key,
+        json!({"sms": {"hr": {"text": "Bok {{ contact.first_name }}, {{ contact.phone }}"}},
+               "email": {"hr": {"subject": "Za {{ contact.first_name }} {{ contact.last_name }}",
+                                "text": "{{ contact.email }}"}}}),
+    )
+    .await;
+    for channel in ["sms", "email"] {
+        let body = json!({"contact": {"external_id": "crm-ana-7781"}, "template": "hello", "channel": channel});
+        let request = Request::post("/v1/messages")
+            .header("authorization", format!("Bearer {}", t.key))
+            .header("content-type", "application/json")
+            .header("idempotency-key", format!("send-{channel}"))
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let r = app.send(request).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    }
+    app.drain().await;
+    let r = app
+        .post(
+            "/v1/tickets",
+            &t.key,
+            json!({"contact": {"external_id": "crm-ana-7781"}, "channel": "email",
+                   "subject": "Anastazija Horvatić: refund", "body": "Call me on +385911234567",
+                   "priority": "normal"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let ticket = r.body["id"].as_str().unwrap().to_owned();
+    let r = app
+        .post(
+            &format!("/v1/tickets/{ticket}/messages"),
+            &t.key,
+            json!({"author": {"agent_id": agent}, "body": "Dear Anastazija, we called +385911234567", "internal": false}),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    let r = app
+        .post(
+            "/v1/csat",
+            &t.key,
+            json!({"ticket_id": ticket, "contact": {"external_id": "crm-ana-7781"}, "score": 2,
+                   "comment": "I am Anastazija Horvatić and nobody called", "source": "typeform"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    sqlx::query(
+        "INSERT INTO calls (tenant_id, id, provider, provider_call_id, direction, external_number,
+            contact_id, stage, recording_url, comments)
+         VALUES ($1, gen_random_uuid(), 'aircall', '1', 'inbound', '+385911234567', $2, 3,
+            'https://rec.example/385911234567.mp3', '[\"Anastazija called\"]')",
+    )
+    .bind(t.id.parse::<uuid::Uuid>().unwrap())
+    .bind(id.parse::<uuid::Uuid>().unwrap())
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    app.drain().await;
+
+    let before = everything_of(&app, &t.id).await;
+    for needle in personal {
+        assert!(
+            before.iter().any(|(_, row)| row.contains(needle)),
+            "{needle} was never stored"
+        );
+    }
+    let r = app.delete(&format!("/v1/contacts/{id}"), &t.key).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    let after = everything_of(&app, &t.id).await;
+    let left: Vec<_> = after
+        .iter()
+        .filter(|(_, row)| personal.iter().any(|n| row.contains(n)))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "personal data left after erasure: {left:#?}"
+    );
+
+    // The API shows nothing of the person either, and the aggregates still count.
+    for path in [
+        format!("/v1/messages?contact_id={id}"),
+        format!("/v1/tickets/{ticket}"),
+        format!("/v1/contacts/{id}/timeline"),
+    ] {
+        let r = app.get(&path, &t.key).await;
+        for needle in personal {
+            assert!(
+                !r.text.contains(needle),
+                "{path} still shows {needle}: {}",
+                r.text
+            );
+        }
+    }
+    let ratings: i64 = sqlx::query_scalar("SELECT count(*) FROM ratings WHERE score = 2")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(ratings, 1);
+    let messages: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM messages WHERE status = 'sent' AND contact_id = $1",
+    )
+    .bind(id.parse::<uuid::Uuid>().unwrap())
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(messages, 2, "the SMS and the email still count");
+}
+
+mod common_provider {
+    use futures::future::BoxFuture;
+    use rapport::channels::{Outbound, Provider, Receipt, SendError};
+
+    /// Accepts every message.
+    pub struct Accepting;
+
+    impl Provider for Accepting {
+        fn name(&self) -> &'static str {
+            "accepting"
+        }
+        fn send<'a>(&'a self, m: &'a Outbound) -> BoxFuture<'a, Result<Receipt, SendError>> {
+            Box::pin(async move {
+                Ok(Receipt {
+                    provider_message_id: Some(format!("p-{}", m.message_id)),
+                })
+            })
+        }
+    }
+}

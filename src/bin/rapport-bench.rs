@@ -202,6 +202,10 @@ impl Server {
                 "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
             )
             .env("RAPPORT_OUTBOX_LOG", &log)
+            // The load comes from one tenant: measure the service, not its rate limit.
+            .env("RAPPORT_TENANT_RATE_LIMIT", "0")
+            // The provider stub listens on loopback.
+            .env("RAPPORT_EGRESS_ALLOW_HOSTS", "127.0.0.1")
             .env(
                 "RAPPORT_LOG_LEVEL",
                 std::env::var("RAPPORT_LOG_LEVEL").unwrap_or_else(|_| "warn,sqlx=error".into()),

@@ -1522,6 +1522,7 @@ async fn notify_agent(
             conn,
             scope.tenant.id,
             agent,
+            scope.contact.id,
             &subject,
             &body,
             scope.opts.max_attempts,

@@ -14,15 +14,21 @@ use super::{Outbound, Provider, Receipt, SendError};
 
 pub struct Smtp {
     transport: AsyncSmtpTransport<Tokio1Executor>,
+    host: String,
+    port: u16,
+    egress: crate::egress::EgressPolicy,
     from: Mailbox,
     reply_to: Option<Mailbox>,
     domain: String,
 }
 
 impl Smtp {
-    pub fn new(config: &Resolved) -> Result<Smtp, String> {
+    pub fn new(config: &Resolved, egress: crate::egress::EgressPolicy) -> Result<Smtp, String> {
         let s = &config.settings;
         let host = setting(s, "host").ok_or("smtp: host is not set")?;
+        egress
+            .check_host(host)
+            .map_err(|m| format!("smtp: host {m}"))?;
         let security = setting(s, "security").unwrap_or("starttls");
         let default_port = match security {
             "tls" => 465,
@@ -72,6 +78,9 @@ impl Smtp {
             .to_owned();
         Ok(Smtp {
             transport: builder.build(),
+            host: host.to_owned(),
+            port,
+            egress,
             from,
             reply_to,
             domain,
@@ -137,6 +146,21 @@ impl Provider for Smtp {
     fn send<'a>(&'a self, m: &'a Outbound) -> BoxFuture<'a, Result<Receipt, SendError>> {
         Box::pin(async move {
             let message = self.build(m)?;
+            // lettre resolves the name itself: check what it resolves to now, so a relay name
+            // that comes to point inside the network is refused.
+            if let Err(e) = self.egress.resolve(&self.host, self.port).await {
+                return Err(if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    SendError::Permanent {
+                        reason: format!("smtp: host {e}"),
+                    }
+                } else {
+                    tracing::info!(error = %e, host = %self.host, "smtp host not resolved");
+                    SendError::Transient {
+                        reason: "smtp: the host name cannot be resolved".to_owned(),
+                        retry_after: None,
+                    }
+                });
+            }
             match self.transport.send(message).await {
                 Ok(_) => Ok(Receipt {
                     provider_message_id: Some(format!("<{}@{}>", m.message_id, self.domain)),
@@ -144,10 +168,21 @@ impl Provider for Smtp {
                 Err(e) if e.is_permanent() => Err(SendError::Permanent {
                     reason: format!("smtp: {e}"),
                 }),
-                Err(e) => Err(SendError::Transient {
-                    reason: format!("smtp: {}", crate::error::error_chain(&e)),
+                // A 4xx answer is the server's word and worth showing; a connection that failed
+                // is logged for the operator and told to the tenant without its details (which
+                // would tell an open port from a closed one).
+                Err(e) if e.is_transient() => Err(SendError::Transient {
+                    reason: format!("smtp: {e}"),
                     retry_after: None,
                 }),
+                Err(e) => {
+                    tracing::warn!(error = %crate::error::error_chain(&e), host = %self.host, "smtp send failed");
+                    Err(SendError::Transient {
+                        reason: "smtp: no answer from the server (connection failed or timed out)"
+                            .to_owned(),
+                        retry_after: None,
+                    })
+                }
             }
         })
     }

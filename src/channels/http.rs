@@ -35,10 +35,12 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .ok()
 }
 
-/// A request that got no answer (connection refused, timeout, TLS...): retry.
+/// A request that got no answer (connection refused, timeout, TLS...): retry. The details go
+/// to the operator's log, not to the tenant: they would tell an open port from a closed one.
 pub fn transport_error(provider: &str, e: &reqwest::Error) -> SendError {
+    tracing::warn!(provider, error = %crate::error::error_chain(e), "provider request failed");
     SendError::Transient {
-        reason: format!("{provider}: {}", crate::error::error_chain(e)),
+        reason: format!("{provider}: no answer (the provider could not be reached in time)"),
         retry_after: None,
     }
 }

@@ -99,6 +99,7 @@ struct Inner {
     log: Arc<dyn Provider>,
     http: reqwest::Client,
     secrets: SecretBox,
+    egress: crate::egress::EgressPolicy,
     cache: Mutex<HashMap<CacheKey, CacheEntry>>,
 }
 
@@ -107,10 +108,11 @@ impl Channels {
     pub fn new(
         log: Arc<dyn Provider>,
         secrets: SecretBox,
+        egress: crate::egress::EgressPolicy,
         send_timeout: Duration,
         callbacks: Callbacks,
     ) -> Channels {
-        let http = reqwest::Client::builder()
+        let http = crate::egress::client_builder(&egress)
             .timeout(send_timeout)
             .connect_timeout(Duration::from_secs(10))
             // A blast opens hundreds of connections to a provider; reused while the blast
@@ -126,6 +128,7 @@ impl Channels {
                 log,
                 http,
                 secrets,
+                egress,
                 cache: Mutex::new(HashMap::new()),
             }),
         }
@@ -140,6 +143,7 @@ impl Channels {
                 log: provider,
                 http: reqwest::Client::new(),
                 secrets: SecretBox::new(None),
+                egress: crate::egress::EgressPolicy::default(),
                 cache: Mutex::new(HashMap::new()),
             }),
         }
@@ -210,9 +214,19 @@ impl Channels {
                 _ => {}
             }
         }
+        // Settings saved before the policy, or under a looser one, are checked again here;
+        // names are checked once more at each connection.
+        if let Some(url) = config.settings.get("base_url").and_then(|v| v.as_str()) {
+            self.inner
+                .egress
+                .check_url(url)
+                .map_err(|m| unusable(format!("base_url {m}")))?;
+        }
         let http = self.inner.http.clone();
         let built: Arc<dyn Provider> = match (channel, config.provider.as_str()) {
-            (ChannelKind::Email, "smtp") => Arc::new(email::Smtp::new(&config).map_err(unusable)?),
+            (ChannelKind::Email, "smtp") => {
+                Arc::new(email::Smtp::new(&config, self.inner.egress.clone()).map_err(unusable)?)
+            }
             (ChannelKind::Sms, "twilio") => {
                 Arc::new(twilio::Twilio::new(http, &config).map_err(unusable)?)
             }

@@ -45,7 +45,15 @@ async fn put_channel(
 ) -> ApiResult<Json<ChannelConfig>> {
     let channel = channel(&name)?;
     let mut tx = state.pool.begin().await?;
-    let config = settings::put(&mut tx, &state.secrets, tenant.id, channel, &body).await?;
+    let config = settings::put(
+        &mut tx,
+        &state.secrets,
+        &state.egress,
+        tenant.id,
+        channel,
+        &body,
+    )
+    .await?;
     tx.commit().await?;
     Ok(Json(config))
 }

@@ -145,7 +145,11 @@ fn associated(tenant: TenantId, channel: Channel) -> Vec<u8> {
 }
 
 /// Checks the input against the provider's spec; all errors at once.
-pub fn validate(channel: Channel, input: &ChannelInput) -> ApiResult<&'static ProviderSpec> {
+pub fn validate(
+    channel: Channel,
+    input: &ChannelInput,
+    egress: &crate::egress::EgressPolicy,
+) -> ApiResult<&'static ProviderSpec> {
     let Some(spec) = spec(channel, &input.provider) else {
         let names: Vec<&str> = PROVIDERS
             .iter()
@@ -186,14 +190,28 @@ pub fn validate(channel: Channel, input: &ChannelInput) -> ApiResult<&'static Pr
                 "must be a non-empty string (a port: a number)",
             );
         }
-        if key.ends_with("url")
-            && value.as_str().is_some_and(|s| {
-                url::Url::parse(s)
-                    .map(|u| !matches!(u.scheme(), "http" | "https"))
-                    .unwrap_or(true)
-            })
-        {
-            errors.add(format!("settings.{key}"), "must be an http(s) URL");
+        // URLs and hosts we connect to follow the egress policy; callback URLs are called by
+        // the provider, not by us.
+        match (key.as_str(), value.as_str()) {
+            ("base_url", Some(s)) => {
+                if let Err(m) = egress.check_url(s) {
+                    errors.add(format!("settings.{key}"), m);
+                }
+            }
+            ("host", Some(s)) => {
+                if let Err(m) = egress.check_host(s) {
+                    errors.add(format!("settings.{key}"), m);
+                }
+            }
+            (k, Some(s))
+                if k.ends_with("url")
+                    && url::Url::parse(s)
+                        .map(|u| !matches!(u.scheme(), "http" | "https"))
+                        .unwrap_or(true) =>
+            {
+                errors.add(format!("settings.{key}"), "must be an http(s) URL");
+            }
+            _ => {}
         }
     }
     if spec.name == "smtp" {
@@ -233,11 +251,12 @@ pub fn validate(channel: Channel, input: &ChannelInput) -> ApiResult<&'static Pr
 pub async fn put(
     conn: &mut PgConnection,
     secrets_box: &SecretBox,
+    egress: &crate::egress::EgressPolicy,
     tenant: TenantId,
     channel: Channel,
     input: &ChannelInput,
 ) -> ApiResult<ChannelConfig> {
-    let spec = validate(channel, input)?;
+    let spec = validate(channel, input, egress)?;
     let previous = resolve(conn, secrets_box, tenant, channel)
         .await
         .ok()

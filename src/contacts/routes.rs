@@ -247,7 +247,10 @@ async fn list_contacts(
     Ok(Json(paginate(rows, limit, |c| encode_id_cursor(c.id))))
 }
 
-/// Erase a contact (right to erasure): personal data is removed, aggregates are kept.
+/// Erase a contact (right to erasure): personal data is removed from the contact, its events,
+/// messages (addresses, texts, provider reasons), tickets and their messages, ratings'
+/// comments, calls (numbers, recordings) and stored idempotent responses; counts, statuses and
+/// times are kept for reports.
 #[utoipa::path(delete, path = "/v1/contacts/{id}", tag = "contacts",
     security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Contact id")),
@@ -259,9 +262,28 @@ async fn erase_contact(
 ) -> ApiResult<StatusCode> {
     let id = parse_id(&id)?;
     let mut tx = state.pool.begin().await?;
+    let Some(contact) = store::get(&mut tx, tenant.id, id).await? else {
+        return Err(contact_not_found(id));
+    };
     if !store::erase(&mut tx, tenant.id, id).await? {
         return Err(contact_not_found(id));
     }
+    // Everywhere the person was copied, in one transaction: all of it or none.
+    crate::messages::store::erase_contact(&mut tx, tenant.id, id).await?;
+    crate::support::store::erase_contact(&mut tx, tenant.id, id).await?;
+    crate::csat::store::erase_contact(&mut tx, tenant.id, id).await?;
+    crate::telephony::calls::erase_contact(&mut tx, tenant.id, id).await?;
+    let needles: Vec<String> = [
+        Some(id.to_string()),
+        contact.external_id,
+        contact.email,
+        contact.phone,
+        contact.viber_id,
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    crate::http::idempotency::forget_mentions(&mut tx, tenant.id, &needles).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -148,7 +148,16 @@ async fn alert_agent(
         rating.score,
         rating.comment.as_deref().unwrap_or("(none)")
     );
-    messages::enqueue_to_agent(conn, tenant, agent, &subject_line, &text, max_attempts).await?;
+    messages::enqueue_to_agent(
+        conn,
+        tenant,
+        agent,
+        rating.contact_id,
+        &subject_line,
+        &text,
+        max_attempts,
+    )
+    .await?;
     Ok(())
 }
 
@@ -199,4 +208,18 @@ pub async fn last_score(
     .bind(contact)
     .fetch_optional(conn)
     .await?)
+}
+
+/// Erasure: the contact's ratings keep their score (for reports) and lose their comment.
+pub async fn erase_contact(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE ratings SET comment = NULL WHERE tenant_id = $1 AND contact_id = $2")
+        .bind(tenant)
+        .bind(contact)
+        .execute(conn)
+        .await?;
+    Ok(())
 }

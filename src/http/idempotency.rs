@@ -251,3 +251,32 @@ pub async fn purge_expired(pool: &sqlx::PgPool, retention_hours: u32) -> Result<
     .await?;
     Ok(done.rows_affected())
 }
+
+/// Erasure: stored responses that name the contact (its id, or one of its addresses) are
+/// forgotten at once rather than kept for the retention period. A retry with such a key is then
+/// treated as a new request.
+pub async fn forget_mentions(
+    conn: &mut sqlx::PgConnection,
+    tenant: crate::tenancy::TenantId,
+    needles: &[String],
+) -> Result<u64, sqlx::Error> {
+    let needles: Vec<&str> = needles
+        .iter()
+        .map(String::as_str)
+        .filter(|n| n.len() >= 3)
+        .collect();
+    if needles.is_empty() {
+        return Ok(0);
+    }
+    let done = sqlx::query(
+        "DELETE FROM idempotency_keys
+         WHERE tenant_id = $1 AND response_body IS NOT NULL
+           AND EXISTS (SELECT 1 FROM unnest($2::text[]) n
+                       WHERE position(convert_to(n, 'UTF8') IN response_body) > 0)",
+    )
+    .bind(tenant)
+    .bind(&needles)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}

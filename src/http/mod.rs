@@ -4,6 +4,8 @@ pub mod extract;
 pub mod idempotency;
 pub mod ops;
 pub mod pagination;
+pub mod rate_limit;
+pub mod server;
 
 use std::time::{Duration, Instant};
 

@@ -54,10 +54,25 @@ async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
     Ok(Json(Health { status: "ready" }))
 }
 
-/// Prometheus metrics.
+/// Prometheus metrics; behind a bearer token when `metrics_token` is set.
 #[utoipa::path(get, path = "/metrics", tag = "ops",
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-async fn metrics(State(state): State<AppState>) -> Response {
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain"),
+              (status = 401, body = Problem, content_type = "application/problem+json")))]
+async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(expected) = state.config.metrics_token.as_deref() {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            expected.as_bytes(),
+            given.trim().as_bytes(),
+        )) {
+            return ApiError::Unauthorized("send the metrics token as a bearer token".to_owned())
+                .into_response();
+        }
+    }
     state.metrics.run_upkeep();
     (
         [(

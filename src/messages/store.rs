@@ -445,6 +445,7 @@ pub async fn enqueue_to_agent(
     conn: &mut PgConnection,
     tenant: TenantId,
     agent_id: Uuid,
+    about: Uuid,
     subject: &str,
     text: &str,
     max_attempts: i32,
@@ -452,8 +453,8 @@ pub async fn enqueue_to_agent(
     let id = Uuid::now_v7();
     let inserted: Option<Uuid> = sqlx::query_scalar(
         "INSERT INTO messages (tenant_id, id, agent_id, channel, purpose, recipient, subject,
-            body_text, status, max_attempts, next_attempt_at)
-         SELECT $1, $2, a.id, 'email', 'transactional', a.email, $4, $5, 'queued', $6, now()
+            body_text, status, max_attempts, next_attempt_at, about_contact_id)
+         SELECT $1, $2, a.id, 'email', 'transactional', a.email, $4, $5, 'queued', $6, now(), $7
          FROM agents a WHERE a.tenant_id = $1 AND a.id = $3
          RETURNING id",
     )
@@ -463,6 +464,7 @@ pub async fn enqueue_to_agent(
     .bind(subject)
     .bind(text)
     .bind(max_attempts)
+    .bind(about)
     .fetch_optional(&mut *conn)
     .await?;
     sqlx::query("SELECT pg_notify($1, '')")
@@ -874,4 +876,36 @@ pub async fn click(
     )
     .await?;
     Ok(Some(url))
+}
+
+/// Erasure: the contact's messages, and those to agents about the contact, keep their channel,
+/// status and times (for reports) but lose what could identify the person: the contact's
+/// address, texts, links and the providers' reasons (which may quote the address).
+pub async fn erase_contact(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE message_attempts a SET detail = NULL
+         FROM messages m
+         WHERE a.tenant_id = $1 AND m.tenant_id = $1 AND a.message_id = m.id
+           AND (m.contact_id = $2 OR m.about_contact_id = $2) AND a.detail IS NOT NULL",
+    )
+    .bind(tenant)
+    .bind(contact)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE messages SET subject = NULL, body_text = NULL, body_html = NULL, extras = '{}',
+            recipient = CASE WHEN contact_id = $2 THEN NULL ELSE recipient END,
+            status_reason = CASE WHEN status_reason IS NULL THEN NULL ELSE 'erased' END,
+            updated_at = now()
+         WHERE tenant_id = $1 AND (contact_id = $2 OR about_contact_id = $2)",
+    )
+    .bind(tenant)
+    .bind(contact)
+    .execute(conn)
+    .await?;
+    Ok(())
 }

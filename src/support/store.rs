@@ -468,3 +468,30 @@ pub async fn change_status(
         Some(("ticket", t.id))).await?;
     Ok(())
 }
+
+/// Erasure: the contact's tickets keep their number, channel, status and times (for reports);
+/// subjects and every message on them (the agents' too, which quote the customer) are blanked.
+pub async fn erase_contact(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE ticket_messages m SET body = '(erased)'
+         FROM tickets t
+         WHERE m.tenant_id = $1 AND t.tenant_id = $1 AND t.contact_id = $2 AND m.ticket_id = t.id",
+    )
+    .bind(tenant)
+    .bind(contact)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE tickets SET subject = '(erased)', updated_at = now()
+         WHERE tenant_id = $1 AND contact_id = $2",
+    )
+    .bind(tenant)
+    .bind(contact)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -458,3 +458,22 @@ async fn get_call(
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no call with id {id}")))
 }
+
+/// Erasure: the contact's calls keep their direction, agent, times and duration (for reports)
+/// and lose the number, the recordings' links and the comments.
+pub async fn erase_contact(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE calls SET external_number = NULL, recording_url = NULL, voicemail_url = NULL,
+            comments = '[]', updated_at = now()
+         WHERE tenant_id = $1 AND contact_id = $2",
+    )
+    .bind(tenant)
+    .bind(contact)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -110,7 +110,14 @@ pub async fn push(state: &AppState, job: &Job) -> Result<(), JobError> {
         .unwrap_or("https://api.aircall.io");
     let body = json!({"contents": contents(&mut conn, job.tenant_id, contact).await.map_err(|e| retry(e.to_string()))?});
     drop(conn);
-    let response = reqwest::Client::new()
+    state
+        .egress
+        .check_url(base)
+        .map_err(|m| JobError::Fail(format!("aircall: api_base_url {m}")))?;
+    let client = crate::egress::client_builder(&state.egress)
+        .build()
+        .map_err(|e| retry(format!("aircall: {e}")))?;
+    let response = client
         .post(format!(
             "{}/v1/calls/{call_id}/insight_cards",
             base.trim_end_matches('/')
@@ -120,7 +127,10 @@ pub async fn push(state: &AppState, job: &Job) -> Result<(), JobError> {
         .json(&body)
         .send()
         .await
-        .map_err(|e| retry(format!("aircall: {e}")))?;
+        .map_err(|e| {
+            tracing::warn!(error = %crate::error::error_chain(&e), "aircall request failed");
+            retry("aircall: no answer (the API could not be reached in time)".to_owned())
+        })?;
     let status = response.status();
     if status.is_success() {
         Ok(())

@@ -130,11 +130,8 @@ async fn put_aircall(
         }
     }
     if let Some(url) = &body.api_base_url {
-        if url::Url::parse(url)
-            .map(|u| !matches!(u.scheme(), "http" | "https"))
-            .unwrap_or(true)
-        {
-            errors.add("api_base_url", "must be an http(s) URL");
+        if let Err(m) = state.egress.check_url(url) {
+            errors.add("api_base_url", m);
         }
     }
     errors.finish()?;

@@ -222,6 +222,8 @@ impl TestApp {
             secret_key: Some(TEST_SECRET_KEY.to_owned()),
             // Tests run in their harness's process: templates render in the real binary.
             template_program: Some(env!("CARGO_BIN_EXE_rapport").to_owned()),
+            // Providers in tests are local servers (wiremock, an SMTP sink).
+            egress_allow_hosts: vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
             ..Config::default()
         };
         adjust(&mut config);
