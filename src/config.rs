@@ -30,6 +30,10 @@ pub struct Config {
     pub public_url: String,
     /// 32 random bytes in base64 that seal provider secrets at rest; required to store them.
     pub secret_key: Option<String>,
+    /// Keys `secret_key` replaced: they still open what they sealed, until
+    /// `rapport secrets rotate` has re-sealed it with `secret_key`. A list, or comma-separated.
+    #[serde(deserialize_with = "list_or_commas")]
+    pub secret_key_old: Vec<String>,
     /// `text` or `json`.
     pub log_format: LogFormat,
     /// A `tracing` filter such as `info` or `rapport=debug,info`.
@@ -100,6 +104,7 @@ impl Default for Config {
             admin_token: None,
             public_url: "http://localhost:8080".to_owned(),
             secret_key: None,
+            secret_key_old: Vec::new(),
             log_format: LogFormat::Text,
             log_level: "info,sqlx=warn".to_owned(),
             max_body_bytes: 2 * 1024 * 1024,

@@ -29,6 +29,8 @@ pub enum StartupError {
     },
     #[error("cannot apply migrations to {url}: {reason}")]
     Migrate { url: String, reason: String },
+    #[error("{0}")]
+    Secrets(String),
 }
 
 /// The URL with its password replaced, safe to print.

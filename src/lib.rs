@@ -71,16 +71,24 @@ pub struct AppState {
     pub rate_limits: Arc<http::rate_limit::RateLimiter>,
 }
 
-/// The link-signing key, loaded once from the database.
-#[derive(Default)]
+/// The link-signing key, loaded once from the database (at start-up by [`App::build`], so a
+/// first burst of requests does not each wait for it on a second connection).
 pub struct LinkKeys {
     cell: tokio::sync::OnceCell<signing::Signer>,
+    secrets: crypto::SecretBox,
 }
 
 impl LinkKeys {
+    pub fn new(secrets: crypto::SecretBox) -> LinkKeys {
+        LinkKeys {
+            cell: tokio::sync::OnceCell::new(),
+            secrets,
+        }
+    }
+
     pub async fn get(&self, pool: &PgPool) -> Result<&signing::Signer, sqlx::Error> {
         self.cell
-            .get_or_try_init(|| signing::Signer::load(pool))
+            .get_or_try_init(|| signing::Signer::load(pool, &self.secrets))
             .await
     }
 }
@@ -113,13 +121,24 @@ impl App {
         )
         .await?;
         db::migrate(&pool, &config.database_url).await?;
-        Ok(App::from_pool(pool, config))
+        let app = App::from_pool(pool, config);
+        app.state
+            .secrets
+            .check()
+            .map_err(|e| db::StartupError::Secrets(e.to_string()))?;
+        app.state
+            .links
+            .get(&app.state.pool)
+            .await
+            .map_err(|e| db::StartupError::Secrets(e.to_string()))?;
+        Ok(app)
     }
 
     /// An application on an existing, migrated pool (tests use this).
     pub fn from_pool(pool: PgPool, config: Config) -> App {
-        let secrets = crypto::SecretBox::new(config.secret_key.as_deref());
-        let links = Arc::new(LinkKeys::default());
+        let secrets =
+            crypto::SecretBox::with_old_keys(config.secret_key.as_deref(), &config.secret_key_old);
+        let links = Arc::new(LinkKeys::new(secrets.clone()));
         let egress = egress::EgressPolicy::new(&config.egress_allow_hosts);
         let channels = channels::Channels::new(
             std::sync::Arc::new(channels::log::LogProvider::new(&config.outbox_log)),

@@ -52,6 +52,11 @@ enum Command {
     },
     /// Print the OpenAPI document.
     Openapi,
+    /// Provider secrets and keys.
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
     /// Render tenants' templates for a parent process (one JSON line a request); the service
     /// starts these itself.
     #[command(name = "render-sandbox", hide = true)]
@@ -60,6 +65,14 @@ enum Command {
         #[arg(long, default_value_t = 256)]
         memory_mib: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Re-seal every stored secret (channels, integrations, the link-signing key) with
+    /// RAPPORT_SECRET_KEY, opening them with it or with RAPPORT_SECRET_KEY_OLD. Run it after
+    /// replacing the key; then the old key can be dropped.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -169,6 +182,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Tenant { command } => tenant_command(&app, command).await,
         Command::ApiKey { command } => api_key_command(&app, command).await,
+        Command::Secrets {
+            command: SecretsCommand::Rotate,
+        } => rotate_secrets(&app).await,
         Command::Openapi | Command::RenderSandbox { .. } => Ok(()),
     }
 }
@@ -248,6 +264,31 @@ fn cli_error(e: ApiError) -> anyhow::Error {
         ),
         other => anyhow::anyhow!("{}", other.to_problem().detail),
     }
+}
+
+async fn rotate_secrets(app: &App) -> anyhow::Result<()> {
+    let secrets = &app.state.secrets;
+    if !secrets.can_seal() {
+        anyhow::bail!(
+            "set RAPPORT_SECRET_KEY to the new key (and RAPPORT_SECRET_KEY_OLD to the old ones)"
+        );
+    }
+    // One transaction: every secret moves to the new key, or none does.
+    let mut tx = app.state.pool.begin().await?;
+    let channels = rapport::channels::settings::reseal_all(&mut tx, secrets).await?;
+    let integrations = rapport::telephony::integrations::reseal_all(&mut tx, secrets).await?;
+    tx.commit().await?;
+    let link_key = rapport::signing::Signer::reseal(&app.state.pool, secrets).await?;
+    println!(
+        "re-sealed with the current key: {channels} channel configurations, {integrations} integrations{}",
+        if link_key {
+            ", the link-signing key"
+        } else {
+            ""
+        }
+    );
+    println!("RAPPORT_SECRET_KEY_OLD can now be removed");
+    Ok(())
 }
 
 async fn tenant_command(app: &App, command: TenantCommand) -> anyhow::Result<()> {

@@ -10,7 +10,12 @@ use sha2::Sha256;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::crypto::SecretBox;
+
 type HmacSha256 = Hmac<Sha256>;
+
+/// What the sealed link-signing key is bound to.
+const LINK_KEY_AAD: &[u8] = b"service_keys/link_signing";
 
 /// Bytes of MAC kept in a token: 128 bits.
 const MAC_LEN: usize = 16;
@@ -82,19 +87,84 @@ impl Signer {
         Signer { key }
     }
 
-    /// The database's signing key, created on first use.
-    pub async fn load(pool: &PgPool) -> Result<Signer, sqlx::Error> {
+    /// The database's signing key, created on first use. With a secret key configured it is
+    /// stored sealed (one stored in the clear before is sealed now), so reading the database
+    /// is not enough to forge links.
+    pub async fn load(pool: &PgPool, secrets: &SecretBox) -> Result<Signer, sqlx::Error> {
+        let unusable = |e: crate::crypto::CryptoError| {
+            sqlx::Error::Configuration(format!("the link-signing key: {e}").into())
+        };
         let mut fresh = vec![0u8; 32];
         rand::rng().fill_bytes(&mut fresh);
-        sqlx::query("INSERT INTO service_keys (name, value) VALUES ('link_signing', $1) ON CONFLICT (name) DO NOTHING")
-            .bind(&fresh)
-            .execute(pool)
-            .await?;
-        let key: Vec<u8> =
-            sqlx::query_scalar("SELECT value FROM service_keys WHERE name = 'link_signing'")
+        let (value, sealed) = if secrets.can_seal() {
+            (secrets.seal(&fresh, LINK_KEY_AAD).map_err(unusable)?, true)
+        } else {
+            (fresh, false)
+        };
+        sqlx::query(
+            "INSERT INTO service_keys (name, value, sealed) VALUES ('link_signing', $1, $2)
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&value)
+        .bind(sealed)
+        .execute(pool)
+        .await?;
+        let (stored, sealed): (Vec<u8>, bool) =
+            sqlx::query_as("SELECT value, sealed FROM service_keys WHERE name = 'link_signing'")
                 .fetch_one(pool)
                 .await?;
-        Ok(Signer { key })
+        if sealed {
+            let key = secrets.open(&stored, LINK_KEY_AAD).map_err(unusable)?;
+            return Ok(Signer { key });
+        }
+        if secrets.can_seal() {
+            let sealed = secrets.seal(&stored, LINK_KEY_AAD).map_err(unusable)?;
+            sqlx::query(
+                "UPDATE service_keys SET value = $1, sealed = true
+                 WHERE name = 'link_signing' AND NOT sealed AND value = $2",
+            )
+            .bind(&sealed)
+            .bind(&stored)
+            .execute(pool)
+            .await?;
+        } else {
+            tracing::warn!(
+                "the link-signing key is stored in the clear: set RAPPORT_SECRET_KEY to seal it"
+            );
+        }
+        Ok(Signer { key: stored })
+    }
+
+    /// Re-seals the stored key with the current secret key (`rapport secrets rotate`); whether
+    /// it changed.
+    pub async fn reseal(pool: &PgPool, secrets: &SecretBox) -> Result<bool, sqlx::Error> {
+        let unusable = |e: crate::crypto::CryptoError| {
+            sqlx::Error::Configuration(format!("the link-signing key: {e}").into())
+        };
+        let row: Option<(Vec<u8>, bool)> =
+            sqlx::query_as("SELECT value, sealed FROM service_keys WHERE name = 'link_signing'")
+                .fetch_optional(pool)
+                .await?;
+        let Some((stored, sealed)) = row else {
+            return Ok(false);
+        };
+        let resealed = if sealed {
+            secrets.reseal(&stored, LINK_KEY_AAD).map_err(unusable)?
+        } else {
+            Some(secrets.seal(&stored, LINK_KEY_AAD).map_err(unusable)?)
+        };
+        let Some(resealed) = resealed else {
+            return Ok(false);
+        };
+        sqlx::query(
+            "UPDATE service_keys SET value = $1, sealed = true
+             WHERE name = 'link_signing' AND value = $2",
+        )
+        .bind(&resealed)
+        .bind(&stored)
+        .execute(pool)
+        .await?;
+        Ok(true)
     }
 
     fn mac(&self, payload: &[u8]) -> Vec<u8> {

@@ -604,3 +604,175 @@ mod common_provider {
         }
     }
 }
+
+#[tokio::test]
+async fn secrets_rotate_moves_every_secret_to_the_new_key() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let r = app
+        .put(
+            "/v1/channels/sms",
+            &t.key,
+            json!({"provider": "twilio", "settings": {"account_sid": "AC1", "from": "+15005550006"},
+                   "secrets": {"auth_token": "very-secret-token"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = app
+        .put(
+            "/v1/integrations/aircall",
+            &t.key,
+            json!({"webhook_token": "tok-1", "api_id": "id", "api_token": "secret"}),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    app.app.state.links.get(&app.pool).await.unwrap();
+    let link_key_before: Vec<u8> =
+        sqlx::query_scalar("SELECT value FROM service_keys WHERE name = 'link_signing'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let new_key = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
+    let rotate = |key: &str, old: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rapport"))
+            .args(["secrets", "rotate"])
+            .env("DATABASE_URL", &app.db.url)
+            .env("RAPPORT_SECRET_KEY", key)
+            .env("RAPPORT_SECRET_KEY_OLD", old)
+            .env(
+                "RAPPORT_CONFIG",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"),
+            )
+            .output()
+            .unwrap()
+    };
+    // Without the old key the new one opens nothing: start-up says so, nothing changes.
+    let out = rotate(new_key, "");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be decrypted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = rotate(new_key, common::TEST_SECRET_KEY);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("1 channel configurations, 1 integrations, the link-signing key"),
+        "{stdout}"
+    );
+    let link_key_after: Vec<u8> =
+        sqlx::query_scalar("SELECT value FROM service_keys WHERE name = 'link_signing'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_ne!(link_key_before, link_key_after);
+    // The new key alone now opens everything; the old one nothing.
+    let mut config = (*app.app.state.config).clone();
+    config.secret_key = Some(new_key.to_owned());
+    let rotated = rapport::App::from_pool(app.pool.clone(), config.clone());
+    let mut conn = app.pool.acquire().await.unwrap();
+    let tenant = rapport::tenancy::TenantId(t.id.parse().unwrap());
+    let sms = rapport::channels::settings::resolve(
+        &mut conn,
+        &rotated.state.secrets,
+        tenant,
+        rapport::contacts::model::Channel::Sms,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(sms.secrets["auth_token"], "very-secret-token");
+    assert!(rotated.state.links.get(&app.pool).await.is_ok());
+    let old_only = rapport::crypto::SecretBox::new(Some(common::TEST_SECRET_KEY));
+    assert!(
+        rapport::channels::settings::resolve(
+            &mut conn,
+            &old_only,
+            tenant,
+            rapport::contacts::model::Channel::Sms
+        )
+        .await
+        .is_err()
+    );
+    // A second run has nothing left to do.
+    let out = rotate(new_key, common::TEST_SECRET_KEY);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("0 channel configurations, 0 integrations\n"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[tokio::test]
+async fn the_link_signing_key_is_sealed_at_rest_and_loaded_at_start() {
+    let app = TestApp::new().await;
+    // TestApp builds from a pool: the key is loaded on first use, and sealed when created.
+    app.app.state.links.get(&app.pool).await.unwrap();
+    let (sealed, len): (bool, i32) = sqlx::query_as(
+        "SELECT sealed, length(value) FROM service_keys WHERE name = 'link_signing'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(sealed);
+    assert!(len > 32, "nonce and tag around the 32-byte key");
+}
+
+#[tokio::test]
+async fn aircall_events_rapport_does_not_use_are_accepted_and_ignored() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let r = app
+        .put(
+            "/v1/integrations/aircall",
+            &t.key,
+            json!({"webhook_token": "tok-1"}),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    for (resource, event) in [
+        ("user", "user.connected"),
+        ("number", "number.closed"),
+        ("call", "call.tagged_unknown"),
+    ] {
+        let r = app
+            .call(
+                axum::http::Method::POST,
+                &format!("/webhooks/aircall/{}", t.id),
+                None,
+                Some(json!({"resource": resource, "event": event, "timestamp": 1, "token": "tok-1", "data": {"id": 1}})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{event}: {}", r.text);
+        assert_eq!(r.body["call_id"], Value::Null);
+    }
+    // A wrong token is still a 401, and reads the same for a tenant that does not exist.
+    let wrong = app
+        .call(
+            axum::http::Method::POST,
+            &format!("/webhooks/aircall/{}", t.id),
+            None,
+            Some(
+                json!({"resource": "user", "event": "user.connected", "token": "nope", "data": {}}),
+            ),
+        )
+        .await;
+    let ghost = app
+        .call(
+            axum::http::Method::POST,
+            &format!("/webhooks/aircall/{}", uuid::Uuid::now_v7()),
+            None,
+            Some(
+                json!({"resource": "user", "event": "user.connected", "token": "nope", "data": {}}),
+            ),
+        )
+        .await;
+    wrong.assert_problem(401);
+    ghost.assert_problem(401);
+    assert_eq!(wrong.body["detail"], ghost.body["detail"]);
+}

@@ -418,3 +418,36 @@ pub enum ResolveError {
     #[error("{0}")]
     Crypto(#[source] crate::crypto::CryptoError),
 }
+
+/// Re-seals every tenant's channel secrets with the current key (`rapport secrets rotate`),
+/// opening them with the current or an old key; how many rows changed. One row that cannot be
+/// opened with any configured key stops the command before anything is written.
+pub async fn reseal_all(conn: &mut PgConnection, secrets_box: &SecretBox) -> anyhow::Result<u64> {
+    let rows: Vec<(TenantId, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT tenant_id, channel, secrets_sealed FROM channel_settings
+         WHERE secrets_sealed IS NOT NULL FOR UPDATE",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut changed = Vec::new();
+    for (tenant, channel, sealed) in rows {
+        let aad = format!("{tenant}/{channel}").into_bytes();
+        if let Some(resealed) = secrets_box
+            .reseal(&sealed, &aad)
+            .map_err(|e| anyhow::anyhow!("channel {channel} of tenant {tenant}: {e}"))?
+        {
+            changed.push((tenant, channel, resealed));
+        }
+    }
+    for (tenant, channel, resealed) in &changed {
+        sqlx::query(
+            "UPDATE channel_settings SET secrets_sealed = $3 WHERE tenant_id = $1 AND channel = $2",
+        )
+        .bind(tenant)
+        .bind(channel)
+        .bind(resealed)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(changed.len() as u64)
+}

@@ -152,10 +152,11 @@ async fn webhook(
         .unwrap_or("");
     let event = envelope.get("event").and_then(Value::as_str).unwrap_or("");
     if resource != "call" || !CALL_EVENTS.contains(&event) {
-        return Err(ApiError::field(
-            "event",
-            format!("`{event}` of `{resource}` is not a call event Rapport handles"),
-        ));
+        // Aircall disables a webhook whose deliveries keep failing, and a webhook subscribed
+        // to more events than Rapport reads (`user.connected`, `number.closed`...) is common:
+        // those are accepted and ignored.
+        tracing::debug!(%tenant, resource, event, "Aircall event ignored");
+        return Ok(Json(WebhookResult { call_id: None }));
     }
     let data = envelope
         .get("data")

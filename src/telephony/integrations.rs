@@ -76,10 +76,17 @@ pub async fn load(
     };
     let secrets = match sealed {
         Some(bytes) => {
+            // An operator's key problem, not the caller's: a clear 503 to retry once fixed.
+            let unusable = |e: &dyn std::fmt::Display| {
+                tracing::error!(%tenant, kind, error = %e, "an integration's secrets cannot be opened");
+                ApiError::Unavailable(format!(
+                    "the {kind} integration's secrets cannot be opened: {e}"
+                ))
+            };
             let plain = secrets_box
                 .open(&bytes, &associated(tenant, kind))
-                .map_err(|e| ApiError::Internal(e.into()))?;
-            serde_json::from_slice(&plain).map_err(|e| ApiError::Internal(e.into()))?
+                .map_err(|e| unusable(&e))?;
+            serde_json::from_slice(&plain).map_err(|e| unusable(&e))?
         }
         None => BTreeMap::new(),
     };
@@ -199,4 +206,35 @@ async fn get_aircall(
         secrets: names.into_iter().map(|n| (n, String::new())).collect(),
     };
     Ok(Json(config(&i, Some(at))))
+}
+
+/// Re-seals every tenant's integration secrets with the current key (`rapport secrets
+/// rotate`); how many rows changed. Nothing is written if one row cannot be opened.
+pub async fn reseal_all(conn: &mut PgConnection, secrets_box: &SecretBox) -> anyhow::Result<u64> {
+    let rows: Vec<(TenantId, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT tenant_id, kind, secrets_sealed FROM integrations
+         WHERE secrets_sealed IS NOT NULL FOR UPDATE",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut changed = Vec::new();
+    for (tenant, kind, sealed) in rows {
+        if let Some(resealed) = secrets_box
+            .reseal(&sealed, &associated(tenant, &kind))
+            .map_err(|e| anyhow::anyhow!("integration {kind} of tenant {tenant}: {e}"))?
+        {
+            changed.push((tenant, kind, resealed));
+        }
+    }
+    for (tenant, kind, resealed) in &changed {
+        sqlx::query(
+            "UPDATE integrations SET secrets_sealed = $3 WHERE tenant_id = $1 AND kind = $2",
+        )
+        .bind(tenant)
+        .bind(kind)
+        .bind(resealed)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(changed.len() as u64)
 }

@@ -173,12 +173,12 @@ async fn webhook(
     let mut tx = state.pool.begin().await?;
     let integration = integrations::load(&mut tx, &state.secrets, tenant, "telephony")
         .await?
-        .ok_or_else(|| unauthorized("the intake is not configured"))?;
+        .ok_or_else(|| unauthorized("no signature matches"))?;
     let key = integration
         .secrets
         .get("secret")
         .and_then(|s| secret_key(s))
-        .ok_or_else(|| unauthorized("the intake is not configured"))?;
+        .ok_or_else(|| unauthorized("no signature matches"))?;
     let expected = sign(&key, id, timestamp, &body);
     let valid = signatures
         .split_whitespace()
@@ -256,7 +256,7 @@ async fn webhook(
     }
     let ctx = crate::tenants::store::context(&mut tx, tenant)
         .await?
-        .ok_or_else(|| unauthorized("the tenant does not exist"))?;
+        .ok_or_else(|| unauthorized("no signature matches"))?;
     let call = calls::apply(&mut tx, &ctx, "neutral", &update).await?;
     tx.commit().await?;
     Ok(Json(IntakeResult {

@@ -47,12 +47,17 @@ async fn provider_config(
     let mut conn = state.pool.acquire().await?;
     match settings::resolve(&mut conn, &state.secrets, tenant, channel).await {
         Ok(Some(config)) if config.provider == provider => Ok(config),
-        Ok(_) => Err(ApiError::Unauthorized(format!(
-            "this tenant does not use {provider} for {}",
-            channel.as_str()
-        ))),
+        // The same answer whether or not the tenant exists or uses this provider: a 401 must
+        // not tell a stranger which tenant ids are real.
+        Ok(_) => Err(unauthorized()),
         Err(settings::ResolveError::Database(e)) => Err(e.into()),
-        Err(e) => Err(ApiError::Internal(e.into())),
+        Err(e) => {
+            tracing::error!(%tenant, error = %e, "a provider's secrets cannot be opened");
+            Err(ApiError::Unavailable(format!(
+                "the {} channel's secrets cannot be opened: {e}",
+                channel.as_str()
+            )))
+        }
     }
 }
 
