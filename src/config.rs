@@ -86,6 +86,10 @@ pub struct Config {
     pub egress_allow_hosts: Vec<String>,
     /// Bearer token `/metrics` asks for; open when unset.
     pub metrics_token: Option<String>,
+    /// `auto` (default): with no database URL given and nothing answering on the default
+    /// address, start a private PostgreSQL from the installed server binaries (data in
+    /// `var/pgdata`); `always`; or `never`.
+    pub embedded_postgres: crate::embedded_pg::Mode,
     /// How long one render of a tenant's template may take, in milliseconds.
     pub template_timeout_ms: u64,
     /// Address space of each process that renders templates, in MiB.
@@ -129,6 +133,7 @@ impl Default for Config {
             tenant_rate_burst: 2000,
             metrics_token: None,
             egress_allow_hosts: Vec::new(),
+            embedded_postgres: crate::embedded_pg::Mode::Auto,
             template_timeout_ms: 1000,
             template_memory_mib: 256,
             template_workers: 0,

@@ -13,6 +13,7 @@ pub mod crypto;
 pub mod csat;
 pub mod db;
 pub mod egress;
+pub mod embedded_pg;
 pub mod error;
 pub mod events;
 pub mod http;

@@ -166,11 +166,78 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
     let is_service = matches!(command, Command::Serve | Command::Api | Command::Worker);
     if is_service {
         telemetry::init_logging(&config);
     }
+    let mut embedded = private_database(&mut config, is_service).await?;
+    let outcome = run_with(command, config).await;
+    if let Some(mut db) = embedded.take() {
+        let _ = tokio::task::spawn_blocking(move || db.stop()).await;
+        tracing::info!("private PostgreSQL stopped");
+    }
+    outcome
+}
+
+/// The private PostgreSQL of `embedded_postgres` (see `rapport::embedded_pg`), pointed to by
+/// `config.database_url` when one is used: one already running in `var/pgdata` (another
+/// command's), or one started now.
+async fn private_database(
+    config: &mut Config,
+    logging: bool,
+) -> anyhow::Result<Option<rapport::embedded_pg::Embedded>> {
+    use rapport::embedded_pg::{self, Mode};
+    let url_given = std::env::var_os("DATABASE_URL").is_some()
+        || std::env::var_os("RAPPORT_DATABASE_URL").is_some()
+        || config.database_url != Config::default().database_url;
+    let wanted = match config.embedded_postgres {
+        Mode::Never => false,
+        Mode::Always => true,
+        Mode::Auto => {
+            let url = config.database_url.clone();
+            !url_given && !tokio::task::spawn_blocking(move || embedded_pg::answers(&url)).await?
+        }
+    };
+    if !wanted {
+        return Ok(None);
+    }
+    let data_dir = std::path::PathBuf::from("var/pgdata");
+    let socket = data_dir.join(".s.PGSQL.5432");
+    if socket.exists() {
+        let dir = data_dir.canonicalize()?;
+        let mut url = url::Url::parse("postgres://postgres@localhost/rapport")?;
+        url.query_pairs_mut()
+            .append_pair("host", &dir.to_string_lossy())
+            .append_pair("port", "5432");
+        config.database_url = url.to_string();
+        tracing::info!(data = %dir.display(), "using the private PostgreSQL already running");
+        return Ok(None);
+    }
+    let bin = embedded_pg::find_binaries().ok_or(embedded_pg::EmbeddedError::NoBinaries)?;
+    let started =
+        tokio::task::spawn_blocking(move || embedded_pg::start(&bin, &data_dir)).await??;
+    if logging {
+        tracing::warn!(
+            bin = %started.bin_dir.display(),
+            data = %started.data_dir.display(),
+            "no DATABASE_URL and nothing answers on the default address: started a private \
+             PostgreSQL for trying Rapport (not for production: set DATABASE_URL to a real \
+             server); it stops with this process"
+        );
+    } else {
+        eprintln!(
+            "rapport: started a private PostgreSQL from {} with its data in {} (for trying \
+             Rapport; set DATABASE_URL for production)",
+            started.bin_dir.display(),
+            started.data_dir.display()
+        );
+    }
+    config.database_url = started.url.clone();
+    Ok(Some(started))
+}
+
+async fn run_with(command: Command, config: Config) -> anyhow::Result<()> {
     let app = App::build(config).await?;
     match command {
         Command::Serve => serve(app, true, true).await,

@@ -27,8 +27,17 @@ pub fn init_logging(config: &Config) {
                     .with_writer(std::io::stderr),
             )
             .try_init(),
+        // Colour codes only for a person at a terminal: a file, a pipe or a log collector
+        // gets plain text (NO_COLOR turns them off at a terminal too).
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_ansi(
+                        std::io::IsTerminal::is_terminal(&std::io::stderr())
+                            && std::env::var_os("NO_COLOR").is_none(),
+                    )
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
     };
     // Already installed (tests build several apps in one process): keep the first.

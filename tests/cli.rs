@@ -194,3 +194,94 @@ fn serve_answers_and_stops_cleanly_on_sigterm() {
         "{lines:#?}"
     );
 }
+
+/// With no database configured, `serve` starts a private PostgreSQL from the installed server
+/// binaries (data under `var/pgdata`, a Unix socket there), says so, lets other commands use
+/// it while it runs, and stops it on shutdown.
+#[test]
+fn serve_without_a_database_starts_and_stops_a_private_postgresql() {
+    let Some(_) = rapport::embedded_pg::find_binaries() else {
+        eprintln!("skipped: no PostgreSQL server binaries on this machine");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("rapport-embedded-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let command = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rapport"));
+        cmd.args(args)
+            .current_dir(&dir)
+            .env_remove("DATABASE_URL")
+            .env_remove("RAPPORT_DATABASE_URL")
+            // The machine's own PostgreSQL answers on the default address: ask for the
+            // private one as if it did not.
+            .env("RAPPORT_EMBEDDED_POSTGRES", "always")
+            .env(
+                "RAPPORT_CONFIG",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"),
+            );
+        cmd
+    };
+    let mut child = command(&["serve"])
+        .env("RAPPORT_LISTEN", "127.0.0.1:0")
+        .env("RAPPORT_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut lines = Vec::new();
+    let addr = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("the server logs that it listens: {lines:#?}"));
+        lines.push(line.clone());
+        let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if json["message"] == "listening" {
+            break json["address"].as_str().unwrap().to_owned();
+        }
+    };
+    assert!(
+        lines.iter().any(|l| l.contains("started a private")),
+        "{lines:#?}"
+    );
+    let ready = http_get(&addr, "/readyz");
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    // Another command finds the running one.
+    let (ok, out, err) = run(&mut command(&[
+        "tenant",
+        "create",
+        "--name",
+        "Try",
+        "--default-country",
+        "HR",
+    ]));
+    assert!(ok, "{err}");
+    assert!(out.contains("\"slug\": \"try\""), "{out}");
+    let pid_file = dir.join("var/pgdata/postmaster.pid");
+    assert!(pid_file.exists());
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    assert!(!pid_file.exists(), "the private PostgreSQL is stopped");
+    let _ = std::fs::remove_dir_all(&dir);
+}

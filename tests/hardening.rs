@@ -776,3 +776,188 @@ async fn aircall_events_rapport_does_not_use_are_accepted_and_ignored() {
     ghost.assert_problem(401);
     assert_eq!(wrong.body["detail"], ghost.body["detail"]);
 }
+
+#[tokio::test]
+async fn an_idempotent_message_and_its_stored_response_commit_in_one_transaction() {
+    use axum::body::Body;
+    use axum::http::Request;
+    let app = TestApp::new().await;
+    let t = setup(&app).await;
+    sms_template(&app, &t, "hi", "Bok").await;
+    let post = |key: &str, path: &str, body: Value| {
+        Request::post(path)
+            .header("authorization", format!("Bearer {}", t.key))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let body = json!({"contact": {"external_id": "ana"}, "template": "hi", "channel": "sms"});
+    let first = app.send(post("m-1", "/v1/messages", body.clone())).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.text);
+    let id: uuid::Uuid = first.body["id"].as_str().unwrap().parse().unwrap();
+    // Same transaction id: a crash after the commit cannot leave the message without its
+    // stored response (a retry would then queue a second one).
+    let (message_xmin, key_xmin): (String, String) = sqlx::query_as(
+        "SELECT (SELECT xmin::text FROM messages WHERE id = $1),
+                (SELECT xmin::text FROM idempotency_keys WHERE key = 'm-1')",
+    )
+    .bind(id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(message_xmin, key_xmin);
+    let again = app.send(post("m-1", "/v1/messages", body)).await;
+    assert_eq!(again.status, StatusCode::ACCEPTED);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.body, first.body);
+
+    let ticket = json!({"contact": {"external_id": "ana"}, "channel": "sms", "subject": "Refund",
+                        "body": "Please", "priority": "normal"});
+    let first = app.send(post("t-1", "/v1/tickets", ticket.clone())).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text);
+    let id: uuid::Uuid = first.body["id"].as_str().unwrap().parse().unwrap();
+    let (ticket_xmin, key_xmin): (String, String) = sqlx::query_as(
+        "SELECT (SELECT xmin::text FROM tickets WHERE id = $1),
+                (SELECT xmin::text FROM idempotency_keys WHERE key = 't-1')",
+    )
+    .bind(id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(ticket_xmin, key_xmin);
+    let again = app.send(post("t-1", "/v1/tickets", ticket)).await;
+    assert_eq!(again.body, first.body);
+    let tickets: i64 = sqlx::query_scalar("SELECT count(*) FROM tickets")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(tickets, 1);
+}
+
+#[tokio::test]
+async fn the_same_json_with_other_whitespace_or_key_order_is_the_same_idempotent_request() {
+    use axum::body::Body;
+    use axum::http::Request;
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let post = |raw: &str| {
+        Request::post("/v1/events")
+            .header("authorization", format!("Bearer {}", t.key))
+            .header("content-type", "application/json")
+            .header("idempotency-key", "e-1")
+            .body(Body::from(raw.to_owned()))
+            .unwrap()
+    };
+    let first = app
+        .send(post(
+            r#"{"type":"purchase.completed","contact":{"external_id":"c"}}"#,
+        ))
+        .await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.text);
+    let again = app
+        .send(post(
+            "{\n  \"contact\": { \"external_id\": \"c\" },\n  \"type\": \"purchase.completed\"\n}",
+        ))
+        .await;
+    assert_eq!(again.status, StatusCode::ACCEPTED, "{}", again.text);
+    assert_eq!(again.body, first.body);
+    let other = app
+        .send(post(
+            r#"{"type":"purchase.completed","contact":{"external_id":"d"}}"#,
+        ))
+        .await;
+    other.assert_problem(422);
+}
+
+#[tokio::test]
+async fn the_docs_work_offline_and_pages_carry_security_headers() {
+    let app = TestApp::new().await;
+    let page = app.call(axum::http::Method::GET, "/docs", None, None).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        !page.text.contains("https://"),
+        "nothing from elsewhere: {}",
+        page.text
+    );
+    let scripts: Vec<&str> = page
+        .text
+        .split("<script src=\"")
+        .skip(1)
+        .filter_map(|s| s.split('"').next())
+        .collect();
+    assert_eq!(scripts.len(), 2, "{}", page.text);
+    for src in scripts {
+        let r = app.call(axum::http::Method::GET, src, None, None).await;
+        assert_eq!(r.status, StatusCode::OK, "{src}");
+        assert!(r.content_type().starts_with("text/javascript"), "{src}");
+        assert!(r.text.len() > 40, "{src}");
+    }
+    let licence = app
+        .call(
+            axum::http::Method::GET,
+            "/docs/LICENSE-scalar.txt",
+            None,
+            None,
+        )
+        .await;
+    assert!(licence.text.contains("MIT License"));
+    assert!(
+        page.headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'")
+    );
+    // A customer's page: no framing, no outside resources, no referrer with its token.
+    let unsubscribe = app
+        .call(axum::http::Method::GET, "/s/not-a-valid-token", None, None)
+        .await;
+    for (name, value) in [
+        ("x-frame-options", "DENY"),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "no-referrer"),
+    ] {
+        assert_eq!(unsubscribe.headers[name], value, "{}", unsubscribe.text);
+    }
+    assert!(
+        unsubscribe.headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default-src 'none'")
+    );
+}
+
+#[tokio::test]
+async fn an_owner_agent_must_be_one_of_the_tenants_agents() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let other = app.tenant("other").await;
+    let theirs = app
+        .post(
+            "/v1/agents",
+            &other.key,
+            json!({"name": "Eve", "email": "eve@other.example", "languages": ["hr"], "countries": ["HR"], "max_open_tickets": 5}),
+        )
+        .await;
+    assert_eq!(theirs.status, StatusCode::CREATED, "{}", theirs.text);
+    for agent in [theirs.body["id"].clone(), json!(uuid::Uuid::now_v7())] {
+        let r = app
+            .put("/v1/contacts/ana", &t.key, json!({"owner_agent_id": agent}))
+            .await;
+        r.assert_problem(422);
+        assert_eq!(r.error_fields(), ["owner_agent_id"], "{}", r.text);
+    }
+    let r = app
+        .post(
+            "/v1/contacts/batch",
+            &t.key,
+            json!({"contacts": [{"external_id": "ivo", "owner_agent_id": theirs.body["id"]}]}),
+        )
+        .await;
+    assert!(r.text.contains("owner_agent_id"), "{}", r.text);
+    let contacts: i64 = sqlx::query_scalar("SELECT count(*) FROM contacts")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(contacts, 0);
+}

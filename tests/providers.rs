@@ -121,6 +121,13 @@ async fn twilio_gets_the_documented_request_and_its_answers_are_mapped() {
         .and(path("/2010-04-01/Accounts/AC123/Messages.json"))
         .and(header("authorization", basic.as_str()))
         .and(header("content-type", "application/x-www-form-urlencoded"))
+        // The message id is the request's idempotency token, on every attempt.
+        .and(|req: &Request| {
+            req.headers
+                .get("i-twilio-idempotency-token")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| uuid::Uuid::parse_str(v).is_ok())
+        })
         .and(|req: &Request| {
             let mut f = form(req);
             f.sort();

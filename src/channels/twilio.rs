@@ -82,6 +82,9 @@ impl Provider for Twilio {
                 .http
                 .post(&url)
                 .basic_auth(&self.account_sid, Some(&self.auth_token))
+                // The same token on every attempt of one message, so that a retry after a
+                // lost answer can be recognised as the same request.
+                .header("I-Twilio-Idempotency-Token", m.message_id.to_string())
                 .form(&form)
                 .send()
                 .await

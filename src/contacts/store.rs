@@ -170,6 +170,22 @@ pub async fn upsert(
     changes: &ContactChanges,
     field_prefix: &str,
 ) -> ApiResult<Upserted> {
+    if let super::model::Patch::Value(agent) = changes.owner_agent_id {
+        // Another tenant's agent is as unknown here as one that does not exist.
+        let known: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM agents WHERE tenant_id = $1 AND id = $2)",
+        )
+        .bind(tenant.id)
+        .bind(agent)
+        .fetch_one(&mut *conn)
+        .await?;
+        if !known {
+            return Err(ApiError::field(
+                format!("{field_prefix}owner_agent_id"),
+                format!("no agent with id {agent}"),
+            ));
+        }
+    }
     for _ in 0..3 {
         let sql = format!(
             "SELECT id, {FIELD_COLUMNS} FROM contacts

@@ -69,7 +69,7 @@ impl Writer {
             .await
             .map_err(|_| ApiError::Unavailable("event ingestion is shutting down".into()))?;
         outcome.await.map_err(|_| {
-            ApiError::Internal(anyhow::anyhow!("the event writer stopped before answering"))
+            ApiError::Unavailable("the event writer stopped before answering; retry".to_owned())
         })?
     }
 
@@ -145,12 +145,21 @@ fn answer(group: Vec<Job>, outcomes: Vec<Vec<Outcome>>) {
     }
 }
 
-/// Answers each request with a write that may or may not have happened.
+/// Answers each request with a write that may or may not have happened (the connection
+/// failed mid-way): a 503 to retry, as for any lost connection; events that carry an
+/// `idempotency_key` are recorded once however often they are retried.
 fn fail(group: Vec<Job>, reason: &str) {
+    tracing::warn!(
+        reason,
+        requests = group.len(),
+        "writing a group of events failed"
+    );
     for job in group {
-        let _ = job.reply.send(Err(ApiError::Internal(anyhow::anyhow!(
-            "writing a group of events failed: {reason}"
-        ))));
+        let _ = job.reply.send(Err(ApiError::Unavailable(
+            "the events could not be written; retry the request (with an idempotency_key on \
+             each event, a retry records it once)"
+                .to_owned(),
+        )));
     }
 }
 

@@ -6,6 +6,11 @@
 //! runs is a 409 (so concurrent duplicates have exactly one effect). Error responses are not
 //! stored: every write is transactional, so an error means nothing was written and the client
 //! may retry with the same key. A claim whose process died is taken over once its lease ends.
+//!
+//! Handlers whose effect must never happen twice (a message queued, a ticket opened, which
+//! send something to a customer) store their response with [`record_in`] inside the
+//! transaction of the effect: if the process dies after that commit, a retry replays the
+//! response instead of doing it again. Other handlers' responses are stored just after.
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -24,6 +29,45 @@ pub const HEADER: &str = "idempotency-key";
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 /// How long a running request holds its key before another process may take it over.
 const LEASE_SECS: f64 = 60.0;
+
+/// The key a request claimed, for a handler that stores its response in its own transaction
+/// ([`record_in`]).
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    scope: Uuid,
+    key: String,
+}
+
+/// On a response whose handler stored it with [`record_in`], so the middleware does not again.
+#[derive(Debug, Clone, Copy)]
+pub struct Recorded(pub bool);
+
+/// Stores `body` (as JSON, with `status`) as the response to the request's key, in the caller's
+/// transaction, so that the effect and its response commit together. Without a key it does
+/// nothing. The caller must answer with exactly this status and body, and [`Recorded`].
+pub async fn record_in<T: serde::Serialize>(
+    conn: &mut sqlx::PgConnection,
+    claimed: Option<&Claimed>,
+    status: axum::http::StatusCode,
+    body: &T,
+) -> Result<Recorded, ApiError> {
+    let Some(claimed) = claimed else {
+        return Ok(Recorded(false));
+    };
+    let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Internal(e.into()))?;
+    sqlx::query(
+        "UPDATE idempotency_keys
+         SET status = $3, content_type = 'application/json', response_body = $4, locked_until = NULL
+         WHERE tenant_id = $1 AND key = $2",
+    )
+    .bind(claimed.scope)
+    .bind(&claimed.key)
+    .bind(i16::try_from(status.as_u16()).unwrap_or(200))
+    .bind(bytes)
+    .execute(conn)
+    .await?;
+    Ok(Recorded(true))
+}
 
 enum Claim {
     Fresh,
@@ -90,11 +134,22 @@ pub async fn idempotency(
         }
     }
 
+    let mut parts = parts;
+    parts.extensions.insert(Claimed {
+        scope,
+        key: key.clone(),
+    });
     let response = next
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await;
     if !response.status().is_success() {
         release(&state, scope, &key).await;
+        return Ok(response);
+    }
+    if matches!(
+        response.extensions().get::<Recorded>(),
+        Some(Recorded(true))
+    ) {
         return Ok(response);
     }
     let (parts, body) = response.into_parts();
@@ -124,14 +179,40 @@ pub async fn idempotency(
     Ok(Response::from_parts(parts, Body::from(body)))
 }
 
+/// What makes two requests "the same": method, path and body, the body as JSON when it is JSON
+/// (so whitespace and the order of keys do not matter), else its bytes.
 fn request_hash(method: &Method, path: &str, body: &Bytes) -> Vec<u8> {
     let mut h = Sha256::new();
     h.update(method.as_str().as_bytes());
     h.update(b" ");
     h.update(path.as_bytes());
     h.update(b"\n");
-    h.update(body);
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(json) => h.update(canonical(&json).as_bytes()),
+        Err(_) => h.update(body),
+    }
     h.finalize().to_vec()
+}
+
+/// JSON with object keys sorted and no insignificant whitespace.
+fn canonical(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            let fields: Vec<String> = keys
+                .into_iter()
+                .map(|k| format!("{}:{}", Value::String(k.clone()), canonical(&map[k])))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(canonical).collect();
+            format!("[{}]", items.join(","))
+        }
+        other => other.to_string(),
+    }
 }
 
 type StoredRow = (Vec<u8>, Option<i16>, Option<String>, Option<Vec<u8>>, bool);

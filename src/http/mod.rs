@@ -169,6 +169,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(track_metrics))
+        .layer(middleware::from_fn(security_headers))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -257,6 +258,47 @@ fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
         .unwrap_or("unknown panic");
     tracing::error!(panic = %message, "handler panicked");
     ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()
+}
+
+/// Headers every browser-facing answer needs: pages customers open from a message (survey,
+/// unsubscribe) load nothing from elsewhere, cannot be framed (clickjacking a one-click
+/// unsubscribe), and do not leak their tokened URL as a referrer; no answer is sniffed as
+/// another type. `/docs` loads its own script and keeps a policy that allows it.
+async fn security_headers(request: Request, next: Next) -> Response {
+    let is_docs = request.uri().path() == "/docs";
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    let html = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/html"));
+    if html {
+        let policy = if is_docs {
+            "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+             img-src 'self' data:; font-src 'self' data:; connect-src 'self'; \
+             frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+        } else {
+            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; \
+             form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+        };
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            header::HeaderValue::from_static(policy),
+        );
+        headers.insert(
+            header::X_FRAME_OPTIONS,
+            header::HeaderValue::from_static("DENY"),
+        );
+        headers.insert(
+            header::REFERRER_POLICY,
+            header::HeaderValue::from_static("no-referrer"),
+        );
+    }
+    response
 }
 
 /// Counts requests and their latency by method, matched route and status.

@@ -19,6 +19,62 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(metrics))
         .routes(routes!(openapi_json))
         .routes(routes!(docs))
+        // The docs UI's own files: not API, so not in the OpenAPI document.
+        .route(SCALAR_PATH, axum::routing::get(scalar_js))
+        .route("/docs/init.js", axum::routing::get(docs_init_js))
+        .route(
+            "/docs/LICENSE-scalar.txt",
+            axum::routing::get(scalar_licence),
+        )
+}
+
+/// Scalar's API reference, from the npm registry (`@scalar/api-reference`, pinned), embedded so
+/// that `/docs` works on a machine without internet access.
+const SCALAR_JS: &[u8] = include_bytes!("assets/scalar-api-reference-1.76.0.js");
+const SCALAR_PATH: &str = "/docs/scalar-api-reference-1.76.0.js";
+const SCALAR_LICENCE: &str = include_str!("assets/LICENSE-scalar.txt");
+/// Starts the reference on this server's document, with no fonts or proxies from elsewhere.
+const DOCS_INIT_JS: &str =
+    "Scalar.createApiReference('#app', { url: '/openapi.json', withDefaultFonts: false });\n";
+
+async fn scalar_js() -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/javascript; charset=utf-8"),
+            ),
+            // The path names the version: it never changes.
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=31536000, immutable"),
+            ),
+        ],
+        SCALAR_JS,
+    )
+        .into_response()
+}
+
+async fn docs_init_js() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/javascript; charset=utf-8"),
+        )],
+        DOCS_INIT_JS,
+    )
+        .into_response()
+}
+
+async fn scalar_licence() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        )],
+        SCALAR_LICENCE,
+    )
+        .into_response()
 }
 
 /// A health answer.
@@ -98,7 +154,7 @@ async fn openapi_json(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Interactive API reference (renders /openapi.json).
+/// Interactive API reference (renders /openapi.json), served entirely by this server.
 #[utoipa::path(get, path = "/docs", tag = "ops",
     responses((status = 200, description = "HTML page", content_type = "text/html")))]
 async fn docs() -> Html<&'static str> {
@@ -114,8 +170,10 @@ const DOCS_PAGE: &str = r#"<!doctype html>
 </head>
 <body>
   <noscript>The machine-readable API description is at <a href="/openapi.json">/openapi.json</a>.</noscript>
-  <script id="api-reference" data-url="/openapi.json"></script>
-  <script src="https://cdn.jsdelivr.net/npm/@scalar/api-reference@1"></script>
+  <div id="app"></div>
+  <script src="/docs/scalar-api-reference-1.76.0.js"></script>
+  <script src="/docs/init.js"></script>
+  <!-- Scalar API Reference, MIT licence: /docs/LICENSE-scalar.txt -->
 </body>
 </html>
 "#;

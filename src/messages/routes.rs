@@ -1,8 +1,8 @@
 //! `/v1/messages`: send a transactional message now; list and read messages.
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::{Extension, Json};
 use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -15,6 +15,7 @@ use crate::contacts::store as contacts;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::events::store as events;
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
+use crate::http::idempotency::{self, Claimed, Recorded};
 use crate::http::pagination::{Page, PageParams, decode_id_cursor, encode_id_cursor, paginate};
 use crate::tenancy::Tenant;
 
@@ -34,8 +35,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 async fn send_message(
     tenant: Tenant,
     State(state): State<AppState>,
+    claimed: Option<Extension<Claimed>>,
     ValidJson(body): ValidJson<NewMessage>,
-) -> ApiResult<(StatusCode, Json<Message>)> {
+) -> ApiResult<(StatusCode, Extension<Recorded>, Json<Message>)> {
     let mut tx = state.pool.begin().await?;
     let contact_id = contacts::find_by_ref(&mut tx, &tenant, &body.contact, "contact")
         .await?
@@ -51,8 +53,12 @@ async fn send_message(
         suppress: None,
     };
     let message = store::enqueue(&mut tx, &tenant, compose, &state.send_options().await?).await?;
+    // The message and the Idempotency-Key's response commit together: a retry after a crash
+    // replays, never queues it again.
+    let recorded =
+        idempotency::record_in(&mut tx, claimed.as_deref(), StatusCode::ACCEPTED, &message).await?;
     tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(message)))
+    Ok((StatusCode::ACCEPTED, Extension(recorded), Json(message)))
 }
 
 /// List messages, newest first.

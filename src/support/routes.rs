@@ -1,8 +1,8 @@
 //! `/v1/agents` and `/v1/tickets`.
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::{Extension, Json};
 use serde_json::json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -19,6 +19,7 @@ use crate::contacts::store as contacts;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::events::store as events;
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
+use crate::http::idempotency::{self, Claimed, Recorded};
 use crate::http::pagination::{Page, PageParams, decode_id_cursor, encode_id_cursor, paginate};
 use crate::messages::model::Compose;
 use crate::messages::store as messages;
@@ -173,8 +174,9 @@ async fn notify_customer(
 async fn create_ticket(
     tenant: Tenant,
     State(state): State<AppState>,
+    claimed: Option<Extension<Claimed>>,
     ValidJson(body): ValidJson<NewTicket>,
-) -> ApiResult<(StatusCode, Json<TicketDetail>)> {
+) -> ApiResult<(StatusCode, Extension<Recorded>, Json<TicketDetail>)> {
     let mut errors = crate::http::extract::Errors::new();
     let subject = errors.check("subject", validate::text(&body.subject, 500));
     let text = errors.check("body", validate::text(&body.body, 100_000));
@@ -222,8 +224,12 @@ async fn create_ticket(
     )
     .await?;
     let messages = store::messages(&mut tx, tenant.id, ticket.id).await?;
+    let detail = TicketDetail { ticket, messages };
+    // The ticket (and its acknowledgement) and the Idempotency-Key's response commit together.
+    let recorded =
+        idempotency::record_in(&mut tx, claimed.as_deref(), StatusCode::CREATED, &detail).await?;
     tx.commit().await?;
-    Ok((StatusCode::CREATED, Json(TicketDetail { ticket, messages })))
+    Ok((StatusCode::CREATED, Extension(recorded), Json(detail)))
 }
 
 /// List tickets, newest first.

@@ -82,10 +82,19 @@ fn render_one(name: &str, source: &str, ctx: &Value, field: String) -> Result<St
         }
         Err(e) => return Err(fail(e)),
     }
-    String::from_utf8(out.0).map_err(|_| RenderError {
-        field,
+    let text = String::from_utf8(out.0).map_err(|_| RenderError {
+        field: field.clone(),
         message: "renders to text that is not UTF-8".to_owned(),
-    })
+    })?;
+    // PostgreSQL's text cannot hold NUL: refused here with a reason, not a database error
+    // that would stop a campaign's journey without one.
+    if text.contains('\0') {
+        return Err(RenderError {
+            field,
+            message: "renders a NUL character, which a message cannot contain".to_owned(),
+        });
+    }
+    Ok(text)
 }
 
 /// Output that refuses to grow past [`MAX_OUTPUT`], so a loop that only prints stops at the
@@ -255,6 +264,12 @@ mod tests {
         let source = "{% for i in range(10) %}{{ 'x' * 100000 }}{% endfor %}";
         let e = render_text("t.txt", source, &json!({}), "text".into()).unwrap_err();
         assert!(e.message.contains("more than"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_nul_in_the_output_is_a_render_error() {
+        let e = render_text("t.txt", "a{{ '\\u0000' }}b", &json!({}), "text".into()).unwrap_err();
+        assert!(e.message.contains("NUL"), "{}", e.message);
     }
 
     #[test]
