@@ -126,3 +126,67 @@ async fn pooled_connections_closed_by_the_server_are_replaced() {
     assert_ne!(again, pid);
     pool.close().await;
 }
+
+/// The document is valid on its own, not only equal to its copy: every reference resolves,
+/// operation ids are unique, every path parameter is declared, and every operation documents a
+/// success and the shared problem answers. (CI also runs openapi-spec-validator and
+/// schemathesis over it: tests/openapi_fuzz.sh.)
+#[test]
+fn the_openapi_document_is_self_consistent() {
+    let doc: serde_json::Value =
+        serde_json::from_str(&rapport::http::openapi().to_pretty_json().unwrap()).unwrap();
+    let text = doc.to_string();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("\"$ref\":\"#/") {
+        let tail = &rest[at + 9..];
+        let end = tail.find('"').unwrap();
+        let pointer = &tail[..end];
+        assert!(
+            doc.pointer(pointer).is_some(),
+            "dangling reference {pointer}"
+        );
+        rest = &tail[end..];
+    }
+    let mut ids = std::collections::HashSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let id = op["operationId"].as_str().unwrap_or_default().to_owned();
+            assert!(
+                ids.insert(id.clone()),
+                "operationId {id} repeated ({method} {path})"
+            );
+            let declared: Vec<&str> = op["parameters"]
+                .as_array()
+                .map(|ps| {
+                    ps.iter()
+                        .filter(|p| p["in"] == "path")
+                        .filter_map(|p| p["name"].as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for segment in path.split('/').filter(|s| s.starts_with('{')) {
+                let name = segment.trim_matches(['{', '}']);
+                assert!(
+                    declared.contains(&name),
+                    "{method} {path}: {name} undeclared"
+                );
+            }
+            let responses = op["responses"].as_object().unwrap();
+            assert!(
+                responses
+                    .keys()
+                    .any(|s| s.starts_with('2') || s.starts_with('3')),
+                "{method} {path} has no success"
+            );
+            assert!(responses.contains_key("503"), "{method} {path} lacks 503");
+            if path.starts_with("/v1/") {
+                for status in ["401", "403", "429"] {
+                    assert!(
+                        responses.contains_key(status),
+                        "{method} {path} lacks {status}"
+                    );
+                }
+            }
+        }
+    }
+}

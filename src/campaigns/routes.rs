@@ -39,6 +39,7 @@ pub struct CampaignFilter {
     /// `draft`, `active`, `paused` or `archived`.
     pub status: Option<CampaignStatus>,
     /// Items per page, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -53,6 +54,7 @@ pub struct JourneyFilter {
     pub status: Option<JourneyStatus>,
     pub contact_id: Option<Uuid>,
     /// Items per page, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,

@@ -450,6 +450,7 @@ pub struct ContactFilter {
     pub phone: Option<String>,
     pub external_id: Option<String>,
     /// Items per page, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,

@@ -235,7 +235,9 @@ async fn survey_page(
     params(("token" = String, Path, description = "Signed survey token")),
     request_body(content = String, content_type = "application/x-www-form-urlencoded", description = "score=1..5, comment"),
     responses((status = 200, description = "Thanks", content_type = "text/html"),
+              (status = 404, description = "Not a valid link", content_type = "text/html"),
               (status = 409, description = "Already rated", content_type = "text/html"),
+              (status = 410, description = "Expired", content_type = "text/html"),
               (status = 422, description = "No valid score", content_type = "text/html")))]
 async fn answer(
     State(state): State<AppState>,

@@ -4,6 +4,7 @@ pub mod extract;
 pub mod idempotency;
 pub mod ops;
 pub mod pagination;
+pub mod problems;
 pub mod rate_limit;
 pub mod server;
 
@@ -53,7 +54,7 @@ use crate::tenancy::{require_admin, require_tenant};
         (name = "tracking", description = "Open pixel, click redirect and unsubscribe links in messages"),
         (name = "ops", description = "Health, readiness, metrics, this document"),
     ),
-    components(schemas(Problem))
+    components(schemas(Problem, crate::reports::store::GroupBy, crate::campaigns::routes::JourneyStatus))
 )]
 struct ApiDoc;
 
@@ -129,6 +130,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     api.merge(admin.into_openapi());
     api.merge(tenant.into_openapi());
     api.merge(public.into_openapi());
+    // After the merge: it adds to every route's operation.
+    utoipa::Modify::modify(&problems::CommonProblems, &mut api);
     api.info.version = env!("CARGO_PKG_VERSION").to_owned();
     api
 }

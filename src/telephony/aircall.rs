@@ -115,7 +115,7 @@ pub fn update_from(event: &str, data: &Value) -> Result<CallUpdate, ApiError> {
 }
 
 /// An Aircall webhook.
-#[utoipa::path(post, path = "/webhooks/aircall/{tenant_id}", tag = "telephony",
+#[utoipa::path(post, path = "/webhooks/aircall/{tenant_id}", operation_id = "aircall_webhook", tag = "telephony",
     params(("tenant_id" = Uuid, Path, description = "Tenant id")),
     request_body(content = Object, content_type = "application/json", description = "Aircall's envelope {resource, event, timestamp, token, data}"),
     responses((status = 200, body = WebhookResult),

@@ -408,6 +408,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub struct CallFilter {
     pub contact_id: Option<Uuid>,
     /// Items per page, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,

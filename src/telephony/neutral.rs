@@ -74,7 +74,7 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
 }
 
 /// Configure the neutral intake's signing secret.
-#[utoipa::path(put, path = "/v1/integrations/telephony", tag = "telephony", security(("api_key" = [])),
+#[utoipa::path(put, path = "/v1/integrations/telephony", operation_id = "put_telephony_intake", tag = "telephony", security(("api_key" = [])),
     request_body = TelephonyInput,
     responses((status = 200, body = TelephonyConfig), (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn put_settings(
@@ -142,7 +142,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// A call event in the neutral format.
-#[utoipa::path(post, path = "/webhooks/telephony/{tenant_id}", tag = "telephony",
+#[utoipa::path(post, path = "/webhooks/telephony/{tenant_id}", operation_id = "telephony_intake_webhook", tag = "telephony",
     params(("tenant_id" = Uuid, Path, description = "Tenant id")),
     request_body = NeutralEvent,
     responses((status = 200, body = IntakeResult),
