@@ -122,16 +122,22 @@ pub async fn dispatch_once(state: &AppState) -> Result<usize, sqlx::Error> {
         }
     }
     let providers = &providers;
-    let attempted: Vec<Attempted> = futures::stream::iter(claimed)
+    let concurrency = config.outbox_concurrency.max(1);
+    // Outcomes are recorded as they come in, those ready together in one transaction, not
+    // once for the whole batch: a worker killed mid-batch leaves only the sends of its last
+    // moments unrecorded (to be resent after the lease, with the same idempotency key),
+    // not every send of the batch.
+    let mut finished = futures::stream::iter(claimed)
         .map(|m| async move {
             let provider =
                 Channel::parse(&m.channel).and_then(|c| providers.get(&(m.tenant_id, c)).cloned());
             attempt(state, m, provider).await
         })
-        .buffer_unordered(config.outbox_concurrency.max(1))
-        .collect()
-        .await;
-    record_all(state, attempted).await;
+        .buffer_unordered(concurrency)
+        .ready_chunks(concurrency);
+    while let Some(attempted) = finished.next().await {
+        record_all(state, attempted).await;
+    }
     Ok(n)
 }
 
