@@ -28,7 +28,10 @@ fn start(db: &TestDb, extra: &[(&str, &str)]) -> Server {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rapport"));
     cmd.arg("serve")
         .env("DATABASE_URL", &db.url)
-        .env("RAPPORT_CONFIG", concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"))
+        .env(
+            "RAPPORT_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"),
+        )
         .env("RAPPORT_LISTEN", "127.0.0.1:0")
         .env("RAPPORT_LOG_FORMAT", "json")
         .env("RAPPORT_LOG_LEVEL", "info,sqlx=error")
@@ -44,12 +47,17 @@ fn start(db: &TestDb, extra: &[(&str, &str)]) -> Server {
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    let mut child = cmd
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    // Owned by a Server at once: killed and reaped (Drop) whatever happens below.
+    let mut server = Server {
+        child,
+        addr: String::new(),
+    };
+    let stderr = server.child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -65,10 +73,10 @@ fn start(db: &TestDb, extra: &[(&str, &str)]) -> Server {
             continue;
         };
         if json["message"] == "listening" {
-            let addr = json["address"].as_str().unwrap().to_owned();
+            server.addr = json["address"].as_str().unwrap().to_owned();
             // Keep draining its log so it never blocks on a full pipe.
             std::thread::spawn(move || while rx.recv().is_ok() {});
-            return Server { child, addr };
+            return server;
         }
     }
 }
@@ -97,8 +105,10 @@ async fn tenant_key(http: &reqwest::Client, server: &Server) -> (String, String)
     let t: Value = http
         .post(server.url("/admin/v1/tenants"))
         .bearer_auth(ADMIN)
-        .json(&json!({"name": "Chaos", "slug": "chaos", "default_country": "HR",
-                      "default_locale": "hr", "timezone": "Europe/Zagreb"}))
+        .json(
+            &json!({"name": "Chaos", "slug": "chaos", "default_country": "HR",
+                      "default_locale": "hr", "timezone": "Europe/Zagreb"}),
+        )
         .send()
         .await
         .unwrap()
@@ -145,23 +155,50 @@ async fn sigkill_during_dispatch_loses_nothing() {
     let mut server = start(&db, &env);
     let (_, key) = tenant_key(&http, &server).await;
     let put = |path: &str, body: Value| {
-        http.put(server.url(path)).bearer_auth(&key).json(&body).send()
+        http.put(server.url(path))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
     };
-    assert!(put("/v1/channels/sms", json!({"provider": "twilio",
+    assert!(
+        put(
+            "/v1/channels/sms",
+            json!({"provider": "twilio",
             "settings": {"account_sid": "AC1", "from": "+15005550006", "base_url": stub.uri()},
-            "secrets": {"auth_token": "tok"}})).await.unwrap().status().is_success());
-    assert!(put("/v1/templates/note", json!({"sms": {"hr": {"text": "Obavijest {{ vars.n }}"}}}))
-        .await.unwrap().status().is_success());
-    assert!(put("/v1/contacts/ana", json!({"phone": "+385911234567"}))
-        .await.unwrap().status().is_success());
+            "secrets": {"auth_token": "tok"}})
+        )
+        .await
+        .unwrap()
+        .status()
+        .is_success()
+    );
+    assert!(
+        put(
+            "/v1/templates/note",
+            json!({"sms": {"hr": {"text": "Obavijest {{ vars.n }}"}}})
+        )
+        .await
+        .unwrap()
+        .status()
+        .is_success()
+    );
+    assert!(
+        put("/v1/contacts/ana", json!({"phone": "+385911234567"}))
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
     // Queue every message first (the worker starts sending at once).
     let mut ids = Vec::with_capacity(N);
     for n in 0..N {
         let r: Value = http
             .post(server.url("/v1/messages"))
             .bearer_auth(&key)
-            .json(&json!({"contact": {"external_id": "ana"}, "template": "note", "channel": "sms",
-                          "variables": {"n": n}}))
+            .json(
+                &json!({"contact": {"external_id": "ana"}, "template": "note", "channel": "sms",
+                          "variables": {"n": n}}),
+            )
             .send()
             .await
             .unwrap()
@@ -206,7 +243,10 @@ async fn sigkill_during_dispatch_loses_nothing() {
             .to_owned();
         *per_message.entry(token).or_default() += 1;
     }
-    let lost = ids.iter().filter(|id| !per_message.contains_key(*id)).count();
+    let lost = ids
+        .iter()
+        .filter(|id| !per_message.contains_key(*id))
+        .count();
     let duplicates = requests.len() - per_message.len();
     println!(
         "chaos dispatch: {N} messages, {kills} SIGKILLs, {} provider requests, {lost} lost, \
@@ -233,8 +273,12 @@ async fn backend_terminations_during_ingest_lose_nothing() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let terminated = Arc::new(AtomicUsize::new(0));
     let killer = {
-        let (admin, stop, terminated, name) =
-            (admin.clone(), stop.clone(), terminated.clone(), db.name.clone());
+        let (admin, stop, terminated, name) = (
+            admin.clone(),
+            stop.clone(),
+            terminated.clone(),
+            db.name.clone(),
+        );
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(150)).await;
