@@ -1,7 +1,7 @@
 //! The `rapport` binary: database creation, operators' commands, start-up failures and
 //! graceful shutdown on SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};

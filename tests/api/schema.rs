@@ -1,7 +1,7 @@
 //! The schema stays ready to shard by tenant (Citus): every tenant-owned table has tenant_id
 //! first in its primary key, and every foreign key between tenant-owned tables includes it.
 
-mod common;
+use crate::common;
 
 use common::TestApp;
 

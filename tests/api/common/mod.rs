@@ -49,14 +49,19 @@ impl TestDb {
             "rapport_test_{now}_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
+        let template = migrated_template().await;
         let mut conn = maintenance()
             .connect()
             .await
             .expect("connect to PostgreSQL");
-        sqlx::raw_sql(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut conn)
-            .await
-            .expect("create test database");
+        // A copy of a database migrated once per test run: file copies, not ~15 migrations
+        // per test.
+        sqlx::raw_sql(&format!(
+            "CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""
+        ))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
         conn.close().await.ok();
         let mut url = url::Url::parse(&base_url()).unwrap();
         url.set_path(&format!("/{name}"));
@@ -106,6 +111,75 @@ impl Drop for TestDb {
         })
         .join();
     }
+}
+
+/// The name of a database with every migration applied, made once per set of migrations
+/// (its name carries their checksum) and kept between runs, as crates.io's test_db does.
+async fn migrated_template() -> String {
+    static TEMPLATE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    TEMPLATE
+        .get_or_init(|| async {
+            let mut digest = <sha2::Sha256 as sha2::Digest>::new();
+            for m in rapport::db::MIGRATOR.iter() {
+                sha2::Digest::update(&mut digest, m.version.to_le_bytes());
+                sha2::Digest::update(&mut digest, &*m.checksum);
+            }
+            let hash = hex::encode(sha2::Digest::finalize(digest));
+            let name = format!("rapport_template_{}", &hash[..16]);
+            let mut conn = maintenance()
+                .connect()
+                .await
+                .expect("connect to PostgreSQL");
+            // One process makes it; the others wait for its advisory lock and find it made.
+            sqlx::query("SELECT pg_advisory_lock(727274)")
+                .execute(&mut conn)
+                .await
+                .expect("lock");
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                    .bind(&name)
+                    .fetch_one(&mut conn)
+                    .await
+                    .expect("look for the template");
+            if !exists {
+                let building = format!("{name}_building");
+                for statement in [
+                    format!("DROP DATABASE IF EXISTS \"{building}\" WITH (FORCE)"),
+                    format!("CREATE DATABASE \"{building}\""),
+                ] {
+                    sqlx::raw_sql(&statement)
+                        .execute(&mut conn)
+                        .await
+                        .expect("create the template");
+                }
+                let mut url = url::Url::parse(&base_url()).unwrap();
+                url.set_path(&format!("/{building}"));
+                let pool = PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(url.as_str())
+                    .await
+                    .expect("connect to the template");
+                rapport::db::migrate(&pool, url.as_str())
+                    .await
+                    .expect("migrate the template");
+                pool.close().await;
+                // Renamed only once complete: a killed run never leaves a half-made template.
+                sqlx::raw_sql(&format!(
+                    "ALTER DATABASE \"{building}\" RENAME TO \"{name}\""
+                ))
+                .execute(&mut conn)
+                .await
+                .expect("name the template");
+            }
+            sqlx::query("SELECT pg_advisory_unlock(727274)")
+                .execute(&mut conn)
+                .await
+                .expect("unlock");
+            conn.close().await.ok();
+            name
+        })
+        .await
+        .clone()
 }
 
 /// Drops test databases left behind by killed runs (older than two hours), once a process.

@@ -1,6 +1,6 @@
 //! Every bad input is a clear problem+json 4xx, never a 500, and nothing is half-written.
 
-mod common;
+use crate::common;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};

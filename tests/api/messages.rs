@@ -1,7 +1,7 @@
 //! Templates and the outbox: rendering, consent, the log provider, retries, crash recovery,
 //! several workers at once.
 
-mod common;
+use crate::common;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,7 @@
 //! No tenant can take Rapport down: templates and conditions that would exhaust memory or
 //! time are refused or stopped, for the tenant who wrote them only.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! quiet hours, reentry, versions, and write-time validation. The engine's clock is moved by
 //! hand and the worker drained, so days of journeys run in milliseconds without sleeping.
 
-mod common;
+use crate::common;
 
 use axum::http::{Method, StatusCode};
 use chrono::{Duration, TimeZone, Utc};

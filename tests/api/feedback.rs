@@ -1,7 +1,7 @@
 //! Feedback from outside: signed delivery receipts (Twilio, Infobip, Viber), the email open
 //! pixel, click redirects and one-click unsubscribe.
 
-mod common;
+use crate::common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};

@@ -1,7 +1,7 @@
 //! CSAT: the survey sent on solve, the public page, single-use scores, low-rating alerts, and
 //! ratings from outside tools.
 
-mod common;
+use crate::common;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};

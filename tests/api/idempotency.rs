@@ -1,6 +1,6 @@
 //! The Idempotency-Key header: replay, mismatch, concurrency, scope, expiry of dead claims.
 
-mod common;
+use crate::common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};

@@ -1,6 +1,6 @@
 //! Contacts: upsert, merge, consents, phones, batches, lists, erasure, the card.
 
-mod common;
+use crate::common;
 
 use axum::http::StatusCode;
 use common::TestApp;

@@ -1,7 +1,7 @@
 //! Provider adapters against local servers that check the exact request each provider
 //! documents (wiremock), and email through a real SMTP conversation.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 

@@ -1,6 +1,6 @@
 //! Tenant isolation: another tenant's objects are a 404, exactly as if they did not exist.
 
-mod common;
+use crate::common;
 
 use axum::http::StatusCode;
 use common::{ADMIN, TestApp};

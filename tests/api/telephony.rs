@@ -1,7 +1,7 @@
 //! Telephony: Aircall webhooks replayed in order, reversed and duplicated give the same call,
 //! timeline and card; missed calls open one call-back ticket; bad tokens store nothing.
 
-mod common;
+use crate::common;
 
 use axum::http::{Method, StatusCode};
 use common::{TestApp, TestTenant};

@@ -1,6 +1,6 @@
 //! Operations: health, readiness, metrics, the OpenAPI document and the docs page.
 
-mod common;
+use crate::common;
 
 use axum::http::{Method, StatusCode};
 use common::TestApp;

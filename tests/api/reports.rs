@@ -1,6 +1,6 @@
 //! Reports computed in SQL, on data with known times and scores.
 
-mod common;
+use crate::common;
 
 use axum::http::StatusCode;
 use common::TestApp;

@@ -1,6 +1,6 @@
 //! Tenants and API keys: the admin API and authentication.
 
-mod common;
+use crate::common;
 
 use axum::http::{Method, StatusCode};
 use common::{ADMIN, TestApp};

@@ -2,7 +2,7 @@
 //! sessions while it ingests. Each check prints what it counted (lost, duplicates) and fails
 //! if anything accepted was lost.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};

@@ -1,6 +1,6 @@
 //! Events: ingestion, contact resolution, deduplication, exact ordinals, the timeline.
 
-mod common;
+use crate::common;
 
 use axum::http::StatusCode;
 use common::TestApp;

@@ -1,6 +1,6 @@
 //! The support desk: agents, tickets, automatic assignment, the status machine, messages.
 
-mod common;
+use crate::common;
 
 use axum::http::StatusCode;
 use common::{TestApp, TestTenant};
