@@ -14,6 +14,8 @@ RUN mkdir -p src/bin && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.r
 COPY build.rs ./
 COPY src ./src
 COPY migrations ./migrations
+# The /docs UI (Scalar), embedded in the binary.
+COPY docs/scalar ./docs/scalar
 # COPY keeps the files' modification times, which may be older than the stub build.
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin rapport \
     && strip target/release/rapport

@@ -30,9 +30,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// Scalar's API reference, from the npm registry (`@scalar/api-reference`, pinned), embedded so
 /// that `/docs` works on a machine without internet access.
-const SCALAR_JS: &[u8] = include_bytes!("assets/scalar-api-reference-1.76.0.js");
+const SCALAR_JS: &[u8] = include_bytes!("../../docs/scalar/scalar-api-reference-1.76.0.js");
 const SCALAR_PATH: &str = "/docs/scalar-api-reference-1.76.0.js";
-const SCALAR_LICENCE: &str = include_str!("assets/LICENSE-scalar.txt");
+const SCALAR_LICENCE: &str = include_str!("../../docs/scalar/LICENSE.txt");
 /// Starts the reference on this server's document, with no fonts or proxies from elsewhere.
 const DOCS_INIT_JS: &str =
     "Scalar.createApiReference('#app', { url: '/openapi.json', withDefaultFonts: false });\n";

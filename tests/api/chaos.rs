@@ -5,8 +5,8 @@
 use crate::common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -47,37 +47,13 @@ fn start(db: &TestDb, extra: &[(&str, &str)]) -> Server {
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Owned by a Server at once: killed and reaped (Drop) whatever happens below.
-    let mut server = Server {
-        child,
-        addr: String::new(),
-    };
-    let stderr = server.child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the server logs that it listens");
-        let Ok(json) = serde_json::from_str::<Value>(&line) else {
-            continue;
-        };
-        if json["message"] == "listening" {
-            server.addr = json["address"].as_str().unwrap().to_owned();
-            // Keep draining its log so it never blocks on a full pipe.
-            std::thread::spawn(move || while rx.recv().is_ok() {});
-            return server;
-        }
+    let listening = common::spawn_listening(&mut cmd, Duration::from_secs(60));
+    // Keep draining its log so it never blocks on a full pipe.
+    let rest = listening.rest;
+    std::thread::spawn(move || while rest.recv().is_ok() {});
+    Server {
+        child: listening.child,
+        addr: listening.addr,
     }
 }
 

@@ -3,8 +3,8 @@
 
 use crate::common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::TestDb;
@@ -133,33 +133,24 @@ fn http_get(addr: &str, path: &str) -> String {
 #[test]
 fn serve_answers_and_stops_cleanly_on_sigterm() {
     let db = TestDb::unborn();
-    let mut child = rapport(&db.url)
-        .arg("serve")
-        .env("RAPPORT_LISTEN", "127.0.0.1:0")
-        .env("RAPPORT_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut lines = Vec::new();
-    let addr = loop {
-        let line = rx
-            .recv_timeout(deadline - Instant::now())
-            .expect("the server logs that it listens");
-        lines.push(line.clone());
-        let json: serde_json::Value = serde_json::from_str(&line).expect("log lines are JSON");
-        if json["message"] == "listening" {
-            break json["address"].as_str().unwrap().to_owned();
-        }
-    };
+    let common::Listening {
+        mut child,
+        addr,
+        mut lines,
+        rest: rx,
+    } = common::spawn_listening(
+        rapport(&db.url)
+            .arg("serve")
+            .env("RAPPORT_LISTEN", "127.0.0.1:0")
+            .env("RAPPORT_LOG_FORMAT", "json"),
+        Duration::from_secs(60),
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        "log lines are JSON: {lines:#?}"
+    );
     let health = http_get(&addr, "/healthz");
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     let ready = http_get(&addr, "/readyz");
@@ -221,34 +212,17 @@ fn serve_without_a_database_starts_and_stops_a_private_postgresql() {
             );
         cmd
     };
-    let mut child = command(&["serve"])
-        .env("RAPPORT_LISTEN", "127.0.0.1:0")
-        .env("RAPPORT_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut lines = Vec::new();
-    let addr = loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("the server logs that it listens: {lines:#?}"));
-        lines.push(line.clone());
-        let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if json["message"] == "listening" {
-            break json["address"].as_str().unwrap().to_owned();
-        }
-    };
+    let common::Listening {
+        mut child,
+        addr,
+        lines,
+        ..
+    } = common::spawn_listening(
+        command(&["serve"])
+            .env("RAPPORT_LISTEN", "127.0.0.1:0")
+            .env("RAPPORT_LOG_FORMAT", "json"),
+        Duration::from_secs(120),
+    );
     assert!(
         lines.iter().any(|l| l.contains("started a private")),
         "{lines:#?}"

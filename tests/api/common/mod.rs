@@ -486,3 +486,59 @@ pub fn link(html: &str, prefix: &str, nth: usize) -> String {
     let end = html[start..].find(['"', '\'']).unwrap() + start;
     html[start + base.len()..end].to_owned()
 }
+
+/// A `rapport serve` process started from `cmd` (JSON logs on stderr) once it logs that it
+/// listens: the process, its address, the log lines so far, and the rest as they come. The
+/// caller owns the process: kill or wait for it.
+pub struct Listening {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub lines: Vec<String>,
+    pub rest: std::sync::mpsc::Receiver<String>,
+}
+
+pub fn spawn_listening(
+    cmd: &mut std::process::Command,
+    patience: std::time::Duration,
+) -> Listening {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start rapport");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + patience;
+    let mut lines = Vec::new();
+    loop {
+        let Ok(line) =
+            rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server did not log that it listens: {lines:#?}");
+        };
+        lines.push(line.clone());
+        let Ok(json) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if json["message"] == "listening" {
+            let addr = json["address"].as_str().unwrap_or_default().to_owned();
+            return Listening {
+                child,
+                addr,
+                lines,
+                rest: rx,
+            };
+        }
+    }
+}
