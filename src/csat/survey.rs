@@ -230,10 +230,25 @@ async fn survey_page(
     Ok(page(StatusCode::OK, t.words, &body))
 }
 
+/// The survey page's form, as the browser posts it.
+#[derive(utoipa::ToSchema)]
+#[allow(
+    dead_code,
+    reason = "documents the form the handler reads field by field"
+)]
+pub struct SurveyForm {
+    /// 1 (very unhappy) to 5 (very happy); once per survey.
+    #[schema(minimum = 1, maximum = 5)]
+    score: Option<i16>,
+    /// Free text; may follow the score in a later post.
+    #[schema(max_length = 5000)]
+    comment: Option<String>,
+}
+
 /// An answer: a score (once) and/or a comment.
 #[utoipa::path(post, path = "/s/{token}", tag = "csat",
     params(("token" = String, Path, description = "Signed survey token")),
-    request_body(content = String, content_type = "application/x-www-form-urlencoded", description = "score=1..5, comment"),
+    request_body(content = SurveyForm, content_type = "application/x-www-form-urlencoded"),
     responses((status = 200, description = "Thanks", content_type = "text/html"),
               (status = 404, description = "Not a valid link", content_type = "text/html"),
               (status = 409, description = "Already rated", content_type = "text/html"),
