@@ -44,6 +44,25 @@ pub struct Embedded {
     pub bin_dir: PathBuf,
 }
 
+/// The database URL of a private PostgreSQL whose socket is in `data_dir` (absolute).
+pub fn socket_url(data_dir: &Path) -> String {
+    let mut url = url::Url::parse("postgres://postgres@localhost/rapport")
+        .unwrap_or_else(|_| unreachable!("a constant, valid URL"));
+    url.query_pairs_mut()
+        .append_pair("host", &data_dir.to_string_lossy())
+        .append_pair("port", "5432");
+    url.to_string()
+}
+
+/// The URL of the private PostgreSQL already running in `data_dir` (another `rapport`
+/// command's), if one is.
+pub fn running(data_dir: &Path) -> Option<String> {
+    if !data_dir.join(".s.PGSQL.5432").exists() {
+        return None;
+    }
+    data_dir.canonicalize().ok().map(|dir| socket_url(&dir))
+}
+
 /// Whether something accepts TCP connections at `url`'s host and port (default 5432).
 pub fn answers(url: &str) -> bool {
     let Ok(parsed) = url::Url::parse(url) else {
@@ -199,14 +218,9 @@ pub fn start(bin_dir: &Path, data_dir: &Path) -> Result<Embedded, EmbeddedError>
         .spawn()
         .map_err(|e| failed("cannot start postgres", &e))?;
     let socket_dir = data_dir.to_string_lossy().into_owned();
-    let mut url =
-        url::Url::parse("postgres://postgres@localhost/rapport").map_err(|e| failed("url", &e))?;
-    url.query_pairs_mut()
-        .append_pair("host", &socket_dir)
-        .append_pair("port", "5432");
     let mut embedded = Embedded {
         child: Some(child),
-        url: url.to_string(),
+        url: socket_url(&data_dir),
         data_dir: data_dir.clone(),
         bin_dir: bin_dir.to_owned(),
     };

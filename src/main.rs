@@ -203,15 +203,9 @@ async fn private_database(
         return Ok(None);
     }
     let data_dir = std::path::PathBuf::from("var/pgdata");
-    let socket = data_dir.join(".s.PGSQL.5432");
-    if socket.exists() {
-        let dir = data_dir.canonicalize()?;
-        let mut url = url::Url::parse("postgres://postgres@localhost/rapport")?;
-        url.query_pairs_mut()
-            .append_pair("host", &dir.to_string_lossy())
-            .append_pair("port", "5432");
-        config.database_url = url.to_string();
-        tracing::info!(data = %dir.display(), "using the private PostgreSQL already running");
+    if let Some(url) = embedded_pg::running(&data_dir) {
+        config.database_url = url;
+        tracing::info!(data = %data_dir.display(), "using the private PostgreSQL already running");
         return Ok(None);
     }
     let bin = embedded_pg::find_binaries().ok_or(embedded_pg::EmbeddedError::NoBinaries)?;

@@ -232,7 +232,7 @@ async fn survey_page(
 
 /// The survey page's form, as the browser posts it.
 #[derive(utoipa::ToSchema)]
-#[allow(
+#[expect(
     dead_code,
     reason = "documents the form the handler reads field by field"
 )]
