@@ -26,7 +26,8 @@ pub fn base_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/rapport".to_owned())
 }
 
-fn maintenance() -> PgConnectOptions {
+/// The server's maintenance database, which always exists (unlike the one `DATABASE_URL` names).
+pub fn maintenance() -> PgConnectOptions {
     PgConnectOptions::from_str(&base_url())
         .expect("DATABASE_URL is a PostgreSQL URL")
         .database("postgres")
