@@ -1,6 +1,7 @@
 //! One error type for the HTTP API, rendered as RFC 9457 `application/problem+json`.
 //!
-//! Handlers and stores return [`ApiError`]; nothing else decides what a client sees. Internal
+//! Handlers return [`ApiError`]; stores and the engine return their own errors, converted here
+//! (`From`), so nothing below the handlers decides what a client sees. Internal
 //! failures are logged with their whole cause chain and answered with a generic body, so no
 //! internals leak.
 
@@ -9,24 +10,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+pub use crate::validate::{FieldError, Invalid};
+
 /// Media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
-
-/// One invalid field of a request, with the JSON path of the field (`contacts[3].phone`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
-}
-
-impl FieldError {
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
 
 /// The RFC 9457 problem document every 4xx and 5xx carries.
 #[derive(Debug, Serialize, ToSchema)]
@@ -207,6 +194,27 @@ fn is_data_exception(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")))
 }
 
+impl From<Invalid> for ApiError {
+    fn from(invalid: Invalid) -> Self {
+        ApiError::validation(invalid.0)
+    }
+}
+
+impl From<crate::db::StoreError> for ApiError {
+    fn from(e: crate::db::StoreError) -> Self {
+        use crate::db::StoreError;
+        match e {
+            StoreError::Db(e) => ApiError::Database(e),
+            StoreError::Invalid(invalid) => invalid.into(),
+            StoreError::NotFound(d) => ApiError::NotFound(d),
+            StoreError::Conflict(d) => ApiError::Conflict(d),
+            StoreError::Rejected(d) => ApiError::Unprocessable(d),
+            StoreError::Unavailable(d) => ApiError::Unavailable(d),
+            StoreError::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -259,5 +267,5 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// Result alias for handlers and stores.
+/// Result alias for handlers.
 pub type ApiResult<T> = Result<T, ApiError>;

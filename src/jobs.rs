@@ -86,7 +86,7 @@ async fn finish(
         Err(JobError::Retry(e)) => (
             "queued",
             Some(e),
-            crate::worker::dispatch::backoff(job.attempts, None).as_secs_f64(),
+            crate::domain::backoff(job.attempts, None).as_secs_f64(),
         ),
     };
     sqlx::query(

@@ -12,6 +12,7 @@ pub mod contacts;
 pub mod crypto;
 pub mod csat;
 pub mod db;
+pub mod domain;
 pub mod egress;
 pub mod embedded_pg;
 pub mod error;

@@ -312,9 +312,9 @@ async fn cancel_on_signal(token: CancellationToken) {
     token.cancel();
 }
 
-/// An API error as one line for the terminal.
-fn cli_error(e: ApiError) -> anyhow::Error {
-    match e {
+/// A store or validation error as one line for the terminal.
+fn cli_error(e: impl Into<ApiError>) -> anyhow::Error {
+    match e.into() {
         ApiError::Validation { errors, .. } => anyhow::anyhow!(
             "{}",
             errors

@@ -2,6 +2,99 @@
 
 use std::str::FromStr;
 
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// One invalid field of a request, with the JSON path of the field (`contacts[3].phone`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Input that failed validation: every invalid field with its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid(pub Vec<FieldError>);
+
+impl Invalid {
+    /// One invalid field.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Invalid(vec![FieldError::new(field, message)])
+    }
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.first() {
+            Some(e) => write!(f, "{}: {}", e.field, e.message),
+            None => f.write_str("invalid input"),
+        }
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+/// Collects every invalid field of a request, so a client learns all of them at once.
+#[derive(Default)]
+pub struct Errors(Vec<FieldError>);
+
+impl Errors {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError::new(field, message));
+    }
+
+    /// Runs a validator, keeping the value or recording the error under `field`.
+    pub fn check<T>(&mut self, field: &str, result: Result<T, String>) -> Option<T> {
+        self.check_with(|| field.to_owned(), result)
+    }
+
+    /// [`Errors::check`] for a field name that has to be written out (`events[3].type`):
+    /// `field` runs only when there is an error, so valid input costs no formatting.
+    pub fn check_with<T>(
+        &mut self,
+        field: impl FnOnce() -> String,
+        result: Result<T, String>,
+    ) -> Option<T> {
+        match result {
+            Ok(v) => Some(v),
+            Err(message) => {
+                self.add(field(), message);
+                None
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Err with every collected error, or Ok when there are none.
+    pub fn finish(self) -> Result<(), Invalid> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(Invalid(self.0))
+        }
+    }
+
+    pub fn into_vec(self) -> Vec<FieldError> {
+        self.0
+    }
+}
+
 /// An ISO 3166-1 alpha-2 country code known to the phone-numbering plan, upper-cased.
 pub fn country(raw: &str) -> Result<String, String> {
     let code = raw.trim().to_ascii_uppercase();

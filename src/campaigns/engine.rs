@@ -22,16 +22,36 @@ use super::cel as facts;
 use super::model::{AgentChoice, Definition, QuietHours, Reentry, Schedule, Step};
 use super::store::parse_definition;
 use crate::AppState;
-use crate::contacts::model::{Channel, Contact, Purpose};
+use crate::contacts::model::Contact;
 use crate::contacts::store as contacts;
-use crate::error::{ApiError, ApiResult};
+use crate::db::StoreError;
+use crate::domain::{Channel, Purpose};
 use crate::events::store as events;
 use crate::messages::model::Compose;
+use crate::messages::store::EnqueueError;
 use crate::messages::store::{self as messages, SendOptions};
 use crate::support::model::open_ticket_statuses;
 use crate::support::store as support;
 use crate::templates::store as templates;
 use crate::tenancy::{Tenant, TenantId};
+
+/// Why a round of the engine stopped; the worker logs it and tries again next round.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A message could not be queued for a reason a retry may cure (the renderer is down).
+    #[error(transparent)]
+    Enqueue(#[from] EnqueueError),
+}
+
+impl From<sqlx::Error> for EngineError {
+    fn from(e: sqlx::Error) -> Self {
+        EngineError::Store(e.into())
+    }
+}
+
+type EngineResult<T> = Result<T, EngineError>;
 
 /// Most events consumed in one transaction (by all its contacts). With ten campaigns matching
 /// each event, that is a few thousand journeys and decisions written at its commit.
@@ -56,7 +76,7 @@ impl Definitions {
         tenant: TenantId,
         campaign: Uuid,
         version: i32,
-    ) -> ApiResult<Arc<Definition>> {
+    ) -> EngineResult<Arc<Definition>> {
         if let Some(def) = self.lock().get(&(campaign, version)) {
             return Ok(def.clone());
         }
@@ -125,7 +145,7 @@ const ROUND_SIZE: i64 = 1000;
 /// [`CONTACTS_PER_TX_BACKLOG`] during a backlog), each chunk in one transaction with a fixed
 /// number of statements for its loads and its writes; a chunk that fails is evaluated again
 /// contact by contact, so one contact's failure is only its own.
-pub async fn round(state: &AppState, schedules: bool) -> ApiResult<Round> {
+pub async fn round(state: &AppState, schedules: bool) -> EngineResult<Round> {
     let now = state.clock.now();
     let mut done = Round::default();
     // The oldest events first (the inbox's order index), then the journeys due first.
@@ -388,7 +408,7 @@ async fn process_contacts(
     state: &AppState,
     tenant_id: TenantId,
     batch: &[(Uuid, &[Scheduled])],
-) -> ApiResult<Processed> {
+) -> EngineResult<Processed> {
     let mut tx = state.pool.begin().await?;
     let keys: Vec<i64> = batch
         .iter()
@@ -449,7 +469,9 @@ async fn process_contacts(
     if !found.is_empty() {
         let tenant = crate::tenants::store::context(&mut tx, tenant_id)
             .await?
-            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("tenant {tenant_id} is missing")))?;
+            .ok_or_else(|| {
+                StoreError::Internal(anyhow::anyhow!("tenant {tenant_id} is missing"))
+            })?;
         let campaigns: HashMap<Uuid, (String, i32, String)> =
             sqlx::query_as::<_, (Uuid, String, i32, String)>(
                 "SELECT id, status, version, name FROM campaigns
@@ -517,7 +539,7 @@ async fn process_contacts(
                 state,
                 tenant: &tenant,
                 facts: serde_json::to_value(&contact)
-                    .map_err(|e| ApiError::Internal(anyhow::anyhow!("serialise contact: {e}")))?,
+                    .map_err(|e| StoreError::Internal(anyhow::anyhow!("serialise contact: {e}")))?,
                 contact,
                 opts: &opts,
                 now,
@@ -562,7 +584,7 @@ async fn evaluate(
     journeys: &mut Vec<Journey>,
     pending: &[Pending],
     scheduled: &[Scheduled],
-) -> ApiResult<bool> {
+) -> EngineResult<bool> {
     let (state, tenant_id, contact_id, now) =
         (scope.state, scope.tenant.id, scope.contact.id, scope.now);
     // Conditions see the contact as it was at each event, not as it is now: rewind the
@@ -628,7 +650,7 @@ async fn forget_contacts(
     tenant: TenantId,
     contacts: &[Uuid],
     now: DateTime<Utc>,
-) -> ApiResult<()> {
+) -> EngineResult<()> {
     if contacts.is_empty() {
         return Ok(());
     }
@@ -702,7 +724,7 @@ async fn consume(
     journeys: &mut Vec<Journey>,
     event: &Pending,
     as_of: &mut Value,
-) -> ApiResult<()> {
+) -> EngineResult<()> {
     let now = scope.now;
     let previous = as_of.clone();
     if event.kind == "contact.updated" {
@@ -846,7 +868,7 @@ async fn enrol(
     key: &str,
     trigger_event_id: Option<Uuid>,
     trigger: Value,
-) -> ApiResult<()> {
+) -> EngineResult<()> {
     if let Some(previous) = journeys
         .iter_mut()
         .find(|j| j.campaign_id == campaign && j.status == "active")
@@ -968,7 +990,7 @@ fn campaign_name(scope: &Scope<'_>, campaign: Uuid) -> String {
 }
 
 /// Puts a journey decision on the contact's timeline.
-fn log_step(scope: &Scope<'_>, j: &Journey, step: &str, details: Value) -> ApiResult<()> {
+fn log_step(scope: &Scope<'_>, j: &Journey, step: &str, details: Value) -> EngineResult<()> {
     let mut properties = json!({"campaign_id": j.campaign_id,
         "campaign": campaign_name(scope, j.campaign_id), "journey_id": j.id,
         "version": j.version, "step": step, "position": j.position});
@@ -986,7 +1008,7 @@ fn finish(
     status: &str,
     reason: &str,
     converted: bool,
-) -> ApiResult<()> {
+) -> EngineResult<()> {
     j.status = status.to_owned();
     j.exit_reason = (status == "exited").then(|| reason.to_owned());
     j.converted = converted;
@@ -1016,7 +1038,7 @@ async fn save_journeys(
     tenant: TenantId,
     journeys: &[Journey],
     now: DateTime<Utc>,
-) -> ApiResult<()> {
+) -> EngineResult<()> {
     let (new, read): (Vec<&Journey>, Vec<&Journey>) = journeys
         .iter()
         .filter(|j| j.dirty)
@@ -1149,7 +1171,7 @@ enum SendOutcome {
 }
 
 /// Runs a journey's steps until it has to wait or ends.
-async fn advance(conn: &mut PgConnection, scope: &Scope<'_>, j: &mut Journey) -> ApiResult<()> {
+async fn advance(conn: &mut PgConnection, scope: &Scope<'_>, j: &mut Journey) -> EngineResult<()> {
     let now = scope.now;
     let def = scope
         .state
@@ -1320,7 +1342,7 @@ async fn send(
     template: &str,
     channels: &[Channel],
     variables: &serde_json::Map<String, Value>,
-) -> ApiResult<SendOutcome> {
+) -> EngineResult<SendOutcome> {
     let now = scope.now;
     let Some(found) = templates::get(conn, scope.tenant.id, template).await? else {
         finish(
@@ -1411,12 +1433,12 @@ async fn send(
     let message = match messages::enqueue(conn, scope.tenant, compose, scope.opts).await {
         Ok(m) => m,
         // The template no longer renders for this contact: the journey cannot go on.
-        Err(e @ (ApiError::Validation { .. } | ApiError::NotFound(_))) => {
-            let reason = format!("send_failed: {}", e.to_problem().detail);
+        Err(e) if e.is_permanent() => {
+            let reason = format!("send_failed: {e}");
             finish(scope, j, "exited", &reason, false)?;
             return Ok(SendOutcome::Ended);
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     if message.status == "queued" && marketing {
         sqlx::query(
@@ -1455,7 +1477,7 @@ async fn notify_agent(
     subject: Option<&str>,
     note: Option<&str>,
     priority: &str,
-) -> ApiResult<()> {
+) -> EngineResult<()> {
     let contact = &scope.contact;
     let owner: Option<Uuid> = match (choice, contact.owner_agent_id) {
         (AgentChoice::Owner, Some(owner)) => {
@@ -1541,7 +1563,7 @@ async fn notify_agent(
 /// Enrols the contacts whose date comes round: for each active campaign with a schedule, the
 /// contacts whose birthday is today in their time zone and whose local time has passed `at`,
 /// once a year. 29 February birthdays are kept on 28 February in other years.
-async fn run_schedules(state: &AppState, now: DateTime<Utc>) -> ApiResult<usize> {
+async fn run_schedules(state: &AppState, now: DateTime<Utc>) -> EngineResult<usize> {
     let running: Vec<(TenantId, Uuid, i32)> =
         sqlx::query_as("SELECT tenant_id, id, version FROM campaigns WHERE status = 'active'")
             .fetch_all(&state.pool)

@@ -11,9 +11,9 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::contacts::model::Channel;
-use crate::error::FieldError;
+use crate::domain::Channel;
 use crate::support::model::Priority;
+use crate::validate::FieldError;
 
 /// The longest wait, timeout or hold a campaign may ask for.
 const MAX_SPAN_SECS: i64 = 400 * 86_400;

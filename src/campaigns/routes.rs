@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::model::{Campaign, CampaignStats, CampaignStatus, Definition};
-use super::store::{self, campaign_not_found};
+use super::store;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson, parse_json};
@@ -142,7 +142,7 @@ async fn get_campaign(
     store::get(&mut conn, tenant.id, id)
         .await?
         .map(Json)
-        .ok_or_else(|| campaign_not_found(id))
+        .ok_or_else(|| ApiError::from(store::campaign_not_found(id)))
 }
 
 /// Change a campaign: send any top-level fields of the definition (`null` removes an optional
@@ -162,7 +162,7 @@ async fn update_campaign(
     let mut tx = state.pool.begin().await?;
     let status = store::lock(&mut tx, tenant.id, id)
         .await?
-        .ok_or_else(|| campaign_not_found(id))?;
+        .ok_or_else(|| ApiError::from(store::campaign_not_found(id)))?;
     if status == CampaignStatus::Archived {
         return Err(ApiError::Conflict(
             "an archived campaign cannot change; create a new one".to_owned(),
@@ -170,7 +170,7 @@ async fn update_campaign(
     }
     let current = store::get(&mut tx, tenant.id, id)
         .await?
-        .ok_or_else(|| campaign_not_found(id))?;
+        .ok_or_else(|| ApiError::from(store::campaign_not_found(id)))?;
     let mut merged = match serde_json::to_value(&current.definition) {
         Ok(Value::Object(m)) => m,
         _ => Map::new(),
@@ -255,7 +255,7 @@ async fn stats(
 ) -> ApiResult<Json<CampaignStats>> {
     let mut conn = state.pool.acquire().await?;
     if store::get(&mut conn, tenant.id, id).await?.is_none() {
-        return Err(campaign_not_found(id));
+        return Err(ApiError::from(store::campaign_not_found(id)));
     }
     Ok(Json(store::stats(&mut conn, tenant.id, id).await?))
 }
@@ -278,7 +278,7 @@ async fn journeys(
     let before = page.cursor.as_deref().map(decode_id_cursor).transpose()?;
     let mut conn = state.pool.acquire().await?;
     if store::get(&mut conn, tenant.id, id).await?.is_none() {
-        return Err(campaign_not_found(id));
+        return Err(ApiError::from(store::campaign_not_found(id)));
     }
     let status = filter.status.map(|s| match s {
         JourneyStatus::Active => "active",

@@ -8,10 +8,11 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::model::{Campaign, CampaignStats, CampaignStatus, Definition};
-use crate::error::{ApiError, ApiResult, FieldError};
+use crate::db::{StoreError, StoreResult};
 use crate::events::store as events;
 use crate::templates::store as templates;
 use crate::tenancy::TenantId;
+use crate::validate::{FieldError, Invalid};
 
 #[derive(sqlx::FromRow)]
 struct Row {
@@ -30,10 +31,10 @@ const SELECT: &str = "SELECT c.id, c.status, c.version, v.definition, c.created_
      FROM campaigns c JOIN campaign_versions v
        ON v.tenant_id = c.tenant_id AND v.campaign_id = c.id AND v.version = c.version";
 
-fn to_campaign(row: Row) -> ApiResult<Campaign> {
+fn to_campaign(row: Row) -> StoreResult<Campaign> {
     let definition = parse_definition(row.definition)?;
     let status = CampaignStatus::parse(&row.status)
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("stored status {}", row.status)))?;
+        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("stored status {}", row.status)))?;
     Ok(Campaign {
         id: row.id,
         status,
@@ -47,13 +48,13 @@ fn to_campaign(row: Row) -> ApiResult<Campaign> {
 }
 
 /// A stored definition (it was valid when written, so failing to read it is a bug).
-pub fn parse_definition(value: serde_json::Value) -> ApiResult<Definition> {
+pub fn parse_definition(value: serde_json::Value) -> StoreResult<Definition> {
     serde_json::from_value(value)
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored campaign definition: {e}")))
+        .map_err(|e| StoreError::Internal(anyhow::anyhow!("stored campaign definition: {e}")))
 }
 
-pub fn campaign_not_found(id: Uuid) -> ApiError {
-    ApiError::NotFound(format!("no campaign with id {id}"))
+pub fn campaign_not_found(id: Uuid) -> StoreError {
+    StoreError::NotFound(format!("no campaign with id {id}"))
 }
 
 /// Checks what only the database knows: every `send` names a template of this tenant that has
@@ -62,7 +63,7 @@ pub async fn check_templates(
     conn: &mut PgConnection,
     tenant: TenantId,
     def: &Definition,
-) -> ApiResult<()> {
+) -> StoreResult<()> {
     let mut errors = Vec::new();
     for (field, key, channels) in def.templates() {
         match templates::get(conn, tenant, key).await? {
@@ -73,9 +74,9 @@ pub async fn check_templates(
             Some(t) => {
                 let usable = if channels.is_empty() {
                     [
-                        crate::contacts::model::Channel::Email,
-                        crate::contacts::model::Channel::Sms,
-                        crate::contacts::model::Channel::Viber,
+                        crate::domain::Channel::Email,
+                        crate::domain::Channel::Sms,
+                        crate::domain::Channel::Viber,
                     ]
                     .iter()
                     .any(|c| t.variants.has(*c))
@@ -95,7 +96,7 @@ pub async fn check_templates(
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(ApiError::validation(errors))
+        Err(StoreError::Invalid(Invalid(errors)))
     }
 }
 
@@ -104,7 +105,7 @@ pub async fn create(
     conn: &mut PgConnection,
     tenant: TenantId,
     def: &Definition,
-) -> ApiResult<Campaign> {
+) -> StoreResult<Campaign> {
     let id = Uuid::now_v7();
     sqlx::query(
         "INSERT INTO campaigns (tenant_id, id, name, status, version) VALUES ($1, $2, $3, 'draft', 1)",
@@ -126,9 +127,9 @@ async fn insert_version(
     id: Uuid,
     version: i32,
     def: &Definition,
-) -> ApiResult<()> {
+) -> StoreResult<()> {
     let definition = serde_json::to_value(def)
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("serialise definition: {e}")))?;
+        .map_err(|e| StoreError::Internal(anyhow::anyhow!("serialise definition: {e}")))?;
     sqlx::query(
         "INSERT INTO campaign_versions (tenant_id, campaign_id, version, definition)
          VALUES ($1, $2, $3, $4)",
@@ -148,7 +149,7 @@ pub async fn update(
     tenant: TenantId,
     id: Uuid,
     def: &Definition,
-) -> ApiResult<Campaign> {
+) -> StoreResult<Campaign> {
     let version: i32 = sqlx::query_scalar(
         "UPDATE campaigns SET version = version + 1, name = $3, updated_at = now()
          WHERE tenant_id = $1 AND id = $2 RETURNING version",
@@ -168,7 +169,7 @@ pub async fn get(
     conn: &mut PgConnection,
     tenant: TenantId,
     id: Uuid,
-) -> ApiResult<Option<Campaign>> {
+) -> StoreResult<Option<Campaign>> {
     let sql = format!("{SELECT} WHERE c.tenant_id = $1 AND c.id = $2");
     let row: Option<Row> = sqlx::query_as(&sql)
         .bind(tenant)
@@ -184,7 +185,7 @@ pub async fn lock(
     conn: &mut PgConnection,
     tenant: TenantId,
     id: Uuid,
-) -> ApiResult<Option<CampaignStatus>> {
+) -> StoreResult<Option<CampaignStatus>> {
     let status: Option<String> = sqlx::query_scalar(
         "SELECT status FROM campaigns WHERE tenant_id = $1 AND id = $2 FOR NO KEY UPDATE",
     )
@@ -202,7 +203,7 @@ pub async fn list(
     status: Option<CampaignStatus>,
     before: Option<Uuid>,
     limit: i64,
-) -> ApiResult<Vec<Campaign>> {
+) -> StoreResult<Vec<Campaign>> {
     let sql = format!(
         "{SELECT} WHERE c.tenant_id = $1 AND ($2::text IS NULL OR c.status = $2)
            AND ($3::uuid IS NULL OR c.id < $3)
@@ -226,7 +227,7 @@ pub async fn set_status(
     id: Uuid,
     next: CampaignStatus,
     now: DateTime<Utc>,
-) -> ApiResult<Campaign> {
+) -> StoreResult<Campaign> {
     let current = lock(conn, tenant, id)
         .await?
         .ok_or_else(|| campaign_not_found(id))?;
@@ -238,7 +239,7 @@ pub async fn set_status(
             | (Draft | Active | Paused | Archived, Archived)
     );
     if !allowed {
-        return Err(ApiError::Conflict(format!(
+        return Err(StoreError::Conflict(format!(
             "a {} campaign cannot become {}",
             current.as_str(),
             next.as_str()
@@ -292,7 +293,7 @@ pub async fn stats(
     conn: &mut PgConnection,
     tenant: TenantId,
     id: Uuid,
-) -> ApiResult<CampaignStats> {
+) -> StoreResult<CampaignStats> {
     let (enrolled, active, completed, exited, converted): (i64, i64, i64, i64, i64) =
         sqlx::query_as(
             "SELECT count(*),

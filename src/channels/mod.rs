@@ -21,8 +21,8 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::contacts::model::Channel as ChannelKind;
 use crate::crypto::SecretBox;
+use crate::domain::Channel as ChannelKind;
 use crate::tenancy::TenantId;
 
 /// A rendered message, ready for a provider.

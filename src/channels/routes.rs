@@ -8,7 +8,7 @@ use utoipa_axum::routes;
 
 use super::settings::{self, ChannelConfig, ChannelInput};
 use crate::AppState;
-use crate::contacts::model::Channel;
+use crate::domain::Channel;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::{ApiPath, ValidJson};
 use crate::http::pagination::Page;

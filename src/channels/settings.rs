@@ -9,11 +9,11 @@ use serde_json::{Map, Value};
 use sqlx::PgConnection;
 use utoipa::ToSchema;
 
-use crate::contacts::model::Channel;
 use crate::crypto::SecretBox;
+use crate::domain::Channel;
 use crate::error::{ApiError, ApiResult};
-use crate::http::extract::Errors;
 use crate::tenancy::TenantId;
+use crate::validate::Errors;
 
 /// What a provider takes.
 pub struct ProviderSpec {
@@ -284,7 +284,7 @@ pub async fn put(
         return Err(ApiError::validation(
             missing
                 .iter()
-                .map(|k| crate::error::FieldError::new(format!("secrets.{k}"), "is required"))
+                .map(|k| crate::validate::FieldError::new(format!("secrets.{k}"), "is required"))
                 .collect(),
         ));
     }

@@ -3,16 +3,14 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::error::FieldError;
+use crate::domain::{Channel, ConsentInput, Patch, Purpose};
 use crate::events::model::Event;
-use crate::http::extract::Errors;
-use crate::validate;
+use crate::validate::{self, Errors, FieldError};
 
 /// A customer of a tenant.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
@@ -45,165 +43,6 @@ pub struct Contact {
     pub stats: Value,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-}
-
-/// A message channel.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum Channel {
-    Email,
-    Sms,
-    Viber,
-}
-
-impl Channel {
-    pub fn parse(name: &str) -> Option<Channel> {
-        match name {
-            "email" => Some(Channel::Email),
-            "sms" => Some(Channel::Sms),
-            "viber" => Some(Channel::Viber),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Channel::Email => "email",
-            Channel::Sms => "sms",
-            Channel::Viber => "viber",
-        }
-    }
-}
-
-/// Why a message is sent: marketing needs an opt-in, transactional only no opt-out.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum Purpose {
-    Marketing,
-    Transactional,
-}
-
-impl Purpose {
-    pub fn parse(name: &str) -> Option<Purpose> {
-        match name {
-            "marketing" => Some(Purpose::Marketing),
-            "transactional" => Some(Purpose::Transactional),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Purpose::Marketing => "marketing",
-            Purpose::Transactional => "transactional",
-        }
-    }
-}
-
-/// A consent decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ConsentStatus {
-    OptedIn,
-    OptedOut,
-}
-
-impl ConsentStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConsentStatus::OptedIn => "opted_in",
-            ConsentStatus::OptedOut => "opted_out",
-        }
-    }
-}
-
-/// A consent as sent: the bare status (`"opted_in"`), or with when and where it was given.
-#[derive(Debug, Clone)]
-pub struct ConsentInput {
-    pub status: ConsentStatus,
-    pub source: Option<String>,
-    pub at: Option<DateTime<Utc>>,
-}
-
-impl<'de> Deserialize<'de> for ConsentInput {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ConsentVisitor;
-        impl<'de> Visitor<'de> for ConsentVisitor {
-            type Value = ConsentInput;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("`opted_in`, `opted_out`, or {status, source?, at?}")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<ConsentInput, E> {
-                let status = ConsentStatus::deserialize(de::value::StrDeserializer::<E>::new(v))?;
-                Ok(ConsentInput {
-                    status,
-                    source: None,
-                    at: None,
-                })
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ConsentInput, A::Error> {
-                #[derive(Deserialize)]
-                #[serde(deny_unknown_fields)]
-                struct Full {
-                    status: ConsentStatus,
-                    source: Option<String>,
-                    at: Option<DateTime<Utc>>,
-                }
-                let full = Full::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(ConsentInput {
-                    status: full.status,
-                    source: full.source,
-                    at: full.at,
-                })
-            }
-        }
-        deserializer.deserialize_any(ConsentVisitor)
-    }
-}
-
-/// A field of a partial update: absent (unchanged), `null` (cleared) or a value.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub enum Patch<T> {
-    #[default]
-    Missing,
-    Null,
-    Value(T),
-}
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Patch<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(match Option::<T>::deserialize(deserializer)? {
-            None => Patch::Null,
-            Some(v) => Patch::Value(v),
-        })
-    }
-}
-
-impl<T> Patch<T> {
-    /// Validates a present value, keeping `Missing` and `Null` as they are.
-    pub fn try_map<U>(&self, f: impl FnOnce(&T) -> Result<U, String>) -> Result<Patch<U>, String> {
-        Ok(match self {
-            Patch::Missing => Patch::Missing,
-            Patch::Null => Patch::Null,
-            Patch::Value(v) => Patch::Value(f(v)?),
-        })
-    }
-
-    /// The value after applying this patch to `current`.
-    pub fn apply(&self, current: Option<T>) -> Option<T>
-    where
-        T: Clone,
-    {
-        match self {
-            Patch::Missing => current,
-            Patch::Null => None,
-            Patch::Value(v) => Some(v.clone()),
-        }
-    }
 }
 
 /// The body of `PUT /v1/contacts/{external_id}` and an item of a batch upsert. Absent fields are

@@ -14,6 +14,7 @@ use super::model::{
 };
 use super::store::{self, ListFilter, Upserted};
 use crate::AppState;
+use crate::db::StoreError;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::events::model::{Event, TimelineParams};
 use crate::events::store as events;
@@ -23,7 +24,7 @@ use crate::http::pagination::{
     paginate,
 };
 use crate::tenancy::Tenant;
-use crate::validate;
+use crate::validate::{self, Invalid};
 
 /// Most contacts a batch may carry.
 pub const MAX_BATCH: usize = 1000;
@@ -138,13 +139,13 @@ async fn batch_upsert(
             Ok(Upserted::Created(c)) => accepted(*index, ItemStatus::Created, c),
             Ok(Upserted::Updated(c)) => accepted(*index, ItemStatus::Updated, c),
             Ok(Upserted::Unchanged(c)) => accepted(*index, ItemStatus::Unchanged, c),
-            Err(ApiError::Validation { errors, .. }) => ContactBatchItem {
+            Err(StoreError::Invalid(Invalid(errors))) => ContactBatchItem {
                 index: *index,
                 status: ItemStatus::Rejected,
                 contact: None,
                 errors: Some(errors),
             },
-            Err(other) => return Err(other),
+            Err(other) => return Err(other.into()),
         };
         results[*index] = Some(item);
     }
@@ -165,7 +166,7 @@ fn rejected(index: usize, field: String, message: String) -> ContactBatchItem {
         index,
         status: ItemStatus::Rejected,
         contact: None,
-        errors: Some(vec![crate::error::FieldError::new(field, message)]),
+        errors: Some(vec![crate::validate::FieldError::new(field, message)]),
     }
 }
 

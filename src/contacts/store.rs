@@ -10,7 +10,8 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::model::{Contact, ContactCard, ContactChanges, ContactFields, change};
-use crate::error::{ApiError, ApiResult};
+use crate::db::{StoreError, StoreResult};
+use crate::domain::{Channel, ConsentStatus, Patch, Purpose};
 use crate::events::store as events;
 use crate::support::model::OPEN_TICKET_STATUSES;
 use crate::tenancy::{Tenant, TenantId};
@@ -33,7 +34,7 @@ pub async fn get(
     conn: &mut PgConnection,
     tenant: TenantId,
     id: Uuid,
-) -> ApiResult<Option<Contact>> {
+) -> StoreResult<Option<Contact>> {
     let sql = format!(
         "SELECT {CONTACT_COLUMNS} FROM contacts c
          WHERE c.tenant_id = $1 AND c.id = $2 AND c.erased_at IS NULL"
@@ -50,7 +51,7 @@ pub async fn get_many(
     conn: &mut PgConnection,
     tenant: TenantId,
     ids: &[Uuid],
-) -> ApiResult<Vec<Contact>> {
+) -> StoreResult<Vec<Contact>> {
     let sql = format!(
         "SELECT {CONTACT_COLUMNS} FROM contacts c
          WHERE c.tenant_id = $1 AND c.id = ANY($2) AND c.erased_at IS NULL"
@@ -77,7 +78,7 @@ pub async fn list(
     filter: &ListFilter,
     before: Option<Uuid>,
     limit: i64,
-) -> ApiResult<Vec<Contact>> {
+) -> StoreResult<Vec<Contact>> {
     let sql = format!(
         "SELECT {CONTACT_COLUMNS} FROM contacts c
          WHERE c.tenant_id = $1 AND c.erased_at IS NULL
@@ -105,7 +106,7 @@ pub async fn card_by_phone(
     conn: &mut PgConnection,
     tenant: TenantId,
     phone: &str,
-) -> ApiResult<Option<ContactCard>> {
+) -> StoreResult<Option<ContactCard>> {
     let event_columns = events::EVENT_COLUMNS;
     let ticket_columns = crate::support::store::TICKET_COLUMNS;
     // The subqueries are the ones of the timeline (`events_timeline`), of the open tickets
@@ -169,8 +170,8 @@ pub async fn upsert(
     external_id: &str,
     changes: &ContactChanges,
     field_prefix: &str,
-) -> ApiResult<Upserted> {
-    if let super::model::Patch::Value(agent) = changes.owner_agent_id {
+) -> StoreResult<Upserted> {
+    if let Patch::Value(agent) = changes.owner_agent_id {
         // Another tenant's agent is as unknown here as one that does not exist.
         let known: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM agents WHERE tenant_id = $1 AND id = $2)",
@@ -180,7 +181,7 @@ pub async fn upsert(
         .fetch_one(&mut *conn)
         .await?;
         if !known {
-            return Err(ApiError::field(
+            return Err(StoreError::field(
                 format!("{field_prefix}owner_agent_id"),
                 format!("no agent with id {agent}"),
             ));
@@ -232,7 +233,7 @@ pub async fn upsert(
             }
         }
     }
-    Err(ApiError::Unavailable(
+    Err(StoreError::Unavailable(
         "the contact is being changed by concurrent requests; retry".to_owned(),
     ))
 }
@@ -254,9 +255,9 @@ impl ContactFields {
     }
 }
 
-async fn must_get(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> ApiResult<Contact> {
+async fn must_get(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> StoreResult<Contact> {
     get(conn, tenant, id).await?.ok_or_else(|| {
-        ApiError::Internal(anyhow::anyhow!("contact {id} vanished in its transaction"))
+        StoreError::Internal(anyhow::anyhow!("contact {id} vanished in its transaction"))
     })
 }
 
@@ -267,7 +268,7 @@ async fn insert(
     id: Uuid,
     external_id: &str,
     f: &ContactFields,
-) -> ApiResult<bool> {
+) -> StoreResult<bool> {
     let insert = sqlx::query(
         "INSERT INTO contacts (tenant_id, id, email, phone, viber_id, first_name, last_name,
             locale, country, timezone, birthday, owner_agent_id, attributes, consents, external_id)
@@ -286,7 +287,7 @@ async fn write_fields(
     tenant: TenantId,
     id: Uuid,
     f: &ContactFields,
-) -> ApiResult<()> {
+) -> StoreResult<()> {
     let update = sqlx::query(
         "UPDATE contacts SET email = $3, phone = $4, viber_id = $5, first_name = $6,
             last_name = $7, locale = $8, country = $9, timezone = $10, birthday = $11,
@@ -326,18 +327,18 @@ fn merge(
     current: &ContactFields,
     changes: &ContactChanges,
     field_prefix: &str,
-) -> ApiResult<ContactFields> {
+) -> StoreResult<ContactFields> {
     let country = changes.country.apply(current.country.clone());
     let phone = match &changes.phone {
-        super::model::Patch::Value(raw) => {
+        Patch::Value(raw) => {
             let region = country.as_deref().unwrap_or(&tenant.default_country);
             Some(
                 validate::phone(raw, Some(region))
-                    .map_err(|m| ApiError::field(format!("{field_prefix}phone"), m))?,
+                    .map_err(|m| StoreError::field(format!("{field_prefix}phone"), m))?,
             )
         }
-        super::model::Patch::Null => None,
-        super::model::Patch::Missing => current.phone.clone(),
+        Patch::Null => None,
+        Patch::Missing => current.phone.clone(),
     };
     let mut attributes = current.attributes.as_object().cloned().unwrap_or_default();
     for (key, value) in &changes.attributes {
@@ -456,7 +457,7 @@ pub async fn ensure_by_external_id(
     external_id: &str,
     email: Option<&str>,
     phone: Option<&str>,
-) -> ApiResult<Uuid> {
+) -> StoreResult<Uuid> {
     let wanted = ExternalRef {
         external_id,
         email,
@@ -465,7 +466,7 @@ pub async fn ensure_by_external_id(
     ensure_by_external_ids(conn, tenant, &[wanted])
         .await?
         .remove(external_id)
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("contact {external_id} not ensured")))
+        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("contact {external_id} not ensured")))
 }
 
 /// A contact named by the tenant's external id, with the addresses to create it with.
@@ -485,7 +486,7 @@ pub async fn ensure_by_external_ids(
     conn: &mut PgConnection,
     tenant: TenantId,
     refs: &[ExternalRef<'_>],
-) -> ApiResult<HashMap<String, Uuid>> {
+) -> StoreResult<HashMap<String, Uuid>> {
     let mut found: HashMap<String, Uuid> = HashMap::with_capacity(refs.len());
     for _ in 0..3 {
         let wanted: Vec<&str> = refs
@@ -550,7 +551,7 @@ pub async fn ensure_by_external_ids(
     if refs.iter().all(|r| found.contains_key(r.external_id)) {
         return Ok(found);
     }
-    Err(ApiError::Unavailable(
+    Err(StoreError::Unavailable(
         "the contact is being created by concurrent requests; retry".to_owned(),
     ))
 }
@@ -561,7 +562,7 @@ pub async fn id_by_address(
     tenant: TenantId,
     column: Address,
     value: &str,
-) -> ApiResult<Option<Uuid>> {
+) -> StoreResult<Option<Uuid>> {
     Ok(ids_by_address(conn, tenant, column, &[value])
         .await?
         .remove(value))
@@ -574,7 +575,7 @@ pub async fn ids_by_address(
     tenant: TenantId,
     column: Address,
     values: &[&str],
-) -> ApiResult<HashMap<String, Uuid>> {
+) -> StoreResult<HashMap<String, Uuid>> {
     if values.is_empty() {
         return Ok(HashMap::new());
     }
@@ -601,9 +602,9 @@ pub async fn ids_by_address(
 pub async fn find_by_ref(
     conn: &mut PgConnection,
     tenant: &Tenant,
-    r: &crate::events::model::ContactRef,
+    r: &crate::domain::ContactRef,
     field: &str,
-) -> ApiResult<Option<Uuid>> {
+) -> StoreResult<Option<Uuid>> {
     if let Some(external_id) = &r.external_id {
         return Ok(sqlx::query_scalar(
             "SELECT id FROM contacts WHERE tenant_id = $1 AND external_id = $2",
@@ -615,15 +616,15 @@ pub async fn find_by_ref(
     }
     if let Some(email) = &r.email {
         let email =
-            validate::email(email).map_err(|m| ApiError::field(format!("{field}.email"), m))?;
+            validate::email(email).map_err(|m| StoreError::field(format!("{field}.email"), m))?;
         return id_by_address(conn, tenant.id, Address::Email, &email).await;
     }
     if let Some(phone) = &r.phone {
         let phone = validate::phone(phone, Some(&tenant.default_country))
-            .map_err(|m| ApiError::field(format!("{field}.phone"), m))?;
+            .map_err(|m| StoreError::field(format!("{field}.phone"), m))?;
         return id_by_address(conn, tenant.id, Address::Phone, &phone).await;
     }
-    Err(ApiError::field(
+    Err(StoreError::field(
         field,
         "give the contact's external_id, email or phone",
     ))
@@ -637,12 +638,12 @@ pub async fn set_consent(
     conn: &mut PgConnection,
     tenant: TenantId,
     contact_id: Uuid,
-    channel: super::model::Channel,
-    purpose: super::model::Purpose,
-    status: super::model::ConsentStatus,
+    channel: Channel,
+    purpose: Purpose,
+    status: ConsentStatus,
     source: &str,
     message_id: Option<Uuid>,
-) -> ApiResult<bool> {
+) -> StoreResult<bool> {
     let old: Option<Value> = sqlx::query_scalar(
         "SELECT consents -> $3 -> $4 -> 'status' FROM contacts
          WHERE tenant_id = $1 AND id = $2 AND erased_at IS NULL FOR UPDATE",
@@ -688,9 +689,7 @@ pub async fn set_consent(
         json!({"changes": changes}),
     )
     .await?;
-    if status == super::model::ConsentStatus::OptedOut
-        && purpose == super::model::Purpose::Marketing
-    {
+    if status == ConsentStatus::OptedOut && purpose == Purpose::Marketing {
         events::emit(
             conn,
             tenant,
@@ -713,7 +712,7 @@ pub enum Address {
 /// The right to erasure: personal data is removed from the contact and its events; the
 /// counters and event types stay, so aggregates keep adding up. False when there is no such
 /// live contact.
-pub async fn erase(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> ApiResult<bool> {
+pub async fn erase(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> StoreResult<bool> {
     let done = sqlx::query(
         "UPDATE contacts SET external_id = NULL, email = NULL, phone = NULL, viber_id = NULL,
             first_name = NULL, last_name = NULL, locale = NULL, timezone = NULL, birthday = NULL,

@@ -8,8 +8,8 @@ use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::error::{ApiError, ApiResult};
-use crate::events::model::ContactRef;
+use crate::db::{StoreError, StoreResult};
+use crate::domain::ContactRef;
 use crate::events::store as events;
 use crate::messages::store as messages;
 use crate::tenancy::TenantId;
@@ -72,9 +72,9 @@ pub async fn record(
     tenant: TenantId,
     r: &RatingRow<'_>,
     max_attempts: i32,
-) -> ApiResult<Rating> {
+) -> StoreResult<Rating> {
     if !(1..=5).contains(&r.score) {
-        return Err(ApiError::field("score", "must be 1 to 5"));
+        return Err(StoreError::field("score", "must be 1 to 5"));
     }
     let sql = format!(
         "INSERT INTO ratings (tenant_id, id, contact_id, ticket_id, agent_id, score, comment, source, channel, country)
@@ -95,12 +95,12 @@ pub async fn record(
         .await
         .map_err(|e| {
             if crate::db::is_unique_violation(&e, Some("ratings_one_survey_per_ticket")) {
-                ApiError::Conflict("this ticket has already been rated".to_owned())
+                StoreError::Conflict("this ticket has already been rated".to_owned())
             } else {
                 e.into()
             }
         })?;
-    let rating = rating.ok_or_else(|| ApiError::field("contact", "no such contact"))?;
+    let rating = rating.ok_or_else(|| StoreError::field("contact", "no such contact"))?;
     let threshold: i16 = sqlx::query_scalar(
         "SELECT coalesce((settings->>'csat_alert_threshold')::smallint, $2) FROM tenants WHERE id = $1",
     )
@@ -125,7 +125,7 @@ async fn alert_agent(
     agent: Uuid,
     rating: &Rating,
     max_attempts: i32,
-) -> ApiResult<()> {
+) -> StoreResult<()> {
     let about: Option<(String, Option<i64>, Option<String>)> = sqlx::query_as(
         "SELECT coalesce(nullif(trim(concat_ws(' ', c.first_name, c.last_name)), ''), c.email, c.phone, c.external_id, 'a customer'),
                 t.number, t.subject
@@ -167,7 +167,7 @@ pub async fn add_comment(
     tenant: TenantId,
     ticket: Uuid,
     comment: &str,
-) -> ApiResult<bool> {
+) -> StoreResult<bool> {
     let done = sqlx::query(
         "UPDATE ratings SET comment = $3 WHERE tenant_id = $1 AND ticket_id = $2 AND source = 'survey'",
     )
@@ -184,7 +184,7 @@ pub async fn survey_rating(
     conn: &mut PgConnection,
     tenant: TenantId,
     ticket: Uuid,
-) -> ApiResult<Option<Rating>> {
+) -> StoreResult<Option<Rating>> {
     let sql = format!(
         "SELECT {RATING_COLUMNS} FROM ratings WHERE tenant_id = $1 AND ticket_id = $2 AND source = 'survey'"
     );
@@ -200,7 +200,7 @@ pub async fn last_score(
     conn: &mut PgConnection,
     tenant: TenantId,
     contact: Uuid,
-) -> ApiResult<Option<i16>> {
+) -> StoreResult<Option<i16>> {
     Ok(sqlx::query_scalar(
         "SELECT score FROM ratings WHERE tenant_id = $1 AND contact_id = $2 ORDER BY created_at DESC, id DESC LIMIT 1",
     )

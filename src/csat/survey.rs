@@ -304,14 +304,14 @@ async fn answer(
             };
             match store::record(&mut tx, t.tenant, &row, state.config.outbox_max_attempts).await {
                 Ok(_) => {}
-                Err(crate::error::ApiError::Conflict(_)) => {
+                Err(crate::db::StoreError::Conflict(_)) => {
                     return Ok(page(
                         StatusCode::CONFLICT,
                         w,
                         &format!("<p>{}</p>{}", w.already, form(&token, w, false)),
                     ));
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
         (None, Some(_)) => {

@@ -14,10 +14,11 @@ use uuid::Uuid;
 use super::model::{Accepted, NewEvent};
 use super::store::{self, NewEventRow};
 use crate::contacts::store::{self as contacts, Address, ExternalRef};
-use crate::error::{ApiError, ApiResult, FieldError};
-use crate::http::extract::Errors;
+use crate::db::{StoreError, StoreResult};
 use crate::tenancy::{Tenant, TenantId};
 use crate::validate;
+use crate::validate::Errors;
+use crate::validate::FieldError;
 
 /// Most events a batch may carry.
 pub const MAX_BATCH: usize = 1000;
@@ -213,7 +214,7 @@ pub async fn ingest(
     conn: &mut PgConnection,
     tenant: &Tenant,
     items: &[&Item],
-) -> ApiResult<Vec<Outcome>> {
+) -> StoreResult<Vec<Outcome>> {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
     let valid = || items.iter().filter_map(|i| i.as_ref().ok());
     let resolved = resolve_all(conn, tenant, valid().map(|v| &v.contact)).await?;
@@ -249,7 +250,7 @@ pub async fn ingest(
                 continue;
             }
             None => {
-                return Err(ApiError::Internal(anyhow::anyhow!(
+                return Err(StoreError::Internal(anyhow::anyhow!(
                     "unresolved contact reference"
                 )));
             }
@@ -281,13 +282,13 @@ pub async fn ingest(
     let appended = match store::append_all(conn, tenant.id, &rows).await {
         Ok(a) if a.len() == rows.len() => a,
         Ok(_) => {
-            return Err(ApiError::Internal(anyhow::anyhow!(
+            return Err(StoreError::Internal(anyhow::anyhow!(
                 "an event was not appended"
             )));
         }
         // Only a writer that skipped the key locks can get here; the caller rolls back.
         Err(e) if crate::db::is_unique_violation(&e, Some("events_idempotency_key")) => {
-            return Err(ApiError::Unavailable(
+            return Err(StoreError::Unavailable(
                 "a concurrent request recorded one of these idempotency keys; retry".into(),
             ));
         }
@@ -309,7 +310,7 @@ pub async fn ingest(
     }
     outcomes
         .into_iter()
-        .map(|o| o.ok_or_else(|| ApiError::Internal(anyhow::anyhow!("event without outcome"))))
+        .map(|o| o.ok_or_else(|| StoreError::Internal(anyhow::anyhow!("event without outcome"))))
         .collect()
 }
 
@@ -328,7 +329,7 @@ async fn resolve_all<'a>(
     conn: &mut PgConnection,
     tenant: &Tenant,
     refs: impl Iterator<Item = &'a ValidRef>,
-) -> ApiResult<HashMap<(u8, &'a str), Result<Uuid, &'static str>>> {
+) -> StoreResult<HashMap<(u8, &'a str), Result<Uuid, &'static str>>> {
     let mut external: Vec<ExternalRef<'a>> = Vec::new();
     let mut emails: Vec<&'a str> = Vec::new();
     let mut phones: Vec<&'a str> = Vec::new();
@@ -356,7 +357,7 @@ async fn resolve_all<'a>(
         let ids = contacts::ensure_by_external_ids(conn, tenant.id, &external).await?;
         for r in &external {
             let id = ids.get(r.external_id).copied().ok_or_else(|| {
-                ApiError::Internal(anyhow::anyhow!("contact {} not ensured", r.external_id))
+                StoreError::Internal(anyhow::anyhow!("contact {} not ensured", r.external_id))
             })?;
             resolved.insert((0, r.external_id), Ok(id));
         }

@@ -6,7 +6,8 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::error::FieldError;
+use crate::domain::ContactRef;
+use crate::validate::FieldError;
 
 /// Something that happened to a contact.
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
@@ -29,18 +30,6 @@ pub struct Event {
     /// The kind of object the event is about (`message`, `ticket`, `call`...).
     pub subject_type: Option<String>,
     pub subject_id: Option<Uuid>,
-}
-
-/// How an event names its contact: by the tenant's external id (created when new), or by an
-/// email or phone of an existing contact.
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ContactRef {
-    #[schema(example = "cust-42")]
-    pub external_id: Option<String>,
-    pub email: Option<String>,
-    /// Any common format.
-    pub phone: Option<String>,
 }
 
 /// `POST /v1/events` and an item of `POST /v1/events/batch`.

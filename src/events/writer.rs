@@ -21,7 +21,7 @@ use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::ingest::{self, Item, Outcome};
-use crate::error::{ApiError, ApiResult};
+use crate::db::{StoreError, StoreResult};
 use crate::tenancy::{Tenant, TenantId};
 
 /// Requests waiting for a writer, at most; senders wait for room beyond that.
@@ -31,7 +31,7 @@ const QUEUE: usize = 4096;
 struct Job {
     tenant: Tenant,
     items: Vec<Item>,
-    reply: oneshot::Sender<ApiResult<Vec<Outcome>>>,
+    reply: oneshot::Sender<StoreResult<Vec<Outcome>>>,
 }
 
 /// The group-commit queue of one process. Its writer tasks start with the first request, on
@@ -57,7 +57,7 @@ impl Writer {
 
     /// Records a tenant's events, committed (with other requests' events) before it returns.
     /// Outcomes are in input order.
-    pub async fn ingest(&self, tenant: Tenant, items: Vec<Item>) -> ApiResult<Vec<Outcome>> {
+    pub async fn ingest(&self, tenant: Tenant, items: Vec<Item>) -> StoreResult<Vec<Outcome>> {
         let (reply, outcome) = oneshot::channel();
         let job = Job {
             tenant,
@@ -67,9 +67,9 @@ impl Writer {
         self.queue()
             .send(job)
             .await
-            .map_err(|_| ApiError::Unavailable("event ingestion is shutting down".into()))?;
+            .map_err(|_| StoreError::Unavailable("event ingestion is shutting down".into()))?;
         outcome.await.map_err(|_| {
-            ApiError::Unavailable("the event writer stopped before answering; retry".to_owned())
+            StoreError::Unavailable("the event writer stopped before answering; retry".to_owned())
         })?
     }
 
@@ -155,7 +155,7 @@ fn fail(group: Vec<Job>, reason: &str) {
         "writing a group of events failed"
     );
     for job in group {
-        let _ = job.reply.send(Err(ApiError::Unavailable(
+        let _ = job.reply.send(Err(StoreError::Unavailable(
             "the events could not be written; retry the request (with an idempotency_key on \
              each event, a retry records it once)"
                 .to_owned(),
@@ -195,7 +195,7 @@ async fn write_known(
 }
 
 /// One request's events in a transaction of their own.
-async fn write_alone(pool: &PgPool, tenant: &Tenant, items: &[Item]) -> ApiResult<Vec<Outcome>> {
+async fn write_alone(pool: &PgPool, tenant: &Tenant, items: &[Item]) -> StoreResult<Vec<Outcome>> {
     let mut tx = pool.begin().await?;
     let refs: Vec<&Item> = items.iter().collect();
     let outcomes = ingest::ingest(&mut tx, tenant, &refs).await?;

@@ -8,7 +8,7 @@ use axum::http::header;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
-use crate::error::{ApiError, FieldError};
+use crate::error::ApiError;
 
 /// A JSON body: malformed JSON is a 400; wrong types, unknown fields and unknown enum values
 /// are a 422 naming the field's path; a body over the limit is a 413.
@@ -164,56 +164,5 @@ mod tests {
         assert!(has_escaped_nul(br#"{"a": "\\\u0000"}"#));
         assert!(!has_escaped_nul(br#"{"a": "\\u0000"}"#));
         assert!(!has_escaped_nul(br#"{"a": "u0000"}"#));
-    }
-}
-
-#[derive(Default)]
-pub struct Errors(Vec<FieldError>);
-
-impl Errors {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError::new(field, message));
-    }
-
-    /// Runs a validator, keeping the value or recording the error under `field`.
-    pub fn check<T>(&mut self, field: &str, result: Result<T, String>) -> Option<T> {
-        self.check_with(|| field.to_owned(), result)
-    }
-
-    /// [`Errors::check`] for a field name that has to be written out (`events[3].type`):
-    /// `field` runs only when there is an error, so valid input costs no formatting.
-    pub fn check_with<T>(
-        &mut self,
-        field: impl FnOnce() -> String,
-        result: Result<T, String>,
-    ) -> Option<T> {
-        match result {
-            Ok(v) => Some(v),
-            Err(message) => {
-                self.add(field(), message);
-                None
-            }
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Err with every collected error, or Ok when there are none.
-    pub fn finish(self) -> Result<(), ApiError> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(ApiError::validation(self.0))
-        }
-    }
-
-    pub fn into_vec(self) -> Vec<FieldError> {
-        self.0
     }
 }

@@ -6,8 +6,9 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::contacts::model::Channel;
-use crate::events::model::{ContactRef, Event};
+use crate::domain::Channel;
+use crate::domain::ContactRef;
+use crate::events::model::Event;
 
 /// A message of the outbox, with its delivery state.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]

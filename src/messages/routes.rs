@@ -120,3 +120,18 @@ async fn get_message(
         history,
     }))
 }
+
+impl From<store::EnqueueError> for ApiError {
+    fn from(e: store::EnqueueError) -> Self {
+        use store::EnqueueError as E;
+        match e {
+            E::ContactNotFound(_) => ApiError::NotFound(e.to_string()),
+            E::UnknownTemplate(key) => {
+                ApiError::field("template", format!("no template with key `{key}`"))
+            }
+            E::NoVariant => ApiError::field("template", "the template has no variant"),
+            E::Render(e) => crate::templates::routes::render_problem(e, "template."),
+            E::Store(e) => e.into(),
+        }
+    }
+}

@@ -10,12 +10,12 @@ use uuid::Uuid;
 
 use super::model::{Attempt, Compose, Message};
 use crate::channels::Receipt;
-use crate::contacts::model::{Channel, Contact, Purpose};
-use crate::contacts::routes::contact_not_found;
+use crate::contacts::model::Contact;
 use crate::contacts::store as contacts;
-use crate::error::{ApiError, ApiResult};
+use crate::db::{StoreError, StoreResult};
+use crate::domain::{Channel, Purpose};
 use crate::events::store as events;
-use crate::templates::routes::render_problem;
+use crate::templates::sandbox::SandboxError;
 use crate::templates::{render, store as templates};
 use crate::tenancy::{Tenant, TenantId};
 use crate::tenants::store as tenants;
@@ -48,7 +48,7 @@ enum ViberAddress {
     Either,
 }
 
-async fn viber_address(conn: &mut PgConnection, tenant: TenantId) -> ApiResult<ViberAddress> {
+async fn viber_address(conn: &mut PgConnection, tenant: TenantId) -> StoreResult<ViberAddress> {
     let provider: Option<String> = sqlx::query_scalar(
         "SELECT provider FROM channel_settings WHERE tenant_id = $1 AND channel = 'viber'",
     )
@@ -96,27 +96,66 @@ pub fn consent_refusal(
     }
 }
 
+/// Why a message could not be queued. Nothing is written when enqueueing fails.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    #[error("no contact with id {0}")]
+    ContactNotFound(Uuid),
+    #[error("template: no template with key `{0}`")]
+    UnknownTemplate(String),
+    #[error("template: the template has no variant")]
+    NoVariant,
+    /// The template does not render for this contact, or the renderer is out of reach.
+    #[error("{}", render_detail(.0))]
+    Render(#[from] SandboxError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for EnqueueError {
+    fn from(e: sqlx::Error) -> Self {
+        EnqueueError::Store(e.into())
+    }
+}
+
+/// A render error names the template's field (`template.sms.text: ...`).
+fn render_detail(e: &SandboxError) -> String {
+    match e {
+        SandboxError::Render(r) => format!("template.{}: {}", r.field, r.message),
+        SandboxError::Unavailable(why) => format!("the template renderer is unavailable: {why}"),
+    }
+}
+
+impl EnqueueError {
+    /// The message cannot be composed for this contact as things stand (no retry helps):
+    /// a journey that wanted to send it cannot go on.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            EnqueueError::ContactNotFound(_)
+            | EnqueueError::UnknownTemplate(_)
+            | EnqueueError::NoVariant
+            | EnqueueError::Render(SandboxError::Render(_)) => true,
+            EnqueueError::Render(SandboxError::Unavailable(_)) | EnqueueError::Store(_) => false,
+        }
+    }
+}
+
 /// Queues a message (or records it as suppressed, with the reason) in the caller's
 /// transaction, and wakes the workers when the transaction commits. Render errors and unknown
-/// templates are 422s: nothing is written.
+/// templates are errors: nothing is written.
 pub async fn enqueue(
     conn: &mut PgConnection,
     tenant: &Tenant,
     c: Compose<'_>,
     opts: &SendOptions,
-) -> ApiResult<Message> {
+) -> Result<Message, EnqueueError> {
     let max_attempts = opts.max_attempts;
     let contact = contacts::get(conn, tenant.id, c.contact_id)
         .await?
-        .ok_or_else(|| contact_not_found(c.contact_id))?;
+        .ok_or(EnqueueError::ContactNotFound(c.contact_id))?;
     let template = templates::get(conn, tenant.id, c.template_key)
         .await?
-        .ok_or_else(|| {
-            ApiError::field(
-                "template",
-                format!("no template with key `{}`", c.template_key),
-            )
-        })?;
+        .ok_or_else(|| EnqueueError::UnknownTemplate(c.template_key.to_owned()))?;
     let purpose = template.purpose;
     let preference: Vec<Channel> = if c.channels.is_empty() {
         [Channel::Email, Channel::Sms, Channel::Viber]
@@ -127,7 +166,7 @@ pub async fn enqueue(
         c.channels.to_vec()
     };
     if preference.is_empty() {
-        return Err(ApiError::field("template", "the template has no variant"));
+        return Err(EnqueueError::NoVariant);
     }
     let viber = if preference.contains(&Channel::Viber) {
         viber_address(conn, tenant.id).await?
@@ -179,14 +218,15 @@ pub async fn enqueue(
                 max_attempts,
                 c.journey,
             )
-            .await;
+            .await
+            .map_err(EnqueueError::from);
         }
     };
     let recipient = address(&contact, channel, viber);
 
     let tenant_row = tenants::get(conn, tenant.id.0)
         .await?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("tenant {} is missing", tenant.id)))?;
+        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("tenant {} is missing", tenant.id)))?;
     let available = template.variants.locales(channel);
     let wanted: Vec<&str> = contact
         .locale
@@ -213,7 +253,8 @@ pub async fn enqueue(
             max_attempts,
             c.journey,
         )
-        .await;
+        .await
+        .map_err(EnqueueError::from);
     };
     let links = crate::tracking::Links::new(&opts.signer, &opts.public_url, tenant.id, id);
     let mut ctx = render::context(Some(&contact), &tenant_row, c.event.as_ref(), &c.vars);
@@ -223,8 +264,7 @@ pub async fn enqueue(
     let mut rendered = opts
         .sandbox
         .render(&template.variants, channel, locale, &ctx)
-        .await
-        .map_err(|e| render_problem(e, "template."))?;
+        .await?;
     if channel == Channel::Email {
         if let Some(html) = rendered.html.take() {
             let (instrumented, targets) = links.instrument_html(&html);
@@ -289,7 +329,7 @@ async fn insert_suppressed(
     reason: &str,
     max_attempts: i32,
     journey: Option<(Uuid, Uuid)>,
-) -> ApiResult<Message> {
+) -> StoreResult<Message> {
     let sql = format!(
         "INSERT INTO messages (tenant_id, id, contact_id, channel, purpose, template_key,
             recipient, status, status_reason, max_attempts, next_attempt_at, campaign_id,
@@ -327,7 +367,7 @@ pub async fn get(
     conn: &mut PgConnection,
     tenant: TenantId,
     id: Uuid,
-) -> ApiResult<Option<Message>> {
+) -> StoreResult<Option<Message>> {
     let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant_id = $1 AND id = $2");
     Ok(sqlx::query_as(&sql)
         .bind(tenant)
@@ -344,7 +384,7 @@ pub async fn list(
     status: Option<&str>,
     before: Option<Uuid>,
     limit: i64,
-) -> ApiResult<Vec<Message>> {
+) -> StoreResult<Vec<Message>> {
     let sql = format!(
         "SELECT {MESSAGE_COLUMNS} FROM messages
          WHERE tenant_id = $1 AND ($2::uuid IS NULL OR contact_id = $2)
@@ -365,7 +405,7 @@ pub async fn attempts(
     conn: &mut PgConnection,
     tenant: TenantId,
     id: Uuid,
-) -> ApiResult<Vec<Attempt>> {
+) -> StoreResult<Vec<Attempt>> {
     Ok(sqlx::query_as(
         "SELECT attempt, provider, started_at, finished_at, outcome, detail, provider_message_id
          FROM message_attempts WHERE tenant_id = $1 AND message_id = $2 ORDER BY attempt",
@@ -449,7 +489,7 @@ pub async fn enqueue_to_agent(
     subject: &str,
     text: &str,
     max_attempts: i32,
-) -> ApiResult<Option<Uuid>> {
+) -> StoreResult<Option<Uuid>> {
     let id = Uuid::now_v7();
     let inserted: Option<Uuid> = sqlx::query_scalar(
         "INSERT INTO messages (tenant_id, id, agent_id, channel, purpose, recipient, subject,

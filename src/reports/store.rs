@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use utoipa::ToSchema;
 
-use crate::error::ApiResult;
+use crate::db::StoreResult;
 use crate::support::model::OPEN_TICKET_STATUSES;
 use crate::tenancy::TenantId;
 
@@ -90,7 +90,7 @@ pub async fn csat(
     group: GroupBy,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-) -> ApiResult<Vec<CsatRow>> {
+) -> StoreResult<Vec<CsatRow>> {
     let sql = format!(
         "WITH rated AS (
             SELECT {rg} AS grp, count(*) AS n, avg(r.score)::float8 AS average,
@@ -136,7 +136,7 @@ pub async fn support(
     group: GroupBy,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-) -> ApiResult<Vec<SupportRow>> {
+) -> StoreResult<Vec<SupportRow>> {
     let sql = format!(
         "WITH created AS (
             SELECT {cg} AS grp, count(*) AS created,

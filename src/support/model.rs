@@ -5,10 +5,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::contacts::model::Patch;
-use crate::events::model::ContactRef;
-use crate::http::extract::Errors;
+use crate::domain::ContactRef;
+use crate::domain::Patch;
 use crate::validate;
+use crate::validate::Errors;
 
 /// A support agent.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
@@ -165,8 +165,8 @@ impl TicketChannel {
     }
 
     /// The message channel that answers on this ticket's channel, if there is one.
-    pub fn reply_channel(self) -> Option<crate::contacts::model::Channel> {
-        use crate::contacts::model::Channel;
+    pub fn reply_channel(self) -> Option<crate::domain::Channel> {
+        use crate::domain::Channel;
         match self {
             TicketChannel::Email | TicketChannel::WebForm => Some(Channel::Email),
             TicketChannel::Sms | TicketChannel::Phone => Some(Channel::Sms),

@@ -14,8 +14,8 @@ use super::model::{
 };
 use super::store::{self, NewTicketRow};
 use crate::AppState;
-use crate::contacts::model::{Channel, Patch};
 use crate::contacts::store as contacts;
+use crate::domain::{Channel, Patch};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::events::store as events;
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
@@ -177,7 +177,7 @@ async fn create_ticket(
     claimed: Option<Extension<Claimed>>,
     ValidJson(body): ValidJson<NewTicket>,
 ) -> ApiResult<(StatusCode, Extension<Recorded>, Json<TicketDetail>)> {
-    let mut errors = crate::http::extract::Errors::new();
+    let mut errors = crate::validate::Errors::new();
     let subject = errors.check("subject", validate::text(&body.subject, 500));
     let text = errors.check("body", validate::text(&body.body, 100_000));
     let category = body

@@ -15,9 +15,10 @@ use utoipa_axum::routes;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::events::store as events;
-use crate::http::extract::{Errors, ValidJson};
+use crate::http::extract::ValidJson;
 use crate::support::model::OPEN_TICKET_STATUSES;
 use crate::tenancy::{Tenant, TenantId};
+use crate::validate::{Errors, Invalid};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(get_settings, put_settings))
@@ -44,7 +45,7 @@ pub struct TenantSettings {
 }
 
 impl TenantSettings {
-    fn validate(&self) -> ApiResult<()> {
+    fn validate(&self) -> Result<(), Invalid> {
         let mut errors = Errors::new();
         if let Some(t) = self.csat_alert_threshold {
             if !(1..=5).contains(&t) {

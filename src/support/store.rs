@@ -9,8 +9,8 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::model::{Agent, AgentChanges, Status, Ticket, TicketMessage, open_ticket_statuses};
-use crate::contacts::model::Patch;
-use crate::error::{ApiError, ApiResult};
+use crate::db::{StoreError, StoreResult};
+use crate::domain::Patch;
 use crate::events::store as events;
 use crate::tenancy::{Tenant, TenantId};
 
@@ -28,9 +28,9 @@ pub(crate) const TICKET_COLUMNS: &str =
     "id, number, contact_id, channel, subject, category, priority, status,
     assignee_id, first_response_at, solved_at, closed_at, created_at, updated_at";
 
-fn email_taken(e: sqlx::Error) -> ApiError {
+fn email_taken(e: sqlx::Error) -> StoreError {
     if crate::db::is_unique_violation(&e, Some("agents_email_unique")) {
-        ApiError::Conflict("an agent with this email exists".to_owned())
+        StoreError::Conflict("an agent with this email exists".to_owned())
     } else {
         e.into()
     }
@@ -40,7 +40,7 @@ pub async fn create_agent(
     conn: &mut PgConnection,
     tenant: TenantId,
     a: &AgentChanges,
-) -> ApiResult<Agent> {
+) -> StoreResult<Agent> {
     let id = Uuid::now_v7();
     sqlx::query(
         "INSERT INTO agents (tenant_id, id, name, email, phone, languages, countries, max_open_tickets, active)
@@ -60,7 +60,7 @@ pub async fn create_agent(
     .map_err(email_taken)?;
     get_agent(conn, tenant, id)
         .await?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("agent vanished")))
+        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("agent vanished")))
 }
 
 pub async fn update_agent(
@@ -68,7 +68,7 @@ pub async fn update_agent(
     tenant: TenantId,
     id: Uuid,
     a: &AgentChanges,
-) -> ApiResult<Option<Agent>> {
+) -> StoreResult<Option<Agent>> {
     let (set_phone, phone) = match &a.phone {
         Patch::Missing => (false, None),
         Patch::Null => (true, None),
@@ -105,7 +105,7 @@ pub async fn get_agent(
     conn: &mut PgConnection,
     tenant: TenantId,
     id: Uuid,
-) -> ApiResult<Option<Agent>> {
+) -> StoreResult<Option<Agent>> {
     let sql = format!("SELECT {AGENT_COLUMNS} FROM agents a WHERE a.tenant_id = $1 AND a.id = $2");
     Ok(sqlx::query_as(&sql)
         .bind(tenant)
@@ -119,7 +119,7 @@ pub async fn list_agents(
     tenant: TenantId,
     before: Option<Uuid>,
     limit: i64,
-) -> ApiResult<Vec<Agent>> {
+) -> StoreResult<Vec<Agent>> {
     let sql = format!(
         "SELECT {AGENT_COLUMNS} FROM agents a WHERE a.tenant_id = $1 AND ($2::uuid IS NULL OR a.id < $2)
          ORDER BY a.id DESC LIMIT $3"
@@ -139,7 +139,7 @@ pub async fn assign(
     conn: &mut PgConnection,
     tenant: &Tenant,
     ticket_id: Uuid,
-) -> ApiResult<Option<Uuid>> {
+) -> StoreResult<Option<Uuid>> {
     let target: Option<(String, String, Uuid)> = sqlx::query_as(concat!(
         "SELECT coalesce(split_part(c.locale, '-', 1), ''), coalesce(c.country, ''), t.contact_id
          FROM tickets t JOIN contacts c ON c.tenant_id = t.tenant_id AND c.id = t.contact_id
@@ -221,7 +221,7 @@ async fn set_assignee(
     contact_id: Uuid,
     agent: Uuid,
     automatic: bool,
-) -> ApiResult<()> {
+) -> StoreResult<()> {
     sqlx::query(
         "UPDATE tickets SET assignee_id = $3, updated_at = now() WHERE tenant_id = $1 AND id = $2",
     )
@@ -243,7 +243,7 @@ async fn set_assignee(
 }
 
 /// Assigns waiting tickets, oldest first, now that capacity may have freed or an agent joined.
-pub async fn assign_waiting(conn: &mut PgConnection, tenant: &Tenant) -> ApiResult<usize> {
+pub async fn assign_waiting(conn: &mut PgConnection, tenant: &Tenant) -> StoreResult<usize> {
     let waiting: Vec<Uuid> = sqlx::query_scalar(concat!(
         "SELECT id FROM tickets WHERE tenant_id = $1 AND assignee_id IS NULL
            AND status IN ",
@@ -263,7 +263,7 @@ pub async fn assign_waiting(conn: &mut PgConnection, tenant: &Tenant) -> ApiResu
 }
 
 /// The next number of a per-tenant sequence.
-async fn next_number(conn: &mut PgConnection, tenant: TenantId, name: &str) -> ApiResult<i64> {
+async fn next_number(conn: &mut PgConnection, tenant: TenantId, name: &str) -> StoreResult<i64> {
     Ok(sqlx::query_scalar(
         "INSERT INTO tenant_counters AS c (tenant_id, name, value) VALUES ($1, $2, 1)
          ON CONFLICT (tenant_id, name) DO UPDATE SET value = c.value + 1 RETURNING value",
@@ -292,7 +292,7 @@ pub async fn create_ticket(
     conn: &mut PgConnection,
     tenant: &Tenant,
     t: &NewTicketRow<'_>,
-) -> ApiResult<Ticket> {
+) -> StoreResult<Ticket> {
     let id = Uuid::now_v7();
     let number = next_number(conn, tenant.id, "ticket").await?;
     sqlx::query(
@@ -328,7 +328,7 @@ pub async fn create_ticket(
     }
     get_ticket(conn, tenant.id, id)
         .await?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("ticket vanished")))
+        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("ticket vanished")))
 }
 
 pub async fn insert_message(
@@ -339,7 +339,7 @@ pub async fn insert_message(
     agent_id: Option<Uuid>,
     body: &str,
     internal: bool,
-) -> ApiResult<TicketMessage> {
+) -> StoreResult<TicketMessage> {
     Ok(sqlx::query_as(
         "INSERT INTO ticket_messages (tenant_id, id, ticket_id, author, agent_id, body, internal)
          VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -360,7 +360,7 @@ pub async fn get_ticket(
     conn: &mut PgConnection,
     tenant: TenantId,
     id: Uuid,
-) -> ApiResult<Option<Ticket>> {
+) -> StoreResult<Option<Ticket>> {
     let sql = format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE tenant_id = $1 AND id = $2");
     Ok(sqlx::query_as(&sql)
         .bind(tenant)
@@ -374,7 +374,7 @@ pub async fn lock_ticket(
     conn: &mut PgConnection,
     tenant: TenantId,
     id: Uuid,
-) -> ApiResult<Option<Ticket>> {
+) -> StoreResult<Option<Ticket>> {
     let sql =
         format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE tenant_id = $1 AND id = $2 FOR UPDATE");
     Ok(sqlx::query_as(&sql)
@@ -388,7 +388,7 @@ pub async fn messages(
     conn: &mut PgConnection,
     tenant: TenantId,
     ticket: Uuid,
-) -> ApiResult<Vec<TicketMessage>> {
+) -> StoreResult<Vec<TicketMessage>> {
     Ok(sqlx::query_as(
         "SELECT id, author, agent_id, body, internal, created_at FROM ticket_messages
          WHERE tenant_id = $1 AND ticket_id = $2 ORDER BY created_at, id",
@@ -408,7 +408,7 @@ pub async fn list_tickets(
     contact: Option<Uuid>,
     before: Option<Uuid>,
     limit: i64,
-) -> ApiResult<Vec<Ticket>> {
+) -> StoreResult<Vec<Ticket>> {
     let sql = format!(
         "SELECT {TICKET_COLUMNS} FROM tickets WHERE tenant_id = $1
            AND ($2::text IS NULL OR status = $2) AND ($3::uuid IS NULL OR assignee_id = $3)
@@ -433,14 +433,14 @@ pub async fn change_status(
     tenant: TenantId,
     t: &Ticket,
     next: Status,
-) -> ApiResult<()> {
+) -> StoreResult<()> {
     let current = Status::parse(&t.status)
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("stored status {}", t.status)))?;
+        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("stored status {}", t.status)))?;
     if current == next {
         return Ok(());
     }
     if !current.can_become(next) {
-        return Err(ApiError::Conflict(format!(
+        return Err(StoreError::Conflict(format!(
             "a {} ticket cannot become {}",
             current.as_str(),
             next.as_str()

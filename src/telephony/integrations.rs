@@ -16,8 +16,9 @@ use utoipa_axum::routes;
 use crate::AppState;
 use crate::crypto::SecretBox;
 use crate::error::{ApiError, ApiResult, Problem};
-use crate::http::extract::{Errors, ValidJson};
+use crate::http::extract::ValidJson;
 use crate::tenancy::{Tenant, TenantId};
+use crate::validate::Errors;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(put_aircall, get_aircall))

@@ -8,10 +8,10 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::contacts::model::{Channel, Purpose};
-use crate::events::model::ContactRef;
-use crate::http::extract::Errors;
+use crate::domain::ContactRef;
+use crate::domain::{Channel, Purpose};
 use crate::validate;
+use crate::validate::Errors;
 
 /// An email variant: a subject and an HTML and/or a text body.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -6,7 +6,7 @@ use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde_json::{Value, json};
 
 use super::model::{Rendered, Variants};
-use crate::contacts::model::Channel;
+use crate::domain::Channel;
 
 /// Instructions one render may execute; a loop over a huge range runs out.
 const FUEL: u64 = 100_000;

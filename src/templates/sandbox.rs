@@ -26,7 +26,7 @@ use tokio::sync::Semaphore;
 
 use super::model::{Rendered, Variants};
 use super::render::{self, RenderError};
-use crate::contacts::model::Channel;
+use crate::domain::Channel;
 
 /// The subcommand that runs a child (hidden from `--help`).
 pub const SUBCOMMAND: &str = "render-sandbox";

@@ -5,8 +5,8 @@ use sqlx::PgConnection;
 use sqlx::types::Json;
 
 use super::model::{Template, Variants};
-use crate::contacts::model::Purpose;
-use crate::error::{ApiError, ApiResult};
+use crate::db::{StoreError, StoreResult};
+use crate::domain::Purpose;
 use crate::tenancy::TenantId;
 
 #[derive(sqlx::FromRow)]
@@ -19,8 +19,9 @@ struct Row {
     created: bool,
 }
 
-fn purpose(raw: &str) -> ApiResult<Purpose> {
-    Purpose::parse(raw).ok_or_else(|| ApiError::Internal(anyhow::anyhow!("stored purpose `{raw}`")))
+fn purpose(raw: &str) -> StoreResult<Purpose> {
+    Purpose::parse(raw)
+        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("stored purpose `{raw}`")))
 }
 
 /// Creates or replaces a template; true when it was created.
@@ -30,7 +31,7 @@ pub async fn put(
     key: &str,
     purpose_: Purpose,
     variants: &Variants,
-) -> ApiResult<(Template, bool)> {
+) -> StoreResult<(Template, bool)> {
     let row: Row = sqlx::query_as(
         "INSERT INTO templates (tenant_id, key, purpose, variants) VALUES ($1, $2, $3, $4)
          ON CONFLICT (tenant_id, key) DO UPDATE
@@ -47,7 +48,7 @@ pub async fn put(
     Ok((into_template(row)?, created))
 }
 
-fn into_template(row: Row) -> ApiResult<Template> {
+fn into_template(row: Row) -> StoreResult<Template> {
     Ok(Template {
         purpose: purpose(&row.purpose)?,
         key: row.key,
@@ -61,7 +62,7 @@ pub async fn get(
     conn: &mut PgConnection,
     tenant: TenantId,
     key: &str,
-) -> ApiResult<Option<Template>> {
+) -> StoreResult<Option<Template>> {
     let row: Option<Row> = sqlx::query_as(
         "SELECT key, purpose, variants, created_at, updated_at, false AS created
          FROM templates WHERE tenant_id = $1 AND key = $2",
@@ -79,7 +80,7 @@ pub async fn list(
     tenant: TenantId,
     after: Option<&str>,
     limit: i64,
-) -> ApiResult<Vec<Template>> {
+) -> StoreResult<Vec<Template>> {
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT key, purpose, variants, created_at, updated_at, false AS created
          FROM templates WHERE tenant_id = $1 AND ($2::text IS NULL OR key > $2)

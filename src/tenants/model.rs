@@ -5,9 +5,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::error::ApiError;
-use crate::http::extract::Errors;
 use crate::validate;
+use crate::validate::Errors;
+use crate::validate::Invalid;
 
 /// A company using Rapport; all its data is invisible to every other tenant.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
@@ -52,7 +52,7 @@ pub struct ValidTenant {
 }
 
 impl NewTenant {
-    pub fn validate(&self) -> Result<ValidTenant, ApiError> {
+    pub fn validate(&self) -> Result<ValidTenant, Invalid> {
         let mut errors = Errors::new();
         let name = errors.check("name", validate::text(&self.name, 200));
         let slug = match &self.slug {
@@ -84,7 +84,7 @@ impl NewTenant {
                 default_locale,
                 timezone,
             }),
-            _ => Err(ApiError::field("body", "invalid tenant")),
+            _ => Err(Invalid::field("body", "invalid tenant")),
         }
     }
 }

@@ -4,14 +4,14 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::model::{ApiKey, CreatedApiKey, Tenant, ValidTenant};
-use crate::error::{ApiError, ApiResult};
+use crate::db::{StoreError, StoreResult};
 use crate::tenancy::{self, TenantId};
 
 const TENANT_COLUMNS: &str =
     "id, name, slug, default_country, default_locale, timezone, created_at, updated_at";
 
 /// Creates a tenant; a taken slug is a 409.
-pub async fn create(conn: &mut PgConnection, new: &ValidTenant) -> ApiResult<Tenant> {
+pub async fn create(conn: &mut PgConnection, new: &ValidTenant) -> StoreResult<Tenant> {
     let sql = format!(
         "INSERT INTO tenants (id, name, slug, default_country, default_locale, timezone)
          VALUES ($1, $2, $3, $4, $5, $6) RETURNING {TENANT_COLUMNS}"
@@ -27,20 +27,20 @@ pub async fn create(conn: &mut PgConnection, new: &ValidTenant) -> ApiResult<Ten
         .await
         .map_err(|e| {
             if crate::db::is_unique_violation(&e, Some("tenants_slug_key")) {
-                ApiError::Conflict(format!("a tenant with slug `{}` already exists", new.slug))
+                StoreError::Conflict(format!("a tenant with slug `{}` already exists", new.slug))
             } else {
                 e.into()
             }
         })
 }
 
-pub async fn get(conn: &mut PgConnection, id: Uuid) -> ApiResult<Option<Tenant>> {
+pub async fn get(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<Tenant>> {
     let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1");
     Ok(sqlx::query_as(&sql).bind(id).fetch_optional(conn).await?)
 }
 
 /// A tenant by id or by slug, for the command line.
-pub async fn find(conn: &mut PgConnection, id_or_slug: &str) -> ApiResult<Option<Tenant>> {
+pub async fn find(conn: &mut PgConnection, id_or_slug: &str) -> StoreResult<Option<Tenant>> {
     match Uuid::parse_str(id_or_slug) {
         Ok(id) => get(conn, id).await,
         Err(_) => {
@@ -58,7 +58,7 @@ pub async fn list(
     conn: &mut PgConnection,
     before: Option<Uuid>,
     limit: i64,
-) -> ApiResult<Vec<Tenant>> {
+) -> StoreResult<Vec<Tenant>> {
     let sql = format!(
         "SELECT {TENANT_COLUMNS} FROM tenants WHERE ($1::uuid IS NULL OR id < $1)
          ORDER BY id DESC LIMIT $2"
@@ -75,7 +75,7 @@ pub async fn create_key(
     conn: &mut PgConnection,
     tenant: TenantId,
     name: &str,
-) -> ApiResult<CreatedApiKey> {
+) -> StoreResult<CreatedApiKey> {
     let key = tenancy::generate_api_key();
     let prefix: String = key.chars().take(tenancy::KEY_PREFIX.len() + 6).collect();
     let id = Uuid::now_v7();
@@ -100,7 +100,7 @@ pub async fn create_key(
     })
 }
 
-pub async fn list_keys(conn: &mut PgConnection, tenant: TenantId) -> ApiResult<Vec<ApiKey>> {
+pub async fn list_keys(conn: &mut PgConnection, tenant: TenantId) -> StoreResult<Vec<ApiKey>> {
     Ok(sqlx::query_as(
         "SELECT id, tenant_id, name, key_prefix AS prefix, created_at, revoked_at
          FROM api_keys WHERE tenant_id = $1 ORDER BY id DESC",
@@ -115,7 +115,7 @@ pub async fn revoke_key(
     conn: &mut PgConnection,
     tenant: TenantId,
     key_id: Uuid,
-) -> ApiResult<bool> {
+) -> StoreResult<bool> {
     let done = sqlx::query(
         "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
          WHERE tenant_id = $1 AND id = $2",

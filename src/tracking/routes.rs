@@ -8,8 +8,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::AppState;
-use crate::contacts::model::{Channel, ConsentStatus, Purpose as ConsentPurpose};
 use crate::contacts::store as contacts;
+use crate::domain::{Channel, ConsentStatus, Purpose as ConsentPurpose};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::ApiPath;
 use crate::messages::store as messages;

@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::channels::settings::{self, Resolved};
-use crate::contacts::model::{Channel, ConsentStatus, Purpose as ConsentPurpose};
 use crate::contacts::store as contacts;
+use crate::domain::{Channel, ConsentStatus, Purpose as ConsentPurpose};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::ApiPath;
 use crate::messages::store::{self as messages, DeliveryReport};

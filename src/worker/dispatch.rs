@@ -11,35 +11,15 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt;
-use rand::Rng;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::channels::{Outbound, Provider, SendError};
-use crate::contacts::model::Channel;
+use crate::domain::Channel;
+use crate::domain::backoff;
 use crate::messages::store::{self, Claimed, NOTIFY_CHANNEL, Outcome};
 use crate::tenancy::TenantId;
-
-/// First retry delay; doubled each attempt, with full jitter, up to [`MAX_BACKOFF`].
-const BASE_BACKOFF: Duration = Duration::from_secs(2);
-const MAX_BACKOFF: Duration = Duration::from_secs(3600);
-/// The longest `Retry-After` honoured.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
-
-/// The delay before retry number `attempt + 1`: exponential, jittered between half and all of
-/// it, and never shorter than the provider's `Retry-After`.
-pub fn backoff(attempt: i32, retry_after: Option<Duration>) -> Duration {
-    let exp = u32::try_from(attempt.saturating_sub(1).clamp(0, 20)).unwrap_or(20);
-    let full = BASE_BACKOFF
-        .saturating_mul(2u32.saturating_pow(exp))
-        .min(MAX_BACKOFF);
-    let jittered = full.mul_f64(rand::rng().random_range(0.5..=1.0));
-    match retry_after {
-        Some(after) => jittered.max(after.min(MAX_RETRY_AFTER)),
-        None => jittered,
-    }
-}
 
 /// Runs `outbox_dispatchers` dispatch loops until `shutdown`. While one loop records its
 /// batch, the others are claiming and sending theirs (SKIP LOCKED keeps them apart), so the
@@ -285,23 +265,5 @@ async fn record(
         Err(e) => {
             tracing::error!(message_id = %m.id, error = %crate::error::error_chain(&e), "cannot record an attempt's outcome")
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_and_honours_retry_after() {
-        for attempt in 1..=12 {
-            let d = backoff(attempt, None);
-            let full = BASE_BACKOFF
-                .saturating_mul(2u32.pow((attempt - 1) as u32))
-                .min(MAX_BACKOFF);
-            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
-        }
-        assert!(backoff(1, Some(Duration::from_secs(120))) >= Duration::from_secs(120));
-        assert!(backoff(1, Some(Duration::from_secs(10 * 24 * 3600))) <= MAX_RETRY_AFTER);
     }
 }

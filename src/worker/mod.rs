@@ -124,7 +124,7 @@ async fn run_campaigns(state: AppState, shutdown: CancellationToken) {
 
 /// Runs the campaign engine and the dispatcher until neither has anything left to do (tests
 /// and the benchmark drive the worker this way instead of sleeping).
-pub async fn drain(state: &AppState) -> Result<usize, crate::error::ApiError> {
+pub async fn drain(state: &AppState) -> anyhow::Result<usize> {
     let mut total = 0;
     loop {
         let round = crate::campaigns::engine::round(state, true).await?;

@@ -681,7 +681,7 @@ async fn secrets_rotate_moves_every_secret_to_the_new_key() {
         &mut conn,
         &rotated.state.secrets,
         tenant,
-        rapport::contacts::model::Channel::Sms,
+        rapport::domain::Channel::Sms,
     )
     .await
     .unwrap()
@@ -694,7 +694,7 @@ async fn secrets_rotate_moves_every_secret_to_the_new_key() {
             &mut conn,
             &old_only,
             tenant,
-            rapport::contacts::model::Channel::Sms
+            rapport::domain::Channel::Sms
         )
         .await
         .is_err()
