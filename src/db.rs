@@ -33,42 +33,6 @@ pub enum StartupError {
     Secrets(String),
 }
 
-/// What a store reports: a failed query, or one of the few outcomes its callers must tell
-/// apart. It says what happened, not which HTTP status that is: the edge maps it
-/// (`impl From<StoreError> for ApiError` in `error.rs`).
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error(transparent)]
-    Db(#[from] sqlx::Error),
-    /// The input is invalid against what is stored (an unknown agent, a duplicate phone).
-    #[error("{0}")]
-    Invalid(#[from] crate::validate::Invalid),
-    /// What the operation names does not exist (for this tenant); the text says what.
-    #[error("{0}")]
-    NotFound(String),
-    /// The operation contradicts the current state (a second rating, a taken slug).
-    #[error("{0}")]
-    Conflict(String),
-    /// Well-formed, but cannot be carried out as asked (a template that does not render).
-    #[error("{0}")]
-    Rejected(String),
-    /// A dependency is out of reach for now; retrying later may succeed.
-    #[error("{0}")]
-    Unavailable(String),
-    #[error(transparent)]
-    Internal(#[from] anyhow::Error),
-}
-
-impl StoreError {
-    /// One invalid field.
-    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
-        StoreError::Invalid(crate::validate::Invalid::field(field, message))
-    }
-}
-
-/// Result of a store operation.
-pub type StoreResult<T> = Result<T, StoreError>;
-
 /// The URL with its password replaced, safe to print.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {

@@ -9,6 +9,34 @@ use rand::Rng;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// The id of a tenant: every store function takes one first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[sqlx(transparent)]
+pub struct TenantId(pub Uuid);
+
+impl std::fmt::Display for TenantId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The tenant a request or a job acts for (from its API key, or its record), with the
+/// defaults its data is normalised with.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TenantContext {
+    #[sqlx(rename = "tenant_id")]
+    pub id: TenantId,
+    pub key_id: Uuid,
+    pub default_country: String,
+    pub default_locale: String,
+    pub timezone: String,
+}
+
+/// Marks a request authenticated with the operators' admin token.
+#[derive(Debug, Clone, Copy)]
+pub struct Operator;
 
 /// A message channel.
 #[derive(

@@ -1,7 +1,8 @@
 //! One error type for the HTTP API, rendered as RFC 9457 `application/problem+json`.
 //!
-//! Handlers return [`ApiError`]; stores and the engine return their own errors, converted here
-//! (`From`), so nothing below the handlers decides what a client sees. Internal
+//! The errors of the layers: [`StoreError`] is what a store reports, [`ApiError`] what a client
+//! sees. Handlers return [`ApiError`]; stores and the engine return their own errors, converted
+//! here (`From`), so nothing below the handlers decides a status. Internal
 //! failures are logged with their whole cause chain and answered with a generic body, so no
 //! internals leak.
 
@@ -14,6 +15,42 @@ pub use crate::validate::{FieldError, Invalid};
 
 /// Media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// What a store reports: a failed query, or one of the few outcomes its callers must tell
+/// apart. It says what happened, not which HTTP status that is: the edge maps it
+/// (`impl From<StoreError> for ApiError` below).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    /// The input is invalid against what is stored (an unknown agent, a duplicate phone).
+    #[error("{0}")]
+    Invalid(#[from] crate::validate::Invalid),
+    /// What the operation names does not exist (for this tenant); the text says what.
+    #[error("{0}")]
+    NotFound(String),
+    /// The operation contradicts the current state (a second rating, a taken slug).
+    #[error("{0}")]
+    Conflict(String),
+    /// Well-formed, but cannot be carried out as asked (a template that does not render).
+    #[error("{0}")]
+    Rejected(String),
+    /// A dependency is out of reach for now; retrying later may succeed.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl StoreError {
+    /// One invalid field.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        StoreError::Invalid(crate::validate::Invalid::field(field, message))
+    }
+}
+
+/// Result of a store operation.
+pub type StoreResult<T> = Result<T, StoreError>;
 
 /// The RFC 9457 problem document every 4xx and 5xx carries.
 #[derive(Debug, Serialize, ToSchema)]
@@ -200,9 +237,8 @@ impl From<Invalid> for ApiError {
     }
 }
 
-impl From<crate::db::StoreError> for ApiError {
-    fn from(e: crate::db::StoreError) -> Self {
-        use crate::db::StoreError;
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
         match e {
             StoreError::Db(e) => ApiError::Database(e),
             StoreError::Invalid(invalid) => invalid.into(),

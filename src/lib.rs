@@ -4,6 +4,7 @@
 //! [`App::run_api`] serves HTTP and [`App::run_worker`] runs the background jobs, both until
 //! their shutdown token is cancelled.
 
+pub mod api;
 pub mod campaigns;
 pub mod channels;
 pub mod clock;
@@ -18,6 +19,7 @@ pub mod embedded_pg;
 pub mod error;
 pub mod events;
 pub mod http;
+pub mod ingest;
 pub mod jobs;
 pub mod messages;
 pub mod reports;
@@ -64,7 +66,7 @@ pub struct AppState {
     /// Compiled campaign versions.
     pub campaigns: Arc<campaigns::engine::Definitions>,
     /// Group commit of ingested events.
-    pub events: Arc<events::writer::Writer>,
+    pub events: Arc<ingest::writer::Writer>,
     /// The tenant behind each API key seen lately.
     pub api_keys: Arc<tenancy::KeyCache>,
     /// The child processes that render tenants' templates.
@@ -152,10 +154,10 @@ impl App {
                 links: links.clone(),
             },
         );
-        let openapi_json = http::openapi()
+        let openapi_json = api::openapi()
             .to_pretty_json()
             .unwrap_or_else(|_| "{}".to_owned());
-        let events = Arc::new(events::writer::Writer::new(
+        let events = Arc::new(ingest::writer::Writer::new(
             pool.clone(),
             config.ingest_writers,
             config.ingest_max_group,
@@ -205,7 +207,7 @@ impl App {
 
     /// The HTTP application, for serving or for driving in-process.
     pub fn router(&self) -> axum::Router {
-        http::router(self.state.clone())
+        api::router(self.state.clone())
     }
 
     /// Serves HTTP on `listener` until `shutdown` is cancelled, then lets in-flight requests

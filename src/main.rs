@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use rapport::domain::TenantId;
 use rapport::error::ApiError;
-use rapport::tenancy::TenantId;
 use rapport::tenants::{model::NewTenant, store as tenants};
 use rapport::{App, Config, telemetry};
 use tokio::net::TcpListener;
@@ -134,9 +134,7 @@ fn main() -> ExitCode {
     if matches!(cli.command, Some(Command::Openapi)) {
         println!(
             "{}",
-            rapport::http::openapi()
-                .to_pretty_json()
-                .unwrap_or_default()
+            rapport::api::openapi().to_pretty_json().unwrap_or_default()
         );
         return ExitCode::SUCCESS;
     }

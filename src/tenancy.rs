@@ -1,67 +1,20 @@
 //! Who is calling: the tenant behind an API key, or an operator with the admin token.
 //!
 //! The `require_tenant` and `require_admin` middlewares authenticate once per request and put
-//! the result in the request's extensions; the [`Tenant`] extractor is the only way a handler
-//! gets a [`TenantId`].
+//! the result in the request's extensions; the [`TenantContext`] extractor is the only way a
+//! handler gets a [`TenantId`](crate::domain::TenantId).
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::header;
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::Response;
-use base64::Engine;
-use rand::RngCore;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use uuid::Uuid;
 
 use crate::AppState;
+use crate::domain::{Operator, TenantContext};
 use crate::error::ApiError;
-
-/// The id of a tenant: every store function takes one first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
-#[sqlx(transparent)]
-pub struct TenantId(pub Uuid);
-
-impl std::fmt::Display for TenantId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// The authenticated tenant of a request, with the defaults its data is normalised with.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct Tenant {
-    #[sqlx(rename = "tenant_id")]
-    pub id: TenantId,
-    pub key_id: Uuid,
-    pub default_country: String,
-    pub default_locale: String,
-    pub timezone: String,
-}
-
-/// Marks a request authenticated with the operators' admin token.
-#[derive(Debug, Clone, Copy)]
-pub struct Operator;
-
-/// Prefix of every tenant API key.
-pub const KEY_PREFIX: &str = "rk_live_";
-
-/// A new API key: 32 random bytes, base64url, behind `rk_live_`.
-pub fn generate_api_key() -> String {
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    format!(
-        "{KEY_PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    )
-}
-
-/// The SHA-256 of a key, as stored. Keys carry 256 bits of entropy, so a fast hash suffices.
-pub fn hash_api_key(key: &str) -> Vec<u8> {
-    Sha256::digest(key.as_bytes()).to_vec()
-}
+use crate::tenants::model::{KEY_PREFIX, hash_api_key};
 
 fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -79,7 +32,7 @@ fn is_admin_token(state: &AppState, token: &str) -> bool {
         .is_some_and(|admin| bool::from(admin.as_bytes().ct_eq(token.as_bytes())))
 }
 
-async fn tenant_for_key(state: &AppState, token: &str) -> Result<Option<Tenant>, ApiError> {
+async fn tenant_for_key(state: &AppState, token: &str) -> Result<Option<TenantContext>, ApiError> {
     if !token.starts_with(KEY_PREFIX) {
         return Ok(None);
     }
@@ -122,7 +75,7 @@ struct KeyCacheState {
     live: bool,
     /// Bumped by every invalidation, so a look-up that raced one is not cached.
     generation: u64,
-    tenants: std::collections::HashMap<Vec<u8>, Tenant>,
+    tenants: std::collections::HashMap<Vec<u8>, TenantContext>,
 }
 
 impl KeyCache {
@@ -139,7 +92,7 @@ impl KeyCache {
     }
 
     /// The cached tenant of a key hash (None while the listener is down).
-    pub fn get(&self, hash: &[u8]) -> Option<Tenant> {
+    pub fn get(&self, hash: &[u8]) -> Option<TenantContext> {
         let state = self.lock();
         if !state.live {
             return None;
@@ -155,7 +108,7 @@ impl KeyCache {
     }
 
     /// Remembers a key looked up at `generation`, unless an invalidation came since.
-    pub fn put(&self, hash: Vec<u8>, tenant: Tenant, generation: u64) {
+    pub fn put(&self, hash: Vec<u8>, tenant: TenantContext, generation: u64) {
         let mut state = self.lock();
         if !state.live || state.generation != generation {
             return;
@@ -300,15 +253,19 @@ pub async fn require_admin(
     ))
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Tenant {
+impl<S: Send + Sync> FromRequestParts<S> for TenantContext {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        parts.extensions.get::<Tenant>().cloned().ok_or_else(|| {
-            ApiError::Internal(anyhow::anyhow!(
-                "Tenant extractor used on a route without require_tenant"
-            ))
-        })
+        parts
+            .extensions
+            .get::<TenantContext>()
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::Internal(anyhow::anyhow!(
+                    "TenantContext extractor used on a route without require_tenant"
+                ))
+            })
     }
 }
 

@@ -24,8 +24,9 @@ use super::store::parse_definition;
 use crate::AppState;
 use crate::contacts::model::Contact;
 use crate::contacts::store as contacts;
-use crate::db::StoreError;
 use crate::domain::{Channel, Purpose};
+use crate::domain::{TenantContext, TenantId};
+use crate::error::StoreError;
 use crate::events::store as events;
 use crate::messages::model::Compose;
 use crate::messages::store::EnqueueError;
@@ -33,7 +34,6 @@ use crate::messages::store::{self as messages, SendOptions};
 use crate::support::model::open_ticket_statuses;
 use crate::support::store as support;
 use crate::templates::store as templates;
-use crate::tenancy::{Tenant, TenantId};
 
 /// Why a round of the engine stopped; the worker logs it and tries again next round.
 #[derive(Debug, thiserror::Error)]
@@ -356,7 +356,7 @@ const JOURNEY_COLUMNS: &str = "id, campaign_id, version, contact_id, status, pos
 /// Everything the steps of one contact's journeys need.
 struct Scope<'a> {
     state: &'a AppState,
-    tenant: &'a Tenant,
+    tenant: &'a TenantContext,
     contact: Contact,
     /// The contact as conditions see it (current values).
     facts: Value,

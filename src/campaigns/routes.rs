@@ -15,10 +15,10 @@ use uuid::Uuid;
 use super::model::{Campaign, CampaignStats, CampaignStatus, Definition};
 use super::store;
 use crate::AppState;
+use crate::domain::TenantContext;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson, parse_json};
 use crate::http::pagination::{Page, decode_id_cursor, encode_id_cursor, paginate};
-use crate::tenancy::Tenant;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -98,7 +98,7 @@ pub struct JourneyView {
     responses((status = 201, body = Campaign),
               (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn create_campaign(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ValidJson(def): ValidJson<Definition>,
 ) -> ApiResult<(StatusCode, Json<Campaign>)> {
@@ -114,7 +114,7 @@ async fn create_campaign(
 #[utoipa::path(get, path = "/v1/campaigns", tag = "campaigns", security(("api_key" = [])),
     params(CampaignFilter), responses((status = 200, body = Page<Campaign>)))]
 async fn list_campaigns(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiQuery(filter): ApiQuery<CampaignFilter>,
 ) -> ApiResult<Json<Page<Campaign>>> {
@@ -134,7 +134,7 @@ async fn list_campaigns(
     params(("id" = Uuid, Path, description = "Campaign id")),
     responses((status = 200, body = Campaign), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn get_campaign(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Campaign>> {
@@ -154,7 +154,7 @@ async fn get_campaign(
               (status = 409, body = Problem, content_type = "application/problem+json"),
               (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn update_campaign(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
     ValidJson(patch): ValidJson<Map<String, Value>>,
@@ -193,7 +193,7 @@ async fn update_campaign(
 
 async fn change_status(
     state: &AppState,
-    tenant: &Tenant,
+    tenant: &TenantContext,
     id: Uuid,
     next: CampaignStatus,
 ) -> ApiResult<Json<Campaign>> {
@@ -210,7 +210,7 @@ async fn change_status(
     responses((status = 200, body = Campaign), (status = 404, body = Problem, content_type = "application/problem+json"),
               (status = 409, body = Problem, content_type = "application/problem+json")))]
 async fn activate(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Campaign>> {
@@ -224,7 +224,7 @@ async fn activate(
     responses((status = 200, body = Campaign), (status = 404, body = Problem, content_type = "application/problem+json"),
               (status = 409, body = Problem, content_type = "application/problem+json")))]
 async fn pause(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Campaign>> {
@@ -236,7 +236,7 @@ async fn pause(
     params(("id" = Uuid, Path, description = "Campaign id")),
     responses((status = 200, body = Campaign), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn archive(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Campaign>> {
@@ -249,7 +249,7 @@ async fn archive(
     params(("id" = Uuid, Path, description = "Campaign id")),
     responses((status = 200, body = CampaignStats), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn stats(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<CampaignStats>> {
@@ -265,7 +265,7 @@ async fn stats(
     params(("id" = Uuid, Path, description = "Campaign id"), JourneyFilter),
     responses((status = 200, body = Page<JourneyView>), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn journeys(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(filter): ApiQuery<JourneyFilter>,

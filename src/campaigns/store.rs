@@ -8,10 +8,10 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::model::{Campaign, CampaignStats, CampaignStatus, Definition};
-use crate::db::{StoreError, StoreResult};
+use crate::domain::TenantId;
+use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
 use crate::templates::store as templates;
-use crate::tenancy::TenantId;
 use crate::validate::{FieldError, Invalid};
 
 #[derive(sqlx::FromRow)]

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::crypto::SecretBox;
 use crate::domain::Channel as ChannelKind;
-use crate::tenancy::TenantId;
+use crate::domain::TenantId;
 
 /// A rendered message, ready for a provider.
 #[derive(Debug, Clone, Serialize)]

@@ -9,10 +9,10 @@ use utoipa_axum::routes;
 use super::settings::{self, ChannelConfig, ChannelInput};
 use crate::AppState;
 use crate::domain::Channel;
+use crate::domain::TenantContext;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::{ApiPath, ValidJson};
 use crate::http::pagination::Page;
-use crate::tenancy::Tenant;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -38,7 +38,7 @@ fn channel(raw: &str) -> ApiResult<Channel> {
               (status = 404, body = Problem, content_type = "application/problem+json"),
               (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn put_channel(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
     ValidJson(body): ValidJson<ChannelInput>,
@@ -64,7 +64,7 @@ async fn put_channel(
     params(("channel" = String, Path, description = "email, sms or viber")),
     responses((status = 200, body = ChannelConfig), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn get_channel(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<Json<ChannelConfig>> {
@@ -78,7 +78,7 @@ async fn get_channel(
     security(("api_key" = [])),
     responses((status = 200, body = Page<ChannelConfig>)))]
 async fn list_channels(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
 ) -> ApiResult<Json<Page<ChannelConfig>>> {
     let mut conn = state.pool.acquire().await?;
@@ -98,7 +98,7 @@ async fn list_channels(
     params(("channel" = String, Path, description = "email, sms or viber")),
     responses((status = 204, description = "Removed"), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn delete_channel(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<StatusCode> {

@@ -11,8 +11,8 @@ use utoipa::ToSchema;
 
 use crate::crypto::SecretBox;
 use crate::domain::Channel;
+use crate::domain::TenantId;
 use crate::error::{ApiError, ApiResult};
-use crate::tenancy::TenantId;
 use crate::validate::Errors;
 
 /// What a provider takes.

@@ -14,7 +14,8 @@ use super::model::{
 };
 use super::store::{self, ListFilter, Upserted};
 use crate::AppState;
-use crate::db::StoreError;
+use crate::domain::TenantContext;
+use crate::error::StoreError;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::events::model::{Event, TimelineParams};
 use crate::events::store as events;
@@ -23,7 +24,6 @@ use crate::http::pagination::{
     Page, PageParams, decode_id_cursor, decode_time_cursor, encode_id_cursor, encode_time_cursor,
     paginate,
 };
-use crate::tenancy::Tenant;
 use crate::validate::{self, Invalid};
 
 /// Most contacts a batch may carry.
@@ -52,7 +52,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
 async fn upsert_contact(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(external_id): ApiPath<String>,
     ValidJson(body): ValidJson<ContactInput>,
@@ -88,7 +88,7 @@ async fn upsert_contact(
     responses((status = 200, description = "Per-item results, in request order", body = ContactBatchResult),
               (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn batch_upsert(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ValidJson(body): ValidJson<ContactBatch>,
 ) -> ApiResult<Json<ContactBatchResult>> {
@@ -185,7 +185,7 @@ fn accepted(index: usize, status: ItemStatus, contact: Contact) -> ContactBatchI
     params(("id" = Uuid, Path, description = "Contact id")),
     responses((status = 200, body = Contact), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn get_contact(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Contact>> {
@@ -218,7 +218,7 @@ pub fn contact_not_found(id: Uuid) -> ApiError {
     params(ContactFilter),
     responses((status = 200, body = Page<Contact>), (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn list_contacts(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiQuery(filter): ApiQuery<ContactFilter>,
 ) -> ApiResult<Json<Page<Contact>>> {
@@ -257,7 +257,7 @@ async fn list_contacts(
     params(("id" = Uuid, Path, description = "Contact id")),
     responses((status = 204, description = "Erased"), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn erase_contact(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
@@ -296,7 +296,7 @@ async fn erase_contact(
     responses((status = 200, body = ContactCard), (status = 404, body = Problem, content_type = "application/problem+json"),
               (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn lookup(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiQuery(params): ApiQuery<LookupParams>,
 ) -> ApiResult<Json<ContactCard>> {
@@ -315,7 +315,7 @@ async fn lookup(
     params(("id" = Uuid, Path, description = "Contact id"), TimelineParams),
     responses((status = 200, body = Page<Event>), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn timeline(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(params): ApiQuery<TimelineParams>,

@@ -10,11 +10,11 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::model::{Contact, ContactCard, ContactChanges, ContactFields, change};
-use crate::db::{StoreError, StoreResult};
 use crate::domain::{Channel, ConsentStatus, Patch, Purpose};
+use crate::domain::{TenantContext, TenantId};
+use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
 use crate::support::model::OPEN_TICKET_STATUSES;
-use crate::tenancy::{Tenant, TenantId};
 use crate::validate;
 
 /// The columns of [`Contact`], with `stats` gathered from the per-type counters.
@@ -166,7 +166,7 @@ pub enum Upserted {
 /// the transaction with other work.
 pub async fn upsert(
     conn: &mut PgConnection,
-    tenant: &Tenant,
+    tenant: &TenantContext,
     external_id: &str,
     changes: &ContactChanges,
     field_prefix: &str,
@@ -323,7 +323,7 @@ fn bind_fields<'q>(
 /// The fields after applying `changes` to `current`; the phone is normalised with the
 /// resulting country, else the tenant's.
 fn merge(
-    tenant: &Tenant,
+    tenant: &TenantContext,
     current: &ContactFields,
     changes: &ContactChanges,
     field_prefix: &str,
@@ -601,7 +601,7 @@ pub async fn ids_by_address(
 /// creating one. Invalid addresses are a 422 on `{field}.email` or `{field}.phone`.
 pub async fn find_by_ref(
     conn: &mut PgConnection,
-    tenant: &Tenant,
+    tenant: &TenantContext,
     r: &crate::domain::ContactRef,
     field: &str,
 ) -> StoreResult<Option<Uuid>> {

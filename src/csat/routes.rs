@@ -9,10 +9,10 @@ use utoipa_axum::routes;
 use super::store::{self, NewRating, Rating, RatingRow};
 use crate::AppState;
 use crate::contacts::store as contacts;
+use crate::domain::TenantContext;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::ValidJson;
 use crate::support::store as support;
-use crate::tenancy::Tenant;
 use crate::validate;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -25,7 +25,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     request_body = NewRating,
     responses((status = 201, body = Rating), (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn create_rating(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ValidJson(body): ValidJson<NewRating>,
 ) -> ApiResult<(StatusCode, Json<Rating>)> {

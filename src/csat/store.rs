@@ -8,11 +8,11 @@ use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::db::{StoreError, StoreResult};
 use crate::domain::ContactRef;
+use crate::domain::TenantId;
+use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
 use crate::messages::store as messages;
-use crate::tenancy::TenantId;
 
 /// The score at or below which the agent is alerted, unless the tenant sets
 /// `settings.csat_alert_threshold`.

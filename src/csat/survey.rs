@@ -13,11 +13,11 @@ use uuid::Uuid;
 
 use super::store::{self, RatingRow};
 use crate::AppState;
+use crate::domain::TenantId;
 use crate::error::ApiResult;
 use crate::http::extract::ApiPath;
 use crate::signing::{Claims, Purpose, Signer};
 use crate::support::store as support;
-use crate::tenancy::TenantId;
 
 /// How long a survey link works.
 pub const SURVEY_DAYS: i64 = 30;
@@ -304,7 +304,7 @@ async fn answer(
             };
             match store::record(&mut tx, t.tenant, &row, state.config.outbox_max_attempts).await {
                 Ok(_) => {}
-                Err(crate::db::StoreError::Conflict(_)) => {
+                Err(crate::error::StoreError::Conflict(_)) => {
                     return Ok(page(
                         StatusCode::CONFLICT,
                         w,

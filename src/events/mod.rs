@@ -1,8 +1,6 @@
 //! Events: everything that happens to a contact, sent by the tenant or emitted by Rapport.
-//! The timeline and the rule engine both read them.
+//! The log every capability appends to; the timeline and the rule engine read it. Accepting a
+//! tenant's events is `crate::ingest`.
 
-pub mod ingest;
 pub mod model;
-pub mod routes;
 pub mod store;
-pub mod writer;

@@ -8,7 +8,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::model::Event;
-use crate::tenancy::TenantId;
+use crate::domain::TenantId;
 
 pub(crate) const EVENT_COLUMNS: &str =
     "id, type, contact_id, occurred_at, received_at, properties, source,

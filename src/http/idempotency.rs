@@ -21,8 +21,8 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::AppState;
+use crate::domain::TenantContext;
 use crate::error::ApiError;
-use crate::tenancy::Tenant;
 
 pub const HEADER: &str = "idempotency-key";
 /// Set on replayed responses.
@@ -104,7 +104,7 @@ pub async fn idempotency(
         .to_owned();
     let scope = request
         .extensions()
-        .get::<Tenant>()
+        .get::<TenantContext>()
         .map(|t| t.id.0)
         .unwrap_or(Uuid::nil());
     let (parts, body) = request.into_parts();
@@ -338,7 +338,7 @@ pub async fn purge_expired(pool: &sqlx::PgPool, retention_hours: u32) -> Result<
 /// treated as a new request.
 pub async fn forget_mentions(
     conn: &mut sqlx::PgConnection,
-    tenant: crate::tenancy::TenantId,
+    tenant: crate::domain::TenantId,
     needles: &[String],
 ) -> Result<u64, sqlx::Error> {
     let needles: Vec<&str> = needles

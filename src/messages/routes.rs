@@ -12,12 +12,12 @@ use super::model::{Compose, Message, MessageDetail, MessageFilter, NewMessage, S
 use super::store;
 use crate::AppState;
 use crate::contacts::store as contacts;
+use crate::domain::TenantContext;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::events::store as events;
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
 use crate::http::idempotency::{self, Claimed, Recorded};
 use crate::http::pagination::{Page, PageParams, decode_id_cursor, encode_id_cursor, paginate};
-use crate::tenancy::Tenant;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -33,7 +33,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     responses((status = 202, description = "Queued, or suppressed with a reason", body = Message),
               (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn send_message(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     claimed: Option<Extension<Claimed>>,
     ValidJson(body): ValidJson<NewMessage>,
@@ -67,7 +67,7 @@ async fn send_message(
     params(MessageFilter),
     responses((status = 200, body = Page<Message>)))]
 async fn list_messages(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiQuery(filter): ApiQuery<MessageFilter>,
 ) -> ApiResult<Json<Page<Message>>> {
@@ -104,7 +104,7 @@ async fn list_messages(
     params(("id" = Uuid, Path, description = "Message id")),
     responses((status = 200, body = MessageDetail), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn get_message(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<MessageDetail>> {

@@ -12,12 +12,12 @@ use super::model::{Attempt, Compose, Message};
 use crate::channels::Receipt;
 use crate::contacts::model::Contact;
 use crate::contacts::store as contacts;
-use crate::db::{StoreError, StoreResult};
 use crate::domain::{Channel, Purpose};
+use crate::domain::{TenantContext, TenantId};
+use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
 use crate::templates::sandbox::SandboxError;
 use crate::templates::{render, store as templates};
-use crate::tenancy::{Tenant, TenantId};
 use crate::tenants::store as tenants;
 
 /// What enqueueing needs besides the transaction.
@@ -145,7 +145,7 @@ impl EnqueueError {
 /// templates are errors: nothing is written.
 pub async fn enqueue(
     conn: &mut PgConnection,
-    tenant: &Tenant,
+    tenant: &TenantContext,
     c: Compose<'_>,
     opts: &SendOptions,
 ) -> Result<Message, EnqueueError> {
@@ -256,7 +256,7 @@ pub async fn enqueue(
         .await
         .map_err(EnqueueError::from);
     };
-    let links = crate::tracking::Links::new(&opts.signer, &opts.public_url, tenant.id, id);
+    let links = super::links::Links::new(&opts.signer, &opts.public_url, tenant.id, id);
     let mut ctx = render::context(Some(&contact), &tenant_row, c.event.as_ref(), &c.vars);
     if purpose == Purpose::Marketing {
         ctx["unsubscribe_url"] = json!(links.unsubscribe());

@@ -10,9 +10,9 @@ use utoipa_axum::routes;
 
 use super::store::{self, CsatRow, GroupBy, SupportRow};
 use crate::AppState;
+use crate::domain::TenantContext;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::ApiQuery;
-use crate::tenancy::Tenant;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -95,7 +95,7 @@ fn name(g: GroupBy) -> String {
 #[utoipa::path(get, path = "/v1/reports/csat", tag = "reports", security(("api_key" = [])), params(ReportParams),
     responses((status = 200, body = Report<CsatRow>), (status = 400, body = Problem, content_type = "application/problem+json")))]
 async fn csat_report(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiQuery(p): ApiQuery<ReportParams>,
 ) -> ApiResult<Json<Report<CsatRow>>> {
@@ -115,7 +115,7 @@ async fn csat_report(
 #[utoipa::path(get, path = "/v1/reports/support", tag = "reports", security(("api_key" = [])), params(ReportParams),
     responses((status = 200, body = Report<SupportRow>), (status = 400, body = Problem, content_type = "application/problem+json")))]
 async fn support_report(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiQuery(p): ApiQuery<ReportParams>,
 ) -> ApiResult<Json<Report<SupportRow>>> {

@@ -5,9 +5,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use utoipa::ToSchema;
 
-use crate::db::StoreResult;
+use crate::domain::TenantId;
+use crate::error::StoreResult;
 use crate::support::model::OPEN_TICKET_STATUSES;
-use crate::tenancy::TenantId;
 
 /// What a report groups by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]

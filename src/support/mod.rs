@@ -2,6 +2,4 @@
 
 pub mod model;
 pub mod routes;
-pub mod settings;
-pub mod snippets;
 pub mod store;

@@ -1,14 +1,14 @@
 //! Agent and ticket types, the ticket status machine, and input validation.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::domain::ContactRef;
-use crate::domain::Patch;
-use crate::validate;
-use crate::validate::Errors;
+use crate::domain::{ContactRef, Patch};
+use crate::validate::{self, Errors, Invalid};
 
 /// A support agent.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
@@ -406,4 +406,90 @@ mod tests {
         assert!(!Open.can_become(New));
         assert!(!Open.can_become(Open));
     }
+}
+
+/// Targets of one priority, in minutes from the ticket's creation.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SlaTarget {
+    pub first_response_mins: Option<u32>,
+    pub resolution_mins: Option<u32>,
+}
+
+/// A tenant's settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    /// A score at or below this (1-5) alerts the agent; default 2.
+    pub csat_alert_threshold: Option<i16>,
+    /// SLA targets by priority (`low`, `normal`, `high`, `urgent`).
+    #[schema(value_type = Object, example = json!({"urgent": {"first_response_mins": 15, "resolution_mins": 240}}))]
+    #[serde(default)]
+    pub sla: BTreeMap<String, SlaTarget>,
+}
+
+impl TenantSettings {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let mut errors = Errors::new();
+        if let Some(t) = self.csat_alert_threshold {
+            if !(1..=5).contains(&t) {
+                errors.add("csat_alert_threshold", "must be 1 to 5");
+            }
+        }
+        for (priority, target) in &self.sla {
+            if !matches!(priority.as_str(), "low" | "normal" | "high" | "urgent") {
+                errors.add(
+                    format!("sla.{priority}"),
+                    "priorities are low, normal, high and urgent",
+                );
+            }
+            for (name, v) in [
+                ("first_response_mins", target.first_response_mins),
+                ("resolution_mins", target.resolution_mins),
+            ] {
+                if v.is_some_and(|m| m == 0 || m > 525_600) {
+                    errors.add(
+                        format!("sla.{priority}.{name}"),
+                        "must be 1 to 525600 minutes",
+                    );
+                }
+            }
+        }
+        errors.finish()
+    }
+}
+
+/// A canned response.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+pub struct Snippet {
+    pub key: String,
+    pub title: Option<String>,
+    /// A minijinja template over `contact`, `ticket`, `agent` and `tenant`.
+    #[schema(
+        example = "Dear {{ contact.first_name }}, ticket #{{ ticket.number }} is solved. {{ agent.name }}"
+    )]
+    pub body: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `PUT /v1/snippets/{key}`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnippetInput {
+    pub title: Option<String>,
+    pub body: String,
+}
+
+/// `POST /v1/snippets/{key}/render`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenderSnippet {
+    pub ticket_id: Uuid,
+}
+
+/// A rendered snippet.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RenderedSnippet {
+    pub text: String,
 }

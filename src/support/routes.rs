@@ -9,22 +9,30 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::model::{
-    Agent, AgentInput, Author, NewTicket, NewTicketMessage, Status, Ticket, TicketDetail,
-    TicketFilter, TicketMessage, TicketPatch,
+    Agent, AgentInput, Author, NewTicket, NewTicketMessage, RenderSnippet, RenderedSnippet,
+    Snippet, SnippetInput, Status, TenantSettings, Ticket, TicketDetail, TicketFilter,
+    TicketMessage, TicketPatch,
 };
 use super::store::{self, NewTicketRow};
 use crate::AppState;
 use crate::contacts::store as contacts;
+use crate::domain::TenantContext;
 use crate::domain::{Channel, Patch};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::events::store as events;
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
 use crate::http::idempotency::{self, Claimed, Recorded};
-use crate::http::pagination::{Page, PageParams, decode_id_cursor, encode_id_cursor, paginate};
+use crate::http::pagination::{
+    Page, PageParams, decode_id_cursor, decode_key_cursor, encode_id_cursor, encode_key_cursor,
+    paginate,
+};
 use crate::messages::model::Compose;
 use crate::messages::store as messages;
+use crate::templates::model::validate_key;
+use crate::templates::render;
+use crate::templates::routes::render_problem;
 use crate::templates::store as templates;
-use crate::tenancy::Tenant;
+use crate::tenants::store as tenants;
 use crate::validate;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -34,6 +42,10 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(create_ticket, list_tickets))
         .routes(routes!(get_ticket, update_ticket))
         .routes(routes!(add_message))
+        .routes(routes!(get_settings, put_settings))
+        .routes(routes!(list_snippets))
+        .routes(routes!(put_snippet, get_snippet))
+        .routes(routes!(render_snippet))
 }
 
 fn agent_not_found(id: Uuid) -> ApiError {
@@ -50,7 +62,7 @@ fn ticket_not_found(id: Uuid) -> ApiError {
     responses((status = 201, body = Agent), (status = 409, body = Problem, content_type = "application/problem+json"),
               (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn create_agent(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ValidJson(body): ValidJson<AgentInput>,
 ) -> ApiResult<(StatusCode, Json<Agent>)> {
@@ -71,7 +83,7 @@ async fn create_agent(
 #[utoipa::path(get, path = "/v1/agents", tag = "support", security(("api_key" = [])), params(PageParams),
     responses((status = 200, body = Page<Agent>)))]
 async fn list_agents(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiQuery(page): ApiQuery<PageParams>,
 ) -> ApiResult<Json<Page<Agent>>> {
@@ -87,7 +99,7 @@ async fn list_agents(
     params(("id" = Uuid, Path, description = "Agent id")),
     responses((status = 200, body = Agent), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn get_agent(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Agent>> {
@@ -104,7 +116,7 @@ async fn get_agent(
     responses((status = 200, body = Agent), (status = 404, body = Problem, content_type = "application/problem+json"),
               (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn update_agent(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
     ValidJson(body): ValidJson<AgentInput>,
@@ -129,7 +141,7 @@ async fn update_agent(
 async fn notify_customer(
     state: &AppState,
     conn: &mut sqlx::PgConnection,
-    tenant: &Tenant,
+    tenant: &TenantContext,
     ticket: &Ticket,
     template: &str,
     extra: serde_json::Value,
@@ -172,7 +184,7 @@ async fn notify_customer(
     request_body = NewTicket,
     responses((status = 201, body = TicketDetail), (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn create_ticket(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     claimed: Option<Extension<Claimed>>,
     ValidJson(body): ValidJson<NewTicket>,
@@ -236,7 +248,7 @@ async fn create_ticket(
 #[utoipa::path(get, path = "/v1/tickets", tag = "support", security(("api_key" = [])), params(TicketFilter),
     responses((status = 200, body = Page<Ticket>)))]
 async fn list_tickets(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiQuery(f): ApiQuery<TicketFilter>,
 ) -> ApiResult<Json<Page<Ticket>>> {
@@ -265,7 +277,7 @@ async fn list_tickets(
     params(("id" = Uuid, Path, description = "Ticket id")),
     responses((status = 200, body = TicketDetail), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn get_ticket(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<TicketDetail>> {
@@ -286,7 +298,7 @@ async fn get_ticket(
               (status = 409, description = "Illegal status transition", body = Problem, content_type = "application/problem+json"),
               (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn update_ticket(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
     ValidJson(body): ValidJson<TicketPatch>,
@@ -401,7 +413,7 @@ async fn update_ticket(
               (status = 409, body = Problem, content_type = "application/problem+json"),
               (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn add_message(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
     ValidJson(body): ValidJson<NewTicketMessage>,
@@ -476,4 +488,139 @@ async fn add_message(
     };
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(message)))
+}
+
+/// The tenant's settings.
+#[utoipa::path(get, path = "/v1/settings", tag = "support", security(("api_key" = [])),
+    responses((status = 200, body = TenantSettings)))]
+async fn get_settings(
+    tenant: TenantContext,
+    State(state): State<AppState>,
+) -> ApiResult<Json<TenantSettings>> {
+    let mut conn = state.pool.acquire().await?;
+    Ok(Json(store::settings(&mut conn, tenant.id).await?))
+}
+
+/// Replace the tenant's settings.
+#[utoipa::path(put, path = "/v1/settings", tag = "support", security(("api_key" = [])),
+    request_body = TenantSettings,
+    responses((status = 200, body = TenantSettings), (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn put_settings(
+    tenant: TenantContext,
+    State(state): State<AppState>,
+    ValidJson(body): ValidJson<TenantSettings>,
+) -> ApiResult<Json<TenantSettings>> {
+    body.validate()?;
+    let mut conn = state.pool.acquire().await?;
+    store::save_settings(&mut conn, tenant.id, &body).await?;
+    Ok(Json(body))
+}
+
+fn snippet_not_found(key: &str) -> ApiError {
+    ApiError::NotFound(format!("no snippet with key `{key}`"))
+}
+
+/// Create or replace a snippet; a syntax error is a 422.
+#[utoipa::path(put, path = "/v1/snippets/{key}", tag = "support", security(("api_key" = [])),
+    params(("key" = String, Path, description = "Snippet key")), request_body = SnippetInput,
+    responses((status = 201, body = Snippet), (status = 200, body = Snippet),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn put_snippet(
+    tenant: TenantContext,
+    State(state): State<AppState>,
+    ApiPath(key): ApiPath<String>,
+    ValidJson(body): ValidJson<SnippetInput>,
+) -> ApiResult<(StatusCode, Json<Snippet>)> {
+    validate_key(&key).map_err(|m| ApiError::field("key", m))?;
+    crate::validate::text(&body.body, 20_000).map_err(|m| ApiError::field("body", m))?;
+    render::check_syntax(&body.body).map_err(|m| ApiError::field("body", m))?;
+    let mut conn = state.pool.acquire().await?;
+    let (snippet, created) = store::put_snippet(
+        &mut conn,
+        tenant.id,
+        &key,
+        body.title.as_deref(),
+        &body.body,
+    )
+    .await?;
+    Ok((
+        if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        Json(snippet),
+    ))
+}
+
+/// Get a snippet.
+#[utoipa::path(get, path = "/v1/snippets/{key}", tag = "support", security(("api_key" = [])),
+    params(("key" = String, Path, description = "Snippet key")),
+    responses((status = 200, body = Snippet), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn get_snippet(
+    tenant: TenantContext,
+    State(state): State<AppState>,
+    ApiPath(key): ApiPath<String>,
+) -> ApiResult<Json<Snippet>> {
+    let mut conn = state.pool.acquire().await?;
+    let snippet = store::get_snippet(&mut conn, tenant.id, &key).await?;
+    Ok(Json(snippet.ok_or_else(|| snippet_not_found(&key))?))
+}
+
+/// List snippets by key.
+#[utoipa::path(get, path = "/v1/snippets", tag = "support", security(("api_key" = [])), params(PageParams),
+    responses((status = 200, body = Page<Snippet>)))]
+async fn list_snippets(
+    tenant: TenantContext,
+    State(state): State<AppState>,
+    ApiQuery(page): ApiQuery<PageParams>,
+) -> ApiResult<Json<Page<Snippet>>> {
+    let limit = page.limit()?;
+    let after = page.cursor.as_deref().map(decode_key_cursor).transpose()?;
+    let mut conn = state.pool.acquire().await?;
+    let rows = store::list_snippets(&mut conn, tenant.id, after.as_deref(), limit + 1).await?;
+    Ok(Json(paginate(rows, limit, |s| encode_key_cursor(&s.key))))
+}
+
+/// Render a snippet for a ticket, with `contact`, `ticket`, `agent` (the assignee) and
+/// `tenant`; a missing variable is a 422, never a blank.
+#[utoipa::path(post, path = "/v1/snippets/{key}/render", tag = "support", security(("api_key" = [])),
+    params(("key" = String, Path, description = "Snippet key")), request_body = RenderSnippet,
+    responses((status = 200, body = RenderedSnippet), (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn render_snippet(
+    tenant: TenantContext,
+    State(state): State<AppState>,
+    ApiPath(key): ApiPath<String>,
+    ValidJson(body): ValidJson<RenderSnippet>,
+) -> ApiResult<Json<RenderedSnippet>> {
+    let mut conn = state.pool.acquire().await?;
+    let snippet = store::get_snippet(&mut conn, tenant.id, &key)
+        .await?
+        .ok_or_else(|| snippet_not_found(&key))?;
+    let ticket = store::get_ticket(&mut conn, tenant.id, body.ticket_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::field("ticket_id", format!("no ticket with id {}", body.ticket_id))
+        })?;
+    let contact = contacts::get(&mut conn, tenant.id, ticket.contact_id).await?;
+    let tenant_row = tenants::get(&mut conn, tenant.id.0)
+        .await?
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("authenticated tenant is missing")))?;
+    let agent = match ticket.assignee_id {
+        Some(a) => store::get_agent(&mut conn, tenant.id, a).await?,
+        None => None,
+    };
+    let mut ctx = render::context(contact.as_ref(), &tenant_row, None, &json!({}));
+    ctx["ticket"] = serde_json::to_value(&ticket).map_err(|e| ApiError::Internal(e.into()))?;
+    if let Some(agent) = agent {
+        ctx["agent"] = serde_json::to_value(&agent).map_err(|e| ApiError::Internal(e.into()))?;
+    }
+    drop(conn);
+    let text = state
+        .sandbox
+        .render_text("snippet.txt", &snippet.body, &ctx, "body")
+        .await
+        .map_err(|e| render_problem(e, "snippet."))?;
+    Ok(Json(RenderedSnippet { text }))
 }

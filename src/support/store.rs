@@ -5,14 +5,18 @@
 //! tickets created at once cannot both take an agent's last free slot.
 
 use serde_json::json;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::model::{Agent, AgentChanges, Status, Ticket, TicketMessage, open_ticket_statuses};
-use crate::db::{StoreError, StoreResult};
+use super::model::{
+    Agent, AgentChanges, OPEN_TICKET_STATUSES, Snippet, Status, TenantSettings, Ticket,
+    TicketMessage, open_ticket_statuses,
+};
 use crate::domain::Patch;
+use crate::domain::kinds;
+use crate::domain::{TenantContext, TenantId};
+use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
-use crate::tenancy::{Tenant, TenantId};
 
 const AGENT_COLUMNS: &str = concat!(
     "a.id, a.name, a.email, a.phone, a.languages, a.countries,
@@ -137,7 +141,7 @@ pub async fn list_agents(
 /// assigned longest ago (round robin). None when nobody fits: the ticket waits in the queue.
 pub async fn assign(
     conn: &mut PgConnection,
-    tenant: &Tenant,
+    tenant: &TenantContext,
     ticket_id: Uuid,
 ) -> StoreResult<Option<Uuid>> {
     let target: Option<(String, String, Uuid)> = sqlx::query_as(concat!(
@@ -243,7 +247,7 @@ async fn set_assignee(
 }
 
 /// Assigns waiting tickets, oldest first, now that capacity may have freed or an agent joined.
-pub async fn assign_waiting(conn: &mut PgConnection, tenant: &Tenant) -> StoreResult<usize> {
+pub async fn assign_waiting(conn: &mut PgConnection, tenant: &TenantContext) -> StoreResult<usize> {
     let waiting: Vec<Uuid> = sqlx::query_scalar(concat!(
         "SELECT id FROM tickets WHERE tenant_id = $1 AND assignee_id IS NULL
            AND status IN ",
@@ -290,7 +294,7 @@ pub struct NewTicketRow<'a> {
 /// Opens a ticket with the customer's first message, emits `ticket.created`, and assigns it.
 pub async fn create_ticket(
     conn: &mut PgConnection,
-    tenant: &Tenant,
+    tenant: &TenantContext,
     t: &NewTicketRow<'_>,
 ) -> StoreResult<Ticket> {
     let id = Uuid::now_v7();
@@ -494,4 +498,150 @@ pub async fn erase_contact(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// The tenant's support settings (defaults when never set).
+pub async fn settings(conn: &mut PgConnection, tenant: TenantId) -> StoreResult<TenantSettings> {
+    let raw: serde_json::Value = sqlx::query_scalar("SELECT settings FROM tenants WHERE id = $1")
+        .bind(tenant)
+        .fetch_one(conn)
+        .await?;
+    Ok(serde_json::from_value(raw).unwrap_or_default())
+}
+
+/// Replaces the tenant's support settings.
+pub async fn save_settings(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    settings: &TenantSettings,
+) -> StoreResult<()> {
+    let value = serde_json::to_value(settings).map_err(|e| StoreError::Internal(e.into()))?;
+    sqlx::query("UPDATE tenants SET settings = $2, updated_at = now() WHERE id = $1")
+        .bind(tenant)
+        .bind(value)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// tenant, ticket, contact, number, priority, assignee, target minutes.
+type Breach = (
+    TenantId,
+    uuid::Uuid,
+    uuid::Uuid,
+    i64,
+    String,
+    Option<uuid::Uuid>,
+    i32,
+);
+
+/// Stamps SLA breaches of open tickets (each kind once per ticket, so several workers cannot
+/// report one twice) and emits `ticket.sla_breached`. The number of breaches found.
+pub async fn check_sla(pool: &PgPool) -> Result<usize, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut found = 0;
+    for (kind, stamp, done, target) in [
+        (
+            "first_response",
+            "first_response_breached_at",
+            "first_response_at",
+            "first_response_mins",
+        ),
+        (
+            "resolution",
+            "resolution_breached_at",
+            "solved_at",
+            "resolution_mins",
+        ),
+    ] {
+        let sql = format!(
+            "UPDATE tickets tk SET {stamp} = now()
+             FROM tenants tn
+             WHERE tn.id = tk.tenant_id AND tk.status IN {OPEN_TICKET_STATUSES}
+               AND tk.{stamp} IS NULL AND tk.{done} IS NULL
+               AND (tn.settings->'sla'->tk.priority->>'{target}') IS NOT NULL
+               AND tk.created_at + make_interval(mins => (tn.settings->'sla'->tk.priority->>'{target}')::int) < now()
+             RETURNING tk.tenant_id, tk.id, tk.contact_id, tk.number, tk.priority, tk.assignee_id,
+                       (tn.settings->'sla'->tk.priority->>'{target}')::int"
+        );
+        let rows: Vec<Breach> = sqlx::query_as(&sql).fetch_all(&mut *tx).await?;
+        for (tenant, id, contact, number, priority, agent, mins) in rows {
+            events::emit_about(
+                &mut tx,
+                tenant,
+                contact,
+                kinds::TICKET_SLA_BREACHED,
+                json!({"ticket_id": id, "number": number, "kind": kind, "priority": priority,
+                       "target_mins": mins, "agent_id": agent}),
+                Some(("ticket", id)),
+            )
+            .await?;
+            found += 1;
+        }
+    }
+    tx.commit().await?;
+    Ok(found)
+}
+
+const SNIPPET_COLUMNS: &str = "key, title, body, created_at, updated_at";
+
+/// Creates or replaces a snippet; the snippet, and whether it is new.
+pub async fn put_snippet(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    key: &str,
+    title: Option<&str>,
+    body: &str,
+) -> StoreResult<(Snippet, bool)> {
+    #[derive(sqlx::FromRow)]
+    struct Upserted {
+        #[sqlx(flatten)]
+        snippet: Snippet,
+        created: bool,
+    }
+    let row: Upserted = sqlx::query_as(&format!(
+        "INSERT INTO snippets (tenant_id, key, title, body) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (tenant_id, key) DO UPDATE SET title = EXCLUDED.title, body = EXCLUDED.body, updated_at = now()
+         RETURNING {SNIPPET_COLUMNS}, (xmax = 0) AS created"
+    ))
+    .bind(tenant)
+    .bind(key)
+    .bind(title)
+    .bind(body)
+    .fetch_one(conn)
+    .await?;
+    Ok((row.snippet, row.created))
+}
+
+/// One snippet by key.
+pub async fn get_snippet(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    key: &str,
+) -> StoreResult<Option<Snippet>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {SNIPPET_COLUMNS} FROM snippets WHERE tenant_id = $1 AND key = $2"
+    ))
+    .bind(tenant)
+    .bind(key)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Snippets by key, after `after`, at most `limit`.
+pub async fn list_snippets(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    after: Option<&str>,
+    limit: i64,
+) -> StoreResult<Vec<Snippet>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {SNIPPET_COLUMNS} FROM snippets
+         WHERE tenant_id = $1 AND ($2::text IS NULL OR key > $2) ORDER BY key LIMIT $3"
+    ))
+    .bind(tenant)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
 }

@@ -18,9 +18,9 @@ use uuid::Uuid;
 use super::calls::{self, CallUpdate};
 use super::integrations;
 use crate::AppState;
+use crate::domain::TenantId;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::ApiPath;
-use crate::tenancy::TenantId;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(webhook))
@@ -174,16 +174,11 @@ async fn webhook(
         call.direction.as_deref() == Some("inbound") && call.status != "ended",
         call.contact_id,
     ) {
-        let payload =
-            serde_json::json!({"call_id": update.provider_call_id, "contact_id": contact});
-        crate::jobs::enqueue(
-            &mut tx,
-            tenant,
-            super::insight::KIND,
-            &update.provider_call_id,
-            &payload,
-        )
-        .await?;
+        let card = super::insight::InsightCard {
+            call_id: update.provider_call_id.clone(),
+            contact_id: contact,
+        };
+        crate::jobs::enqueue(&mut tx, tenant, &update.provider_call_id, &card).await?;
     }
     tx.commit().await?;
     Ok(Json(WebhookResult {

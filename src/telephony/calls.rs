@@ -12,13 +12,13 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::AppState;
+use crate::domain::{TenantContext, TenantId};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::events::store as events;
 use crate::http::extract::{ApiPath, ApiQuery};
 use crate::http::pagination::{Page, PageParams, decode_id_cursor, encode_id_cursor, paginate};
 use crate::support::model::open_ticket_statuses;
 use crate::support::store as support;
-use crate::tenancy::{Tenant, TenantId};
 use crate::validate;
 
 /// A call.
@@ -114,7 +114,7 @@ fn earliest(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<DateTi
 /// and opens a call-back ticket for a missed inbound call of a known contact.
 pub async fn apply(
     conn: &mut PgConnection,
-    tenant: &Tenant,
+    tenant: &TenantContext,
     provider: &str,
     u: &CallUpdate,
 ) -> ApiResult<Call> {
@@ -329,7 +329,7 @@ async fn emit_new_facts(
 /// A missed call is added to the contact's open phone ticket, or opens one, for a call-back.
 async fn open_callback_ticket(
     conn: &mut PgConnection,
-    tenant: &Tenant,
+    tenant: &TenantContext,
     contact: Uuid,
     call: &Row,
 ) -> ApiResult<()> {
@@ -418,7 +418,7 @@ pub struct CallFilter {
 #[utoipa::path(get, path = "/v1/calls", tag = "telephony", security(("api_key" = [])), params(CallFilter),
     responses((status = 200, body = Page<Call>)))]
 async fn list_calls(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiQuery(f): ApiQuery<CallFilter>,
 ) -> ApiResult<Json<Page<Call>>> {
@@ -449,7 +449,7 @@ async fn list_calls(
     params(("id" = Uuid, Path, description = "Call id")),
     responses((status = 200, body = Call), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn get_call(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Call>> {

@@ -6,11 +6,24 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::AppState;
-use crate::jobs::{Job, JobError};
+use crate::domain::TenantId;
+use crate::jobs::{BackgroundJob, JobError};
 use crate::support::model::open_ticket_statuses;
-use crate::tenancy::TenantId;
 
-pub const KIND: &str = "aircall.insight_card";
+/// Pushes the insight card of `contact_id` to Aircall's call `call_id` (Aircall's id).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct InsightCard {
+    pub call_id: String,
+    pub contact_id: Uuid,
+}
+
+impl BackgroundJob for InsightCard {
+    const KIND: &'static str = "aircall.insight_card";
+
+    async fn run(self, state: &AppState, tenant: TenantId) -> Result<(), JobError> {
+        push(state, tenant, &self.call_id, self.contact_id).await
+    }
+}
 
 /// name, phone, attributes, advisor's name.
 type CardRow = (Option<String>, Option<String>, Value, Option<String>);
@@ -73,30 +86,23 @@ pub async fn contents(
     Ok(out)
 }
 
-/// Runs an insight-card job: `{call_id (Aircall's), contact_id}`.
-pub async fn push(state: &AppState, job: &Job) -> Result<(), JobError> {
+/// Builds the card and posts it; errors say whether another attempt may succeed.
+async fn push(
+    state: &AppState,
+    tenant: TenantId,
+    call_id: &str,
+    contact: Uuid,
+) -> Result<(), JobError> {
     let retry = |e: String| JobError::Retry(e);
-    let call_id = job
-        .payload
-        .get("call_id")
-        .and_then(Value::as_str)
-        .ok_or_else(|| JobError::Fail("no call_id".into()))?;
-    let contact: Uuid = job
-        .payload
-        .get("contact_id")
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| JobError::Fail("no contact_id".into()))?;
     let mut conn = state
         .pool
         .acquire()
         .await
         .map_err(|e| retry(e.to_string()))?;
-    let integration =
-        super::integrations::load(&mut conn, &state.secrets, job.tenant_id, "aircall")
-            .await
-            .map_err(|e| retry(e.to_string()))?
-            .ok_or_else(|| JobError::Fail("Aircall is not configured any more".into()))?;
+    let integration = super::integrations::load(&mut conn, &state.secrets, tenant, "aircall")
+        .await
+        .map_err(|e| retry(e.to_string()))?
+        .ok_or_else(|| JobError::Fail("Aircall is not configured any more".into()))?;
     let (Some(api_id), Some(api_token)) = (
         integration.settings.get("api_id").and_then(Value::as_str),
         integration.secrets.get("api_token"),
@@ -108,7 +114,7 @@ pub async fn push(state: &AppState, job: &Job) -> Result<(), JobError> {
         .get("api_base_url")
         .and_then(Value::as_str)
         .unwrap_or("https://api.aircall.io");
-    let body = json!({"contents": contents(&mut conn, job.tenant_id, contact).await.map_err(|e| retry(e.to_string()))?});
+    let body = json!({"contents": contents(&mut conn, tenant, contact).await.map_err(|e| retry(e.to_string()))?});
     drop(conn);
     state
         .egress

@@ -15,9 +15,9 @@ use utoipa_axum::routes;
 
 use crate::AppState;
 use crate::crypto::SecretBox;
+use crate::domain::{TenantContext, TenantId};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::ValidJson;
-use crate::tenancy::{Tenant, TenantId};
 use crate::validate::Errors;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -120,7 +120,7 @@ fn config(i: &Integration, updated_at: Option<DateTime<Utc>>) -> AircallConfig {
     request_body = AircallInput,
     responses((status = 200, body = AircallConfig), (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn put_aircall(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ValidJson(body): ValidJson<AircallInput>,
 ) -> ApiResult<Json<AircallConfig>> {
@@ -190,7 +190,7 @@ async fn put_aircall(
 #[utoipa::path(get, path = "/v1/integrations/aircall", tag = "telephony", security(("api_key" = [])),
     responses((status = 200, body = AircallConfig), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn get_aircall(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
 ) -> ApiResult<Json<AircallConfig>> {
     let mut conn = state.pool.acquire().await?;

@@ -24,9 +24,9 @@ use uuid::Uuid;
 use super::calls::{self, CallUpdate};
 use super::integrations;
 use crate::AppState;
+use crate::domain::{TenantContext, TenantId};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::{ApiPath, ValidJson};
-use crate::tenancy::{Tenant, TenantId};
 
 /// How far a webhook's timestamp may be from now.
 const TOLERANCE_SECS: i64 = 300;
@@ -78,7 +78,7 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
     request_body = TelephonyInput,
     responses((status = 200, body = TelephonyConfig), (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn put_settings(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ValidJson(body): ValidJson<TelephonyInput>,
 ) -> ApiResult<Json<TelephonyConfig>> {

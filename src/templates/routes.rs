@@ -14,10 +14,10 @@ use super::{render, store};
 use crate::AppState;
 use crate::contacts::routes::contact_not_found;
 use crate::contacts::store as contacts;
+use crate::domain::TenantContext;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
 use crate::http::pagination::{Page, PageParams, decode_key_cursor, encode_key_cursor, paginate};
-use crate::tenancy::Tenant;
 use crate::tenants::store as tenants;
 use crate::validate;
 
@@ -45,7 +45,7 @@ fn template_not_found(key: &str) -> ApiError {
               (status = 200, description = "Replaced", body = Template),
               (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn put_template(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(key): ApiPath<String>,
     ValidJson(body): ValidJson<TemplateInput>,
@@ -70,7 +70,7 @@ async fn put_template(
     params(("key" = String, Path, description = "Template key")),
     responses((status = 200, body = Template), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn get_template(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(key): ApiPath<String>,
 ) -> ApiResult<Json<Template>> {
@@ -87,7 +87,7 @@ async fn get_template(
     params(PageParams),
     responses((status = 200, body = Page<Template>)))]
 async fn list_templates(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiQuery(page): ApiQuery<PageParams>,
 ) -> ApiResult<Json<Page<Template>>> {
@@ -107,7 +107,7 @@ async fn list_templates(
               (status = 404, body = Problem, content_type = "application/problem+json"),
               (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn preview(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(key): ApiPath<String>,
     ValidJson(body): ValidJson<PreviewRequest>,

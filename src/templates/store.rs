@@ -5,9 +5,9 @@ use sqlx::PgConnection;
 use sqlx::types::Json;
 
 use super::model::{Template, Variants};
-use crate::db::{StoreError, StoreResult};
 use crate::domain::Purpose;
-use crate::tenancy::TenantId;
+use crate::domain::TenantId;
+use crate::error::{StoreError, StoreResult};
 
 #[derive(sqlx::FromRow)]
 struct Row {

@@ -1,13 +1,14 @@
 //! Tenant and API-key types, and the validation of what operators send.
 
+use base64::Engine;
 use chrono::{DateTime, Utc};
+use rand::RngCore;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::validate;
-use crate::validate::Errors;
-use crate::validate::Invalid;
+use crate::validate::{self, Errors, Invalid};
 
 /// A company using Rapport; all its data is invisible to every other tenant.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
@@ -120,4 +121,22 @@ pub struct CreatedApiKey {
 pub struct NewApiKey {
     #[schema(example = "checkout backend")]
     pub name: String,
+}
+
+/// Prefix of every tenant API key.
+pub const KEY_PREFIX: &str = "rk_live_";
+
+/// A new API key: 32 random bytes, base64url, behind `rk_live_`.
+pub fn generate_api_key() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    format!(
+        "{KEY_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+/// The SHA-256 of a key, as stored. Keys carry 256 bits of entropy, so a fast hash suffices.
+pub fn hash_api_key(key: &str) -> Vec<u8> {
+    Sha256::digest(key.as_bytes()).to_vec()
 }

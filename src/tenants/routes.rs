@@ -11,10 +11,11 @@ use uuid::Uuid;
 use super::model::{ApiKey, CreatedApiKey, NewApiKey, NewTenant, Tenant};
 use super::store;
 use crate::AppState;
+use crate::domain::Operator;
+use crate::domain::TenantId;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
 use crate::http::pagination::{Page, PageParams, decode_id_cursor, encode_id_cursor, paginate};
-use crate::tenancy::{Operator, TenantId};
 use crate::validate;
 
 pub fn router() -> OpenApiRouter<AppState> {

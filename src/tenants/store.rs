@@ -4,8 +4,8 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::model::{ApiKey, CreatedApiKey, Tenant, ValidTenant};
-use crate::db::{StoreError, StoreResult};
-use crate::tenancy::{self, TenantId};
+use crate::domain::{TenantContext, TenantId};
+use crate::error::{StoreError, StoreResult};
 
 const TENANT_COLUMNS: &str =
     "id, name, slug, default_country, default_locale, timezone, created_at, updated_at";
@@ -76,8 +76,11 @@ pub async fn create_key(
     tenant: TenantId,
     name: &str,
 ) -> StoreResult<CreatedApiKey> {
-    let key = tenancy::generate_api_key();
-    let prefix: String = key.chars().take(tenancy::KEY_PREFIX.len() + 6).collect();
+    let key = super::model::generate_api_key();
+    let prefix: String = key
+        .chars()
+        .take(super::model::KEY_PREFIX.len() + 6)
+        .collect();
     let id = Uuid::now_v7();
     let created_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
         "INSERT INTO api_keys (tenant_id, id, name, key_hash, key_prefix)
@@ -86,7 +89,7 @@ pub async fn create_key(
     .bind(tenant)
     .bind(id)
     .bind(name)
-    .bind(tenancy::hash_api_key(&key))
+    .bind(super::model::hash_api_key(&key))
     .bind(&prefix)
     .fetch_one(conn)
     .await?;
@@ -131,7 +134,7 @@ pub async fn revoke_key(
 pub async fn authenticate(
     conn: &mut PgConnection,
     key_hash: &[u8],
-) -> Result<Option<tenancy::Tenant>, sqlx::Error> {
+) -> Result<Option<TenantContext>, sqlx::Error> {
     sqlx::query_as(
         "SELECT k.tenant_id, k.id AS key_id, t.default_country, t.default_locale, t.timezone
          FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
@@ -146,7 +149,7 @@ pub async fn authenticate(
 pub async fn context(
     conn: &mut PgConnection,
     tenant: TenantId,
-) -> Result<Option<tenancy::Tenant>, sqlx::Error> {
+) -> Result<Option<TenantContext>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id AS tenant_id, '00000000-0000-0000-0000-000000000000'::uuid AS key_id,
                 default_country, default_locale, timezone

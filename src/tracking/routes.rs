@@ -9,12 +9,12 @@ use utoipa_axum::routes;
 
 use crate::AppState;
 use crate::contacts::store as contacts;
+use crate::domain::TenantId;
 use crate::domain::{Channel, ConsentStatus, Purpose as ConsentPurpose};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::ApiPath;
 use crate::messages::store as messages;
 use crate::signing::Purpose;
-use crate::tenancy::TenantId;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

@@ -20,12 +20,12 @@ use uuid::Uuid;
 use crate::AppState;
 use crate::channels::settings::{self, Resolved};
 use crate::contacts::store as contacts;
+use crate::domain::TenantId;
 use crate::domain::{Channel, ConsentStatus, Purpose as ConsentPurpose};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::ApiPath;
 use crate::messages::store::{self as messages, DeliveryReport};
 use crate::signing::Purpose;
-use crate::tenancy::TenantId;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

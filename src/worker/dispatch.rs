@@ -17,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 use crate::AppState;
 use crate::channels::{Outbound, Provider, SendError};
 use crate::domain::Channel;
+use crate::domain::TenantId;
 use crate::domain::backoff;
 use crate::messages::store::{self, Claimed, NOTIFY_CHANNEL, Outcome};
-use crate::tenancy::TenantId;
 
 /// Runs `outbox_dispatchers` dispatch loops until `shutdown`. While one loop records its
 /// batch, the others are claiming and sending theirs (SKIP LOCKED keeps them apart), so the

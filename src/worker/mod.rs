@@ -5,8 +5,12 @@
 //! run against one database.
 
 pub mod dispatch;
+pub mod jobs;
 
+use std::future::Future;
 use std::time::Duration;
+
+use sqlx::postgres::PgListener;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -15,77 +19,122 @@ use crate::AppState;
 
 /// How often expired idempotency keys are deleted.
 const PURGE_EVERY: Duration = Duration::from_secs(600);
+/// How often open tickets are checked against their SLA.
+const SLA_EVERY: Duration = Duration::from_secs(30);
 
 /// Runs every job until `shutdown` is cancelled.
 pub async fn run(state: AppState, shutdown: CancellationToken) {
-    let mut jobs = JoinSet::new();
-    jobs.spawn(purge_idempotency_keys(state.clone(), shutdown.clone()));
-    jobs.spawn(dispatch::run(state.clone(), shutdown.clone()));
-    jobs.spawn(sweep_leases(state.clone(), shutdown.clone()));
-    jobs.spawn(watch_sla(state.clone(), shutdown.clone()));
-    jobs.spawn(crate::jobs::run(state.clone(), shutdown.clone()));
-    jobs.spawn(run_campaigns(state.clone(), shutdown.clone()));
-    tracing::info!(jobs = jobs.len(), "worker started");
-    while let Some(result) = jobs.join_next().await {
+    let mut tasks = JoinSet::new();
+    tasks.spawn(dispatch::run(state.clone(), shutdown.clone()));
+    tasks.spawn(jobs::run(state.clone(), shutdown.clone()));
+    tasks.spawn(run_campaigns(state.clone(), shutdown.clone()));
+    let s = state.clone();
+    tasks.spawn(repeat(
+        "idempotency purge",
+        shutdown.clone(),
+        PURGE_EVERY,
+        None,
+        move || {
+            let s = s.clone();
+            async move {
+                let n = purge_once(&s).await?;
+                if n > 0 {
+                    tracing::info!(deleted = n, "purged expired idempotency keys");
+                }
+                Ok::<_, sqlx::Error>(false)
+            }
+        },
+    ));
+    let s = state.clone();
+    let every = Duration::from_secs((state.config.outbox_lease_secs / 4).max(1));
+    tasks.spawn(repeat(
+        "lease sweep",
+        shutdown.clone(),
+        every,
+        None,
+        move || {
+            let s = s.clone();
+            async move {
+                let n = crate::messages::store::sweep_expired_leases(&s.pool).await?;
+                if n > 0 {
+                    metrics::counter!("outbox_leases_expired_total").increment(n);
+                    tracing::warn!(
+                        messages = n,
+                        "re-queued messages whose worker stopped mid-send"
+                    );
+                }
+                Ok::<_, sqlx::Error>(false)
+            }
+        },
+    ));
+    let s = state.clone();
+    tasks.spawn(repeat(
+        "SLA watch",
+        shutdown.clone(),
+        SLA_EVERY,
+        None,
+        move || {
+            let s = s.clone();
+            async move {
+                let n = crate::support::store::check_sla(&s.pool).await?;
+                if n > 0 {
+                    tracing::info!(breaches = n, "SLA breaches recorded");
+                }
+                Ok::<_, sqlx::Error>(false)
+            }
+        },
+    ));
+    tracing::info!(tasks = tasks.len(), "worker started");
+    while let Some(result) = tasks.join_next().await {
         if let Err(e) = result {
-            tracing::error!(error = %e, "a worker job ended abnormally");
+            tracing::error!(error = %e, "a worker task ended abnormally");
         }
     }
     tracing::info!("worker stopped");
 }
 
-/// Deletes stored `Idempotency-Key` responses past the retention.
-async fn purge_idempotency_keys(state: AppState, shutdown: CancellationToken) {
+/// The shape of every periodic task: run a round; run the next one at once while a round says
+/// there is more to do; else wait `every`, a NOTIFY on `wake` or `shutdown`, whichever first.
+/// A failed round is logged and counts as idle. Returns when `shutdown` is cancelled, after the
+/// round in progress.
+pub async fn repeat<F, Fut, E>(
+    name: &'static str,
+    shutdown: CancellationToken,
+    every: Duration,
+    mut wake: Option<PgListener>,
+    mut round: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool, E>>,
+    E: std::error::Error,
+{
     loop {
-        match purge_once(&state).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(deleted = n, "purged expired idempotency keys"),
+        let busy = match round().await {
+            Ok(busy) => busy,
             Err(e) => {
-                tracing::warn!(error = %crate::error::error_chain(&e), "cannot purge idempotency keys")
+                tracing::warn!(task = name, error = %crate::error::error_chain(&e), "worker round failed");
+                false
             }
+        };
+        if shutdown.is_cancelled() {
+            return;
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(PURGE_EVERY) => {}
+        if busy {
+            continue;
         }
-    }
-}
-
-/// Re-queues messages whose worker died holding them, a few times per lease.
-async fn sweep_leases(state: AppState, shutdown: CancellationToken) {
-    let every = Duration::from_secs((state.config.outbox_lease_secs / 4).max(1));
-    loop {
-        match crate::messages::store::sweep_expired_leases(&state.pool).await {
-            Ok(0) => {}
-            Ok(n) => {
-                metrics::counter!("outbox_leases_expired_total").increment(n);
-                tracing::warn!(
-                    messages = n,
-                    "re-queued messages whose worker stopped mid-send"
-                );
+        let notified = async {
+            match wake.as_mut() {
+                Some(listener) => listener.try_recv().await.map(|_| ()),
+                None => std::future::pending().await,
             }
-            Err(e) => {
-                tracing::warn!(error = %crate::error::error_chain(&e), "cannot sweep expired leases")
-            }
-        }
+        };
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(every) => {}
-        }
-    }
-}
-
-/// Stamps SLA breaches of open tickets, every 30 seconds.
-async fn watch_sla(state: AppState, shutdown: CancellationToken) {
-    loop {
-        match crate::support::settings::check_sla(&state.pool).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(breaches = n, "SLA breaches recorded"),
-            Err(e) => tracing::warn!(error = %crate::error::error_chain(&e), "cannot check SLAs"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(30)) => {}
+            r = notified => if let Err(e) = r {
+                tracing::warn!(task = name, error = %e, "lost the NOTIFY connection; polling only");
+                wake = None;
+            },
         }
     }
 }
@@ -95,31 +144,22 @@ const CAMPAIGN_POLL: Duration = Duration::from_millis(25);
 /// How often schedules (birthdays) are looked at.
 const SCHEDULE_EVERY: Duration = Duration::from_secs(30);
 
-/// Runs the campaign engine: rounds back to back while there is work, a short poll otherwise.
+/// Runs the campaign engine: rounds back to back while there is work, a short poll otherwise;
+/// schedules every [`SCHEDULE_EVERY`].
 async fn run_campaigns(state: AppState, shutdown: CancellationToken) {
     let mut last_schedule: Option<tokio::time::Instant> = None;
-    loop {
+    repeat("campaigns", shutdown, CAMPAIGN_POLL, None, || {
         let schedules = last_schedule.is_none_or(|t| t.elapsed() >= SCHEDULE_EVERY);
         if schedules {
             last_schedule = Some(tokio::time::Instant::now());
         }
-        let idle = match crate::campaigns::engine::round(&state, schedules).await {
-            Ok(round) => round.is_idle(),
-            Err(e) => {
-                tracing::warn!(error = %crate::error::error_chain(&e), "campaign round failed");
-                true
-            }
-        };
-        if shutdown.is_cancelled() {
-            return;
+        let state = &state;
+        async move {
+            let round = crate::campaigns::engine::round(state, schedules).await?;
+            Ok::<_, crate::campaigns::engine::EngineError>(!round.is_idle())
         }
-        if idle {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(CAMPAIGN_POLL) => {}
-            }
-        }
-    }
+    })
+    .await;
 }
 
 /// Runs the campaign engine and the dispatcher until neither has anything left to do (tests

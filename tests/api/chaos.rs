@@ -245,7 +245,9 @@ async fn backend_terminations_during_ingest_lose_nothing() {
     let http = reqwest::Client::new();
     let server = start(&db, &[]);
     let (_, key) = tenant_key(&http, &server).await;
-    let admin = sqlx::PgPool::connect_with(common::maintenance()).await.unwrap();
+    let admin = sqlx::PgPool::connect_with(common::maintenance())
+        .await
+        .unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let terminated = Arc::new(AtomicUsize::new(0));
     let killer = {

@@ -198,7 +198,7 @@ async fn bad_scores_tampered_expired_and_foreign_tokens_get_clear_pages() {
     let foreign = rapport::csat::survey::survey_url(
         signer,
         "",
-        rapport::tenancy::TenantId(other.id.parse().unwrap()),
+        rapport::domain::TenantId(other.id.parse().unwrap()),
         s.ticket.parse().unwrap(),
     );
     let r = app.send(form(&foreign, "score=1")).await;

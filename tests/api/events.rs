@@ -414,8 +414,8 @@ async fn timeline_is_newest_first_and_paginated() {
 
 #[tokio::test]
 async fn events_appended_in_one_statement_get_exact_ordinals() {
+    use rapport::domain::TenantId;
     use rapport::events::store::{Emitted, append_many};
-    use rapport::tenancy::TenantId;
     let app = TestApp::new().await;
     let t = app.tenant("acme").await;
     let ana = app.contact(&t, "ana", json!({})).await["id"]

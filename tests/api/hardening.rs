@@ -676,7 +676,7 @@ async fn secrets_rotate_moves_every_secret_to_the_new_key() {
     config.secret_key = Some(new_key.to_owned());
     let rotated = rapport::App::from_pool(app.pool.clone(), config.clone());
     let mut conn = app.pool.acquire().await.unwrap();
-    let tenant = rapport::tenancy::TenantId(t.id.parse().unwrap());
+    let tenant = rapport::domain::TenantId(t.id.parse().unwrap());
     let sms = rapport::channels::settings::resolve(
         &mut conn,
         &rotated.state.secrets,

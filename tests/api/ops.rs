@@ -134,7 +134,7 @@ async fn pooled_connections_closed_by_the_server_are_replaced() {
 #[test]
 fn the_openapi_document_is_self_consistent() {
     let doc: serde_json::Value =
-        serde_json::from_str(&rapport::http::openapi().to_pretty_json().unwrap()).unwrap();
+        serde_json::from_str(&rapport::api::openapi().to_pretty_json().unwrap()).unwrap();
     let text = doc.to_string();
     let mut rest = text.as_str();
     while let Some(at) = rest.find("\"$ref\":\"#/") {

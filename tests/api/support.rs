@@ -430,16 +430,12 @@ async fn sla_breaches_are_recorded_once_per_kind() {
         .await
         .unwrap();
     assert_eq!(
-        rapport::support::settings::check_sla(&app.pool)
-            .await
-            .unwrap(),
+        rapport::support::store::check_sla(&app.pool).await.unwrap(),
         1,
         "only the unanswered one, and not the other tenant's (no SLA)"
     );
     assert_eq!(
-        rapport::support::settings::check_sla(&app.pool)
-            .await
-            .unwrap(),
+        rapport::support::store::check_sla(&app.pool).await.unwrap(),
         0,
         "once"
     );
@@ -448,9 +444,7 @@ async fn sla_breaches_are_recorded_once_per_kind() {
         .await
         .unwrap();
     assert_eq!(
-        rapport::support::settings::check_sla(&app.pool)
-            .await
-            .unwrap(),
+        rapport::support::store::check_sla(&app.pool).await.unwrap(),
         2,
         "both miss the resolution target"
     );

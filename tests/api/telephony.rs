@@ -536,7 +536,15 @@ async fn an_inbound_call_of_a_known_contact_pushes_one_insight_card() {
     let created = answered_call(1001)[0].clone();
     deliver(&app, &t, &created).await;
     deliver(&app, &t, &created).await; // redelivered: one card
-    assert_eq!(rapport::jobs::run_due(&app.app.state).await.unwrap(), 1);
+    assert_eq!(
+        rapport::worker::jobs::run_due(
+            &app.app.state,
+            &rapport::worker::jobs::JobRegistry::standard()
+        )
+        .await
+        .unwrap(),
+        1
+    );
     server.verify().await;
     let status: String = sqlx::query_scalar("SELECT status FROM jobs")
         .fetch_one(&app.pool)

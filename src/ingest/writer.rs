@@ -20,16 +20,16 @@ use std::sync::{Arc, OnceLock};
 use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::ingest::{self, Item, Outcome};
-use crate::db::{StoreError, StoreResult};
-use crate::tenancy::{Tenant, TenantId};
+use crate::domain::{TenantContext, TenantId};
+use crate::error::{StoreError, StoreResult};
+use crate::ingest::{self, Item, Outcome};
 
 /// Requests waiting for a writer, at most; senders wait for room beyond that.
 const QUEUE: usize = 4096;
 
 /// One request's events and where to send their outcomes.
 struct Job {
-    tenant: Tenant,
+    tenant: TenantContext,
     items: Vec<Item>,
     reply: oneshot::Sender<StoreResult<Vec<Outcome>>>,
 }
@@ -57,7 +57,11 @@ impl Writer {
 
     /// Records a tenant's events, committed (with other requests' events) before it returns.
     /// Outcomes are in input order.
-    pub async fn ingest(&self, tenant: Tenant, items: Vec<Item>) -> StoreResult<Vec<Outcome>> {
+    pub async fn ingest(
+        &self,
+        tenant: TenantContext,
+        items: Vec<Item>,
+    ) -> StoreResult<Vec<Outcome>> {
         let (reply, outcome) = oneshot::channel();
         let job = Job {
             tenant,
@@ -195,7 +199,11 @@ async fn write_known(
 }
 
 /// One request's events in a transaction of their own.
-async fn write_alone(pool: &PgPool, tenant: &Tenant, items: &[Item]) -> StoreResult<Vec<Outcome>> {
+async fn write_alone(
+    pool: &PgPool,
+    tenant: &TenantContext,
+    items: &[Item],
+) -> StoreResult<Vec<Outcome>> {
     let mut tx = pool.begin().await?;
     let refs: Vec<&Item> = items.iter().collect();
     let outcomes = ingest::ingest(&mut tx, tenant, &refs).await?;

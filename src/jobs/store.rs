@@ -1,18 +1,17 @@
-//! Background jobs that are not messages (today: the Aircall insight card push): rows claimed
-//! with a lease like the outbox, retried with backoff, failed with the reason after the last
-//! attempt. A job is unique per kind and dedupe key, so redelivered webhooks do not repeat it.
-
-use std::time::Duration;
+//! SQL for the `jobs` table: insert (deduplicated), claim with a lease, record the outcome.
 
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::AppState;
-use crate::tenancy::TenantId;
+use super::JobError;
+use crate::domain::TenantId;
 
-/// Queues a job unless one with the same kind and key exists.
-pub async fn enqueue(
+/// The channel `insert` notifies at commit; the job runner listens on it.
+pub const NOTIFY_CHANNEL: &str = "rapport_jobs";
+
+/// Queues a job unless one with the same kind and key exists; whether it was queued.
+pub async fn insert(
     conn: &mut PgConnection,
     tenant: TenantId,
     kind: &str,
@@ -31,16 +30,17 @@ pub async fn enqueue(
     .execute(&mut *conn)
     .await?;
     if done.rows_affected() == 1 {
-        sqlx::query("SELECT pg_notify('rapport_jobs', '')")
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(NOTIFY_CHANNEL)
             .execute(conn)
             .await?;
     }
     Ok(done.rows_affected() == 1)
 }
 
-/// A claimed job.
+/// A job claimed by a runner, leased for 60 seconds.
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct Job {
+pub struct ClaimedJob {
     pub tenant_id: TenantId,
     pub id: Uuid,
     pub kind: String,
@@ -49,14 +49,8 @@ pub struct Job {
     pub max_attempts: i32,
 }
 
-/// Why a job did not succeed.
-#[derive(Debug, Clone)]
-pub enum JobError {
-    Retry(String),
-    Fail(String),
-}
-
-async fn claim(pool: &PgPool, batch: i64) -> Result<Vec<Job>, sqlx::Error> {
+/// Claims up to `batch` due jobs (and those whose runner died holding them).
+pub async fn claim(pool: &PgPool, batch: i64) -> Result<Vec<ClaimedJob>, sqlx::Error> {
     sqlx::query_as(
         "UPDATE jobs j SET status = 'running', attempts = j.attempts + 1, locked_until = now() + interval '60 seconds', updated_at = now()
          WHERE (j.tenant_id, j.id) IN (
@@ -70,9 +64,10 @@ async fn claim(pool: &PgPool, batch: i64) -> Result<Vec<Job>, sqlx::Error> {
     .await
 }
 
-async fn finish(
+/// Records a run's outcome: done, failed, or queued again after a backoff.
+pub async fn record_outcome(
     pool: &PgPool,
-    job: &Job,
+    job: &ClaimedJob,
     outcome: Result<(), JobError>,
 ) -> Result<(), sqlx::Error> {
     let (status, error, delay) = match outcome {
@@ -103,39 +98,4 @@ async fn finish(
     .execute(pool)
     .await?;
     Ok(())
-}
-
-async fn run_job(state: &AppState, job: &Job) -> Result<(), JobError> {
-    match job.kind.as_str() {
-        crate::telephony::insight::KIND => crate::telephony::insight::push(state, job).await,
-        other => Err(JobError::Fail(format!("unknown job kind `{other}`"))),
-    }
-}
-
-/// Runs the due jobs once; the number run.
-pub async fn run_due(state: &AppState) -> Result<usize, sqlx::Error> {
-    let jobs = claim(&state.pool, 20).await?;
-    for job in &jobs {
-        let outcome = run_job(state, job).await;
-        if let Err(JobError::Retry(e) | JobError::Fail(e)) = &outcome {
-            tracing::warn!(job = %job.id, kind = %job.kind, error = %e, "job did not succeed");
-        }
-        finish(&state.pool, job, outcome).await?;
-    }
-    Ok(jobs.len())
-}
-
-/// Runs jobs until `shutdown`, polling every second.
-pub async fn run(state: AppState, shutdown: tokio_util::sync::CancellationToken) {
-    loop {
-        match run_due(&state).await {
-            Ok(n) if n > 0 => continue,
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %crate::error::error_chain(&e), "job round failed"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
 }

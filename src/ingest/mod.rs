@@ -1,4 +1,5 @@
-//! Event ingestion: validate, resolve contacts, deduplicate, append with exact ordinals.
+//! Event ingestion: validate, resolve contacts (creating the new ones), deduplicate, append
+//! with exact ordinals. Above `events` (the log) and `contacts`, which it writes through.
 //!
 //! A batch runs in one transaction. Contacts are resolved in a sorted order and counters are
 //! bumped in (contact, type) order, so two concurrent batches take their locks in the same order
@@ -11,14 +12,17 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::model::{Accepted, NewEvent};
-use super::store::{self, NewEventRow};
 use crate::contacts::store::{self as contacts, Address, ExternalRef};
-use crate::db::{StoreError, StoreResult};
-use crate::tenancy::{Tenant, TenantId};
+use crate::domain::{TenantContext, TenantId};
+use crate::error::{StoreError, StoreResult};
+use crate::events::model::{Accepted, NewEvent};
+use crate::events::store::{self, NewEventRow};
 use crate::validate;
 use crate::validate::Errors;
 use crate::validate::FieldError;
+
+pub mod routes;
+pub mod writer;
 
 /// Most events a batch may carry.
 pub const MAX_BATCH: usize = 1000;
@@ -83,7 +87,7 @@ impl ValidRef {
 /// Validates one event; `at` names its fields in errors (`type`, `events[3].type`).
 pub fn validate(
     e: NewEvent,
-    tenant: &Tenant,
+    tenant: &TenantContext,
     at: FieldPrefix,
 ) -> Result<ValidEvent, Vec<FieldError>> {
     let mut errors = Errors::new();
@@ -212,7 +216,7 @@ pub async fn ingest_known(
 /// Outcomes are in input order.
 pub async fn ingest(
     conn: &mut PgConnection,
-    tenant: &Tenant,
+    tenant: &TenantContext,
     items: &[&Item],
 ) -> StoreResult<Vec<Outcome>> {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
@@ -327,7 +331,7 @@ fn duplicate(id: Uuid, contact_id: Uuid, ordinal: i64) -> Outcome {
 /// number; an unknown email or phone is an error message.
 async fn resolve_all<'a>(
     conn: &mut PgConnection,
-    tenant: &Tenant,
+    tenant: &TenantContext,
     refs: impl Iterator<Item = &'a ValidRef>,
 ) -> StoreResult<HashMap<(u8, &'a str), Result<Uuid, &'static str>>> {
     let mut external: Vec<ExternalRef<'a>> = Vec::new();

@@ -7,15 +7,15 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::ingest::{self, FieldPrefix, MAX_BATCH, Outcome};
-use super::model::{
+use crate::AppState;
+use crate::domain::TenantContext;
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::events::model::{
     Accepted, Event, EventBatch, EventBatchItem, EventBatchResult, EventItemStatus, NewEvent,
 };
-use super::store;
-use crate::AppState;
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::events::store;
 use crate::http::extract::{ApiPath, ValidJson};
-use crate::tenancy::Tenant;
+use crate::ingest::{self, FieldPrefix, MAX_BATCH, Outcome};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -31,7 +31,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     responses((status = 202, description = "Recorded (or a duplicate of a recorded event)", body = Accepted),
               (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn create_event(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ValidJson(body): ValidJson<NewEvent>,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
@@ -54,7 +54,7 @@ async fn create_event(
     responses((status = 202, description = "Per-item results, in request order", body = EventBatchResult),
               (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn create_events(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ValidJson(body): ValidJson<EventBatch>,
 ) -> ApiResult<(StatusCode, Json<EventBatchResult>)> {
@@ -115,7 +115,7 @@ async fn create_events(
     params(("id" = Uuid, Path, description = "Event id")),
     responses((status = 200, body = Event), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn get_event(
-    tenant: Tenant,
+    tenant: TenantContext,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Event>> {
