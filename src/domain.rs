@@ -38,6 +38,15 @@ pub struct TenantContext {
 #[derive(Debug, Clone, Copy)]
 pub struct Operator;
 
+/// Forgets a contact's personal data in one capability's tables, in the erasing transaction.
+/// Every capability that copies a contact's name, address or number registers one (the list is
+/// built in `App::from_pool`), so erasure reaches them without the contacts folder knowing them.
+pub type Eraser = for<'c> fn(
+    &'c mut sqlx::PgConnection,
+    TenantId,
+    Uuid,
+) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>>;
+
 /// A message channel.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,

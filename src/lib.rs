@@ -69,6 +69,8 @@ pub struct AppState {
     pub events: Arc<ingest::writer::Writer>,
     /// The tenant behind each API key seen lately.
     pub api_keys: Arc<tenancy::KeyCache>,
+    /// What erasing a contact runs besides the contacts table, one per capability.
+    pub erasers: Arc<[domain::Eraser]>,
     /// The child processes that render tenants' templates.
     pub sandbox: templates::sandbox::Sandbox,
     /// Each tenant's request rate.
@@ -178,6 +180,12 @@ impl App {
                     config.tenant_rate_burst,
                 )),
                 sandbox,
+                erasers: Arc::new([
+                    |c, t, id| Box::pin(messages::store::erase_contact(c, t, id)),
+                    |c, t, id| Box::pin(support::store::erase_contact(c, t, id)),
+                    |c, t, id| Box::pin(csat::store::erase_contact(c, t, id)),
+                    |c, t, id| Box::pin(telephony::calls::erase_contact(c, t, id)),
+                ]),
                 events,
                 api_keys: Arc::new(tenancy::KeyCache::new(pool.clone())),
                 pool,

@@ -9,7 +9,6 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::domain::{Channel, ConsentInput, Patch, Purpose};
-use crate::events::model::Event;
 use crate::validate::{self, Errors, FieldError};
 
 /// A customer of a tenant.
@@ -264,19 +263,6 @@ pub struct ContactBatchResult {
     pub updated: usize,
     pub unchanged: usize,
     pub rejected: usize,
-}
-
-/// The contact card shown to an agent when the customer calls (screen-pop).
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ContactCard {
-    pub contact: Contact,
-    /// The contact's tickets that still need work, newest first.
-    pub open_tickets: Vec<crate::support::model::Ticket>,
-    /// The last 10 things that happened to the contact, newest first.
-    pub last_interactions: Vec<Event>,
-    /// The last satisfaction score, 1-5, when the contact has rated.
-    pub last_csat: Option<i16>,
-    pub owner_agent_id: Option<Uuid>,
 }
 
 /// Filters of `GET /v1/contacts`.

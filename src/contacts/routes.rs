@@ -1,4 +1,5 @@
-//! `/v1/contacts`: upsert, batch, get, list, erase, the contact card and the timeline.
+//! `/v1/contacts`: upsert, batch, get, list, erase and the timeline (the contact card, which
+//! shows tickets, is the support desk's: `support::routes`).
 
 use axum::Json;
 use axum::extract::State;
@@ -9,8 +10,8 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::model::{
-    Contact, ContactBatch, ContactBatchItem, ContactBatchResult, ContactCard, ContactFilter,
-    ContactInput, ItemStatus, LookupParams,
+    Contact, ContactBatch, ContactBatchItem, ContactBatchResult, ContactFilter, ContactInput,
+    ItemStatus,
 };
 use super::store::{self, ListFilter, Upserted};
 use crate::AppState;
@@ -34,7 +35,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_contacts))
         .routes(routes!(upsert_contact, get_contact, erase_contact))
         .routes(routes!(batch_upsert))
-        .routes(routes!(lookup))
         .routes(routes!(timeline))
 }
 
@@ -270,10 +270,9 @@ async fn erase_contact(
         return Err(contact_not_found(id));
     }
     // Everywhere the person was copied, in one transaction: all of it or none.
-    crate::messages::store::erase_contact(&mut tx, tenant.id, id).await?;
-    crate::support::store::erase_contact(&mut tx, tenant.id, id).await?;
-    crate::csat::store::erase_contact(&mut tx, tenant.id, id).await?;
-    crate::telephony::calls::erase_contact(&mut tx, tenant.id, id).await?;
+    for erase in state.erasers.iter() {
+        erase(&mut tx, tenant.id, id).await?;
+    }
     let needles: Vec<String> = [
         Some(id.to_string()),
         contact.external_id,
@@ -287,26 +286,6 @@ async fn erase_contact(
     crate::http::idempotency::forget_mentions(&mut tx, tenant.id, &needles).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// The contact card for a screen-pop: the contact, open tickets, last interactions, last CSAT.
-#[utoipa::path(get, path = "/v1/contacts/lookup", tag = "contacts",
-    security(("api_key" = [])),
-    params(LookupParams),
-    responses((status = 200, body = ContactCard), (status = 404, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
-async fn lookup(
-    tenant: TenantContext,
-    State(state): State<AppState>,
-    ApiQuery(params): ApiQuery<LookupParams>,
-) -> ApiResult<Json<ContactCard>> {
-    let phone = validate::phone(&params.phone, Some(&tenant.default_country))
-        .map_err(|m| ApiError::field("phone", m))?;
-    let mut conn = state.pool.acquire().await?;
-    let card = store::card_by_phone(&mut conn, tenant.id, &phone)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no contact has the phone number {phone}")))?;
-    Ok(Json(card))
 }
 
 /// The contact's timeline: every event, newest first.

@@ -6,19 +6,18 @@ use std::collections::HashMap;
 use chrono::Utc;
 use serde_json::{Map, Value, json};
 use sqlx::PgConnection;
-use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::model::{Contact, ContactCard, ContactChanges, ContactFields, change};
+use super::model::{Contact, ContactChanges, ContactFields, change};
 use crate::domain::{Channel, ConsentStatus, Patch, Purpose};
 use crate::domain::{TenantContext, TenantId};
 use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
-use crate::support::model::OPEN_TICKET_STATUSES;
 use crate::validate;
 
 /// The columns of [`Contact`], with `stats` gathered from the per-type counters.
-const CONTACT_COLUMNS: &str = "c.id, c.external_id, c.email, c.phone, c.viber_id, c.first_name,
+/// The columns of [`Contact`] on `contacts c`; other stores' read models select them too.
+pub const CONTACT_COLUMNS: &str = "c.id, c.external_id, c.email, c.phone, c.viber_id, c.first_name,
     c.last_name, c.locale, c.country, c.timezone, c.birthday, c.owner_agent_id, c.attributes,
     c.consents,
     (SELECT coalesce(jsonb_object_agg(s.event_type, s.count), '{}'::jsonb)
@@ -97,60 +96,6 @@ pub async fn list(
         .bind(limit + 1)
         .fetch_all(conn)
         .await?)
-}
-
-/// The contact card of the most recently updated live contact with this E.164 number: the
-/// contact, its open tickets, its last ten events and its last CSAT score, in one statement
-/// (one round trip: the screen-pop is read while the phone rings).
-pub async fn card_by_phone(
-    conn: &mut PgConnection,
-    tenant: TenantId,
-    phone: &str,
-) -> StoreResult<Option<ContactCard>> {
-    let event_columns = events::EVENT_COLUMNS;
-    let ticket_columns = crate::support::store::TICKET_COLUMNS;
-    // The subqueries are the ones of the timeline (`events_timeline`), of the open tickets
-    // (`tickets_by_contact`) and of the last rating (`ratings_by_contact`).
-    let sql = format!(
-        "SELECT {CONTACT_COLUMNS},
-            (SELECT coalesce(jsonb_agg(to_jsonb(x) ORDER BY x.occurred_at DESC, x.id DESC),
-                             '[]')
-               FROM (SELECT {event_columns} FROM events
-                      WHERE tenant_id = c.tenant_id AND contact_id = c.id
-                      ORDER BY occurred_at DESC, id DESC LIMIT 10) x) AS last_interactions,
-            (SELECT coalesce(jsonb_agg(to_jsonb(t) ORDER BY t.id DESC), '[]')
-               FROM (SELECT {ticket_columns} FROM tickets
-                      WHERE tenant_id = c.tenant_id AND contact_id = c.id
-                        AND status IN {OPEN_TICKET_STATUSES}
-                      ORDER BY id DESC LIMIT 20) t) AS open_tickets,
-            (SELECT r.score FROM ratings r WHERE r.tenant_id = c.tenant_id AND r.contact_id = c.id
-              ORDER BY r.created_at DESC, r.id DESC LIMIT 1) AS last_csat
-         FROM contacts c
-         WHERE c.tenant_id = $1 AND c.phone = $2 AND c.erased_at IS NULL
-         ORDER BY c.updated_at DESC, c.id DESC LIMIT 1"
-    );
-    let row: Option<CardRow> = sqlx::query_as(&sql)
-        .bind(tenant)
-        .bind(phone)
-        .fetch_optional(conn)
-        .await?;
-    Ok(row.map(|r| ContactCard {
-        owner_agent_id: r.contact.owner_agent_id,
-        contact: r.contact,
-        open_tickets: r.open_tickets.0,
-        last_interactions: r.last_interactions.0,
-        last_csat: r.last_csat,
-    }))
-}
-
-/// A row of [`card_by_phone`].
-#[derive(sqlx::FromRow)]
-struct CardRow {
-    #[sqlx(flatten)]
-    contact: Contact,
-    last_interactions: Json<Vec<crate::events::model::Event>>,
-    open_tickets: Json<Vec<crate::support::model::Ticket>>,
-    last_csat: Option<i16>,
 }
 
 /// What an upsert did.

@@ -9,31 +9,17 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use uuid::Uuid;
 
 use super::store::{self, RatingRow};
 use crate::AppState;
 use crate::domain::TenantId;
 use crate::error::ApiResult;
 use crate::http::extract::ApiPath;
-use crate::signing::{Claims, Purpose, Signer};
+use crate::signing::Purpose;
 use crate::support::store as support;
-
-/// How long a survey link works.
-pub const SURVEY_DAYS: i64 = 30;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(survey_page, answer))
-}
-
-/// The survey link of a ticket.
-pub fn survey_url(signer: &Signer, public_url: &str, tenant: TenantId, ticket: Uuid) -> String {
-    let expires = (chrono::Utc::now() + chrono::Duration::days(SURVEY_DAYS)).timestamp();
-    let claims = Claims {
-        expires: u32::try_from(expires).unwrap_or(u32::MAX),
-        ..Claims::new(Purpose::Survey, tenant.0, ticket, 0)
-    };
-    format!("{public_url}/s/{}", signer.token(claims))
 }
 
 /// The page's words in one language.

@@ -107,6 +107,19 @@ impl<'a> Links<'a> {
     }
 }
 
+/// How long a survey link works.
+pub const SURVEY_DAYS: i64 = 30;
+
+/// The survey link of a ticket.
+pub fn survey_url(signer: &Signer, public_url: &str, tenant: TenantId, ticket: Uuid) -> String {
+    let expires = (chrono::Utc::now() + chrono::Duration::days(SURVEY_DAYS)).timestamp();
+    let claims = Claims {
+        expires: u32::try_from(expires).unwrap_or(u32::MAX),
+        ..Claims::new(Purpose::Survey, tenant.0, ticket, 0)
+    };
+    format!("{public_url}/s/{}", signer.token(claims))
+}
+
 /// Decodes the character references an HTML-escaping template engine writes in attributes.
 fn decode_entities(s: &str) -> String {
     if !s.contains('&') {

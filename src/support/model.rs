@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::contacts::model::Contact;
 use crate::domain::{ContactRef, Patch};
+use crate::events::model::Event;
 use crate::validate::{self, Errors, Invalid};
 
 /// A support agent.
@@ -492,4 +494,17 @@ pub struct RenderSnippet {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct RenderedSnippet {
     pub text: String,
+}
+
+/// The contact card shown to an agent when the customer calls (screen-pop).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContactCard {
+    pub contact: Contact,
+    /// The contact's tickets that still need work, newest first.
+    pub open_tickets: Vec<Ticket>,
+    /// The last 10 things that happened to the contact, newest first.
+    pub last_interactions: Vec<Event>,
+    /// The last satisfaction score, 1-5, when the contact has rated.
+    pub last_csat: Option<i16>,
+    pub owner_agent_id: Option<Uuid>,
 }

@@ -9,12 +9,13 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::model::{
-    Agent, AgentInput, Author, NewTicket, NewTicketMessage, RenderSnippet, RenderedSnippet,
-    Snippet, SnippetInput, Status, TenantSettings, Ticket, TicketDetail, TicketFilter,
-    TicketMessage, TicketPatch,
+    Agent, AgentInput, Author, ContactCard, NewTicket, NewTicketMessage, RenderSnippet,
+    RenderedSnippet, Snippet, SnippetInput, Status, TenantSettings, Ticket, TicketDetail,
+    TicketFilter, TicketMessage, TicketPatch,
 };
-use super::store::{self, NewTicketRow};
+use super::store::{self, CardOf, NewTicketRow};
 use crate::AppState;
+use crate::contacts::model::LookupParams;
 use crate::contacts::store as contacts;
 use crate::domain::TenantContext;
 use crate::domain::{Channel, Patch};
@@ -46,6 +47,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_snippets))
         .routes(routes!(put_snippet, get_snippet))
         .routes(routes!(render_snippet))
+        .routes(routes!(lookup))
 }
 
 fn agent_not_found(id: Uuid) -> ApiError {
@@ -374,7 +376,7 @@ async fn update_ticket(
         )
         .await?;
         let signer = state.links.get(&state.pool).await?;
-        let url = crate::csat::survey::survey_url(
+        let url = crate::messages::links::survey_url(
             signer,
             state.config.public_url.trim_end_matches('/'),
             tenant.id,
@@ -623,4 +625,24 @@ async fn render_snippet(
         .await
         .map_err(|e| render_problem(e, "snippet."))?;
     Ok(Json(RenderedSnippet { text }))
+}
+
+/// The contact card for a screen-pop: the contact, open tickets, last interactions, last CSAT.
+#[utoipa::path(get, path = "/v1/contacts/lookup", tag = "contacts",
+    security(("api_key" = [])),
+    params(LookupParams),
+    responses((status = 200, body = ContactCard), (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn lookup(
+    tenant: TenantContext,
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<LookupParams>,
+) -> ApiResult<Json<ContactCard>> {
+    let phone = validate::phone(&params.phone, Some(&tenant.default_country))
+        .map_err(|m| ApiError::field("phone", m))?;
+    let mut conn = state.pool.acquire().await?;
+    let card = store::card(&mut conn, tenant.id, CardOf::Phone(&phone))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no contact has the phone number {phone}")))?;
+    Ok(Json(card))
 }

@@ -5,18 +5,104 @@
 //! tickets created at once cannot both take an agent's last free slot.
 
 use serde_json::json;
+use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::model::{
-    Agent, AgentChanges, OPEN_TICKET_STATUSES, Snippet, Status, TenantSettings, Ticket,
-    TicketMessage, open_ticket_statuses,
+    Agent, AgentChanges, ContactCard, OPEN_TICKET_STATUSES, Snippet, Status, TenantSettings,
+    Ticket, TicketMessage, open_ticket_statuses,
 };
+use crate::contacts::model::Contact;
+use crate::contacts::store as contacts;
 use crate::domain::Patch;
 use crate::domain::kinds;
 use crate::domain::{TenantContext, TenantId};
 use crate::error::{StoreError, StoreResult};
+use crate::events::model::Event;
 use crate::events::store as events;
+
+/// Which contact a card is of.
+#[derive(Debug, Clone, Copy)]
+pub enum CardOf<'a> {
+    /// The most recently updated live contact with this E.164 number (a screen-pop).
+    Phone(&'a str),
+    Contact(Uuid),
+}
+
+/// The contact card: the contact, its open tickets, its last ten events and its last CSAT
+/// score, in one statement (one round trip: the screen-pop is read while the phone rings).
+/// It reads `contacts`, `events` and `ratings` too: the one read model agents see a customer by.
+pub async fn card(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    of: CardOf<'_>,
+) -> StoreResult<Option<ContactCard>> {
+    let contact_columns = contacts::CONTACT_COLUMNS;
+    let event_columns = events::EVENT_COLUMNS;
+    let (condition, key) = match of {
+        CardOf::Phone(phone) => ("c.phone = $2", phone.to_owned()),
+        CardOf::Contact(id) => ("c.id = $2::uuid", id.to_string()),
+    };
+    // The subqueries are the ones of the timeline (`events_timeline`), of the open tickets
+    // (`tickets_by_contact`) and of the last rating (`ratings_by_contact`).
+    let sql = format!(
+        "SELECT {contact_columns},
+            (SELECT coalesce(jsonb_agg(to_jsonb(x) ORDER BY x.occurred_at DESC, x.id DESC),
+                             '[]')
+               FROM (SELECT {event_columns} FROM events
+                      WHERE tenant_id = c.tenant_id AND contact_id = c.id
+                      ORDER BY occurred_at DESC, id DESC LIMIT 10) x) AS last_interactions,
+            (SELECT coalesce(jsonb_agg(to_jsonb(t) ORDER BY t.id DESC), '[]')
+               FROM (SELECT {TICKET_COLUMNS} FROM tickets
+                      WHERE tenant_id = c.tenant_id AND contact_id = c.id
+                        AND status IN {OPEN_TICKET_STATUSES}
+                      ORDER BY id DESC LIMIT 20) t) AS open_tickets,
+            (SELECT r.score FROM ratings r WHERE r.tenant_id = c.tenant_id AND r.contact_id = c.id
+              ORDER BY r.created_at DESC, r.id DESC LIMIT 1) AS last_csat
+         FROM contacts c
+         WHERE c.tenant_id = $1 AND {condition} AND c.erased_at IS NULL
+         ORDER BY c.updated_at DESC, c.id DESC LIMIT 1"
+    );
+    let row: Option<CardRow> = sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(key)
+        .fetch_optional(conn)
+        .await?;
+    Ok(row.map(|r| ContactCard {
+        owner_agent_id: r.contact.owner_agent_id,
+        contact: r.contact,
+        open_tickets: r.open_tickets.0,
+        last_interactions: r.last_interactions.0,
+        last_csat: r.last_csat,
+    }))
+}
+
+/// A row of [`card`].
+#[derive(sqlx::FromRow)]
+struct CardRow {
+    #[sqlx(flatten)]
+    contact: Contact,
+    last_interactions: Json<Vec<Event>>,
+    open_tickets: Json<Vec<Ticket>>,
+    last_csat: Option<i16>,
+}
+
+/// How many open tickets the contact has.
+pub async fn count_open_tickets(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+) -> StoreResult<i64> {
+    Ok(sqlx::query_scalar(concat!(
+        "SELECT count(*) FROM tickets WHERE tenant_id = $1 AND contact_id = $2 AND status IN ",
+        open_ticket_statuses!(),
+    ))
+    .bind(tenant)
+    .bind(contact)
+    .fetch_one(conn)
+    .await?)
+}
 
 const AGENT_COLUMNS: &str = concat!(
     "a.id, a.name, a.email, a.phone, a.languages, a.countries,

@@ -7,8 +7,9 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::domain::TenantId;
+use crate::error::StoreError;
 use crate::jobs::{BackgroundJob, JobError};
-use crate::support::model::open_ticket_statuses;
+use crate::support::store::{self as support, CardOf};
 
 /// Pushes the insight card of `contact_id` to Aircall's call `call_id` (Aircall's id).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -25,52 +26,43 @@ impl BackgroundJob for InsightCard {
     }
 }
 
-/// name, phone, attributes, advisor's name.
-type CardRow = (Option<String>, Option<String>, Value, Option<String>);
-
-/// The card's contents for a contact: name, open tickets, last CSAT, advisor, key attributes.
+/// The card's contents for a contact: name, open tickets, last CSAT, advisor, key attributes
+/// (read through the support desk's contact card, the one read model of a customer).
 pub async fn contents(
     conn: &mut sqlx::PgConnection,
     tenant: TenantId,
     contact: Uuid,
-) -> Result<Vec<Value>, sqlx::Error> {
-    let row: Option<CardRow> = sqlx::query_as(
-        "SELECT nullif(trim(concat_ws(' ', c.first_name, c.last_name)), ''), c.phone, c.attributes, a.name
-         FROM contacts c LEFT JOIN agents a ON a.tenant_id = c.tenant_id AND a.id = c.owner_agent_id
-         WHERE c.tenant_id = $1 AND c.id = $2",
-    )
-    .bind(tenant)
-    .bind(contact)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some((name, phone, attributes, advisor)) = row else {
+) -> Result<Vec<Value>, StoreError> {
+    let Some(card) = support::card(conn, tenant, CardOf::Contact(contact)).await? else {
         return Ok(Vec::new());
     };
-    let mut out = vec![
-        json!({"type": "title", "text": name.or(phone).unwrap_or_else(|| "Customer".to_owned())}),
-    ];
-    let open: Vec<(i64, String)> = sqlx::query_as(concat!(
-        "SELECT number, subject FROM tickets WHERE tenant_id = $1 AND contact_id = $2
-           AND status IN ",
-        open_ticket_statuses!(),
-        " ORDER BY created_at DESC",
-    ))
-    .bind(tenant)
-    .bind(contact)
-    .fetch_all(&mut *conn)
-    .await?;
-    let tickets = match open.first() {
-        Some((n, subject)) => format!("{} (latest #{n}: {subject})", open.len()),
+    let c = &card.contact;
+    let name = [c.first_name.as_deref(), c.last_name.as_deref()]
+        .into_iter()
+        .flatten()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let title = Some(name)
+        .filter(|n| !n.is_empty())
+        .or_else(|| c.phone.clone())
+        .unwrap_or_else(|| "Customer".to_owned());
+    let mut out = vec![json!({"type": "title", "text": title})];
+    let open = support::count_open_tickets(conn, tenant, contact).await?;
+    let tickets = match card.open_tickets.first() {
+        Some(t) => format!("{open} (latest #{}: {})", t.number, t.subject),
         None => "none".to_owned(),
     };
     out.push(json!({"type": "shortText", "label": "Open tickets", "text": tickets}));
-    if let Some(score) = crate::csat::store::last_score(conn, tenant, contact)
-        .await
-        .ok()
-        .flatten()
-    {
+    if let Some(score) = card.last_csat {
         out.push(json!({"type": "shortText", "label": "Last CSAT", "text": format!("{score}/5")}));
     }
+    let advisor = match c.owner_agent_id {
+        Some(id) => support::get_agent(conn, tenant, id).await?.map(|a| a.name),
+        None => None,
+    };
+    let attributes = &c.attributes;
     if let Some(a) = advisor {
         out.push(json!({"type": "shortText", "label": "Advisor", "text": a}));
     }

@@ -195,7 +195,7 @@ async fn bad_scores_tampered_expired_and_foreign_tokens_get_clear_pages() {
     // A genuine token of another tenant never reaches this tenant's ticket.
     let other = app.tenant("beta").await;
     let signer = app.app.state.links.get(&app.pool).await.unwrap();
-    let foreign = rapport::csat::survey::survey_url(
+    let foreign = rapport::messages::links::survey_url(
         signer,
         "",
         rapport::domain::TenantId(other.id.parse().unwrap()),
