@@ -48,7 +48,7 @@ use crate::tenancy::{require_admin, require_tenant};
         (name = "tracking", description = "Open pixel, click redirect and unsubscribe links in messages"),
         (name = "ops", description = "Health, readiness, metrics, this document"),
     ),
-    components(schemas(Problem, crate::reports::store::GroupBy, crate::campaigns::routes::JourneyStatus))
+    components(schemas(Problem, crate::reports::store::GroupBy, crate::campaigns::model::JourneyStatus))
 )]
 struct ApiDoc;
 
@@ -99,15 +99,12 @@ fn groups() -> Groups {
             .merge(crate::csat::routes::router())
             .merge(crate::reports::routes::router())
             .merge(crate::campaigns::routes::router())
-            .merge(crate::telephony::calls::router())
-            .merge(crate::telephony::integrations::router())
-            .merge(crate::telephony::neutral::settings_router()),
+            .merge(crate::telephony::routes::router()),
         public: ops::router()
             .merge(crate::tracking::routes::router())
-            .merge(crate::webhooks::router())
-            .merge(crate::csat::survey::router())
-            .merge(crate::telephony::aircall::router())
-            .merge(crate::telephony::neutral::router()),
+            .merge(crate::webhooks::routes::router())
+            .merge(crate::csat::routes::survey::router())
+            .merge(crate::telephony::routes::webhooks()),
     }
 }
 

@@ -184,7 +184,7 @@ impl App {
                     |c, t, id| Box::pin(messages::store::erase_contact(c, t, id)),
                     |c, t, id| Box::pin(support::store::erase_contact(c, t, id)),
                     |c, t, id| Box::pin(csat::store::erase_contact(c, t, id)),
-                    |c, t, id| Box::pin(telephony::calls::erase_contact(c, t, id)),
+                    |c, t, id| Box::pin(telephony::store::erase_contact(c, t, id)),
                 ]),
                 events,
                 api_keys: Arc::new(tenancy::KeyCache::new(pool.clone())),

@@ -15,9 +15,18 @@ from collections import defaultdict
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 VERBOSE = "-v" in sys.argv
 
-# Modules that are the HTTP edge: ApiError belongs there.
-EDGE_FILES = ("routes.rs",)
-EDGE_MODULES = ("http", "error")
+# The HTTP edge, where ApiError belongs: every `routes.rs` or file under a `routes/` folder,
+# the HTTP building blocks (`http/`), the router (`api.rs`), the authentication middleware
+# (`tenancy.rs`) and the error types themselves.
+EDGE_MODULES = ("http", "error", "api", "tenancy")
+# Modules that own a table of their own outside the capability folders (keys, idempotency
+# records, migrations): counted apart from capability SQL outside store.rs.
+INFRA_MODULES = ("http", "signing", "db", "embedded_pg")
+
+
+def is_edge(rel):
+    parts = rel.split(os.sep)
+    return parts[-1] == "routes.rs" or "routes" in parts[:-1] or top(rel) in EDGE_MODULES
 
 
 def rust_files():
@@ -49,7 +58,7 @@ modules = sorted({top(r) for r in files})
 # 1. ApiResult/ApiError below the edge.
 below = []
 for rel, text in files.items():
-    if os.path.basename(rel) in EDGE_FILES or top(rel) in EDGE_MODULES:
+    if is_edge(rel):
         continue
     if re.search(r"\bApi(Result|Error)\b", text):
         below.append(rel)
@@ -95,6 +104,7 @@ mutual = sorted({tuple(sorted((a, b))) for (a, b) in edges if (b, a) in edges})
 # 4. Queries outside store files.
 QUERY = re.compile(r"sqlx::query(_as|_scalar)?(!|::<|\()|\bquery(_as|_scalar)?(_unchecked)?!\(|QueryBuilder::")
 outside = []
+outside_infra = []
 runtime = checked = 0
 for rel, text in files.items():
     for i, line in enumerate(text.splitlines(), 1):
@@ -104,7 +114,7 @@ for rel, text in files.items():
             else:
                 runtime += 1
             if os.path.basename(rel) != "store.rs":
-                outside.append(f"{rel}:{i}")
+                (outside_infra if top(rel) in INFRA_MODULES else outside).append(f"{rel}:{i}")
 
 # 5. Test binaries.
 tests_dir = os.path.join(SRC, "..", "tests")
@@ -127,9 +137,10 @@ print(f"module pairs importing each other: {len(mutual)}")
 if VERBOSE:
     for a, b in mutual:
         print(f"    {a} <-> {b}: {len(edges[(a, b)])} / {len(edges[(b, a)])}")
-print(f"queries outside store.rs: {len(outside)}")
+print(f"queries outside store.rs: {len(outside)} in capability folders, "
+      f"{len(outside_infra)} in infrastructure modules owning their table ({', '.join(INFRA_MODULES)})")
 if VERBOSE:
-    for f in outside:
+    for f in outside + outside_infra:
         print("   ", f)
 print(f"queries: runtime {runtime}, checked at build time {checked}")
 print(f"test binaries: {len(binaries)}")

@@ -790,3 +790,34 @@ mod tests {
         assert_eq!(fields, ["trigger", "steps[0].timeout", "steps[2]"]);
     }
 }
+
+/// Where a journey is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum JourneyStatus {
+    Active,
+    Completed,
+    Exited,
+}
+
+/// One contact's run through one campaign version.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+pub struct JourneyView {
+    pub id: Uuid,
+    pub campaign_id: Uuid,
+    /// The campaign version the journey started on and keeps.
+    pub version: i32,
+    pub contact_id: Uuid,
+    pub status: JourneyStatus,
+    /// The step it stands at: `[2]`, or `[2, 0]` inside step 2's `on_timeout`.
+    pub position: Vec<i32>,
+    /// When the worker looks at it next.
+    pub wake_at: Option<DateTime<Utc>>,
+    pub enrolled_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub exit_reason: Option<String>,
+    pub converted: bool,
+    pub trigger_event_id: Option<Uuid>,
+    pub last_message_id: Option<Uuid>,
+}

@@ -4,15 +4,15 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Map, Value};
-use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::model::{Campaign, CampaignStats, CampaignStatus, Definition};
+use super::model::{
+    Campaign, CampaignStats, CampaignStatus, Definition, JourneyStatus, JourneyView,
+};
 use super::store;
 use crate::AppState;
 use crate::domain::TenantContext;
@@ -58,36 +58,6 @@ pub struct JourneyFilter {
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
-}
-
-/// Where a journey is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum JourneyStatus {
-    Active,
-    Completed,
-    Exited,
-}
-
-/// One contact's run through one campaign version.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
-pub struct JourneyView {
-    pub id: Uuid,
-    pub campaign_id: Uuid,
-    /// The campaign version the journey started on and keeps.
-    pub version: i32,
-    pub contact_id: Uuid,
-    pub status: String,
-    /// The step it stands at: `[2]`, or `[2, 0]` inside step 2's `on_timeout`.
-    pub position: Vec<i32>,
-    /// When the worker looks at it next.
-    pub wake_at: Option<DateTime<Utc>>,
-    pub enrolled_at: DateTime<Utc>,
-    pub ended_at: Option<DateTime<Utc>>,
-    pub exit_reason: Option<String>,
-    pub converted: bool,
-    pub trigger_event_id: Option<Uuid>,
-    pub last_message_id: Option<Uuid>,
 }
 
 /// Create a campaign (a draft); it runs once activated. A campaign that cannot run is a 422
@@ -280,26 +250,15 @@ async fn journeys(
     if store::get(&mut conn, tenant.id, id).await?.is_none() {
         return Err(ApiError::from(store::campaign_not_found(id)));
     }
-    let status = filter.status.map(|s| match s {
-        JourneyStatus::Active => "active",
-        JourneyStatus::Completed => "completed",
-        JourneyStatus::Exited => "exited",
-    });
-    let rows: Vec<JourneyView> = sqlx::query_as(
-        "SELECT id, campaign_id, version, contact_id, status, position, wake_at, enrolled_at,
-                ended_at, exit_reason, converted, trigger_event_id, last_message_id
-         FROM journeys
-         WHERE tenant_id = $1 AND campaign_id = $2 AND ($3::text IS NULL OR status = $3)
-           AND ($4::uuid IS NULL OR contact_id = $4) AND ($5::uuid IS NULL OR id < $5)
-         ORDER BY id DESC LIMIT $6",
+    let rows = store::list_journeys(
+        &mut conn,
+        tenant.id,
+        id,
+        filter.status,
+        filter.contact_id,
+        before,
+        limit + 1,
     )
-    .bind(tenant.id)
-    .bind(id)
-    .bind(status)
-    .bind(filter.contact_id)
-    .bind(before)
-    .bind(limit + 1)
-    .fetch_all(&mut *conn)
     .await?;
     Ok(Json(paginate(rows, limit, |j| encode_id_cursor(j.id))))
 }

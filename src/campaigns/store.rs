@@ -7,7 +7,9 @@ use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::model::{Campaign, CampaignStats, CampaignStatus, Definition};
+use super::model::{
+    Campaign, CampaignStats, CampaignStatus, Definition, JourneyStatus, JourneyView,
+};
 use crate::domain::TenantId;
 use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
@@ -348,4 +350,32 @@ pub async fn stats(
     }
     stats.sent = sent;
     Ok(stats)
+}
+
+/// A campaign's journeys newest first, by status and contact, before the id `before`.
+pub async fn list_journeys(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    campaign: Uuid,
+    status: Option<JourneyStatus>,
+    contact: Option<Uuid>,
+    before: Option<Uuid>,
+    limit: i64,
+) -> StoreResult<Vec<JourneyView>> {
+    Ok(sqlx::query_as(
+        "SELECT id, campaign_id, version, contact_id, status, position, wake_at, enrolled_at,
+                ended_at, exit_reason, converted, trigger_event_id, last_message_id
+         FROM journeys
+         WHERE tenant_id = $1 AND campaign_id = $2 AND ($3::text IS NULL OR status = $3)
+           AND ($4::uuid IS NULL OR contact_id = $4) AND ($5::uuid IS NULL OR id < $5)
+         ORDER BY id DESC LIMIT $6",
+    )
+    .bind(tenant)
+    .bind(campaign)
+    .bind(status)
+    .bind(contact)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
 }

@@ -7,6 +7,7 @@ pub mod infobip;
 pub mod log;
 pub mod routes;
 pub mod settings;
+pub mod store;
 pub mod twilio;
 pub mod viber;
 

@@ -104,7 +104,7 @@ async fn delete_channel(
 ) -> ApiResult<StatusCode> {
     let channel = channel(&name)?;
     let mut conn = state.pool.acquire().await?;
-    if settings::delete(&mut conn, tenant.id, channel).await? {
+    if super::store::delete(&mut conn, tenant.id, channel).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound(format!(

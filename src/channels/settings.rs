@@ -9,11 +9,12 @@ use serde_json::{Map, Value};
 use sqlx::PgConnection;
 use utoipa::ToSchema;
 
+use super::store;
 use crate::crypto::SecretBox;
 use crate::domain::Channel;
 use crate::domain::TenantId;
-use crate::error::{ApiError, ApiResult};
-use crate::validate::Errors;
+use crate::error::{StoreError, StoreResult};
+use crate::validate::{Errors, FieldError, Invalid};
 
 /// What a provider takes.
 pub struct ProviderSpec {
@@ -149,14 +150,14 @@ pub fn validate(
     channel: Channel,
     input: &ChannelInput,
     egress: &crate::egress::EgressPolicy,
-) -> ApiResult<&'static ProviderSpec> {
+) -> Result<&'static ProviderSpec, Invalid> {
     let Some(spec) = spec(channel, &input.provider) else {
         let names: Vec<&str> = PROVIDERS
             .iter()
             .filter(|p| p.channel == channel)
             .map(|p| p.name)
             .collect();
-        return Err(ApiError::field(
+        return Err(Invalid::field(
             "provider",
             format!(
                 "`{}` is not a {} provider; use one of {}",
@@ -255,7 +256,7 @@ pub async fn put(
     tenant: TenantId,
     channel: Channel,
     input: &ChannelInput,
-) -> ApiResult<ChannelConfig> {
+) -> StoreResult<ChannelConfig> {
     let spec = validate(channel, input, egress)?;
     let previous = resolve(conn, secrets_box, tenant, channel)
         .await
@@ -281,39 +282,33 @@ pub async fn put(
         .filter(|k| !secrets.contains_key(**k))
         .collect();
     if !missing.is_empty() {
-        return Err(ApiError::validation(
+        return Err(StoreError::Invalid(Invalid(
             missing
                 .iter()
-                .map(|k| crate::validate::FieldError::new(format!("secrets.{k}"), "is required"))
+                .map(|k| FieldError::new(format!("secrets.{k}"), "is required"))
                 .collect(),
-        ));
+        )));
     }
     let sealed = if secrets.is_empty() {
         None
     } else {
-        let plain = serde_json::to_vec(&secrets).map_err(|e| ApiError::Internal(e.into()))?;
+        let plain = serde_json::to_vec(&secrets).map_err(|e| StoreError::Internal(e.into()))?;
         Some(
             secrets_box
                 .seal(&plain, &associated(tenant, channel))
-                .map_err(|e| ApiError::Unprocessable(e.to_string()))?,
+                .map_err(|e| StoreError::Rejected(e.to_string()))?,
         )
     };
     let names: Vec<String> = secrets.keys().cloned().collect();
-    let updated_at: DateTime<Utc> = sqlx::query_scalar(
-        "INSERT INTO channel_settings (tenant_id, channel, provider, settings, secrets_sealed, secret_names)
-         VALUES ($1, $2, $3, $4, $5, $6)
-         ON CONFLICT (tenant_id, channel) DO UPDATE SET provider = EXCLUDED.provider,
-            settings = EXCLUDED.settings, secrets_sealed = EXCLUDED.secrets_sealed,
-            secret_names = EXCLUDED.secret_names, updated_at = clock_timestamp()
-         RETURNING updated_at",
+    let updated_at = store::put(
+        conn,
+        tenant,
+        channel,
+        &input.provider,
+        &input.settings,
+        sealed.as_deref(),
+        &names,
     )
-    .bind(tenant)
-    .bind(channel.as_str())
-    .bind(&input.provider)
-    .bind(Value::Object(input.settings.clone()))
-    .bind(sealed)
-    .bind(&names)
-    .fetch_one(conn)
     .await?;
     Ok(ChannelConfig {
         channel,
@@ -329,22 +324,14 @@ pub async fn get(
     conn: &mut PgConnection,
     tenant: TenantId,
     channel: Channel,
-) -> ApiResult<ChannelConfig> {
-    let row: Option<(String, Value, Vec<String>, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT provider, settings, secret_names, updated_at FROM channel_settings
-         WHERE tenant_id = $1 AND channel = $2",
-    )
-    .bind(tenant)
-    .bind(channel.as_str())
-    .fetch_optional(conn)
-    .await?;
-    Ok(match row {
-        Some((provider, settings, secrets, updated_at)) => ChannelConfig {
+) -> StoreResult<ChannelConfig> {
+    Ok(match store::get(conn, tenant, channel).await? {
+        Some(row) => ChannelConfig {
             channel,
-            provider,
-            settings,
-            secrets,
-            updated_at: Some(updated_at),
+            provider: row.provider,
+            settings: row.settings,
+            secrets: row.secret_names,
+            updated_at: Some(row.updated_at),
         },
         None => ChannelConfig {
             channel,
@@ -356,20 +343,6 @@ pub async fn get(
     })
 }
 
-/// Removes a configuration (the channel goes back to the `log` provider); false if none.
-pub async fn delete(
-    conn: &mut PgConnection,
-    tenant: TenantId,
-    channel: Channel,
-) -> ApiResult<bool> {
-    let done = sqlx::query("DELETE FROM channel_settings WHERE tenant_id = $1 AND channel = $2")
-        .bind(tenant)
-        .bind(channel.as_str())
-        .execute(conn)
-        .await?;
-    Ok(done.rows_affected() == 1)
-}
-
 /// The stored configuration with its secrets opened; None when the channel uses `log`.
 pub async fn resolve(
     conn: &mut PgConnection,
@@ -377,18 +350,18 @@ pub async fn resolve(
     tenant: TenantId,
     channel: Channel,
 ) -> Result<Option<Resolved>, ResolveError> {
-    let row: Option<StoredRow> = sqlx::query_as(
-        "SELECT provider, settings, secrets_sealed, updated_at FROM channel_settings
-         WHERE tenant_id = $1 AND channel = $2",
-    )
-    .bind(tenant)
-    .bind(channel.as_str())
-    .fetch_optional(conn)
-    .await
-    .map_err(ResolveError::Database)?;
-    let Some((provider, settings, sealed, updated_at)) = row else {
+    let Some(row) = store::get(conn, tenant, channel)
+        .await
+        .map_err(ResolveError::Database)?
+    else {
         return Ok(None);
     };
+    let (provider, settings, sealed, updated_at) = (
+        row.provider,
+        row.settings,
+        row.secrets_sealed,
+        row.updated_at,
+    );
     let secrets = match sealed {
         Some(bytes) => {
             let plain = secrets_box
@@ -407,9 +380,6 @@ pub async fn resolve(
     }))
 }
 
-/// provider, settings, sealed secrets, updated_at.
-type StoredRow = (String, Value, Option<Vec<u8>>, DateTime<Utc>);
-
 /// Why a stored configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
@@ -423,12 +393,7 @@ pub enum ResolveError {
 /// opening them with the current or an old key; how many rows changed. One row that cannot be
 /// opened with any configured key stops the command before anything is written.
 pub async fn reseal_all(conn: &mut PgConnection, secrets_box: &SecretBox) -> anyhow::Result<u64> {
-    let rows: Vec<(TenantId, String, Vec<u8>)> = sqlx::query_as(
-        "SELECT tenant_id, channel, secrets_sealed FROM channel_settings
-         WHERE secrets_sealed IS NOT NULL FOR UPDATE",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows = store::sealed_for_update(conn).await?;
     let mut changed = Vec::new();
     for (tenant, channel, sealed) in rows {
         let aad = format!("{tenant}/{channel}").into_bytes();
@@ -440,14 +405,7 @@ pub async fn reseal_all(conn: &mut PgConnection, secrets_box: &SecretBox) -> any
         }
     }
     for (tenant, channel, resealed) in &changed {
-        sqlx::query(
-            "UPDATE channel_settings SET secrets_sealed = $3 WHERE tenant_id = $1 AND channel = $2",
-        )
-        .bind(tenant)
-        .bind(channel)
-        .bind(resealed)
-        .execute(&mut *conn)
-        .await?;
+        store::reseal(conn, *tenant, channel, resealed).await?;
     }
     Ok(changed.len() as u64)
 }

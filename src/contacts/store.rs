@@ -699,3 +699,50 @@ pub async fn erase(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> Store
         .await?;
     Ok(true)
 }
+
+/// The most recently updated live contact with this E.164 number.
+pub async fn id_by_phone(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    phone: &str,
+) -> StoreResult<Option<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM contacts WHERE tenant_id = $1 AND phone = $2 AND erased_at IS NULL
+         ORDER BY updated_at DESC LIMIT 1",
+    )
+    .bind(tenant)
+    .bind(phone)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// The language to write to a contact in: its own, else its tenant's default.
+pub async fn locale_of(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+) -> StoreResult<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT coalesce(c.locale, t.default_locale) FROM contacts c JOIN tenants t ON t.id = c.tenant_id
+         WHERE c.tenant_id = $1 AND c.id = $2",
+    )
+    .bind(tenant)
+    .bind(contact)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// The live contacts with this Viber user id.
+pub async fn ids_by_viber_id(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    viber_id: &str,
+) -> StoreResult<Vec<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM contacts WHERE tenant_id = $1 AND viber_id = $2 AND erased_at IS NULL",
+    )
+    .bind(tenant)
+    .bind(viber_id)
+    .fetch_all(conn)
+    .await?)
+}

@@ -3,4 +3,3 @@
 
 pub mod routes;
 pub mod store;
-pub mod survey;

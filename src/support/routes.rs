@@ -336,20 +336,14 @@ async fn update_ticket(
         Patch::Null => (true, None),
         Patch::Value(c) => (true, Some(c)),
     };
-    sqlx::query(
-        "UPDATE tickets SET priority = coalesce($3, priority),
-            assignee_id = CASE WHEN $4 THEN $5 ELSE assignee_id END,
-            category = CASE WHEN $6 THEN $7 ELSE category END, updated_at = now()
-         WHERE tenant_id = $1 AND id = $2",
+    store::update_ticket_fields(
+        &mut tx,
+        tenant.id,
+        id,
+        body.priority.map(|p| p.as_str()),
+        set_assignee.then_some(assignee),
+        set_category.then_some(category.as_deref()),
     )
-    .bind(tenant.id)
-    .bind(id)
-    .bind(body.priority.map(|p| p.as_str()))
-    .bind(set_assignee)
-    .bind(assignee)
-    .bind(set_category)
-    .bind(category)
-    .execute(&mut *tx)
     .await?;
     if set_assignee && assignee != ticket.assignee_id {
         events::emit_about(
@@ -453,8 +447,7 @@ async fn add_message(
             )
             .await?;
             if !body.internal {
-                sqlx::query("UPDATE tickets SET first_response_at = coalesce(first_response_at, now()), updated_at = now() WHERE tenant_id = $1 AND id = $2")
-                    .bind(tenant.id).bind(id).execute(&mut *tx).await?;
+                store::mark_first_response(&mut tx, tenant.id, id).await?;
                 if status == Status::New {
                     store::change_status(&mut tx, tenant.id, &ticket, Status::Open).await?;
                 }

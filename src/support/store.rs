@@ -731,3 +731,83 @@ pub async fn list_snippets(
     .fetch_all(conn)
     .await?)
 }
+
+/// The agent with this email (case-insensitive).
+pub async fn agent_id_by_email(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    email: &str,
+) -> StoreResult<Option<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM agents WHERE tenant_id = $1 AND lower(email) = lower($2)",
+    )
+    .bind(tenant)
+    .bind(email)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// The contact's newest open ticket on `channel`, locked until the transaction ends.
+pub async fn lock_open_ticket(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+    channel: &str,
+) -> StoreResult<Option<Uuid>> {
+    Ok(sqlx::query_scalar(concat!(
+        "SELECT id FROM tickets WHERE tenant_id = $1 AND contact_id = $2 AND channel = $3
+           AND status IN ",
+        open_ticket_statuses!(),
+        " ORDER BY created_at DESC LIMIT 1 FOR UPDATE",
+    ))
+    .bind(tenant)
+    .bind(contact)
+    .bind(channel)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Sets a ticket's priority (when given), assignee and category (when `Some`, to the inner
+/// value, `None` clearing it).
+pub async fn update_ticket_fields(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+    priority: Option<&str>,
+    assignee: Option<Option<Uuid>>,
+    category: Option<Option<&str>>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE tickets SET priority = coalesce($3, priority),
+            assignee_id = CASE WHEN $4 THEN $5 ELSE assignee_id END,
+            category = CASE WHEN $6 THEN $7 ELSE category END, updated_at = now()
+         WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(priority)
+    .bind(assignee.is_some())
+    .bind(assignee.flatten())
+    .bind(category.is_some())
+    .bind(category.flatten())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Stamps the first public answer of an agent (once).
+pub async fn mark_first_response(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE tickets SET first_response_at = coalesce(first_response_at, now()), updated_at = now()
+         WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(tenant)
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

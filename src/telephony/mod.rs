@@ -7,8 +7,9 @@
 //! once, when its fact is first learned, stamped with the call's own time. Replaying the same
 //! call in order, reversed or duplicated gives the same call and the same timeline.
 
-pub mod aircall;
 pub mod calls;
 pub mod insight;
 pub mod integrations;
-pub mod neutral;
+pub mod model;
+pub mod routes;
+pub mod store;

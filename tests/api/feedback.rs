@@ -91,7 +91,7 @@ async fn twilio_receipts_are_verified_applied_once_and_mapped() {
         if let Some(code) = error {
             params.push(("ErrorCode".to_owned(), code.to_owned()));
         }
-        let signature = rapport::webhooks::twilio_signature("tw-token", &url, &params);
+        let signature = rapport::webhooks::routes::twilio_signature("tw-token", &url, &params);
         let body = url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(&params)
             .finish();

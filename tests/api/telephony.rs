@@ -362,9 +362,10 @@ fn neutral(
     signature: Option<String>,
 ) -> axum::http::Request<axum::body::Body> {
     let raw = body.to_string();
-    let key = rapport::telephony::neutral::secret_key(WHSEC).unwrap();
-    let sig = signature
-        .unwrap_or_else(|| rapport::telephony::neutral::sign(&key, id, timestamp, raw.as_bytes()));
+    let key = rapport::telephony::routes::neutral::secret_key(WHSEC).unwrap();
+    let sig = signature.unwrap_or_else(|| {
+        rapport::telephony::routes::neutral::sign(&key, id, timestamp, raw.as_bytes())
+    });
     axum::http::Request::post(format!("/webhooks/telephony/{}", t.id))
         .header("content-type", "application/json")
         .header("webhook-id", id)
@@ -409,9 +410,13 @@ async fn the_neutral_intake_is_signed_deduplicated_and_merged_like_aircall() {
         .await;
     assert_eq!(again.body["duplicate"], true);
     // Rotation: any of several signatures may match.
-    let key = rapport::telephony::neutral::secret_key(WHSEC).unwrap();
-    let good =
-        rapport::telephony::neutral::sign(&key, "msg_2", now - 30, answer.to_string().as_bytes());
+    let key = rapport::telephony::routes::neutral::secret_key(WHSEC).unwrap();
+    let good = rapport::telephony::routes::neutral::sign(
+        &key,
+        "msg_2",
+        now - 30,
+        answer.to_string().as_bytes(),
+    );
     let r = app
         .send(neutral(
             &t,

@@ -15,12 +15,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::calls::{self, CallUpdate};
 use super::integrations;
 use crate::AppState;
 use crate::domain::TenantId;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::ApiPath;
+use crate::telephony::calls;
+use crate::telephony::model::CallUpdate;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(webhook))
@@ -174,7 +175,7 @@ async fn webhook(
         call.direction.as_deref() == Some("inbound") && call.status != "ended",
         call.contact_id,
     ) {
-        let card = super::insight::InsightCard {
+        let card = crate::telephony::insight::InsightCard {
             call_id: update.provider_call_id.clone(),
             contact_id: contact,
         };

@@ -21,12 +21,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::calls::{self, CallUpdate};
 use super::integrations;
 use crate::AppState;
 use crate::domain::{TenantContext, TenantId};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::{ApiPath, ValidJson};
+use crate::telephony::model::CallUpdate;
+use crate::telephony::{calls, store};
 
 /// How far a webhook's timestamp may be from now.
 const TOLERANCE_SECS: i64 = 300;
@@ -94,17 +95,11 @@ async fn put_settings(
         .secrets
         .seal(
             &plain,
-            format!("{}/integration/telephony", tenant.id).as_bytes(),
+            &crate::telephony::integrations::associated(tenant.id, "telephony"),
         )
         .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
-    sqlx::query(
-        "INSERT INTO integrations (tenant_id, kind, settings, secrets_sealed, secret_names) VALUES ($1, 'telephony', '{}', $2, '{secret}')
-         ON CONFLICT (tenant_id, kind) DO UPDATE SET secrets_sealed = EXCLUDED.secrets_sealed, updated_at = now()",
-    )
-    .bind(tenant.id)
-    .bind(sealed)
-    .execute(&state.pool)
-    .await?;
+    let mut conn = state.pool.acquire().await?;
+    store::put_intake_secret(&mut conn, tenant.id, &sealed).await?;
     Ok(Json(TelephonyConfig {
         secrets: vec!["secret".to_owned()],
     }))
@@ -186,13 +181,7 @@ async fn webhook(
     if !valid {
         return Err(unauthorized("no signature matches"));
     }
-    let first = sqlx::query("INSERT INTO webhook_receipts (tenant_id, source, delivery_id) VALUES ($1, 'telephony', $2) ON CONFLICT DO NOTHING")
-        .bind(tenant)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-        == 1;
+    let first = store::first_receipt(&mut tx, tenant, id).await?;
     if !first {
         return Ok(Json(IntakeResult {
             call_id: None,

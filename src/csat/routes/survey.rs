@@ -166,15 +166,9 @@ async fn target(state: &AppState, token: &str) -> ApiResult<Result<Target, Respo
             &format!("<p>{}</p>", EN.invalid),
         )));
     };
-    let locale: String = sqlx::query_scalar(
-        "SELECT coalesce(c.locale, t.default_locale) FROM contacts c JOIN tenants t ON t.id = c.tenant_id
-         WHERE c.tenant_id = $1 AND c.id = $2",
-    )
-    .bind(tenant)
-    .bind(ticket.contact_id)
-    .fetch_optional(&mut *conn)
-    .await?
-    .unwrap_or_default();
+    let locale = crate::contacts::store::locale_of(&mut conn, tenant, ticket.contact_id)
+        .await?
+        .unwrap_or_default();
     let w = words(&locale);
     if claims.expired() {
         return Ok(Err(page(

@@ -1,5 +1,7 @@
 //! `POST /v1/csat`: ratings from outside survey tools.
 
+pub mod survey;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
