@@ -178,3 +178,17 @@ pub fn is_unique_violation(e: &sqlx::Error, constraint: Option<&str>) -> bool {
         _ => false,
     }
 }
+
+/// Takes each of the transaction-scoped advisory locks `keys` that no other session holds,
+/// without waiting; the keys taken.
+pub async fn try_advisory_xact_locks(
+    conn: &mut PgConnection,
+    keys: &[i64],
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT k FROM unnest($1::int8[]) AS u(k) WHERE pg_try_advisory_xact_lock(k)",
+    )
+    .bind(keys)
+    .fetch_all(conn)
+    .await
+}

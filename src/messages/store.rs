@@ -949,3 +949,19 @@ pub async fn erase_contact(
     .await?;
     Ok(())
 }
+
+/// The journey that sent a message, if a campaign did.
+pub async fn journey_of(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    message: Uuid,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    Ok(
+        sqlx::query_scalar("SELECT journey_id FROM messages WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant)
+            .bind(message)
+            .fetch_optional(conn)
+            .await?
+            .flatten(),
+    )
+}

@@ -811,3 +811,29 @@ pub async fn mark_first_response(
     .await?;
     Ok(())
 }
+
+/// The agent, if it exists and is active.
+pub async fn active_agent(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> StoreResult<Option<Uuid>> {
+    Ok(
+        sqlx::query_scalar("SELECT id FROM agents WHERE tenant_id = $1 AND id = $2 AND active")
+            .bind(tenant)
+            .bind(id)
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
+/// The active agent whose turn it is in the round robin (assigned least recently).
+pub async fn next_agent(conn: &mut PgConnection, tenant: TenantId) -> StoreResult<Option<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM agents WHERE tenant_id = $1 AND active
+         ORDER BY last_assigned_at NULLS FIRST, id LIMIT 1",
+    )
+    .bind(tenant)
+    .fetch_optional(conn)
+    .await?)
+}

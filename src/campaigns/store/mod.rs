@@ -1,9 +1,11 @@
 //! SQL for campaigns, their versions and their stats.
 
+pub mod journeys;
+
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -376,6 +378,145 @@ pub async fn list_journeys(
     .bind(contact)
     .bind(before)
     .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Marketing messages queued for the contact in `(from, to]` (frequency caps).
+pub async fn count_marketing_sends(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> StoreResult<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM marketing_sends
+         WHERE tenant_id = $1 AND contact_id = $2 AND sent_at > $3 AND sent_at <= $4",
+    )
+    .bind(tenant)
+    .bind(contact)
+    .bind(from)
+    .bind(to)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Counts a queued marketing message against the contact's frequency caps.
+pub async fn record_marketing_send(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+    at: DateTime<Utc>,
+    message: Uuid,
+    campaign: Uuid,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO marketing_sends (tenant_id, contact_id, sent_at, message_id, campaign_id)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(tenant)
+    .bind(contact)
+    .bind(at)
+    .bind(message)
+    .bind(campaign)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The tenant's active and paused campaigns: id, status, current version, name.
+pub async fn running(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+) -> StoreResult<Vec<(Uuid, String, i32, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT id, status, version, name FROM campaigns
+         WHERE tenant_id = $1 AND status IN ('active', 'paused')",
+    )
+    .bind(tenant)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Every tenant's active campaigns: tenant, id, current version.
+pub async fn active_everywhere(conn: &mut PgConnection) -> StoreResult<Vec<(TenantId, Uuid, i32)>> {
+    Ok(
+        sqlx::query_as("SELECT tenant_id, id, version FROM campaigns WHERE status = 'active'")
+            .fetch_all(conn)
+            .await?,
+    )
+}
+
+/// A campaign version's stored definition.
+pub async fn version_definition(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    campaign: Uuid,
+    version: i32,
+) -> StoreResult<Value> {
+    Ok(sqlx::query_scalar(
+        "SELECT definition FROM campaign_versions
+         WHERE tenant_id = $1 AND campaign_id = $2 AND version = $3",
+    )
+    .bind(tenant)
+    .bind(campaign)
+    .bind(version)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Records that a scheduled occurrence (`birthday:2026`) of a campaign was looked at for a
+/// contact, so it is looked at once.
+pub async fn mark_occurrence(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    campaign: Uuid,
+    contact: Uuid,
+    occurrence: &str,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO schedule_marks (tenant_id, campaign_id, contact_id, occurrence)
+         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(tenant)
+    .bind(campaign)
+    .bind(contact)
+    .bind(occurrence)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The contacts whose birthday is today in their time zone (29 February kept on 28 February in
+/// other years), whose local time has passed `at`, and who were not looked at for this year's
+/// occurrence of the campaign yet: contact, year. At most 1,000 per call.
+pub async fn birthdays_due(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    campaign: Uuid,
+    now: DateTime<Utc>,
+    at: chrono::NaiveTime,
+) -> StoreResult<Vec<(Uuid, i32)>> {
+    Ok(sqlx::query_as(
+        "SELECT c.id, extract(year FROM l.local)::int
+             FROM contacts c JOIN tenants t ON t.id = c.tenant_id
+             CROSS JOIN LATERAL (SELECT ($3::timestamptz AT TIME ZONE
+                 coalesce(c.timezone, t.timezone)) AS local) l
+             WHERE c.tenant_id = $1 AND c.birthday IS NOT NULL AND c.erased_at IS NULL
+               AND l.local::time >= $4
+               AND (to_char(c.birthday, 'MM-DD') = to_char(l.local, 'MM-DD')
+                    OR (to_char(c.birthday, 'MM-DD') = '02-29' AND to_char(l.local, 'MM-DD') = '02-28'
+                        AND extract(day FROM (date_trunc('year', l.local) + interval '1 month 28 days')) <> 29))
+               AND NOT EXISTS (SELECT 1 FROM schedule_marks m WHERE m.tenant_id = c.tenant_id
+                    AND m.campaign_id = $2 AND m.contact_id = c.id
+                    AND m.occurrence = 'birthday:' || extract(year FROM l.local)::int)
+             LIMIT 1000",
+    )
+    .bind(tenant)
+    .bind(campaign)
+    .bind(now)
+    .bind(at)
     .fetch_all(conn)
     .await?)
 }
