@@ -71,6 +71,9 @@ pub struct AppState {
     pub api_keys: Arc<tenancy::KeyCache>,
     /// What erasing a contact runs besides the contacts table, one per capability.
     pub erasers: Arc<[domain::Eraser]>,
+    /// Cancelled once the API has stopped serving: the tasks behind it (group-commit writers,
+    /// the API-key cache's listener) finish their work and end.
+    pub api_stopped: CancellationToken,
     /// The child processes that render tenants' templates.
     pub sandbox: templates::sandbox::Sandbox,
     /// Each tenant's request rate.
@@ -159,10 +162,12 @@ impl App {
         let openapi_json = api::openapi()
             .to_pretty_json()
             .unwrap_or_else(|_| "{}".to_owned());
+        let api_stopped = CancellationToken::new();
         let events = Arc::new(ingest::writer::Writer::new(
             pool.clone(),
             config.ingest_writers,
             config.ingest_max_group,
+            api_stopped.clone(),
         ));
         let sandbox = templates::sandbox::Sandbox::new(
             config.template_program(),
@@ -187,7 +192,8 @@ impl App {
                     |c, t, id| Box::pin(telephony::store::erase_contact(c, t, id)),
                 ]),
                 events,
-                api_keys: Arc::new(tenancy::KeyCache::new(pool.clone())),
+                api_keys: Arc::new(tenancy::KeyCache::new(pool.clone(), api_stopped.clone())),
+                api_stopped,
                 pool,
                 config: Arc::new(config),
                 metrics: telemetry::metrics_handle(),
@@ -234,7 +240,9 @@ impl App {
             },
             grace: Duration::from_secs(config.shutdown_grace_secs),
         };
-        http::server::serve(listener, self.router(), limits, shutdown).await
+        let served = http::server::serve(listener, self.router(), limits, shutdown).await;
+        self.state.api_stopped.cancel();
+        served
     }
 
     /// Runs the background jobs until `shutdown` is cancelled.

@@ -65,6 +65,8 @@ const MAX_CACHED_KEYS: usize = 10_000;
 /// its key up. Unknown keys are never cached.
 pub struct KeyCache {
     pool: sqlx::PgPool,
+    /// Ends the invalidation listener (with the API).
+    stop: tokio_util::sync::CancellationToken,
     state: std::sync::Mutex<KeyCacheState>,
     listener: std::sync::OnceLock<()>,
 }
@@ -79,9 +81,10 @@ struct KeyCacheState {
 }
 
 impl KeyCache {
-    pub fn new(pool: sqlx::PgPool) -> KeyCache {
+    pub fn new(pool: sqlx::PgPool, stop: tokio_util::sync::CancellationToken) -> KeyCache {
         KeyCache {
             pool,
+            stop,
             state: std::sync::Mutex::default(),
             listener: std::sync::OnceLock::new(),
         }
@@ -134,12 +137,19 @@ impl KeyCache {
     }
 }
 
-/// Keeps `cache` told of changes to keys and tenants until it is dropped or its pool closed.
+/// Keeps `cache` told of changes to keys and tenants until it is dropped, its pool closed or
+/// its `stop` cancelled.
 async fn listen(cache: std::sync::Weak<KeyCache>) {
-    let Some(pool) = cache.upgrade().map(|c| c.pool.clone()) else {
+    let Some((pool, stop)) = cache.upgrade().map(|c| (c.pool.clone(), c.stop.clone())) else {
         return;
     };
     let closed = pool.close_event();
+    let closed = async move {
+        tokio::select! {
+            () = closed => {}
+            () = stop.cancelled() => {}
+        }
+    };
     tokio::pin!(closed);
     loop {
         let connected = async {

@@ -62,7 +62,7 @@ pub async fn append_all(
 ) -> Result<Vec<Appended>, sqlx::Error> {
     let mut columns = Columns::with_capacity(rows.len());
     for r in rows {
-        columns.push(Row {
+        columns.push(EventRow {
             tenant,
             id: r.id,
             contact: ContactKey::Id(r.contact_id),
@@ -101,7 +101,7 @@ pub async fn append_known(
 ) -> Result<Option<Vec<(Uuid, Uuid, i64)>>, sqlx::Error> {
     let mut columns = Columns::with_capacity(rows.len());
     for r in rows {
-        columns.push(Row {
+        columns.push(EventRow {
             tenant: r.tenant,
             id: Uuid::now_v7(),
             contact: ContactKey::External(r.external_id),
@@ -132,7 +132,7 @@ pub struct Emitted {
 pub async fn append_many(conn: &mut PgConnection, rows: &[Emitted]) -> Result<u64, sqlx::Error> {
     let mut columns = Columns::with_capacity(rows.len());
     for r in rows {
-        columns.push(Row {
+        columns.push(EventRow {
             tenant: r.tenant,
             id: Uuid::now_v7(),
             contact: ContactKey::Id(r.contact_id),
@@ -155,7 +155,7 @@ enum ContactKey<'a> {
 }
 
 /// One event to append.
-struct Row<'a> {
+struct EventRow<'a> {
     tenant: TenantId,
     id: Uuid,
     contact: ContactKey<'a>,
@@ -201,7 +201,7 @@ impl<'a> Columns<'a> {
         }
     }
 
-    fn push(&mut self, r: Row<'a>) {
+    fn push(&mut self, r: EventRow<'a>) {
         self.tenant.push(r.tenant.0);
         self.id.push(r.id);
         let (contact, external_id) = match r.contact {
@@ -603,7 +603,7 @@ mod tests {
             (ana, "purchase"),
             (ivo, "cart"),
         ] {
-            columns.push(Row {
+            columns.push(EventRow {
                 tenant,
                 id: Uuid::now_v7(),
                 contact: ContactKey::Id(contact),

@@ -19,6 +19,7 @@ use std::sync::{Arc, OnceLock};
 
 use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::domain::{TenantContext, TenantId};
 use crate::error::{StoreError, StoreResult};
@@ -28,29 +29,32 @@ use crate::ingest::{self, Item, Outcome};
 const QUEUE: usize = 4096;
 
 /// One request's events and where to send their outcomes.
-struct Job {
+struct Submission {
     tenant: TenantContext,
     items: Vec<Item>,
     reply: oneshot::Sender<StoreResult<Vec<Outcome>>>,
 }
 
 /// The group-commit queue of one process. Its writer tasks start with the first request, on
-/// that request's runtime, and stop when the last handle to the queue is dropped.
+/// that request's runtime; when `stop` is cancelled (the API has stopped serving) they write
+/// what is queued and end, and later requests are refused.
 pub struct Writer {
     pool: PgPool,
     writers: usize,
     max_group: usize,
-    queue: OnceLock<mpsc::Sender<Job>>,
+    stop: CancellationToken,
+    queue: OnceLock<mpsc::Sender<Submission>>,
 }
 
 impl Writer {
     /// `writers` transactions may be open at once, each with up to `max_group` events (a
     /// request is never split).
-    pub fn new(pool: PgPool, writers: usize, max_group: usize) -> Writer {
+    pub fn new(pool: PgPool, writers: usize, max_group: usize, stop: CancellationToken) -> Writer {
         Writer {
             pool,
             writers: writers.max(1),
             max_group: max_group.max(1),
+            stop,
             queue: OnceLock::new(),
         }
     }
@@ -62,8 +66,13 @@ impl Writer {
         tenant: TenantContext,
         items: Vec<Item>,
     ) -> StoreResult<Vec<Outcome>> {
+        if self.stop.is_cancelled() {
+            return Err(StoreError::Unavailable(
+                "event ingestion is shutting down".into(),
+            ));
+        }
         let (reply, outcome) = oneshot::channel();
-        let job = Job {
+        let job = Submission {
             tenant,
             items,
             reply,
@@ -77,7 +86,7 @@ impl Writer {
         })?
     }
 
-    fn queue(&self) -> &mpsc::Sender<Job> {
+    fn queue(&self) -> &mpsc::Sender<Submission> {
         self.queue.get_or_init(|| {
             let (sender, receiver) = mpsc::channel(QUEUE);
             let receiver = Arc::new(Mutex::new(receiver));
@@ -86,6 +95,7 @@ impl Writer {
                     self.pool.clone(),
                     receiver.clone(),
                     self.max_group,
+                    self.stop.clone(),
                 ));
             }
             sender
@@ -94,11 +104,22 @@ impl Writer {
 }
 
 /// One writer: takes the waiting requests (one writer at a time collects), writes them.
-async fn write_loop(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Job>>>, max_group: usize) {
+/// After `stop`, it drains what is queued and returns.
+async fn write_loop(
+    pool: PgPool,
+    queue: Arc<Mutex<mpsc::Receiver<Submission>>>,
+    max_group: usize,
+    stop: CancellationToken,
+) {
     loop {
         let group = {
             let mut queue = queue.lock().await;
-            let Some(first) = queue.recv().await else {
+            let next = tokio::select! {
+                biased;
+                next = queue.recv() => next,
+                () = stop.cancelled() => queue.try_recv().ok(),
+            };
+            let Some(first) = next else {
                 return;
             };
             let mut events = first.items.len();
@@ -121,7 +142,7 @@ async fn write_loop(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Job>>>, max_gr
 
 /// Writes a group, in one statement when its contacts are all known, else in one
 /// transaction (else request by request), and answers each request.
-async fn write_group(pool: &PgPool, group: Vec<Job>) {
+async fn write_group(pool: &PgPool, group: Vec<Submission>) {
     match write_known(pool, &group).await {
         Ok(Some(outcomes)) => return answer(group, outcomes),
         Ok(None) => {}
@@ -143,7 +164,7 @@ async fn write_group(pool: &PgPool, group: Vec<Job>) {
 }
 
 /// Answers each request with its outcomes.
-fn answer(group: Vec<Job>, outcomes: Vec<Vec<Outcome>>) {
+fn answer(group: Vec<Submission>, outcomes: Vec<Vec<Outcome>>) {
     for (job, outcome) in group.into_iter().zip(outcomes) {
         let _ = job.reply.send(Ok(outcome));
     }
@@ -152,7 +173,7 @@ fn answer(group: Vec<Job>, outcomes: Vec<Vec<Outcome>>) {
 /// Answers each request with a write that may or may not have happened (the connection
 /// failed mid-way): a 503 to retry, as for any lost connection; events that carry an
 /// `idempotency_key` are recorded once however often they are retried.
-fn fail(group: Vec<Job>, reason: &str) {
+fn fail(group: Vec<Submission>, reason: &str) {
     tracing::warn!(
         reason,
         requests = group.len(),
@@ -168,7 +189,7 @@ fn fail(group: Vec<Job>, reason: &str) {
 }
 
 /// Writes and answers each request in a transaction of its own.
-async fn write_each(pool: &PgPool, group: Vec<Job>) {
+async fn write_each(pool: &PgPool, group: Vec<Submission>) {
     for job in group {
         let result = write_alone(pool, &job.tenant, &job.items).await;
         let _ = job.reply.send(result);
@@ -179,7 +200,7 @@ async fn write_each(pool: &PgPool, group: Vec<Job>) {
 /// the full path.
 async fn write_known(
     pool: &PgPool,
-    group: &[Job],
+    group: &[Submission],
 ) -> Result<Option<Vec<Vec<Outcome>>>, sqlx::Error> {
     let items: Vec<(TenantId, &Item)> = group
         .iter()
@@ -215,7 +236,10 @@ async fn write_alone(
 /// groups take their locks in one order). Outcomes per request, in group order; None when the
 /// group failed before its commit and must be written request by request; an error when the
 /// commit itself failed.
-async fn write_together(pool: &PgPool, group: &[Job]) -> Result<Option<Vec<Vec<Outcome>>>, String> {
+async fn write_together(
+    pool: &PgPool,
+    group: &[Submission],
+) -> Result<Option<Vec<Vec<Outcome>>>, String> {
     let mut by_tenant: BTreeMap<uuid::Uuid, Vec<usize>> = BTreeMap::new();
     for (i, job) in group.iter().enumerate() {
         by_tenant.entry(job.tenant.id.0).or_default().push(i);

@@ -566,7 +566,7 @@ pub async fn sweep_expired_leases(pool: &PgPool) -> Result<u64, sqlx::Error> {
 
 /// How an attempt ended.
 #[derive(Debug, Clone)]
-pub enum Outcome {
+pub enum AttemptOutcome {
     Sent(Receipt),
     Retry { reason: String, delay: Duration },
     Failed { reason: String },
@@ -574,21 +574,21 @@ pub enum Outcome {
 
 /// Records an attempt's outcome, its attempt row and its timeline event, in one transaction.
 /// False when the lease was lost (another worker took the message over): nothing is written.
-pub async fn finish(
+pub async fn record_attempt(
     pool: &PgPool,
     m: &Claimed,
     provider: &str,
     started_at: DateTime<Utc>,
-    outcome: &Outcome,
+    outcome: &AttemptOutcome,
 ) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let (outcome_name, detail, provider_id) = match outcome {
-        Outcome::Sent(r) => ("sent", None, r.provider_message_id.clone()),
-        Outcome::Retry { reason, .. } => ("retry", Some(reason.clone()), None),
-        Outcome::Failed { reason } => ("failed", Some(reason.clone()), None),
+        AttemptOutcome::Sent(r) => ("sent", None, r.provider_message_id.clone()),
+        AttemptOutcome::Retry { reason, .. } => ("retry", Some(reason.clone()), None),
+        AttemptOutcome::Failed { reason } => ("failed", Some(reason.clone()), None),
     };
     let updated = match outcome {
-        Outcome::Sent(r) => {
+        AttemptOutcome::Sent(r) => {
             sqlx::query(
                 "UPDATE messages SET status = 'sent', provider = $4, provider_message_id = $5,
                     status_reason = NULL, sent_at = now(), locked_until = NULL, updated_at = now()
@@ -602,7 +602,7 @@ pub async fn finish(
             .execute(&mut *tx)
             .await?
         }
-        Outcome::Retry { reason, delay } => {
+        AttemptOutcome::Retry { reason, delay } => {
             sqlx::query(
                 "UPDATE messages SET status = 'queued', provider = $4, status_reason = $5,
                     next_attempt_at = now() + make_interval(secs => $6), locked_until = NULL,
@@ -618,7 +618,7 @@ pub async fn finish(
             .execute(&mut *tx)
             .await?
         }
-        Outcome::Failed { reason } => {
+        AttemptOutcome::Failed { reason } => {
             sqlx::query(
                 "UPDATE messages SET status = 'failed', provider = $4, status_reason = $5,
                     locked_until = NULL, updated_at = now()
@@ -652,17 +652,17 @@ pub async fn finish(
     .execute(&mut *tx)
     .await?;
     let event = match outcome {
-        Outcome::Sent(_) => Some((
+        AttemptOutcome::Sent(_) => Some((
             "message.sent",
             json!({"message_id": m.id, "channel": m.channel,
             "provider": provider, "provider_message_id": provider_id, "attempt": m.attempts}),
         )),
-        Outcome::Failed { reason } => Some((
+        AttemptOutcome::Failed { reason } => Some((
             "message.failed",
             json!({"message_id": m.id,
             "channel": m.channel, "provider": provider, "reason": reason, "attempt": m.attempts}),
         )),
-        Outcome::Retry { .. } => None,
+        AttemptOutcome::Retry { .. } => None,
     };
     if let (Some((kind, properties)), Some(contact_id)) = (event, m.contact_id) {
         events::emit_about(
@@ -679,9 +679,9 @@ pub async fn finish(
     Ok(true)
 }
 
-/// A message a provider accepted, for [`finish_sent`].
+/// A message a provider accepted, for [`record_sent`].
 #[derive(Debug, Clone)]
-pub struct Accepted {
+pub struct ProviderAccepted {
     pub message: Claimed,
     pub provider: &'static str,
     pub started_at: DateTime<Utc>,
@@ -690,9 +690,12 @@ pub struct Accepted {
 
 /// Records a batch of accepted sends in one transaction: the messages, their attempt rows
 /// and their `message.sent` events, set-based. Messages whose lease was lost meanwhile are
-/// left to their new holder, exactly as [`finish`] does one at a time. Returns how many were
+/// left to their new holder, exactly as [`record_attempt`] does one at a time. Returns how many were
 /// recorded.
-pub async fn finish_sent(pool: &PgPool, accepted: &[Accepted]) -> Result<usize, sqlx::Error> {
+pub async fn record_sent(
+    pool: &PgPool,
+    accepted: &[ProviderAccepted],
+) -> Result<usize, sqlx::Error> {
     if accepted.is_empty() {
         return Ok(0);
     }

@@ -10,7 +10,7 @@ use crate::domain::TenantId;
 use crate::error::{StoreError, StoreResult};
 
 #[derive(sqlx::FromRow)]
-struct Row {
+struct TemplateRow {
     key: String,
     purpose: String,
     variants: Json<Variants>,
@@ -32,7 +32,7 @@ pub async fn put(
     purpose_: Purpose,
     variants: &Variants,
 ) -> StoreResult<(Template, bool)> {
-    let row: Row = sqlx::query_as(
+    let row: TemplateRow = sqlx::query_as(
         "INSERT INTO templates (tenant_id, key, purpose, variants) VALUES ($1, $2, $3, $4)
          ON CONFLICT (tenant_id, key) DO UPDATE
             SET purpose = EXCLUDED.purpose, variants = EXCLUDED.variants, updated_at = now()
@@ -48,7 +48,7 @@ pub async fn put(
     Ok((into_template(row)?, created))
 }
 
-fn into_template(row: Row) -> StoreResult<Template> {
+fn into_template(row: TemplateRow) -> StoreResult<Template> {
     Ok(Template {
         purpose: purpose(&row.purpose)?,
         key: row.key,
@@ -63,7 +63,7 @@ pub async fn get(
     tenant: TenantId,
     key: &str,
 ) -> StoreResult<Option<Template>> {
-    let row: Option<Row> = sqlx::query_as(
+    let row: Option<TemplateRow> = sqlx::query_as(
         "SELECT key, purpose, variants, created_at, updated_at, false AS created
          FROM templates WHERE tenant_id = $1 AND key = $2",
     )
@@ -81,7 +81,7 @@ pub async fn list(
     after: Option<&str>,
     limit: i64,
 ) -> StoreResult<Vec<Template>> {
-    let rows: Vec<Row> = sqlx::query_as(
+    let rows: Vec<TemplateRow> = sqlx::query_as(
         "SELECT key, purpose, variants, created_at, updated_at, false AS created
          FROM templates WHERE tenant_id = $1 AND ($2::text IS NULL OR key > $2)
          ORDER BY key LIMIT $3",

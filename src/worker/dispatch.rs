@@ -19,7 +19,7 @@ use crate::channels::{Outbound, Provider, SendError};
 use crate::domain::Channel;
 use crate::domain::TenantId;
 use crate::domain::backoff;
-use crate::messages::store::{self, Claimed, NOTIFY_CHANNEL, Outcome};
+use crate::messages::store::{self, AttemptOutcome, Claimed, NOTIFY_CHANNEL};
 
 /// Runs `outbox_dispatchers` dispatch loops until `shutdown`. While one loop records its
 /// batch, the others are claiming and sending theirs (SKIP LOCKED keeps them apart), so the
@@ -139,7 +139,7 @@ struct Attempted {
     message: Claimed,
     provider: &'static str,
     started_at: chrono::DateTime<Utc>,
-    outcome: Outcome,
+    outcome: AttemptOutcome,
 }
 
 /// Sends one claimed message through its provider (None: an unknown channel) and says what
@@ -150,7 +150,7 @@ async fn attempt(
     provider: Option<Result<Arc<dyn Provider>, SendError>>,
 ) -> Attempted {
     let started_at = Utc::now();
-    let done = |m: Claimed, provider: &'static str, outcome: Outcome| Attempted {
+    let done = |m: Claimed, provider: &'static str, outcome: AttemptOutcome| Attempted {
         message: m,
         provider,
         started_at,
@@ -158,7 +158,7 @@ async fn attempt(
     };
     let (Some(channel), Some(provider)) = (Channel::parse(&m.channel), provider) else {
         let reason = format!("unknown channel `{}`", m.channel);
-        return done(m, "none", Outcome::Failed { reason });
+        return done(m, "none", AttemptOutcome::Failed { reason });
     };
     let provider = match provider {
         Ok(p) => p,
@@ -169,7 +169,7 @@ async fn attempt(
     };
     let Some(to) = m.recipient.clone() else {
         let reason = "no_address".to_owned();
-        return done(m, provider.name(), Outcome::Failed { reason });
+        return done(m, provider.name(), AttemptOutcome::Failed { reason });
     };
     let outbound = Outbound {
         tenant_id: m.tenant_id,
@@ -196,11 +196,11 @@ async fn attempt(
         }),
     };
     let outcome = match result {
-        Ok(receipt) => Outcome::Sent(receipt),
+        Ok(receipt) => AttemptOutcome::Sent(receipt),
         Err(e) => outcome_of_error(&m, e),
     };
     metrics::counter!("outbox_attempts_total", "channel" => m.channel.clone(),
-        "outcome" => match &outcome { Outcome::Sent(_) => "sent", Outcome::Retry { .. } => "retry", Outcome::Failed { .. } => "failed" })
+        "outcome" => match &outcome { AttemptOutcome::Sent(_) => "sent", AttemptOutcome::Retry { .. } => "retry", AttemptOutcome::Failed { .. } => "failed" })
     .increment(1);
     done(m, provider.name(), outcome)
 }
@@ -211,7 +211,7 @@ async fn record_all(state: &AppState, attempted: Vec<Attempted>) {
     let mut accepted = Vec::new();
     for a in attempted {
         match a.outcome {
-            Outcome::Sent(receipt) => accepted.push(store::Accepted {
+            AttemptOutcome::Sent(receipt) => accepted.push(store::ProviderAccepted {
                 message: a.message,
                 provider: a.provider,
                 started_at: a.started_at,
@@ -220,10 +220,10 @@ async fn record_all(state: &AppState, attempted: Vec<Attempted>) {
             outcome => record(state, &a.message, a.provider, a.started_at, outcome).await,
         }
     }
-    if let Err(e) = store::finish_sent(&state.pool, &accepted).await {
+    if let Err(e) = store::record_sent(&state.pool, &accepted).await {
         tracing::warn!(error = %crate::error::error_chain(&e), "cannot record a batch of sends; recording them one by one");
         for a in accepted {
-            let outcome = Outcome::Sent(crate::channels::Receipt {
+            let outcome = AttemptOutcome::Sent(crate::channels::Receipt {
                 provider_message_id: a.provider_message_id.clone(),
             });
             record(state, &a.message, a.provider, a.started_at, outcome).await;
@@ -232,16 +232,18 @@ async fn record_all(state: &AppState, attempted: Vec<Attempted>) {
 }
 
 /// A failed attempt: retried with backoff while attempts remain, unless permanent.
-fn outcome_of_error(m: &Claimed, e: SendError) -> Outcome {
+fn outcome_of_error(m: &Claimed, e: SendError) -> AttemptOutcome {
     match e {
-        SendError::Permanent { reason } => Outcome::Failed { reason },
-        SendError::Transient { reason, .. } if m.attempts >= m.max_attempts => Outcome::Failed {
-            reason: format!("gave up after {} attempts: {reason}", m.attempts),
-        },
+        SendError::Permanent { reason } => AttemptOutcome::Failed { reason },
+        SendError::Transient { reason, .. } if m.attempts >= m.max_attempts => {
+            AttemptOutcome::Failed {
+                reason: format!("gave up after {} attempts: {reason}", m.attempts),
+            }
+        }
         SendError::Transient {
             reason,
             retry_after,
-        } => Outcome::Retry {
+        } => AttemptOutcome::Retry {
             reason,
             delay: backoff(m.attempts, retry_after),
         },
@@ -253,9 +255,9 @@ async fn record(
     m: &Claimed,
     provider: &str,
     started_at: chrono::DateTime<Utc>,
-    outcome: Outcome,
+    outcome: AttemptOutcome,
 ) {
-    match store::finish(&state.pool, m, provider, started_at, &outcome).await {
+    match store::record_attempt(&state.pool, m, provider, started_at, &outcome).await {
         Ok(true) => {}
         Ok(false) => {
             tracing::warn!(message_id = %m.id, "lease lost before the outcome was recorded; the new holder decides")

@@ -961,3 +961,33 @@ async fn an_owner_agent_must_be_one_of_the_tenants_agents() {
         .unwrap();
     assert_eq!(contacts, 0);
 }
+
+/// The tasks behind the API end with it: once `run_api` has drained its requests, the event
+/// writers finish what was queued and stop, so a later ingest is refused (503), not queued
+/// for writers that are gone.
+#[tokio::test]
+async fn the_event_writers_stop_with_the_api() {
+    let app = TestApp::new().await;
+    let t = app.tenant("writers").await;
+    let event = json!({"type": "order.placed", "contact": {"external_id": "c-1"}});
+    let (_, stop) = serve(&app).await;
+    let r = app.post("/v1/events", &t.key, event.clone()).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert!(!app.app.state.api_stopped.is_cancelled());
+    stop.cancel();
+    let started = Instant::now();
+    while !app.app.state.api_stopped.is_cancelled() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "run_api did not return"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = app.post("/v1/events", &t.key, event).await;
+    r.assert_problem(503);
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE type = 'order.placed'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 1);
+}

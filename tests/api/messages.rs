@@ -484,12 +484,12 @@ async fn a_message_held_by_a_dead_worker_is_sent_by_another() {
         "the lost attempt is on the record"
     );
     // The dead worker comes back: its stale outcome is refused (fenced by the attempt number).
-    let stale = rapport::messages::store::finish(
+    let stale = rapport::messages::store::record_attempt(
         &app.pool,
         &claimed[0],
         "scripted",
         chrono::Utc::now(),
-        &rapport::messages::store::Outcome::Failed {
+        &rapport::messages::store::AttemptOutcome::Failed {
             reason: "late".into(),
         },
     )

@@ -149,7 +149,7 @@ pub(super) async fn consume(
             .iter()
             .find(|x| x.event.0 == event.kind && x.filter.as_ref().is_none_or(|f| bound.holds(f)));
         if goal.is_some() {
-            finish(scope, j, "exited", &format!("exit_on:{}", event.kind), true)?;
+            end_journey(scope, j, "exited", &format!("exit_on:{}", event.kind), true)?;
             continue;
         }
         if let Some(Step::WaitFor {

@@ -28,7 +28,7 @@ pub(super) fn log_step(
 }
 
 /// Ends a journey: `completed` after its last step, `exited` otherwise.
-pub(super) fn finish(
+pub(super) fn end_journey(
     scope: &Scope<'_>,
     j: &mut Journey,
     status: &str,

@@ -29,7 +29,7 @@ pub(super) async fn advance(
     // Positions only move forward through a finite list, so this ends; the bound is a guard.
     for _ in 0..1_000 {
         let Some(step) = def.step_at(&j.position) else {
-            return finish(scope, j, "completed", "completed", false);
+            return end_journey(scope, j, "completed", "completed", false);
         };
         match step {
             Step::Wait { duration } => match timer(j, duration.as_chrono(), now) {
@@ -102,11 +102,11 @@ pub(super) async fn advance(
                 j.position = def.next(&j.position);
             }
             Step::Exit => {
-                return finish(scope, j, "exited", "exit_step", false);
+                return end_journey(scope, j, "exited", "exit_step", false);
             }
         }
     }
-    finish(scope, j, "exited", "too_many_steps", false)
+    end_journey(scope, j, "exited", "too_many_steps", false)
 }
 
 /// Where a journey's current wait stands.
@@ -192,7 +192,7 @@ pub(super) async fn send(
 ) -> EngineResult<SendOutcome> {
     let now = scope.now;
     let Some(found) = templates::get(conn, scope.tenant.id, template).await? else {
-        finish(
+        end_journey(
             scope,
             j,
             "exited",
@@ -272,7 +272,7 @@ pub(super) async fn send(
         // The template no longer renders for this contact: the journey cannot go on.
         Err(e) if e.is_permanent() => {
             let reason = format!("send_failed: {e}");
-            finish(scope, j, "exited", &reason, false)?;
+            end_journey(scope, j, "exited", &reason, false)?;
             return Ok(SendOutcome::Ended);
         }
         Err(e) => return Err(e.into()),

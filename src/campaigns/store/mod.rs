@@ -19,7 +19,7 @@ use crate::templates::store as templates;
 use crate::validate::{FieldError, Invalid};
 
 #[derive(sqlx::FromRow)]
-struct Row {
+struct CampaignRow {
     id: Uuid,
     status: String,
     version: i32,
@@ -35,7 +35,7 @@ const SELECT: &str = "SELECT c.id, c.status, c.version, v.definition, c.created_
      FROM campaigns c JOIN campaign_versions v
        ON v.tenant_id = c.tenant_id AND v.campaign_id = c.id AND v.version = c.version";
 
-fn to_campaign(row: Row) -> StoreResult<Campaign> {
+fn to_campaign(row: CampaignRow) -> StoreResult<Campaign> {
     let definition = parse_definition(row.definition)?;
     let status = CampaignStatus::parse(&row.status)
         .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("stored status {}", row.status)))?;
@@ -175,7 +175,7 @@ pub async fn get(
     id: Uuid,
 ) -> StoreResult<Option<Campaign>> {
     let sql = format!("{SELECT} WHERE c.tenant_id = $1 AND c.id = $2");
-    let row: Option<Row> = sqlx::query_as(&sql)
+    let row: Option<CampaignRow> = sqlx::query_as(&sql)
         .bind(tenant)
         .bind(id)
         .fetch_optional(conn)
@@ -213,7 +213,7 @@ pub async fn list(
            AND ($3::uuid IS NULL OR c.id < $3)
          ORDER BY c.id DESC LIMIT $4"
     );
-    let rows: Vec<Row> = sqlx::query_as(&sql)
+    let rows: Vec<CampaignRow> = sqlx::query_as(&sql)
         .bind(tenant)
         .bind(status.map(CampaignStatus::as_str))
         .bind(before)
