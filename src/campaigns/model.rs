@@ -647,8 +647,9 @@ fn collect_templates<'a>(
 }
 
 /// Where a campaign is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
 #[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum CampaignStatus {
     /// Written, not running yet.
     Draft,
@@ -667,16 +668,6 @@ impl CampaignStatus {
             CampaignStatus::Active => "active",
             CampaignStatus::Paused => "paused",
             CampaignStatus::Archived => "archived",
-        }
-    }
-
-    pub fn parse(raw: &str) -> Option<CampaignStatus> {
-        match raw {
-            "draft" => Some(CampaignStatus::Draft),
-            "active" => Some(CampaignStatus::Active),
-            "paused" => Some(CampaignStatus::Paused),
-            "archived" => Some(CampaignStatus::Archived),
-            _ => None,
         }
     }
 }

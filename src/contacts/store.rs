@@ -9,7 +9,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::model::{Contact, ContactChanges, ContactFields, change};
-use crate::domain::{Channel, ConsentStatus, Patch, Purpose};
+use crate::domain::{Channel, ConsentStatus, Patch, Purpose, kinds};
 use crate::domain::{TenantContext, TenantId};
 use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
@@ -154,7 +154,7 @@ pub async fn upsert(
                     conn,
                     tenant.id,
                     id,
-                    "contact.updated",
+                    kinds::CONTACT_UPDATED,
                     json!({"changes": diff}),
                 )
                 .await?;
@@ -168,7 +168,7 @@ pub async fn upsert(
                         conn,
                         tenant.id,
                         id,
-                        "contact.created",
+                        kinds::CONTACT_CREATED,
                         json!({"via": "upsert"}),
                     )
                     .await?;
@@ -485,7 +485,7 @@ pub async fn ensure_by_external_ids(
             .map(|(_, id)| events::Emitted {
                 tenant,
                 contact_id: *id,
-                kind: "contact.created",
+                kind: kinds::CONTACT_CREATED,
                 properties: json!({"via": "event"}),
                 subject: None,
             })
@@ -630,7 +630,7 @@ pub async fn set_consent(
         conn,
         tenant,
         contact_id,
-        "contact.updated",
+        kinds::CONTACT_UPDATED,
         json!({"changes": changes}),
     )
     .await?;
@@ -639,7 +639,7 @@ pub async fn set_consent(
             conn,
             tenant,
             contact_id,
-            "contact.unsubscribed",
+            kinds::CONTACT_UNSUBSCRIBED,
             json!({"channel": channel.as_str(), "source": source, "message_id": message_id}),
         )
         .await?;

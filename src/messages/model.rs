@@ -6,8 +6,7 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::domain::Channel;
-use crate::domain::ContactRef;
+use crate::domain::{Channel, ContactRef, Purpose};
 use crate::events::model::Event;
 
 /// A message of the outbox, with its delivery state.
@@ -18,10 +17,8 @@ pub struct Message {
     pub contact_id: Option<Uuid>,
     /// The agent it goes to (alerts), when it does not go to a contact.
     pub agent_id: Option<Uuid>,
-    #[schema(example = "sms")]
-    pub channel: String,
-    /// `transactional` or `marketing`.
-    pub purpose: String,
+    pub channel: Channel,
+    pub purpose: Purpose,
     #[sqlx(rename = "template_key")]
     pub template: Option<String>,
     pub locale: Option<String>,
@@ -34,8 +31,7 @@ pub struct Message {
     pub html: Option<String>,
     #[schema(value_type = Object)]
     pub extras: Value,
-    /// `queued`, `sending`, `sent`, `delivered`, `failed` or `suppressed`.
-    pub status: String,
+    pub status: MessageStatus,
     /// Why it failed or was suppressed (`no_consent`, `no_address`, the provider's error...).
     pub status_reason: Option<String>,
     pub provider: Option<String>,
@@ -101,7 +97,26 @@ pub struct MessageFilter {
     pub cursor: Option<String>,
 }
 
-/// Every status a message can have.
+/// Where a message is in its delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum MessageStatus {
+    /// Waiting for its first or next attempt.
+    Queued,
+    /// Leased by a worker that is handing it to the provider.
+    Sending,
+    /// The provider accepted it.
+    Sent,
+    /// The provider reported it delivered.
+    Delivered,
+    /// No attempt will be made any more; `status_reason` says why.
+    Failed,
+    /// Never sent: no consent, no address, a frequency cap...; `status_reason` says which.
+    Suppressed,
+}
+
+/// Every status a message can have, as the API writes them.
 pub const STATUSES: [&str; 6] = [
     "queued",
     "sending",

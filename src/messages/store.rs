@@ -12,7 +12,7 @@ use super::model::{Attempt, Compose, Message};
 use crate::channels::Receipt;
 use crate::contacts::model::Contact;
 use crate::contacts::store as contacts;
-use crate::domain::{Channel, Purpose};
+use crate::domain::{Channel, Purpose, kinds};
 use crate::domain::{TenantContext, TenantId};
 use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
@@ -304,7 +304,7 @@ pub async fn enqueue(
         conn,
         tenant.id,
         contact.id,
-        "message.queued",
+        kinds::MESSAGE_QUEUED,
         json!({"message_id": id, "channel": channel, "template": c.template_key, "purpose": purpose}),
         Some(("message", id)),
     )
@@ -355,7 +355,7 @@ async fn insert_suppressed(
         conn,
         tenant,
         contact.id,
-        "message.suppressed",
+        kinds::MESSAGE_SUPPRESSED,
         json!({"message_id": id, "channel": channel, "template": template_key, "reason": reason}),
         Some(("message", id)),
     )
@@ -553,7 +553,7 @@ pub async fn sweep_expired_leases(pool: &PgPool) -> Result<u64, sqlx::Error> {
                 &mut tx,
                 *tenant,
                 *contact_id,
-                "message.failed",
+                kinds::MESSAGE_FAILED,
                 json!({"message_id": id, "reason": "the worker stopped during the last attempt"}),
                 Some(("message", *id)),
             )
@@ -653,12 +653,12 @@ pub async fn record_attempt(
     .await?;
     let event = match outcome {
         AttemptOutcome::Sent(_) => Some((
-            "message.sent",
+            kinds::MESSAGE_SENT,
             json!({"message_id": m.id, "channel": m.channel,
             "provider": provider, "provider_message_id": provider_id, "attempt": m.attempts}),
         )),
         AttemptOutcome::Failed { reason } => Some((
-            "message.failed",
+            kinds::MESSAGE_FAILED,
             json!({"message_id": m.id,
             "channel": m.channel, "provider": provider, "reason": reason, "attempt": m.attempts}),
         )),
@@ -748,7 +748,7 @@ pub async fn record_sent(
             events_rows.push(events::Emitted {
                 tenant: m.tenant_id,
                 contact_id,
-                kind: "message.sent",
+                kind: kinds::MESSAGE_SENT,
                 properties: json!({"message_id": m.id, "channel": m.channel,
                     "provider": a.provider, "provider_message_id": a.provider_message_id,
                     "attempt": m.attempts}),
@@ -828,11 +828,11 @@ pub async fn apply_receipt(
     };
     let (kind, properties) = match receipt {
         DeliveryReport::Delivered => (
-            "message.delivered",
+            kinds::MESSAGE_DELIVERED,
             json!({"message_id": id, "channel": channel}),
         ),
         DeliveryReport::Undelivered(reason) => (
-            "message.failed",
+            kinds::MESSAGE_FAILED,
             json!({"message_id": id, "channel": channel, "reason": reason}),
         ),
         DeliveryReport::Opened => return Ok(false),
@@ -876,7 +876,7 @@ pub async fn mark_opened(
         conn,
         tenant,
         contact_id,
-        "message.opened",
+        kinds::MESSAGE_OPENED,
         json!({"message_id": id, "channel": channel}),
         Some(("message", id)),
     )
@@ -913,7 +913,7 @@ pub async fn click(
         conn,
         tenant,
         contact_id,
-        "message.clicked",
+        kinds::MESSAGE_CLICKED,
         json!({"message_id": id, "channel": channel, "link": index, "url": url}),
         Some(("message", id)),
     )

@@ -127,8 +127,9 @@ impl AgentInput {
 }
 
 /// Where a ticket came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
 #[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum TicketChannel {
     Email,
     Phone,
@@ -152,20 +153,6 @@ impl TicketChannel {
         }
     }
 
-    pub fn from_str_opt(s: &str) -> Option<TicketChannel> {
-        [
-            TicketChannel::Email,
-            TicketChannel::Phone,
-            TicketChannel::Chat,
-            TicketChannel::WebForm,
-            TicketChannel::Messenger,
-            TicketChannel::Viber,
-            TicketChannel::Sms,
-        ]
-        .into_iter()
-        .find(|c| c.as_str() == s)
-    }
-
     /// The message channel that answers on this ticket's channel, if there is one.
     pub fn reply_channel(self) -> Option<crate::domain::Channel> {
         use crate::domain::Channel;
@@ -178,8 +165,9 @@ impl TicketChannel {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
 #[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum Priority {
     Low,
     Normal,
@@ -215,8 +203,9 @@ pub(crate) use open_ticket_statuses;
 pub(crate) const OPEN_TICKET_STATUSES: &str = open_ticket_statuses!();
 
 /// A ticket's status: `new -> open -> pending (waiting on the customer) -> solved -> closed`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
 #[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum Status {
     New,
     Open,
@@ -233,17 +222,6 @@ impl Status {
             Status::Pending => "pending",
             Status::Solved => "solved",
             Status::Closed => "closed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Status> {
-        match s {
-            "new" => Some(Status::New),
-            "open" => Some(Status::Open),
-            "pending" => Some(Status::Pending),
-            "solved" => Some(Status::Solved),
-            "closed" => Some(Status::Closed),
-            _ => None,
         }
     }
 
@@ -273,11 +251,11 @@ pub struct Ticket {
     /// Sequential per tenant.
     pub number: i64,
     pub contact_id: Uuid,
-    pub channel: String,
+    pub channel: TicketChannel,
     pub subject: String,
     pub category: Option<String>,
-    pub priority: String,
-    pub status: String,
+    pub priority: Priority,
+    pub status: Status,
     pub assignee_id: Option<Uuid>,
     pub first_response_at: Option<DateTime<Utc>>,
     pub solved_at: Option<DateTime<Utc>>,
@@ -380,7 +358,7 @@ pub struct TicketFilter {
 #[cfg(test)]
 mod tests {
     use super::Status::*;
-    use super::{OPEN_TICKET_STATUSES, Status};
+    use super::OPEN_TICKET_STATUSES;
 
     #[test]
     fn the_sql_list_of_open_statuses_is_is_open() {
@@ -391,8 +369,9 @@ mod tests {
             .map(|s| format!("'{}'", s.as_str()))
             .collect();
         assert_eq!(OPEN_TICKET_STATUSES, format!("({})", open.join(", ")));
+        // as_str (written into SQL) says what serde and sqlx (both snake_case) read and write.
         for s in all {
-            assert_eq!(Status::parse(s.as_str()), Some(s), "every status is listed");
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str(), "{s:?}");
         }
     }
 

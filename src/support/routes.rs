@@ -18,7 +18,7 @@ use crate::AppState;
 use crate::contacts::model::LookupParams;
 use crate::contacts::store as contacts;
 use crate::domain::TenantContext;
-use crate::domain::{Channel, Patch};
+use crate::domain::{Channel, Patch, kinds};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::events::store as events;
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
@@ -152,8 +152,7 @@ async fn notify_customer(
         tracing::debug!(template, "no such template; the customer is not notified");
         return Ok(());
     }
-    let first =
-        super::model::TicketChannel::from_str_opt(&ticket.channel).and_then(|c| c.reply_channel());
+    let first = ticket.channel.reply_channel();
     let mut channels: Vec<Channel> = first.into_iter().collect();
     for c in [Channel::Email, Channel::Sms, Channel::Viber] {
         if !channels.contains(&c) {
@@ -350,7 +349,7 @@ async fn update_ticket(
             &mut tx,
             tenant.id,
             ticket.contact_id,
-            "ticket.assigned",
+            kinds::TICKET_ASSIGNED,
             json!({"ticket_id": id, "agent_id": assignee, "automatic": false}),
             Some(("ticket", id)),
         )
@@ -359,7 +358,7 @@ async fn update_ticket(
     let updated = store::get_ticket(&mut tx, tenant.id, id)
         .await?
         .ok_or_else(|| ticket_not_found(id))?;
-    if body.status == Some(Status::Solved) && ticket.status != "solved" {
+    if body.status == Some(Status::Solved) && ticket.status != Status::Solved {
         notify_customer(
             &state,
             &mut tx,
@@ -386,8 +385,7 @@ async fn update_ticket(
         )
         .await?;
     }
-    if !Status::parse(&updated.status).is_some_and(Status::is_open) || updated.assignee_id.is_none()
-    {
+    if !updated.status.is_open() || updated.assignee_id.is_none() {
         store::assign_waiting(&mut tx, &tenant).await?;
     }
     let updated = store::get_ticket(&mut tx, tenant.id, id)
@@ -419,7 +417,7 @@ async fn add_message(
     let ticket = store::lock_ticket(&mut tx, tenant.id, id)
         .await?
         .ok_or_else(|| ticket_not_found(id))?;
-    let status = Status::parse(&ticket.status).unwrap_or(Status::Closed);
+    let status = ticket.status;
     if status == Status::Closed {
         return Err(ApiError::Conflict(
             "the ticket is closed; open a new one".to_owned(),
@@ -455,7 +453,7 @@ async fn add_message(
                     &mut tx,
                     tenant.id,
                     ticket.contact_id,
-                    "ticket.replied",
+                    kinds::TICKET_REPLIED,
                     json!({"ticket_id": id, "agent_id": agent_id}),
                     Some(("ticket", id)),
                 )

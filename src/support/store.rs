@@ -324,7 +324,7 @@ async fn set_assignee(
         conn,
         tenant,
         contact_id,
-        "ticket.assigned",
+        kinds::TICKET_ASSIGNED,
         json!({"ticket_id": ticket_id, "agent_id": agent, "automatic": automatic}),
         Some(("ticket", ticket_id)),
     )
@@ -404,7 +404,7 @@ pub async fn create_ticket(
         conn,
         tenant.id,
         t.contact_id,
-        "ticket.created",
+        kinds::TICKET_CREATED,
         json!({"ticket_id": id, "number": number, "channel": t.channel, "subject": t.subject,
                "priority": t.priority, "category": t.category}),
         Some(("ticket", id)),
@@ -524,8 +524,7 @@ pub async fn change_status(
     t: &Ticket,
     next: Status,
 ) -> StoreResult<()> {
-    let current = Status::parse(&t.status)
-        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("stored status {}", t.status)))?;
+    let current = t.status;
     if current == next {
         return Ok(());
     }
@@ -548,10 +547,10 @@ pub async fn change_status(
     .execute(&mut *conn)
     .await?;
     let kind = match (current, next) {
-        (_, Status::Solved) => "ticket.solved",
-        (_, Status::Closed) => "ticket.closed",
-        (Status::Solved, Status::Open) => "ticket.reopened",
-        _ => "ticket.status_changed",
+        (_, Status::Solved) => kinds::TICKET_SOLVED,
+        (_, Status::Closed) => kinds::TICKET_CLOSED,
+        (Status::Solved, Status::Open) => kinds::TICKET_REOPENED,
+        _ => kinds::TICKET_STATUS_CHANGED,
     };
     events::emit_about(conn, tenant, t.contact_id, kind,
         json!({"ticket_id": t.id, "number": t.number, "from": current.as_str(), "to": next.as_str()}),

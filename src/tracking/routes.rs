@@ -10,7 +10,7 @@ use utoipa_axum::routes;
 use crate::AppState;
 use crate::contacts::store as contacts;
 use crate::domain::TenantId;
-use crate::domain::{Channel, ConsentStatus, Purpose as ConsentPurpose};
+use crate::domain::{ConsentStatus, Purpose as ConsentPurpose};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::ApiPath;
 use crate::messages::store as messages;
@@ -136,7 +136,7 @@ async fn unsubscribe(
     let message = messages::get(&mut tx, tenant, claims.subject)
         .await?
         .ok_or_else(not_found)?;
-    let channel = Channel::parse(&message.channel).ok_or_else(not_found)?;
+    let channel = message.channel;
     let contact_id = message.contact_id.ok_or_else(not_found)?;
     contacts::set_consent(
         &mut tx,

@@ -2,6 +2,7 @@
 //! campaigns' triggers, and enrolment.
 
 use super::*;
+use crate::domain::kinds;
 
 /// One contact: its pending events against its journeys and the running campaigns, the
 /// scheduled enrolments, then its due journeys. True when a due journey ran.
@@ -46,7 +47,7 @@ pub(super) async fn evaluate(
         let running = scope
             .campaigns
             .get(&journey.campaign_id)
-            .is_some_and(|c| c.0 == "active");
+            .is_some_and(|c| c.status == CampaignStatus::Active);
         if journey.status == "active" && running && journey.wake_at.is_some_and(|w| w <= now) {
             advance(conn, scope, journey).await?;
             ran = true;
@@ -89,7 +90,7 @@ pub(super) fn contact_as_of(current: &Value, event: &Pending, side: &str) -> Val
 pub(super) fn rewind(current: &Value, pending: &[Pending]) -> Value {
     let mut contact = current.clone();
     for event in pending.iter().rev() {
-        if event.kind == "contact.updated" {
+        if event.kind == kinds::CONTACT_UPDATED {
             contact = contact_as_of(&contact, event, "old");
         }
         let count = contact["stats"][event.kind.as_str()].as_i64().unwrap_or(0);
@@ -115,7 +116,7 @@ pub(super) async fn consume(
 ) -> EngineResult<()> {
     let now = scope.now;
     let previous = as_of.clone();
-    if event.kind == "contact.updated" {
+    if event.kind == kinds::CONTACT_UPDATED {
         *as_of = contact_as_of(as_of, event, "new");
     }
     // Its own type's count is the event's ordinal.
@@ -175,7 +176,10 @@ pub(super) async fn consume(
             continue;
         }
         if j.held_since.is_some()
-            && matches!(event.kind.as_str(), "ticket.solved" | "ticket.closed")
+            && matches!(
+                event.kind.as_str(),
+                kinds::TICKET_SOLVED | kinds::TICKET_CLOSED
+            )
         {
             j.wake_at = Some(now);
             j.dirty = true;
@@ -185,8 +189,8 @@ pub(super) async fn consume(
     let mut running: Vec<(Uuid, i32)> = scope
         .campaigns
         .iter()
-        .filter(|(_, c)| c.0 == "active")
-        .map(|(id, c)| (*id, c.1))
+        .filter(|(_, c)| c.status == CampaignStatus::Active)
+        .map(|(id, c)| (*id, c.version))
         .collect();
     running.sort();
     for (campaign, version) in running {
@@ -200,8 +204,8 @@ pub(super) async fn consume(
             kind.0 == event.kind && t.filter.as_ref().is_none_or(|f| bound.holds(f))
         } else if let Some(condition) = &t.condition {
             match event.kind.as_str() {
-                "contact.created" => bound.holds(condition),
-                "contact.updated" => {
+                kinds::CONTACT_CREATED => bound.holds(condition),
+                kinds::CONTACT_UPDATED => {
                     let before = facts::contact(&previous);
                     bound.holds(condition) && !facts::holds(condition, &before, &ev, now)
                 }
@@ -286,7 +290,7 @@ pub(super) async fn enrol(
         metrics::counter!("campaign_enrolments_total").increment(1);
         scope.enrolled(campaign);
         scope.emit(
-            "campaign.enrolled",
+            kinds::CAMPAIGN_ENROLLED,
             json!({"campaign_id": campaign, "campaign": campaign_name(scope, campaign),
                    "journey_id": id, "version": version,
                    "trigger_event_id": trigger_event_id}),
@@ -350,7 +354,7 @@ pub(super) async fn enrol(
     metrics::counter!("campaign_enrolments_total").increment(1);
     scope.enrolled(campaign);
     scope.emit(
-        "campaign.enrolled",
+        kinds::CAMPAIGN_ENROLLED,
         json!({"campaign_id": campaign, "campaign": campaign_name(scope, campaign),
                "journey_id": journey.id, "version": version,
                "trigger_event_id": trigger_event_id}),

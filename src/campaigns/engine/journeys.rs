@@ -1,12 +1,13 @@
 //! Journeys as rows: their timeline entries, their end, and writing them back in bulk.
 
 use super::*;
+use crate::domain::kinds;
 
 pub(super) fn campaign_name(scope: &Scope<'_>, campaign: Uuid) -> String {
     scope
         .campaigns
         .get(&campaign)
-        .map(|c| c.2.clone())
+        .map(|c| c.name.clone())
         .unwrap_or_default()
 }
 
@@ -23,7 +24,7 @@ pub(super) fn log_step(
     if let (Some(p), Value::Object(d)) = (properties.as_object_mut(), details) {
         p.extend(d);
     }
-    scope.emit("campaign.step", properties, j.id);
+    scope.emit(kinds::CAMPAIGN_STEP, properties, j.id);
     Ok(())
 }
 
@@ -41,9 +42,9 @@ pub(super) fn end_journey(
     j.wake_at = None;
     j.dirty = true;
     let kind = if status == "completed" {
-        "campaign.completed"
+        kinds::CAMPAIGN_COMPLETED
     } else {
-        "campaign.exited"
+        kinds::CAMPAIGN_EXITED
     };
     scope.emit(
         kind,

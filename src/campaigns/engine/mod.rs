@@ -33,9 +33,10 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::cel as facts;
+use super::model::CampaignStatus;
 use super::model::{AgentChoice, Definition, QuietHours, Reentry, Schedule, Step};
 use super::store::journeys::{Enrolment, Journey, Pending};
-use super::store::{self, parse_definition};
+use super::store::{self, RunningCampaign, parse_definition};
 use crate::AppState;
 use crate::contacts::model::Contact;
 use crate::contacts::store as contacts;
@@ -43,7 +44,7 @@ use crate::domain::{Channel, Purpose};
 use crate::domain::{TenantContext, TenantId};
 use crate::error::StoreError;
 use crate::events::store as events;
-use crate::messages::model::Compose;
+use crate::messages::model::{Compose, MessageStatus};
 use crate::messages::store::EnqueueError;
 use crate::messages::store::{self as messages, SendOptions};
 use crate::support::store as support;
@@ -154,7 +155,7 @@ pub(super) struct Scope<'a> {
     opts: &'a SendOptions,
     now: DateTime<Utc>,
     /// Status of each running campaign (active or paused) and its current version.
-    campaigns: &'a HashMap<Uuid, (String, i32, String)>,
+    campaigns: &'a HashMap<Uuid, RunningCampaign>,
     /// The engine's own `campaign.*` events, appended together before the commit.
     emitted: Mutex<Vec<events::Emitted>>,
     /// When the contact last enrolled in each running campaign that re-enrols only after a

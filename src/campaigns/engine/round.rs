@@ -186,10 +186,10 @@ pub(super) async fn process_contacts(
             .ok_or_else(|| {
                 StoreError::Internal(anyhow::anyhow!("tenant {tenant_id} is missing"))
             })?;
-        let campaigns: HashMap<Uuid, (String, i32, String)> = store::running(&mut tx, tenant_id)
+        let campaigns: HashMap<Uuid, RunningCampaign> = store::running(&mut tx, tenant_id)
             .await?
             .into_iter()
-            .map(|(id, status, version, name)| (id, (status, version, name)))
+            .map(|c| (c.id, c))
             .collect();
         let opts = state.send_options().await?;
         let mut journeys: HashMap<Uuid, Vec<Journey>> = HashMap::new();
@@ -199,10 +199,13 @@ pub(super) async fn process_contacts(
         // When each contact last enrolled in the active campaigns (the only ones that enrol)
         // that re-enrol only after a while: one look-up for the chunk, not one per enrolment.
         let mut timed = Vec::new();
-        for (id, (_, version, _)) in campaigns.iter().filter(|(_, c)| c.0 == "active") {
+        for (id, c) in campaigns
+            .iter()
+            .filter(|(_, c)| c.status == CampaignStatus::Active)
+        {
             let def = state
                 .campaigns
-                .get(&mut tx, tenant_id, *id, *version)
+                .get(&mut tx, tenant_id, *id, c.version)
                 .await?;
             if matches!(def.reentry, Reentry::After(_)) {
                 timed.push(*id);

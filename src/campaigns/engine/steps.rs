@@ -277,7 +277,7 @@ pub(super) async fn send(
         }
         Err(e) => return Err(e.into()),
     };
-    if message.status == "queued" && marketing {
+    if message.status == MessageStatus::Queued && marketing {
         store::record_marketing_send(
             conn,
             scope.tenant.id,

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::model::{
     Campaign, CampaignStats, CampaignStatus, Definition, JourneyStatus, JourneyView,
 };
-use crate::domain::TenantId;
+use crate::domain::{TenantId, kinds};
 use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
 use crate::templates::store as templates;
@@ -21,7 +21,7 @@ use crate::validate::{FieldError, Invalid};
 #[derive(sqlx::FromRow)]
 struct CampaignRow {
     id: Uuid,
-    status: String,
+    status: CampaignStatus,
     version: i32,
     definition: serde_json::Value,
     created_at: DateTime<Utc>,
@@ -37,11 +37,9 @@ const SELECT: &str = "SELECT c.id, c.status, c.version, v.definition, c.created_
 
 fn to_campaign(row: CampaignRow) -> StoreResult<Campaign> {
     let definition = parse_definition(row.definition)?;
-    let status = CampaignStatus::parse(&row.status)
-        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("stored status {}", row.status)))?;
     Ok(Campaign {
         id: row.id,
-        status,
+        status: row.status,
         version: row.version,
         definition,
         created_at: row.created_at,
@@ -190,14 +188,13 @@ pub async fn lock(
     tenant: TenantId,
     id: Uuid,
 ) -> StoreResult<Option<CampaignStatus>> {
-    let status: Option<String> = sqlx::query_scalar(
+    Ok(sqlx::query_scalar(
         "SELECT status FROM campaigns WHERE tenant_id = $1 AND id = $2 FOR NO KEY UPDATE",
     )
     .bind(tenant)
     .bind(id)
     .fetch_optional(conn)
-    .await?;
-    Ok(status.as_deref().and_then(CampaignStatus::parse))
+    .await?)
 }
 
 /// Campaigns newest first, optionally of one status, before the cursor id.
@@ -215,7 +212,7 @@ pub async fn list(
     );
     let rows: Vec<CampaignRow> = sqlx::query_as(&sql)
         .bind(tenant)
-        .bind(status.map(CampaignStatus::as_str))
+        .bind(status)
         .bind(before)
         .bind(limit + 1)
         .fetch_all(conn)
@@ -258,7 +255,7 @@ pub async fn set_status(
         )
         .bind(tenant)
         .bind(id)
-        .bind(next.as_str())
+        .bind(next)
         .execute(&mut *conn)
         .await?;
     }
@@ -279,7 +276,7 @@ pub async fn set_status(
                 conn,
                 tenant,
                 contact,
-                "campaign.exited",
+                kinds::CAMPAIGN_EXITED,
                 json!({"campaign_id": id, "journey_id": journey, "version": version,
                        "reason": "campaign_archived", "converted": false}),
                 Some(("journey", journey)),
@@ -425,11 +422,21 @@ pub async fn record_marketing_send(
     Ok(())
 }
 
-/// The tenant's active and paused campaigns: id, status, current version, name.
+/// A campaign the engine looks at: active, or paused (its journeys still exit).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RunningCampaign {
+    pub id: Uuid,
+    pub status: CampaignStatus,
+    /// The current version (new enrolments start on it).
+    pub version: i32,
+    pub name: String,
+}
+
+/// The tenant's active and paused campaigns.
 pub async fn running(
     conn: &mut PgConnection,
     tenant: TenantId,
-) -> StoreResult<Vec<(Uuid, String, i32, String)>> {
+) -> StoreResult<Vec<RunningCampaign>> {
     Ok(sqlx::query_as(
         "SELECT id, status, version, name FROM campaigns
          WHERE tenant_id = $1 AND status IN ('active', 'paused')",

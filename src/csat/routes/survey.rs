@@ -280,7 +280,7 @@ async fn answer(
                 score,
                 comment: comment.as_deref(),
                 source: "survey",
-                channel: Some(&t.ticket.channel),
+                channel: Some(t.ticket.channel.as_str()),
             };
             match store::record(&mut tx, t.tenant, &row, state.config.outbox_max_attempts).await {
                 Ok(_) => {}
