@@ -792,6 +792,16 @@ pub enum JourneyStatus {
     Exited,
 }
 
+impl JourneyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JourneyStatus::Active => "active",
+            JourneyStatus::Completed => "completed",
+            JourneyStatus::Exited => "exited",
+        }
+    }
+}
+
 /// One contact's run through one campaign version.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
 pub struct JourneyView {

@@ -357,8 +357,8 @@ pub struct TicketFilter {
 
 #[cfg(test)]
 mod tests {
-    use super::Status::*;
     use super::OPEN_TICKET_STATUSES;
+    use super::Status::*;
 
     #[test]
     fn the_sql_list_of_open_statuses_is_is_open() {

@@ -7,21 +7,16 @@ use sqlx::types::Json;
 use super::model::{Template, Variants};
 use crate::domain::Purpose;
 use crate::domain::TenantId;
-use crate::error::{StoreError, StoreResult};
+use crate::error::StoreResult;
 
 #[derive(sqlx::FromRow)]
 struct TemplateRow {
     key: String,
-    purpose: String,
+    purpose: Purpose,
     variants: Json<Variants>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     created: bool,
-}
-
-fn purpose(raw: &str) -> StoreResult<Purpose> {
-    Purpose::parse(raw)
-        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("stored purpose `{raw}`")))
 }
 
 /// Creates or replaces a template; true when it was created.
@@ -29,7 +24,7 @@ pub async fn put(
     conn: &mut PgConnection,
     tenant: TenantId,
     key: &str,
-    purpose_: Purpose,
+    purpose: Purpose,
     variants: &Variants,
 ) -> StoreResult<(Template, bool)> {
     let row: TemplateRow = sqlx::query_as(
@@ -40,22 +35,22 @@ pub async fn put(
     )
     .bind(tenant)
     .bind(key)
-    .bind(purpose_.as_str())
+    .bind(purpose)
     .bind(Json(variants))
     .fetch_one(conn)
     .await?;
     let created = row.created;
-    Ok((into_template(row)?, created))
+    Ok((into_template(row), created))
 }
 
-fn into_template(row: TemplateRow) -> StoreResult<Template> {
-    Ok(Template {
-        purpose: purpose(&row.purpose)?,
+fn into_template(row: TemplateRow) -> Template {
+    Template {
+        purpose: row.purpose,
         key: row.key,
         variants: row.variants.0,
         created_at: row.created_at,
         updated_at: row.updated_at,
-    })
+    }
 }
 
 pub async fn get(
@@ -71,7 +66,7 @@ pub async fn get(
     .bind(key)
     .fetch_optional(conn)
     .await?;
-    row.map(into_template).transpose()
+    Ok(row.map(into_template))
 }
 
 /// Templates by key, after `after`.
@@ -91,5 +86,5 @@ pub async fn list(
     .bind(limit + 1)
     .fetch_all(conn)
     .await?;
-    rows.into_iter().map(into_template).collect()
+    Ok(rows.into_iter().map(into_template).collect())
 }

@@ -48,7 +48,10 @@ pub(super) async fn evaluate(
             .campaigns
             .get(&journey.campaign_id)
             .is_some_and(|c| c.status == CampaignStatus::Active);
-        if journey.status == "active" && running && journey.wake_at.is_some_and(|w| w <= now) {
+        if journey.status == JourneyStatus::Active
+            && running
+            && journey.wake_at.is_some_and(|w| w <= now)
+        {
             advance(conn, scope, journey).await?;
             ran = true;
         }
@@ -139,7 +142,10 @@ pub(super) async fn consume(
         }
         _ => None,
     };
-    for j in journeys.iter_mut().filter(|j| j.status == "active") {
+    for j in journeys
+        .iter_mut()
+        .filter(|j| j.status == JourneyStatus::Active)
+    {
         let def = scope
             .state
             .campaigns
@@ -150,7 +156,13 @@ pub(super) async fn consume(
             .iter()
             .find(|x| x.event.0 == event.kind && x.filter.as_ref().is_none_or(|f| bound.holds(f)));
         if goal.is_some() {
-            end_journey(scope, j, "exited", &format!("exit_on:{}", event.kind), true)?;
+            end_journey(
+                scope,
+                j,
+                JourneyStatus::Exited,
+                &format!("exit_on:{}", event.kind),
+                true,
+            )?;
             continue;
         }
         if let Some(Step::WaitFor {
@@ -258,7 +270,7 @@ pub(super) async fn enrol(
 ) -> EngineResult<()> {
     if let Some(previous) = journeys
         .iter_mut()
-        .find(|j| j.campaign_id == campaign && j.status == "active")
+        .find(|j| j.campaign_id == campaign && j.status == JourneyStatus::Active)
     {
         // A previous journey that is due (its last wait is over) runs first: it may end now,
         // and then this event may start the next one.
@@ -266,7 +278,7 @@ pub(super) async fn enrol(
         if due {
             advance(conn, scope, previous).await?;
         }
-        if previous.status == "active" {
+        if previous.status == JourneyStatus::Active {
             return Ok(());
         }
     }
@@ -301,7 +313,7 @@ pub(super) async fn enrol(
             campaign_id: campaign,
             version,
             contact_id: scope.contact.id,
-            status: "active".to_owned(),
+            status: JourneyStatus::Active,
             position: vec![0],
             wake_at: Some(scope.now),
             wait_until: None,

@@ -32,16 +32,16 @@ pub(super) fn log_step(
 pub(super) fn end_journey(
     scope: &Scope<'_>,
     j: &mut Journey,
-    status: &str,
+    status: JourneyStatus,
     reason: &str,
     converted: bool,
 ) -> EngineResult<()> {
-    j.status = status.to_owned();
-    j.exit_reason = (status == "exited").then(|| reason.to_owned());
+    j.status = status;
+    j.exit_reason = (status == JourneyStatus::Exited).then(|| reason.to_owned());
     j.converted = converted;
     j.wake_at = None;
     j.dirty = true;
-    let kind = if status == "completed" {
+    let kind = if status == JourneyStatus::Completed {
         kinds::CAMPAIGN_COMPLETED
     } else {
         kinds::CAMPAIGN_EXITED
@@ -53,6 +53,6 @@ pub(super) fn end_journey(
                "converted": converted}),
         j.id,
     );
-    metrics::counter!("campaign_journeys_ended_total", "status" => status.to_owned()).increment(1);
+    metrics::counter!("campaign_journeys_ended_total", "status" => status.as_str()).increment(1);
     Ok(())
 }

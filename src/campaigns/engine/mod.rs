@@ -33,8 +33,8 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::cel as facts;
-use super::model::CampaignStatus;
 use super::model::{AgentChoice, Definition, QuietHours, Reentry, Schedule, Step};
+use super::model::{CampaignStatus, JourneyStatus};
 use super::store::journeys::{Enrolment, Journey, Pending};
 use super::store::{self, RunningCampaign, parse_definition};
 use crate::AppState;

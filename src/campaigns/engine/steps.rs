@@ -29,7 +29,7 @@ pub(super) async fn advance(
     // Positions only move forward through a finite list, so this ends; the bound is a guard.
     for _ in 0..1_000 {
         let Some(step) = def.step_at(&j.position) else {
-            return end_journey(scope, j, "completed", "completed", false);
+            return end_journey(scope, j, JourneyStatus::Completed, "completed", false);
         };
         match step {
             Step::Wait { duration } => match timer(j, duration.as_chrono(), now) {
@@ -102,11 +102,11 @@ pub(super) async fn advance(
                 j.position = def.next(&j.position);
             }
             Step::Exit => {
-                return end_journey(scope, j, "exited", "exit_step", false);
+                return end_journey(scope, j, JourneyStatus::Exited, "exit_step", false);
             }
         }
     }
-    end_journey(scope, j, "exited", "too_many_steps", false)
+    end_journey(scope, j, JourneyStatus::Exited, "too_many_steps", false)
 }
 
 /// Where a journey's current wait stands.
@@ -195,7 +195,7 @@ pub(super) async fn send(
         end_journey(
             scope,
             j,
-            "exited",
+            JourneyStatus::Exited,
             &format!("template_missing:{template}"),
             false,
         )?;
@@ -272,7 +272,7 @@ pub(super) async fn send(
         // The template no longer renders for this contact: the journey cannot go on.
         Err(e) if e.is_permanent() => {
             let reason = format!("send_failed: {e}");
-            end_journey(scope, j, "exited", &reason, false)?;
+            end_journey(scope, j, JourneyStatus::Exited, &reason, false)?;
             return Ok(SendOutcome::Ended);
         }
         Err(e) => return Err(e.into()),

@@ -6,6 +6,7 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::campaigns::model::JourneyStatus;
 use crate::domain::TenantId;
 use crate::error::StoreResult;
 
@@ -38,7 +39,7 @@ pub struct Journey {
     pub campaign_id: Uuid,
     pub version: i32,
     pub contact_id: Uuid,
-    pub status: String,
+    pub status: JourneyStatus,
     pub position: Vec<i32>,
     pub wake_at: Option<DateTime<Utc>>,
     pub wait_until: Option<DateTime<Utc>>,
@@ -175,8 +176,8 @@ pub async fn save(
         )
         .bind(
             new.iter()
-                .map(|j| match j.status.as_str() {
-                    "active" => &j.trigger_event,
+                .map(|j| match j.status {
+                    JourneyStatus::Active => &j.trigger_event,
                     _ => &ended,
                 })
                 .collect::<Vec<_>>(),
