@@ -186,6 +186,8 @@ impl App {
                 )),
                 sandbox,
                 erasers: Arc::new([
+                    |c, t, id| Box::pin(events::store::erase_contact(c, t, id)),
+                    |c, t, id| Box::pin(campaigns::store::journeys::erase_contact(c, t, id)),
                     |c, t, id| Box::pin(messages::store::erase_contact(c, t, id)),
                     |c, t, id| Box::pin(support::store::erase_contact(c, t, id)),
                     |c, t, id| Box::pin(csat::store::erase_contact(c, t, id)),

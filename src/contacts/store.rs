@@ -654,9 +654,9 @@ pub enum Address {
     Phone,
 }
 
-/// The right to erasure: personal data is removed from the contact and its events; the
-/// counters and event types stay, so aggregates keep adding up. False when there is no such
-/// live contact.
+/// The right to erasure: personal data is removed from the contact (the counters stay, so
+/// aggregates keep adding up); the other capabilities' copies are erased by their
+/// `domain::Eraser`s in the same transaction. False when there is no such live contact.
 pub async fn erase(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> StoreResult<bool> {
     let done = sqlx::query(
         "UPDATE contacts SET external_id = NULL, email = NULL, phone = NULL, viber_id = NULL,
@@ -667,36 +667,11 @@ pub async fn erase(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> Store
     )
     .bind(tenant)
     .bind(id)
-    .execute(&mut *conn)
+    .execute(conn)
     .await?;
     if done.rows_affected() == 0 {
         return Ok(false);
     }
-    sqlx::query(
-        "UPDATE events SET properties = '{}'
-         WHERE tenant_id = $1 AND contact_id = $2",
-    )
-    .bind(tenant)
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
-    // Campaign journeys end, and keep no copy of the events' properties.
-    sqlx::query(
-        "UPDATE journeys SET trigger_event = '{}', wake_at = NULL, updated_at = now(),
-            exit_reason = CASE WHEN status = 'active' THEN 'contact_erased' ELSE exit_reason END,
-            ended_at = coalesce(ended_at, now()),
-            status = CASE WHEN status = 'active' THEN 'exited' ELSE status END
-         WHERE tenant_id = $1 AND contact_id = $2",
-    )
-    .bind(tenant)
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query("DELETE FROM campaign_inbox WHERE tenant_id = $1 AND contact_id = $2")
-        .bind(tenant)
-        .bind(id)
-        .execute(conn)
-        .await?;
     Ok(true)
 }
 

@@ -573,6 +573,21 @@ pub async fn about_message(
         .await
 }
 
+/// Erasure: the contact's events keep their type and time (so counts add up) and lose their
+/// properties.
+pub async fn erase_contact(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE events SET properties = '{}' WHERE tenant_id = $1 AND contact_id = $2")
+        .bind(tenant)
+        .bind(contact)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

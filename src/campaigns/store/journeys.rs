@@ -394,3 +394,29 @@ pub async fn insert(
         .fetch_optional(conn)
         .await?)
 }
+
+/// Erasure: the contact's journeys end and keep no copy of its events' properties; its
+/// waiting events leave the inbox.
+pub async fn erase_contact(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE journeys SET trigger_event = '{}', wake_at = NULL, updated_at = now(),
+            exit_reason = CASE WHEN status = 'active' THEN 'contact_erased' ELSE exit_reason END,
+            ended_at = coalesce(ended_at, now()),
+            status = CASE WHEN status = 'active' THEN 'exited' ELSE status END
+         WHERE tenant_id = $1 AND contact_id = $2",
+    )
+    .bind(tenant)
+    .bind(contact)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("DELETE FROM campaign_inbox WHERE tenant_id = $1 AND contact_id = $2")
+        .bind(tenant)
+        .bind(contact)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
