@@ -14,14 +14,13 @@ pub struct Call {
     pub id: Uuid,
     pub provider: String,
     pub provider_call_id: String,
-    pub direction: Option<String>,
+    pub direction: Option<CallDirection>,
     /// The customer's number, E.164 when it could be read.
     pub external_number: Option<String>,
     pub contact_id: Option<Uuid>,
     pub user_name: Option<String>,
     pub agent_id: Option<Uuid>,
-    /// `ringing`, `answered` or `ended`.
-    pub status: String,
+    pub status: CallStatus,
     pub missed: bool,
     pub missed_reason: Option<String>,
     pub started_at: Option<DateTime<Utc>>,
@@ -38,6 +37,27 @@ pub struct Call {
     pub ticket_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// Who called whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum CallDirection {
+    /// The customer called.
+    Inbound,
+    /// An agent called the customer.
+    Outbound,
+}
+
+/// Where a call is; it only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum CallStatus {
+    Ringing,
+    Answered,
+    Ended,
 }
 
 /// What one provider event says about a call; absent facts are None.

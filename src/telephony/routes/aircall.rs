@@ -21,7 +21,7 @@ use crate::domain::TenantId;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::ApiPath;
 use crate::telephony::calls;
-use crate::telephony::model::CallUpdate;
+use crate::telephony::model::{CallDirection, CallStatus, CallUpdate};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(webhook))
@@ -172,7 +172,7 @@ async fn webhook(
         && integration.secrets.contains_key("api_token");
     if let (true, true, Some(contact)) = (
         has_api,
-        call.direction.as_deref() == Some("inbound") && call.status != "ended",
+        call.direction == Some(CallDirection::Inbound) && call.status != CallStatus::Ended,
         call.contact_id,
     ) {
         let card = crate::telephony::insight::InsightCard {
