@@ -138,8 +138,15 @@ impl KeyCache {
 }
 
 /// Keeps `cache` told of changes to keys and tenants until it is dropped, its pool closed or
-/// its `stop` cancelled.
+/// its `stop` cancelled; from then on nothing is cached (no one would say it went stale).
 async fn listen(cache: std::sync::Weak<KeyCache>) {
+    listen_until_stopped(cache.clone()).await;
+    if let Some(cache) = cache.upgrade() {
+        cache.set_live(false);
+    }
+}
+
+async fn listen_until_stopped(cache: std::sync::Weak<KeyCache>) {
     let Some((pool, stop)) = cache.upgrade().map(|c| (c.pool.clone(), c.stop.clone())) else {
         return;
     };

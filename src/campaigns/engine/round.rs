@@ -119,9 +119,9 @@ pub(super) async fn process_contact_logged(
             tracing::error!(%tenant, %contact, error = %e, "campaign evaluation failed; will retry");
             metrics::counter!("campaign_evaluation_failures_total").increment(1);
             let now = state.clock.now();
-            let bumped = store::journeys::set_aside(&state.pool, tenant, contact, now).await;
-            if let Err(e) = bumped {
-                tracing::warn!(error = %e, "cannot count the failed evaluation");
+            let set_aside = store::journeys::set_aside(&state.pool, tenant, contact, now).await;
+            if let Err(e) = set_aside {
+                tracing::warn!(error = %e, "cannot set the failed evaluation aside");
             }
             None
         }

@@ -244,15 +244,16 @@ pub async fn set_aside(
     contact: Uuid,
     now: DateTime<Utc>,
 ) -> StoreResult<()> {
-    sqlx::query(
+    // Each on its own: one failing must not keep the other from being tried.
+    let bumped = sqlx::query(
         "UPDATE campaign_inbox SET failures = failures + 1
          WHERE tenant_id = $1 AND contact_id = $2",
     )
     .bind(tenant)
     .bind(contact)
     .execute(pool)
-    .await?;
-    sqlx::query(
+    .await;
+    let deferred = sqlx::query(
         "UPDATE journeys SET wake_at = $3 + interval '1 minute'
          WHERE tenant_id = $1 AND contact_id = $2 AND status = 'active' AND wake_at <= $3",
     )
@@ -260,7 +261,9 @@ pub async fn set_aside(
     .bind(contact)
     .bind(now)
     .execute(pool)
-    .await?;
+    .await;
+    bumped?;
+    deferred?;
     Ok(())
 }
 
