@@ -16,24 +16,84 @@ pub enum LogFormat {
     Json,
 }
 
+/// A setting that must never be printed (a token, a key): `Debug` shows `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.to_owned())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A PostgreSQL URL, printed with its password replaced.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl std::ops::Deref for DatabaseUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for DatabaseUrl {
+    fn from(s: String) -> Self {
+        DatabaseUrl(s)
+    }
+}
+
+impl From<&str> for DatabaseUrl {
+    fn from(s: &str) -> Self {
+        DatabaseUrl(s.to_owned())
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::db::redact_url(&self.0))
+    }
+}
+
 /// Every setting of the service. The README's configuration table lists them all.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
     /// PostgreSQL URL; the database is created if it does not exist.
-    pub database_url: String,
+    pub database_url: DatabaseUrl,
     /// HTTP listen address.
     pub listen: String,
     /// Bearer token of the operators' admin API; the admin API is disabled while it is unset.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// Base URL of links put in messages (surveys, tracking, unsubscribe).
     pub public_url: String,
     /// 32 random bytes in base64 that seal provider secrets at rest; required to store them.
-    pub secret_key: Option<String>,
+    pub secret_key: Option<Secret>,
     /// Keys `secret_key` replaced: they still open what they sealed, until
     /// `rapport secrets rotate` has re-sealed it with `secret_key`. A list, or comma-separated.
     #[serde(deserialize_with = "list_or_commas")]
-    pub secret_key_old: Vec<String>,
+    pub secret_key_old: Vec<Secret>,
     /// `text` or `json`.
     pub log_format: LogFormat,
     /// A `tracing` filter such as `info` or `rapport=debug,info`.
@@ -85,7 +145,7 @@ pub struct Config {
     #[serde(deserialize_with = "list_or_commas")]
     pub egress_allow_hosts: Vec<String>,
     /// Bearer token `/metrics` asks for; open when unset.
-    pub metrics_token: Option<String>,
+    pub metrics_token: Option<Secret>,
     /// `auto` (default): with no database URL given and nothing answering on the default
     /// address, start a private PostgreSQL from the installed server binaries (data in
     /// `var/pgdata`); `always`; or `never`.
@@ -103,7 +163,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            database_url: "postgres://postgres@127.0.0.1:5432/rapport".to_owned(),
+            database_url: "postgres://postgres@127.0.0.1:5432/rapport".into(),
             listen: "0.0.0.0:8080".to_owned(),
             admin_token: None,
             public_url: "http://localhost:8080".to_owned(),
@@ -142,26 +202,12 @@ impl Default for Config {
     }
 }
 
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("database_url", &crate::db::redact_url(&self.database_url))
-            .field("listen", &self.listen)
-            .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
-            .field("public_url", &self.public_url)
-            .field("secret_key", &self.secret_key.as_ref().map(|_| "<set>"))
-            .field(
-                "metrics_token",
-                &self.metrics_token.as_ref().map(|_| "<set>"),
-            )
-            .field("log_format", &self.log_format)
-            .field("log_level", &self.log_level)
-            .finish_non_exhaustive()
-    }
-}
-
 /// A list, or a string of comma-separated items.
-fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+fn list_or_commas<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: From<String>,
+{
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Either {
@@ -169,12 +215,12 @@ fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>,
         One(String),
     }
     Ok(match Either::deserialize(d)? {
-        Either::List(items) => items,
+        Either::List(items) => items.into_iter().map(T::from).collect(),
         Either::One(s) => s
             .split(',')
             .map(str::trim)
             .filter(|h| !h.is_empty())
-            .map(str::to_owned)
+            .map(|s| T::from(s.to_owned()))
             .collect(),
     })
 }
@@ -189,7 +235,8 @@ impl Config {
         let mut config: Config = figment.extract().map_err(Box::new)?;
         if config
             .admin_token
-            .as_deref()
+            .as_ref()
+            .map(|t| t.expose())
             .is_some_and(|t| t.trim().is_empty())
         {
             config.admin_token = None;
@@ -215,6 +262,45 @@ impl Config {
 
     /// The admin token, when the admin API is enabled.
     pub fn admin_token(&self) -> Option<&str> {
-        self.admin_token.as_deref()
+        self.admin_token.as_ref().map(|t| t.expose())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_no_secret_and_no_database_password() {
+        let config = Config {
+            database_url: "postgres://rapport:hunter2@db:5432/rapport".into(),
+            admin_token: Some("admin-token-value".into()),
+            secret_key: Some("c2VjcmV0LWtleS12YWx1ZQ==".into()),
+            secret_key_old: vec!["b2xkLWtleS12YWx1ZQ==".into()],
+            metrics_token: Some("metrics-token-value".into()),
+            ..Config::default()
+        };
+        let shown = format!("{config:?}");
+        for secret in [
+            "hunter2",
+            "admin-token-value",
+            "c2VjcmV0LWtleS12YWx1ZQ==",
+            "b2xkLWtleS12YWx1ZQ==",
+            "metrics-token-value",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("<redacted>"));
+        assert!(shown.contains("postgres://rapport:****@db:5432/rapport"));
+    }
+
+    #[test]
+    fn old_keys_read_from_a_comma_separated_string() {
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(("secret_key_old", "a, b"))
+            .extract()
+            .unwrap();
+        let keys: Vec<&str> = config.secret_key_old.iter().map(Secret::expose).collect();
+        assert_eq!(keys, ["a", "b"]);
     }
 }

@@ -50,7 +50,7 @@ impl SecretBox {
     /// be replaced and everything re-sealed (`rapport secrets rotate`) while the service runs.
     /// An old key that is not 32 bytes in base64 is a configuration error at start-up
     /// ([`SecretBox::check`]).
-    pub fn with_old_keys(key_base64: Option<&str>, old: &[String]) -> SecretBox {
+    pub fn with_old_keys(key_base64: Option<&str>, old: &[&str]) -> SecretBox {
         let old_ciphers: Vec<_> = old
             .iter()
             .filter(|k| !k.trim().is_empty())
@@ -197,7 +197,7 @@ mod tests {
         let old = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
         let new = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
         let sealed = SecretBox::new(Some(&old)).seal(b"token", b"row").unwrap();
-        let rotated = SecretBox::with_old_keys(Some(&new), std::slice::from_ref(&old));
+        let rotated = SecretBox::with_old_keys(Some(&new), &[old.as_str()]);
         assert_eq!(rotated.open(&sealed, b"row").unwrap(), b"token");
         let resealed = rotated.reseal(&sealed, b"row").unwrap().unwrap();
         assert_eq!(
@@ -207,7 +207,7 @@ mod tests {
         assert!(SecretBox::new(Some(&old)).open(&resealed, b"row").is_err());
         assert_eq!(rotated.reseal(&resealed, b"row").unwrap(), None);
         assert!(
-            SecretBox::with_old_keys(Some(&new), &["short".into()])
+            SecretBox::with_old_keys(Some(&new), &["short"])
                 .check()
                 .is_err()
         );

@@ -145,8 +145,11 @@ impl App {
 
     /// An application on an existing, migrated pool (tests use this).
     pub fn from_pool(pool: PgPool, config: Config) -> App {
-        let secrets =
-            crypto::SecretBox::with_old_keys(config.secret_key.as_deref(), &config.secret_key_old);
+        let old_keys: Vec<&str> = config.secret_key_old.iter().map(|k| k.expose()).collect();
+        let secrets = crypto::SecretBox::with_old_keys(
+            config.secret_key.as_ref().map(|k| k.expose()),
+            &old_keys,
+        );
         let links = Arc::new(LinkKeys::new(secrets.clone()));
         let egress = egress::EgressPolicy::new(&config.egress_allow_hosts);
         let channels = channels::Channels::new(

@@ -202,7 +202,7 @@ async fn private_database(
     }
     let data_dir = std::path::PathBuf::from("var/pgdata");
     if let Some(url) = embedded_pg::running(&data_dir) {
-        config.database_url = url;
+        config.database_url = url.into();
         tracing::info!(data = %data_dir.display(), "using the private PostgreSQL already running");
         return Ok(None);
     }
@@ -225,7 +225,7 @@ async fn private_database(
             started.data_dir.display()
         );
     }
-    config.database_url = started.url.clone();
+    config.database_url = started.url.clone().into();
     Ok(Some(started))
 }
 

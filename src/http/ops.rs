@@ -115,7 +115,7 @@ async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain"),
               (status = 401, body = Problem, content_type = "application/problem+json")))]
 async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
-    if let Some(expected) = state.config.metrics_token.as_deref() {
+    if let Some(expected) = state.config.metrics_token.as_ref().map(|t| t.expose()) {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())

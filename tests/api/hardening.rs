@@ -673,7 +673,7 @@ async fn secrets_rotate_moves_every_secret_to_the_new_key() {
     assert_ne!(link_key_before, link_key_after);
     // The new key alone now opens everything; the old one nothing.
     let mut config = (*app.app.state.config).clone();
-    config.secret_key = Some(new_key.to_owned());
+    config.secret_key = Some(new_key.into());
     let rotated = rapport::App::from_pool(app.pool.clone(), config.clone());
     let mut conn = app.pool.acquire().await.unwrap();
     let tenant = rapport::domain::TenantId(t.id.parse().unwrap());

@@ -290,11 +290,11 @@ impl TestApp {
         let db = TestDb::create().await;
         let outbox_log = std::env::temp_dir().join(format!("{}.jsonl", db.name));
         let mut config = Config {
-            database_url: db.url.clone(),
-            admin_token: Some(ADMIN.to_owned()),
+            database_url: db.url.clone().into(),
+            admin_token: Some(ADMIN.into()),
             db_max_connections: 16,
             outbox_log: outbox_log.to_string_lossy().into_owned(),
-            secret_key: Some(TEST_SECRET_KEY.to_owned()),
+            secret_key: Some(TEST_SECRET_KEY.into()),
             // Tests run in their harness's process: templates render in the real binary.
             template_program: Some(env!("CARGO_BIN_EXE_rapport").to_owned()),
             // Providers in tests are local servers (wiremock, an SMTP sink).
