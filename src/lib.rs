@@ -61,7 +61,7 @@ pub struct AppState {
     pub links: Arc<LinkKeys>,
     /// The OpenAPI document, rendered once.
     pub openapi_json: Arc<String>,
-    /// The time the rule engine reads (a manual clock in tests).
+    /// The time the rule engine and the rate limits read (a manual clock in tests).
     pub clock: clock::Clock,
     /// Compiled campaign versions.
     pub campaigns: Arc<campaigns::engine::Definitions>,

@@ -218,7 +218,7 @@ pub async fn require_tenant(
     };
     match tenant_for_key(&state, token).await? {
         Some(tenant) => {
-            if let Err(wait) = state.rate_limits.check(tenant.id.0) {
+            if let Err(wait) = state.rate_limits.check(tenant.id.0, state.clock.now()) {
                 metrics::counter!("http_rate_limited_total").increment(1);
                 return Err(ApiError::TooManyRequests {
                     retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
