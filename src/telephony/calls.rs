@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::model::{Call, CallRow, CallUpdate};
+use super::model::{Call, CallDirection, CallRow, CallUpdate};
 use super::store;
 use crate::contacts::store as contacts;
 use crate::domain::{TenantContext, TenantId, kinds};
@@ -54,9 +54,13 @@ pub async fn apply(
             .or(prev.agent_id),
         (None, a) => a,
     };
-    let direction = prev.direction.clone().or(u
-        .inbound
-        .map(|i| if i { "inbound" } else { "outbound" }.to_owned()));
+    let direction = prev.direction.or(u.inbound.map(|i| {
+        if i {
+            CallDirection::Inbound
+        } else {
+            CallDirection::Outbound
+        }
+    }));
     let answered_at = prev.answered_at.or(u.answered_at);
     let stage = prev
         .stage
@@ -65,7 +69,7 @@ pub async fn apply(
     let ended_at = prev.ended_at.or(u.ended_at);
     let voicemail_url = u.voicemail_url.clone().or(prev.voicemail_url.clone());
     let missed_reason = prev.missed_reason.clone().or(u.missed_reason.clone());
-    let inbound = direction.as_deref() == Some("inbound");
+    let inbound = direction == Some(CallDirection::Inbound);
     let missed = prev.missed
         || (stage == 3 && inbound && answered_at.is_none())
         || (inbound

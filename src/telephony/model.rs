@@ -82,11 +82,12 @@ pub struct CallUpdate {
     pub comments: Option<Value>,
 }
 
+/// A call as stored, with the facts the merge reads (`stage` 1 ringing, 2 answered, 3 ended);
+/// [`Call`] is what the API shows of it.
 #[derive(Debug, Clone, sqlx::FromRow)]
-/// A call as stored, with the facts the merge reads (`stage` 1 ringing, 2 answered, 3 ended).
 pub struct CallRow {
     pub id: Uuid,
-    pub direction: Option<String>,
+    pub direction: Option<CallDirection>,
     pub external_number: Option<String>,
     pub contact_id: Option<Uuid>,
     pub user_name: Option<String>,

@@ -57,7 +57,7 @@ pub async fn save(conn: &mut PgConnection, tenant: TenantId, merged: &CallRow) -
     )
     .bind(tenant)
     .bind(merged.id)
-    .bind(&merged.direction)
+    .bind(merged.direction)
     .bind(&merged.external_number)
     .bind(merged.contact_id)
     .bind(&merged.user_name)
