@@ -38,10 +38,12 @@ async fn send_message(
     claimed: Option<Extension<Claimed>>,
     ValidJson(body): ValidJson<NewMessage>,
 ) -> ApiResult<(StatusCode, Extension<Recorded>, Json<Message>)> {
-    let mut tx = state.pool.begin().await?;
-    let contact_id = contacts::find_by_ref(&mut tx, &tenant, &body.contact, "contact")
-        .await?
-        .ok_or_else(|| ApiError::field("contact", "no such contact"))?;
+    let contact_id = {
+        let mut conn = state.pool.acquire().await?;
+        contacts::find_by_ref(&mut conn, &tenant, &body.contact, "contact")
+            .await?
+            .ok_or_else(|| ApiError::field("contact", "no such contact"))?
+    };
     let channels: Vec<_> = body.channel.into_iter().collect();
     let compose = Compose {
         contact_id,
@@ -52,7 +54,11 @@ async fn send_message(
         journey: None,
         suppress: None,
     };
-    let message = store::enqueue(&mut tx, &tenant, compose, &state.send_options().await?).await?;
+    let opts = state.send_options().await?;
+    // The template runs here, with no connection held: a render error is this request's 422.
+    let composed = store::compose(&state.pool, &tenant, &compose, &opts).await?;
+    let mut tx = state.pool.begin().await?;
+    let message = store::enqueue_composed(&mut tx, &tenant, &compose, composed, &opts).await?;
     // The message and the Idempotency-Key's response commit together: a retry after a crash
     // replays, never queues it again.
     let recorded =

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -16,6 +17,7 @@ use crate::domain::{Channel, Purpose, kinds};
 use crate::domain::{TenantContext, TenantId};
 use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
+use crate::templates::model::{Rendered, Variants};
 use crate::templates::sandbox::SandboxError;
 use crate::templates::{render, store as templates};
 use crate::tenants::store as tenants;
@@ -140,16 +142,129 @@ impl EnqueueError {
     }
 }
 
+/// A message's template, frozen when the message was queued: the variant chosen (one channel,
+/// one locale) and the variables it sees. Kept in `messages.compose` until the worker that
+/// sends the message renders it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deferred {
+    pub variants: Variants,
+    pub locale: String,
+    pub context: Value,
+}
+
+/// What enqueueing decided about a message, before any template runs.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    id: Uuid,
+    tenant: TenantId,
+    contact_id: Uuid,
+    channel: Channel,
+    purpose: Purpose,
+    template_key: String,
+    recipient: Option<String>,
+    journey: Option<(Uuid, Uuid)>,
+    max_attempts: i32,
+    decision: Decision,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Decision {
+    /// Recorded as suppressed, with the reason; no template runs.
+    Suppress(String),
+    /// Rendered, then sent.
+    Send(Deferred),
+}
+
+impl Planned {
+    /// Decided the same way: what was rendered for one is right for the other.
+    fn same_as(&self, other: &Planned) -> bool {
+        self.id == other.id
+            && self.channel == other.channel
+            && self.purpose == other.purpose
+            && self.recipient == other.recipient
+            && self.template_key == other.template_key
+            && self.decision == other.decision
+    }
+}
+
+/// A message planned and rendered outside any transaction, for [`enqueue_composed`].
+pub struct Composed {
+    planned: Planned,
+    rendered: Option<Rendered>,
+}
+
 /// Queues a message (or records it as suppressed, with the reason) in the caller's
-/// transaction, and wakes the workers when the transaction commits. Render errors and unknown
-/// templates are errors: nothing is written.
+/// transaction, and wakes the workers when the transaction commits. No tenant template runs
+/// here: the worker that sends the message renders it (see [`Deferred`]), so a slow template
+/// never holds the caller's connection or locks. Unknown templates are errors: nothing is
+/// written.
 pub async fn enqueue(
     conn: &mut PgConnection,
     tenant: &TenantContext,
     c: Compose<'_>,
     opts: &SendOptions,
 ) -> Result<Message, EnqueueError> {
-    let max_attempts = opts.max_attempts;
+    let planned = plan(conn, tenant, &c, opts, Uuid::now_v7()).await?;
+    Ok(insert(conn, &planned, None).await?)
+}
+
+/// Plans a message and renders its template, holding no database connection while the
+/// template runs: render errors are errors here, before anything is written. Then
+/// [`enqueue_composed`] writes it in the caller's transaction.
+pub async fn compose(
+    pool: &PgPool,
+    tenant: &TenantContext,
+    c: &Compose<'_>,
+    opts: &SendOptions,
+) -> Result<Composed, EnqueueError> {
+    let planned = {
+        let mut conn = pool.acquire().await?;
+        plan(&mut conn, tenant, c, opts, Uuid::now_v7()).await?
+    };
+    let rendered = match &planned.decision {
+        Decision::Send(d) => Some(
+            render_deferred(
+                d,
+                planned.tenant,
+                planned.id,
+                planned.channel,
+                planned.purpose,
+                opts,
+            )
+            .await?,
+        ),
+        Decision::Suppress(_) => None,
+    };
+    Ok(Composed { planned, rendered })
+}
+
+/// Writes a [`compose`]d message in the caller's transaction. The decision is taken again
+/// there, on what the transaction sees; if the contact or the template changed meanwhile so
+/// that it differs, the message is queued to be rendered by the worker instead (or recorded as
+/// suppressed), never sent with a text rendered for something else.
+pub async fn enqueue_composed(
+    conn: &mut PgConnection,
+    tenant: &TenantContext,
+    c: &Compose<'_>,
+    composed: Composed,
+    opts: &SendOptions,
+) -> Result<Message, EnqueueError> {
+    let planned = plan(conn, tenant, c, opts, composed.planned.id).await?;
+    let rendered = composed
+        .rendered
+        .as_ref()
+        .filter(|_| planned.same_as(&composed.planned));
+    Ok(insert(conn, &planned, rendered).await?)
+}
+
+/// Decides where, how and whether a message goes: reads only, runs no template.
+async fn plan(
+    conn: &mut PgConnection,
+    tenant: &TenantContext,
+    c: &Compose<'_>,
+    opts: &SendOptions,
+    id: Uuid,
+) -> Result<Planned, EnqueueError> {
     let contact = contacts::get(conn, tenant.id, c.contact_id)
         .await?
         .ok_or(EnqueueError::ContactNotFound(c.contact_id))?;
@@ -191,7 +306,18 @@ pub async fn enqueue(
             Some(why) => refusals.push(format!("{}: {why}", channel.as_str())),
         }
     }
-    let id = Uuid::now_v7();
+    let planned = |channel: Channel, decision: Decision| Planned {
+        id,
+        tenant: tenant.id,
+        contact_id: contact.id,
+        channel,
+        purpose,
+        template_key: c.template_key.to_owned(),
+        recipient: address(&contact, channel, viber).map(str::to_owned),
+        journey: c.journey,
+        max_attempts: opts.max_attempts,
+        decision,
+    };
     let channel = match (c.suppress, chosen) {
         (None, Some(channel)) => channel,
         (forced, chosen) => {
@@ -205,25 +331,9 @@ pub async fn enqueue(
                     .to_owned(),
                 None => refusals.join("; "),
             };
-            return insert_suppressed(
-                conn,
-                tenant.id,
-                id,
-                &contact,
-                address(&contact, channel, viber),
-                channel,
-                purpose,
-                c.template_key,
-                &reason,
-                max_attempts,
-                c.journey,
-            )
-            .await
-            .map_err(EnqueueError::from);
+            return Ok(planned(channel, Decision::Suppress(reason)));
         }
     };
-    let recipient = address(&contact, channel, viber);
-
     let tenant_row = tenants::get(conn, tenant.id.0)
         .await?
         .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("tenant {} is missing", tenant.id)))?;
@@ -240,32 +350,39 @@ pub async fn enqueue(
             channel.as_str(),
             wanted.join(" or ")
         );
-        return insert_suppressed(
-            conn,
-            tenant.id,
-            id,
-            &contact,
-            recipient,
-            channel,
-            purpose,
-            c.template_key,
-            &reason,
-            max_attempts,
-            c.journey,
-        )
-        .await
-        .map_err(EnqueueError::from);
+        return Ok(planned(channel, Decision::Suppress(reason)));
     };
-    let links = super::links::Links::new(&opts.signer, &opts.public_url, tenant.id, id);
-    let mut ctx = render::context(Some(&contact), &tenant_row, c.event.as_ref(), &c.vars);
+    let mut context = render::context(Some(&contact), &tenant_row, c.event.as_ref(), &c.vars);
     if purpose == Purpose::Marketing {
-        ctx["unsubscribe_url"] = json!(links.unsubscribe());
+        let links = super::links::Links::new(&opts.signer, &opts.public_url, tenant.id, id);
+        context["unsubscribe_url"] = json!(links.unsubscribe());
     }
+    Ok(planned(
+        channel,
+        Decision::Send(Deferred {
+            variants: template.variants.only(channel, locale),
+            locale: locale.to_owned(),
+            context,
+        }),
+    ))
+}
+
+/// Renders a message's template in the sandbox (no database connection is needed) and puts
+/// its links behind the tracking redirects.
+pub async fn render_deferred(
+    d: &Deferred,
+    tenant: TenantId,
+    id: Uuid,
+    channel: Channel,
+    purpose: Purpose,
+    opts: &SendOptions,
+) -> Result<Rendered, SandboxError> {
     let mut rendered = opts
         .sandbox
-        .render(&template.variants, channel, locale, &ctx)
+        .render(&d.variants, channel, &d.locale, &d.context)
         .await?;
     if channel == Channel::Email {
+        let links = super::links::Links::new(&opts.signer, &opts.public_url, tenant, id);
         if let Some(html) = rendered.html.take() {
             let (instrumented, targets) = links.instrument_html(&html);
             rendered.html = Some(instrumented);
@@ -275,38 +392,56 @@ pub async fn enqueue(
             rendered.extras["unsubscribe_url"] = json!(links.unsubscribe());
         }
     }
+    Ok(rendered)
+}
+
+/// Writes a planned message: suppressed, queued with its rendered text, or queued with its
+/// template still to run (`rendered` None).
+async fn insert(
+    conn: &mut PgConnection,
+    p: &Planned,
+    rendered: Option<&Rendered>,
+) -> StoreResult<Message> {
+    let deferred = match &p.decision {
+        Decision::Suppress(reason) => return insert_suppressed(conn, p, reason).await,
+        Decision::Send(d) => d,
+    };
+    let compose = rendered.is_none().then_some(sqlx::types::Json(deferred));
     let sql = format!(
         "INSERT INTO messages (tenant_id, id, contact_id, channel, purpose, template_key, locale,
             recipient, subject, body_text, body_html, extras, status, max_attempts, next_attempt_at,
-            campaign_id, journey_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $13, now(), $14, $15)
+            campaign_id, journey_id, compose)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $13, now(), $14, $15,
+                 $16)
          RETURNING {MESSAGE_COLUMNS}"
     );
     let message: Message = sqlx::query_as(&sql)
-        .bind(tenant.id)
-        .bind(id)
-        .bind(contact.id)
-        .bind(channel.as_str())
-        .bind(purpose.as_str())
-        .bind(c.template_key)
-        .bind(locale)
-        .bind(recipient)
-        .bind(&rendered.subject)
-        .bind(&rendered.text)
-        .bind(&rendered.html)
-        .bind(&rendered.extras)
-        .bind(max_attempts)
-        .bind(c.journey.map(|j| j.0))
-        .bind(c.journey.map(|j| j.1))
+        .bind(p.tenant)
+        .bind(p.id)
+        .bind(p.contact_id)
+        .bind(p.channel.as_str())
+        .bind(p.purpose.as_str())
+        .bind(&p.template_key)
+        .bind(&deferred.locale)
+        .bind(&p.recipient)
+        .bind(rendered.and_then(|r| r.subject.as_deref()))
+        .bind(rendered.and_then(|r| r.text.as_deref()))
+        .bind(rendered.and_then(|r| r.html.as_deref()))
+        .bind(rendered.map_or_else(|| json!({}), |r| r.extras.clone()))
+        .bind(p.max_attempts)
+        .bind(p.journey.map(|j| j.0))
+        .bind(p.journey.map(|j| j.1))
+        .bind(compose)
         .fetch_one(&mut *conn)
         .await?;
     events::emit_about(
         conn,
-        tenant.id,
-        contact.id,
+        p.tenant,
+        p.contact_id,
         kinds::MESSAGE_QUEUED,
-        json!({"message_id": id, "channel": channel, "template": c.template_key, "purpose": purpose}),
-        Some(("message", id)),
+        json!({"message_id": p.id, "channel": p.channel, "template": p.template_key,
+               "purpose": p.purpose}),
+        Some(("message", p.id)),
     )
     .await?;
     sqlx::query("SELECT pg_notify($1, '')")
@@ -316,19 +451,10 @@ pub async fn enqueue(
     Ok(message)
 }
 
-#[expect(clippy::too_many_arguments, reason = "one row's columns")]
 async fn insert_suppressed(
     conn: &mut PgConnection,
-    tenant: TenantId,
-    id: Uuid,
-    contact: &Contact,
-    recipient: Option<&str>,
-    channel: Channel,
-    purpose: Purpose,
-    template_key: &str,
+    p: &Planned,
     reason: &str,
-    max_attempts: i32,
-    journey: Option<(Uuid, Uuid)>,
 ) -> StoreResult<Message> {
     let sql = format!(
         "INSERT INTO messages (tenant_id, id, contact_id, channel, purpose, template_key,
@@ -338,26 +464,27 @@ async fn insert_suppressed(
          RETURNING {MESSAGE_COLUMNS}"
     );
     let message: Message = sqlx::query_as(&sql)
-        .bind(tenant)
-        .bind(id)
-        .bind(contact.id)
-        .bind(channel.as_str())
-        .bind(purpose.as_str())
-        .bind(template_key)
-        .bind(recipient)
+        .bind(p.tenant)
+        .bind(p.id)
+        .bind(p.contact_id)
+        .bind(p.channel.as_str())
+        .bind(p.purpose.as_str())
+        .bind(&p.template_key)
+        .bind(&p.recipient)
         .bind(reason)
-        .bind(max_attempts)
-        .bind(journey.map(|j| j.0))
-        .bind(journey.map(|j| j.1))
+        .bind(p.max_attempts)
+        .bind(p.journey.map(|j| j.0))
+        .bind(p.journey.map(|j| j.1))
         .fetch_one(&mut *conn)
         .await?;
     events::emit_about(
         conn,
-        tenant,
-        contact.id,
+        p.tenant,
+        p.contact_id,
         kinds::MESSAGE_SUPPRESSED,
-        json!({"message_id": id, "channel": channel, "template": template_key, "reason": reason}),
-        Some(("message", id)),
+        json!({"message_id": p.id, "channel": p.channel, "template": p.template_key,
+               "reason": reason}),
+        Some(("message", p.id)),
     )
     .await?;
     Ok(message)
@@ -433,6 +560,11 @@ pub struct Claimed {
     /// This attempt's number; it fences the lease: only the holder of this attempt may finish it.
     pub attempts: i32,
     pub max_attempts: i32,
+    /// The template still to run (a [`Deferred`]), for messages queued unrendered; read as
+    /// JSON so that one unreadable row fails alone instead of failing the claim.
+    pub compose: Option<Value>,
+    /// The campaign journey that sent it, if one did.
+    pub journey_id: Option<Uuid>,
 }
 
 /// Claims up to `batch` due messages for `lease`. No transaction stays open while they are
@@ -470,7 +602,8 @@ pub async fn claim(
            FROM due
           WHERE m.ctid = due.ctid
           RETURNING m.tenant_id, m.id, m.contact_id, m.channel, m.purpose, m.recipient, m.subject,
-                    m.body_text, m.body_html, m.extras, m.attempts, m.max_attempts",
+                    m.body_text, m.body_html, m.extras, m.attempts, m.max_attempts, m.compose,
+                    m.journey_id",
     )
     .bind(batch)
     .bind(lease.as_secs_f64())
@@ -582,6 +715,21 @@ pub async fn record_attempt(
     outcome: &AttemptOutcome,
 ) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    let recorded = record_attempt_in(&mut tx, m, provider, started_at, outcome).await?;
+    if recorded {
+        tx.commit().await?;
+    }
+    Ok(recorded)
+}
+
+/// [`record_attempt`] in the caller's transaction (which it leaves uncommitted).
+pub async fn record_attempt_in(
+    tx: &mut PgConnection,
+    m: &Claimed,
+    provider: &str,
+    started_at: DateTime<Utc>,
+    outcome: &AttemptOutcome,
+) -> Result<bool, sqlx::Error> {
     let (outcome_name, detail, provider_id) = match outcome {
         AttemptOutcome::Sent(r) => ("sent", None, r.provider_message_id.clone()),
         AttemptOutcome::Retry { reason, .. } => ("retry", Some(reason.clone()), None),
@@ -666,7 +814,7 @@ pub async fn record_attempt(
     };
     if let (Some((kind, properties)), Some(contact_id)) = (event, m.contact_id) {
         events::emit_about(
-            &mut tx,
+            &mut *tx,
             m.tenant_id,
             contact_id,
             kind,
@@ -675,8 +823,63 @@ pub async fn record_attempt(
         )
         .await?;
     }
-    tx.commit().await?;
     Ok(true)
+}
+
+/// A message rendered by the worker that holds it, for [`record_rendered`].
+pub struct RenderedClaim<'a> {
+    pub message: &'a Claimed,
+    pub rendered: &'a Rendered,
+}
+
+/// Writes what deferred messages rendered to (subject, bodies, extras) and clears their
+/// templates, in one statement, fenced by the lease like every outcome. A message erased
+/// meanwhile (its template cleared) is not written back. Returns those written: only they may
+/// be sent.
+pub async fn record_rendered(
+    pool: &PgPool,
+    rendered: &[RenderedClaim<'_>],
+) -> Result<std::collections::HashSet<(TenantId, Uuid)>, sqlx::Error> {
+    if rendered.is_empty() {
+        return Ok(Default::default());
+    }
+    let col = |f: fn(&RenderedClaim<'_>) -> Option<String>| -> Vec<Option<String>> {
+        rendered.iter().map(f).collect()
+    };
+    let written: Vec<(TenantId, Uuid)> = sqlx::query_as(
+        "UPDATE messages m SET subject = u.subject, body_text = u.text, body_html = u.html,
+            extras = u.extras, compose = NULL, updated_at = now()
+         FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
+                     $7::jsonb[]) AS u(t, id, attempt, subject, text, html, extras)
+         WHERE m.tenant_id = u.t AND m.id = u.id AND m.status = 'sending'
+           AND m.attempts = u.attempt AND m.compose IS NOT NULL
+         RETURNING m.tenant_id, m.id",
+    )
+    .bind(
+        rendered
+            .iter()
+            .map(|r| r.message.tenant_id.0)
+            .collect::<Vec<_>>(),
+    )
+    .bind(rendered.iter().map(|r| r.message.id).collect::<Vec<_>>())
+    .bind(
+        rendered
+            .iter()
+            .map(|r| r.message.attempts)
+            .collect::<Vec<_>>(),
+    )
+    .bind(col(|r| r.rendered.subject.clone()))
+    .bind(col(|r| r.rendered.text.clone()))
+    .bind(col(|r| r.rendered.html.clone()))
+    .bind(
+        rendered
+            .iter()
+            .map(|r| r.rendered.extras.clone())
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(written.into_iter().collect())
 }
 
 /// A message a provider accepted, for [`record_sent`].
@@ -941,6 +1144,7 @@ pub async fn erase_contact(
     .await?;
     sqlx::query(
         "UPDATE messages SET subject = NULL, body_text = NULL, body_html = NULL, extras = '{}',
+            compose = NULL,
             recipient = CASE WHEN contact_id = $2 THEN NULL ELSE recipient END,
             status_reason = CASE WHEN status_reason IS NULL THEN NULL ELSE 'erased' END,
             updated_at = now()

@@ -14,7 +14,7 @@ use crate::validate;
 use crate::validate::Errors;
 
 /// An email variant: a subject and an HTML and/or a text body.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmailVariant {
     #[schema(example = "Your order {{ event.order }} is on its way")]
@@ -28,7 +28,7 @@ pub struct EmailVariant {
 }
 
 /// An SMS variant.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SmsVariant {
     #[schema(example = "Hi {{ contact.first_name }}, your code is {{ vars.code }}")]
@@ -36,7 +36,7 @@ pub struct SmsVariant {
 }
 
 /// A Viber button: a label and the link it opens.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ViberButton {
     pub text: String,
@@ -44,7 +44,7 @@ pub struct ViberButton {
 }
 
 /// A Viber variant.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ViberVariant {
     pub text: String,
@@ -53,7 +53,7 @@ pub struct ViberVariant {
 }
 
 /// A template's variants: channel, then locale (`hr`, `en-GB`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Variants {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

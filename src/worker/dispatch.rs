@@ -15,11 +15,16 @@ use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
+use crate::campaigns::store::journeys;
 use crate::channels::{Outbound, Provider, SendError};
-use crate::domain::Channel;
 use crate::domain::TenantId;
 use crate::domain::backoff;
-use crate::messages::store::{self, AttemptOutcome, Claimed, NOTIFY_CHANNEL};
+use crate::domain::{Channel, Purpose};
+use crate::error::StoreError;
+use crate::messages::store::{self, AttemptOutcome, Claimed, Deferred, NOTIFY_CHANNEL};
+use crate::templates::model::Rendered;
+use crate::templates::render::RenderError;
+use crate::templates::sandbox::SandboxError;
 
 /// Runs `outbox_dispatchers` dispatch loops until `shutdown`. While one loop records its
 /// batch, the others are claiming and sending theirs (SKIP LOCKED keeps them apart), so the
@@ -87,6 +92,7 @@ pub async fn dispatch_once(state: &AppState) -> Result<usize, sqlx::Error> {
     )
     .await?;
     let n = claimed.len();
+    let claimed = render_claimed(state, claimed).await;
     // One settings lookup per tenant and channel a round, not one per message.
     let mut providers: HashMap<(TenantId, Channel), Result<Arc<dyn Provider>, SendError>> =
         HashMap::new();
@@ -119,6 +125,145 @@ pub async fn dispatch_once(state: &AppState) -> Result<usize, sqlx::Error> {
         record_all(state, attempted).await;
     }
     Ok(n)
+}
+
+/// Renders the claimed messages that were queued with their template still to run (see
+/// `messages::store::Deferred`), writes what they rendered to, and returns every message
+/// ready to send. No database connection is held while a template runs. A template that
+/// does not render fails its message (and ends the journey that sent it); a renderer that is
+/// out of reach is retried like a provider that is.
+async fn render_claimed(state: &AppState, claimed: Vec<Claimed>) -> Vec<Claimed> {
+    let (deferred, mut ready): (Vec<Claimed>, Vec<Claimed>) =
+        claimed.into_iter().partition(|m| m.compose.is_some());
+    if deferred.is_empty() {
+        return ready;
+    }
+    let started_at = Utc::now();
+    let opts = match state.send_options().await {
+        Ok(opts) => opts,
+        Err(e) => {
+            let reason = format!("the link-signing key cannot be read: {e}");
+            for m in deferred {
+                let outcome = retry_or_fail(&m, reason.clone());
+                record(state, &m, "none", started_at, outcome).await;
+            }
+            return ready;
+        }
+    };
+    let opts = &opts;
+    let concurrency = state.config.outbox_concurrency.max(1);
+    let results: Vec<(Claimed, Result<Rendered, SandboxError>)> = futures::stream::iter(deferred)
+        .map(|m| async move {
+            let result =
+                match serde_json::from_value::<Deferred>(m.compose.clone().unwrap_or_default()) {
+                    Ok(d) => match (Channel::parse(&m.channel), Purpose::parse(&m.purpose)) {
+                        (Some(channel), Some(purpose)) => {
+                            store::render_deferred(&d, m.tenant_id, m.id, channel, purpose, opts)
+                                .await
+                        }
+                        _ => Err(SandboxError::Render(RenderError {
+                            field: "message".into(),
+                            message: format!(
+                                "unknown channel `{}` or purpose `{}`",
+                                m.channel, m.purpose
+                            ),
+                        })),
+                    },
+                    Err(e) => Err(SandboxError::Render(RenderError {
+                        field: "message".into(),
+                        message: format!("the stored template cannot be read: {e}"),
+                    })),
+                };
+            (m, result)
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let mut rendered = Vec::with_capacity(results.len());
+    for (m, result) in results {
+        match result {
+            Ok(r) => rendered.push((m, r)),
+            Err(SandboxError::Render(e)) => {
+                let reason = format!("template.{}: {}", e.field, e.message);
+                fail_unrenderable(state, &m, started_at, reason).await;
+            }
+            Err(SandboxError::Unavailable(why)) => {
+                let reason = format!("the template renderer is unavailable: {why}");
+                let outcome = retry_or_fail(&m, reason);
+                record(state, &m, "none", started_at, outcome).await;
+            }
+        }
+    }
+    let claims: Vec<store::RenderedClaim<'_>> = rendered
+        .iter()
+        .map(|(m, r)| store::RenderedClaim {
+            message: m,
+            rendered: r,
+        })
+        .collect();
+    let written = match store::record_rendered(&state.pool, &claims).await {
+        Ok(written) => written,
+        // Not sent: the leases expire and the sweeper puts the messages back in the queue.
+        Err(e) => {
+            tracing::warn!(error = %crate::error::error_chain(&e), "cannot record rendered messages");
+            return ready;
+        }
+    };
+    drop(claims);
+    for (mut m, r) in rendered {
+        if !written.contains(&(m.tenant_id, m.id)) {
+            tracing::warn!(message_id = %m.id, "lease lost or message erased while rendering; not sent");
+            continue;
+        }
+        m.subject = r.subject;
+        m.body_text = r.text;
+        m.body_html = r.html;
+        m.extras = r.extras;
+        m.compose = None;
+        ready.push(m);
+    }
+    ready
+}
+
+/// A transient failure: retried with backoff while attempts remain.
+fn retry_or_fail(m: &Claimed, reason: String) -> AttemptOutcome {
+    outcome_of_error(
+        m,
+        SendError::Transient {
+            reason,
+            retry_after: None,
+        },
+    )
+}
+
+/// A message whose template does not render fails with the reason, and the journey that sent
+/// it ends with it, in one transaction.
+async fn fail_unrenderable(
+    state: &AppState,
+    m: &Claimed,
+    started_at: chrono::DateTime<Utc>,
+    reason: String,
+) {
+    let result = async {
+        let mut tx = state.pool.begin().await?;
+        let outcome = AttemptOutcome::Failed {
+            reason: reason.clone(),
+        };
+        if !store::record_attempt_in(&mut tx, m, "none", started_at, &outcome).await? {
+            tracing::warn!(message_id = %m.id, "lease lost before the outcome was recorded; the new holder decides");
+            return Ok(());
+        }
+        if let (Some(journey), Some(contact)) = (m.journey_id, m.contact_id) {
+            let why = format!("send_failed: {reason}");
+            journeys::end_unsent(&mut tx, m.tenant_id, contact, journey, m.id, &why).await?;
+        }
+        tx.commit().await?;
+        Ok::<(), StoreError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::error!(message_id = %m.id, error = %crate::error::error_chain(&e), "cannot record an unrenderable message");
+    }
 }
 
 /// Sweeps expired leases, then runs rounds until no message is due; for tests and tools.

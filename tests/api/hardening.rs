@@ -85,13 +85,7 @@ async fn template_bombs_are_a_422_for_their_tenant_and_nothing_for_anyone_else()
 async fn a_template_that_burns_cpu_is_stopped_at_its_deadline() {
     let app = TestApp::with_config(|c| c.template_timeout_ms = 500).await;
     let t = setup(&app).await;
-    sms_template(
-        &app,
-        &t,
-        "slow",
-        "{% set a = 'x' * 10000000 %}{% for i in range(60) %}{% set b = a ~ a %}{% endfor %}done",
-    )
-    .await;
+    sms_template(&app, &t, "slow", SLOW).await;
     let started = Instant::now();
     let r = preview(&app, &t, "slow").await;
     r.assert_problem(422);
@@ -167,6 +161,107 @@ async fn a_bomb_in_an_active_campaign_ends_the_journey_with_the_reason() {
         reason.starts_with("send_failed") && reason.contains("MiB of memory"),
         "{reason}"
     );
+}
+
+/// A template that runs until the sandbox's deadline stops it.
+const SLOW: &str =
+    "{% set a = 'x' * 10000000 %}{% for i in range(600) %}{% set b = a ~ a %}{% endfor %}done";
+
+#[tokio::test]
+async fn a_slow_template_holds_no_database_connection_while_it_runs() {
+    // Two connections for everything: requests that held one while their template ran would
+    // leave none for anyone else for the whole deadline.
+    let app = TestApp::with_config(|c| {
+        c.db_max_connections = 2;
+        c.template_timeout_ms = 3_000;
+    })
+    .await;
+    let t = setup(&app).await;
+    sms_template(&app, &t, "slow", SLOW).await;
+    let send = || {
+        app.post(
+            "/v1/messages",
+            &t.key,
+            json!({"contact": {"external_id": "ana"}, "template": "slow", "channel": "sms"}),
+        )
+    };
+    let senders = futures::future::join_all((0..4).map(|_| send()));
+    let reader = async {
+        // Once the renders are under way.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let r = app.get("/v1/contacts?external_id=ana", &t.key).await;
+        (r, started.elapsed())
+    };
+    let (sent, (read, waited)) = tokio::join!(senders, reader);
+    assert_eq!(read.status, StatusCode::OK, "{}", read.text);
+    assert!(
+        waited < Duration::from_millis(1_500),
+        "a read waited {waited:?} for a connection while templates ran"
+    );
+    for r in sent {
+        r.assert_problem(422);
+    }
+    let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(messages, 0);
+}
+
+#[tokio::test]
+async fn the_engine_queues_a_send_unrendered_and_the_worker_renders_it() {
+    let app = TestApp::new().await;
+    let t = setup(&app).await;
+    sms_template(&app, &t, "hello", "Bok {{ contact.first_name }}").await;
+    let r = app
+        .post(
+            "/v1/campaigns",
+            &t.key,
+            json!({"name": "Hello", "trigger": {"event": "hello.said"},
+                   "steps": [{"type": "send", "template": "hello", "channels": ["sms"]}]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    app.post(&format!("/v1/campaigns/{id}/activate"), &t.key, json!({}))
+        .await;
+    let r = app
+        .post(
+            "/v1/events",
+            &t.key,
+            json!({"type": "hello.said", "contact": {"external_id": "ana"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    // The engine alone: the message is queued with its template still to run, so no tenant
+    // template ran inside the engine's transaction.
+    for _ in 0..10 {
+        rapport::campaigns::engine::round(&app.app.state, false)
+            .await
+            .unwrap();
+    }
+    let (status, text, compose): (String, Option<String>, Option<Value>) =
+        sqlx::query_as("SELECT status, body_text, compose FROM messages")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), text), ("queued", None));
+    let compose = compose.expect("the template waits in the row");
+    assert_eq!(compose["locale"], "hr");
+    assert_eq!(compose["context"]["contact"]["first_name"], "Ana");
+    app.drain().await;
+    let (status, text, compose): (String, Option<String>, Option<Value>) =
+        sqlx::query_as("SELECT status, body_text, compose FROM messages")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "sent");
+    assert_eq!(text.as_deref(), Some("Bok Ana"));
+    assert_eq!(compose, None);
+    let log = app.outbox_log();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0]["text"], "Bok Ana");
 }
 
 #[tokio::test]

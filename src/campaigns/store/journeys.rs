@@ -2,13 +2,14 @@
 //! contact's advisory lock and writes back in bulk at the commit.
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
+use serde_json::{Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::campaigns::model::JourneyStatus;
-use crate::domain::TenantId;
+use crate::domain::{TenantId, kinds};
 use crate::error::StoreResult;
+use crate::events::store as events;
 
 /// An event as the engine reads it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -355,6 +356,54 @@ pub async fn exit_erased(
     .bind(now)
     .execute(conn)
     .await?;
+    Ok(())
+}
+
+/// The journey whose message could not be rendered when the worker came to send it ends
+/// there: `exited` with the reason, also if it had already run its last step (it did not
+/// complete); the message stops counting against the frequency caps, and the contact's
+/// timeline says so. Nothing changes for a journey that had already exited.
+pub async fn end_unsent(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+    journey: Uuid,
+    message: Uuid,
+    reason: &str,
+) -> StoreResult<()> {
+    let ended: Option<(Uuid, Uuid, i32, String, bool)> = sqlx::query_as(
+        "UPDATE journeys j SET status = 'exited', exit_reason = $3, wake_at = NULL,
+            ended_at = coalesce(j.ended_at, now()), trigger_event = '{}', updated_at = now()
+           FROM campaigns c
+          WHERE j.tenant_id = $1 AND j.id = $2 AND j.status IN ('active', 'completed')
+            AND c.tenant_id = j.tenant_id AND c.id = j.campaign_id
+          RETURNING j.contact_id, j.campaign_id, j.version, c.name, j.converted",
+    )
+    .bind(tenant)
+    .bind(journey)
+    .bind(reason)
+    .fetch_optional(&mut *conn)
+    .await?;
+    sqlx::query(
+        "DELETE FROM marketing_sends WHERE tenant_id = $1 AND contact_id = $2 AND message_id = $3",
+    )
+    .bind(tenant)
+    .bind(contact)
+    .bind(message)
+    .execute(&mut *conn)
+    .await?;
+    if let Some((contact, campaign, version, name, converted)) = ended {
+        events::emit_about(
+            conn,
+            tenant,
+            contact,
+            kinds::CAMPAIGN_EXITED,
+            json!({"campaign_id": campaign, "campaign": name, "journey_id": journey,
+                   "version": version, "reason": reason, "converted": converted}),
+            Some(("journey", journey)),
+        )
+        .await?;
+    }
     Ok(())
 }
 
