@@ -12,6 +12,9 @@ RUN mkdir -p src/bin && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.r
     && cargo build --release --locked --bin rapport \
     && rm -rf src target/release/deps/rapport* target/release/rapport*
 COPY build.rs ./
+# The checked queries' offline data: the build needs no database.
+COPY .sqlx ./.sqlx
+ENV SQLX_OFFLINE=true
 COPY src ./src
 COPY migrations ./migrations
 # The /docs UI (Scalar), embedded in the binary.

@@ -8,7 +8,7 @@ use sqlx::PgConnection;
 use crate::domain::{Channel, TenantId};
 
 /// A stored configuration.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct ChannelRow {
     pub provider: String,
     pub settings: Value,
@@ -23,12 +23,13 @@ pub async fn get(
     tenant: TenantId,
     channel: Channel,
 ) -> Result<Option<ChannelRow>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        ChannelRow,
         "SELECT provider, settings, secrets_sealed, secret_names, updated_at FROM channel_settings
          WHERE tenant_id = $1 AND channel = $2",
+        tenant.0,
+        channel.as_str()
     )
-    .bind(tenant)
-    .bind(channel.as_str())
     .fetch_optional(conn)
     .await
 }
@@ -43,20 +44,21 @@ pub async fn put(
     sealed: Option<&[u8]>,
     secret_names: &[String],
 ) -> Result<DateTime<Utc>, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO channel_settings (tenant_id, channel, provider, settings, secrets_sealed, secret_names)
+    sqlx::query_scalar!(
+        "INSERT INTO channel_settings (tenant_id, channel, provider, settings, secrets_sealed,
+            secret_names)
          VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (tenant_id, channel) DO UPDATE SET provider = EXCLUDED.provider,
             settings = EXCLUDED.settings, secrets_sealed = EXCLUDED.secrets_sealed,
             secret_names = EXCLUDED.secret_names, updated_at = clock_timestamp()
          RETURNING updated_at",
+        tenant.0,
+        channel.as_str(),
+        provider,
+        Value::Object(settings.clone()),
+        sealed,
+        secret_names
     )
-    .bind(tenant)
-    .bind(channel.as_str())
-    .bind(provider)
-    .bind(Value::Object(settings.clone()))
-    .bind(sealed)
-    .bind(secret_names)
     .fetch_one(conn)
     .await
 }
@@ -67,11 +69,13 @@ pub async fn delete(
     tenant: TenantId,
     channel: Channel,
 ) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query("DELETE FROM channel_settings WHERE tenant_id = $1 AND channel = $2")
-        .bind(tenant)
-        .bind(channel.as_str())
-        .execute(conn)
-        .await?;
+    let done = sqlx::query!(
+        "DELETE FROM channel_settings WHERE tenant_id = $1 AND channel = $2",
+        tenant.0,
+        channel.as_str()
+    )
+    .execute(conn)
+    .await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -79,12 +83,16 @@ pub async fn delete(
 pub async fn sealed_for_update(
     conn: &mut PgConnection,
 ) -> Result<Vec<(TenantId, String, Vec<u8>)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT tenant_id, channel, secrets_sealed FROM channel_settings
-         WHERE secrets_sealed IS NOT NULL FOR UPDATE",
+    let rows = sqlx::query!(
+        r#"SELECT tenant_id AS "tenant_id: TenantId", channel, secrets_sealed AS "sealed!"
+           FROM channel_settings WHERE secrets_sealed IS NOT NULL FOR UPDATE"#
     )
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.tenant_id, r.channel, r.sealed))
+        .collect())
 }
 
 /// Replaces a channel's sealed secrets (re-sealed with a new key).
@@ -94,12 +102,12 @@ pub async fn reseal(
     channel: &str,
     sealed: &[u8],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE channel_settings SET secrets_sealed = $3 WHERE tenant_id = $1 AND channel = $2",
+        tenant.0,
+        channel,
+        sealed
     )
-    .bind(tenant)
-    .bind(channel)
-    .bind(sealed)
     .execute(conn)
     .await?;
     Ok(())

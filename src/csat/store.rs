@@ -19,7 +19,7 @@ use crate::messages::store as messages;
 pub const DEFAULT_ALERT_THRESHOLD: i16 = 2;
 
 /// A satisfaction rating, 1 to 5.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Rating {
     pub id: Uuid,
     pub contact_id: Uuid,
@@ -61,9 +61,6 @@ pub struct RatingRow<'a> {
     pub channel: Option<&'a str>,
 }
 
-const RATING_COLUMNS: &str =
-    "id, contact_id, ticket_id, agent_id, score, comment, source, channel, country, created_at";
-
 /// Records a rating (the contact's country at this moment is kept with it), emits `csat.rated`
 /// and alerts the agent at once when the score is at or below the tenant's threshold. A second
 /// survey score for one ticket is a 409.
@@ -76,36 +73,40 @@ pub async fn record(
     if !(1..=5).contains(&r.score) {
         return Err(StoreError::field("score", "must be 1 to 5"));
     }
-    let sql = format!(
-        "INSERT INTO ratings (tenant_id, id, contact_id, ticket_id, agent_id, score, comment, source, channel, country)
-         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, c.country FROM contacts c WHERE c.tenant_id = $1 AND c.id = $3
-         RETURNING {RATING_COLUMNS}"
-    );
-    let rating: Option<Rating> = sqlx::query_as(&sql)
-        .bind(tenant)
-        .bind(Uuid::now_v7())
-        .bind(r.contact_id)
-        .bind(r.ticket_id)
-        .bind(r.agent_id)
-        .bind(r.score)
-        .bind(r.comment)
-        .bind(r.source)
-        .bind(r.channel)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(|e| {
-            if crate::db::is_unique_violation(&e, Some("ratings_one_survey_per_ticket")) {
-                StoreError::Conflict("this ticket has already been rated".to_owned())
-            } else {
-                e.into()
-            }
-        })?;
-    let rating = rating.ok_or_else(|| StoreError::field("contact", "no such contact"))?;
-    let threshold: i16 = sqlx::query_scalar(
-        "SELECT coalesce((settings->>'csat_alert_threshold')::smallint, $2) FROM tenants WHERE id = $1",
+    let rating = sqlx::query_as!(
+        Rating,
+        "INSERT INTO ratings (tenant_id, id, contact_id, ticket_id, agent_id, score, comment,
+            source, channel, country)
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, c.country
+         FROM contacts c WHERE c.tenant_id = $1 AND c.id = $3
+         RETURNING id, contact_id, ticket_id, agent_id, score, comment, source, channel, country,
+                   created_at",
+        tenant.0,
+        Uuid::now_v7(),
+        r.contact_id,
+        r.ticket_id,
+        r.agent_id,
+        r.score,
+        r.comment,
+        r.source,
+        r.channel
     )
-    .bind(tenant)
-    .bind(DEFAULT_ALERT_THRESHOLD)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(|e| {
+        if crate::db::is_unique_violation(&e, Some("ratings_one_survey_per_ticket")) {
+            StoreError::Conflict("this ticket has already been rated".to_owned())
+        } else {
+            e.into()
+        }
+    })?;
+    let rating = rating.ok_or_else(|| StoreError::field("contact", "no such contact"))?;
+    let threshold = sqlx::query_scalar!(
+        r#"SELECT coalesce((settings->>'csat_alert_threshold')::smallint, $2) AS "threshold!"
+           FROM tenants WHERE id = $1"#,
+        tenant.0,
+        DEFAULT_ALERT_THRESHOLD
+    )
     .fetch_one(&mut *conn)
     .await?;
     let low = rating.score <= threshold;
@@ -126,18 +127,21 @@ async fn alert_agent(
     rating: &Rating,
     max_attempts: i32,
 ) -> StoreResult<()> {
-    let about: Option<(String, Option<i64>, Option<String>)> = sqlx::query_as(
-        "SELECT coalesce(nullif(trim(concat_ws(' ', c.first_name, c.last_name)), ''), c.email, c.phone, c.external_id, 'a customer'),
-                t.number, t.subject
-         FROM contacts c LEFT JOIN tickets t ON t.tenant_id = c.tenant_id AND t.id = $3
-         WHERE c.tenant_id = $1 AND c.id = $2",
+    let about = sqlx::query!(
+        r#"SELECT coalesce(nullif(trim(concat_ws(' ', c.first_name, c.last_name)), ''), c.email,
+                           c.phone, c.external_id, 'a customer') AS "who!",
+                  t.number AS "number?", t.subject AS "subject?"
+           FROM contacts c LEFT JOIN tickets t ON t.tenant_id = c.tenant_id AND t.id = $3
+           WHERE c.tenant_id = $1 AND c.id = $2"#,
+        tenant.0,
+        rating.contact_id,
+        rating.ticket_id
     )
-    .bind(tenant)
-    .bind(rating.contact_id)
-    .bind(rating.ticket_id)
     .fetch_optional(&mut *conn)
     .await?;
-    let (who, number, subject) = about.unwrap_or_else(|| ("a customer".to_owned(), None, None));
+    let (who, number, subject) = about
+        .map(|a| (a.who, a.number, a.subject))
+        .unwrap_or_else(|| ("a customer".to_owned(), None, None));
     let on = match (number, subject) {
         (Some(n), Some(s)) => format!(" on ticket #{n} \"{s}\""),
         _ => String::new(),
@@ -168,12 +172,13 @@ pub async fn add_comment(
     ticket: Uuid,
     comment: &str,
 ) -> StoreResult<bool> {
-    let done = sqlx::query(
-        "UPDATE ratings SET comment = $3 WHERE tenant_id = $1 AND ticket_id = $2 AND source = 'survey'",
+    let done = sqlx::query!(
+        "UPDATE ratings SET comment = $3
+         WHERE tenant_id = $1 AND ticket_id = $2 AND source = 'survey'",
+        tenant.0,
+        ticket,
+        comment
     )
-    .bind(tenant)
-    .bind(ticket)
-    .bind(comment)
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -185,14 +190,16 @@ pub async fn survey_rating(
     tenant: TenantId,
     ticket: Uuid,
 ) -> StoreResult<Option<Rating>> {
-    let sql = format!(
-        "SELECT {RATING_COLUMNS} FROM ratings WHERE tenant_id = $1 AND ticket_id = $2 AND source = 'survey'"
-    );
-    Ok(sqlx::query_as(&sql)
-        .bind(tenant)
-        .bind(ticket)
-        .fetch_optional(conn)
-        .await?)
+    Ok(sqlx::query_as!(
+        Rating,
+        "SELECT id, contact_id, ticket_id, agent_id, score, comment, source, channel, country,
+                created_at
+         FROM ratings WHERE tenant_id = $1 AND ticket_id = $2 AND source = 'survey'",
+        tenant.0,
+        ticket
+    )
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// The contact's latest score.
@@ -201,11 +208,12 @@ pub async fn last_score(
     tenant: TenantId,
     contact: Uuid,
 ) -> StoreResult<Option<i16>> {
-    Ok(sqlx::query_scalar(
-        "SELECT score FROM ratings WHERE tenant_id = $1 AND contact_id = $2 ORDER BY created_at DESC, id DESC LIMIT 1",
+    Ok(sqlx::query_scalar!(
+        "SELECT score FROM ratings WHERE tenant_id = $1 AND contact_id = $2
+         ORDER BY created_at DESC, id DESC LIMIT 1",
+        tenant.0,
+        contact
     )
-    .bind(tenant)
-    .bind(contact)
     .fetch_optional(conn)
     .await?)
 }
@@ -216,10 +224,12 @@ pub async fn erase_contact(
     tenant: TenantId,
     contact: Uuid,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE ratings SET comment = NULL WHERE tenant_id = $1 AND contact_id = $2")
-        .bind(tenant)
-        .bind(contact)
-        .execute(conn)
-        .await?;
+    sqlx::query!(
+        "UPDATE ratings SET comment = NULL WHERE tenant_id = $1 AND contact_id = $2",
+        tenant.0,
+        contact
+    )
+    .execute(conn)
+    .await?;
     Ok(())
 }

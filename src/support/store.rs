@@ -104,6 +104,9 @@ pub async fn count_open_tickets(
     .await?)
 }
 
+/// An agent as the API shows it, with its open-ticket count. Runtime SQL (not `query_as!`):
+/// the list is shared by the agent reads and carries the open-status list, which the query
+/// macros cannot take from a macro.
 const AGENT_COLUMNS: &str = concat!(
     "a.id, a.name, a.email, a.phone, a.languages, a.countries,
     a.max_open_tickets, a.active,
@@ -114,6 +117,8 @@ const AGENT_COLUMNS: &str = concat!(
     a.created_at, a.updated_at"
 );
 
+/// A ticket's columns, shared by the ticket reads and the contact card's JSON of open tickets
+/// (so both show the same fields): runtime SQL, as the query macros take literals only.
 pub(crate) const TICKET_COLUMNS: &str =
     "id, number, contact_id, channel, subject, category, priority, status,
     assignee_id, first_response_at, solved_at, closed_at, created_at, updated_at";
@@ -132,19 +137,19 @@ pub async fn create_agent(
     a: &AgentChanges,
 ) -> StoreResult<Agent> {
     let id = Uuid::now_v7();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO agents (tenant_id, id, name, email, phone, languages, countries, max_open_tickets, active)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        tenant.0,
+        id,
+        a.name.as_deref(),
+        a.email.as_deref(),
+        a.phone.apply(None),
+        a.languages.as_deref().unwrap_or_default(),
+        a.countries.as_deref().unwrap_or_default(),
+        a.max_open_tickets.unwrap_or(20),
+        a.active.unwrap_or(true),
     )
-    .bind(tenant)
-    .bind(id)
-    .bind(&a.name)
-    .bind(&a.email)
-    .bind(a.phone.apply(None))
-    .bind(a.languages.clone().unwrap_or_default())
-    .bind(a.countries.clone().unwrap_or_default())
-    .bind(a.max_open_tickets.unwrap_or(20))
-    .bind(a.active.unwrap_or(true))
     .execute(&mut *conn)
     .await
     .map_err(email_taken)?;
@@ -164,24 +169,24 @@ pub async fn update_agent(
         Patch::Null => (true, None),
         Patch::Value(p) => (true, Some(p.clone())),
     };
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "UPDATE agents SET name = coalesce($3, name), email = coalesce($4, email),
             phone = CASE WHEN $5 THEN $6 ELSE phone END,
             languages = coalesce($7, languages), countries = coalesce($8, countries),
             max_open_tickets = coalesce($9, max_open_tickets), active = coalesce($10, active),
             updated_at = now()
          WHERE tenant_id = $1 AND id = $2",
+        tenant.0,
+        id,
+        a.name.as_deref(),
+        a.email.as_deref(),
+        set_phone,
+        phone,
+        a.languages.as_deref(),
+        a.countries.as_deref(),
+        a.max_open_tickets,
+        a.active,
     )
-    .bind(tenant)
-    .bind(id)
-    .bind(&a.name)
-    .bind(&a.email)
-    .bind(set_phone)
-    .bind(phone)
-    .bind(&a.languages)
-    .bind(&a.countries)
-    .bind(a.max_open_tickets)
-    .bind(a.active)
     .execute(&mut *conn)
     .await
     .map_err(email_taken)?;
@@ -259,16 +264,16 @@ pub async fn assign(
     } else {
         country
     };
-    let candidates: Vec<Uuid> = sqlx::query_scalar(
+    let candidates: Vec<Uuid> = sqlx::query_scalar!(
         "SELECT id FROM agents
          WHERE tenant_id = $1 AND active
            AND (cardinality(languages) = 0 OR $2 = ANY(languages))
            AND (cardinality(countries) = 0 OR $3 = ANY(countries))
          ORDER BY id FOR UPDATE",
+        tenant.id.0,
+        &language,
+        &country,
     )
-    .bind(tenant.id)
-    .bind(&language)
-    .bind(&country)
     .fetch_all(&mut *conn)
     .await?;
     if candidates.is_empty() {
@@ -291,11 +296,11 @@ pub async fn assign(
     let Some(agent) = chosen else {
         return Ok(None);
     };
-    sqlx::query(
+    sqlx::query!(
         "UPDATE agents SET last_assigned_at = clock_timestamp() WHERE tenant_id = $1 AND id = $2",
+        tenant.id.0,
+        agent,
     )
-    .bind(tenant.id)
-    .bind(agent)
     .execute(&mut *conn)
     .await?;
     set_assignee(conn, tenant.id, ticket_id, contact_id, agent, true).await?;
@@ -312,12 +317,12 @@ async fn set_assignee(
     agent: Uuid,
     automatic: bool,
 ) -> StoreResult<()> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE tickets SET assignee_id = $3, updated_at = now() WHERE tenant_id = $1 AND id = $2",
+        tenant.0,
+        ticket_id,
+        agent,
     )
-    .bind(tenant)
-    .bind(ticket_id)
-    .bind(agent)
     .execute(&mut *conn)
     .await?;
     events::emit_about(
@@ -354,12 +359,12 @@ pub async fn assign_waiting(conn: &mut PgConnection, tenant: &TenantContext) -> 
 
 /// The next number of a per-tenant sequence.
 async fn next_number(conn: &mut PgConnection, tenant: TenantId, name: &str) -> StoreResult<i64> {
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_scalar!(
         "INSERT INTO tenant_counters AS c (tenant_id, name, value) VALUES ($1, $2, 1)
          ON CONFLICT (tenant_id, name) DO UPDATE SET value = c.value + 1 RETURNING value",
+        tenant.0,
+        name,
     )
-    .bind(tenant)
-    .bind(name)
     .fetch_one(conn)
     .await?)
 }
@@ -385,18 +390,18 @@ pub async fn create_ticket(
 ) -> StoreResult<Ticket> {
     let id = Uuid::now_v7();
     let number = next_number(conn, tenant.id, "ticket").await?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO tickets (tenant_id, id, number, contact_id, channel, subject, category, priority, status)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'new')",
+        tenant.id.0,
+        id,
+        number,
+        t.contact_id,
+        t.channel,
+        t.subject,
+        t.category,
+        t.priority,
     )
-    .bind(tenant.id)
-    .bind(id)
-    .bind(number)
-    .bind(t.contact_id)
-    .bind(t.channel)
-    .bind(t.subject)
-    .bind(t.category)
-    .bind(t.priority)
     .execute(&mut *conn)
     .await?;
     insert_message(conn, tenant.id, id, "contact", None, t.body, false).await?;
@@ -535,15 +540,15 @@ pub async fn change_status(
             next.as_str()
         )));
     }
-    sqlx::query(
+    sqlx::query!(
         "UPDATE tickets SET status = $3, updated_at = now(),
             solved_at = CASE WHEN $3 = 'solved' THEN now() WHEN $3 = 'open' THEN NULL ELSE solved_at END,
             closed_at = CASE WHEN $3 = 'closed' THEN now() ELSE closed_at END
          WHERE tenant_id = $1 AND id = $2",
+        tenant.0,
+        t.id,
+        next.as_str(),
     )
-    .bind(tenant)
-    .bind(t.id)
-    .bind(next.as_str())
     .execute(&mut *conn)
     .await?;
     let kind = match (current, next) {
@@ -565,21 +570,21 @@ pub async fn erase_contact(
     tenant: TenantId,
     contact: Uuid,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE ticket_messages m SET body = '(erased)'
          FROM tickets t
          WHERE m.tenant_id = $1 AND t.tenant_id = $1 AND t.contact_id = $2 AND m.ticket_id = t.id",
+        tenant.0,
+        contact,
     )
-    .bind(tenant)
-    .bind(contact)
     .execute(&mut *conn)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "UPDATE tickets SET subject = '(erased)', updated_at = now()
          WHERE tenant_id = $1 AND contact_id = $2",
+        tenant.0,
+        contact,
     )
-    .bind(tenant)
-    .bind(contact)
     .execute(conn)
     .await?;
     Ok(())
@@ -587,10 +592,10 @@ pub async fn erase_contact(
 
 /// The tenant's support settings (defaults when never set).
 pub async fn settings(conn: &mut PgConnection, tenant: TenantId) -> StoreResult<TenantSettings> {
-    let raw: serde_json::Value = sqlx::query_scalar("SELECT settings FROM tenants WHERE id = $1")
-        .bind(tenant)
-        .fetch_one(conn)
-        .await?;
+    let raw: serde_json::Value =
+        sqlx::query_scalar!("SELECT settings FROM tenants WHERE id = $1", tenant.0,)
+            .fetch_one(conn)
+            .await?;
     Ok(serde_json::from_value(raw).unwrap_or_default())
 }
 
@@ -601,11 +606,13 @@ pub async fn save_settings(
     settings: &TenantSettings,
 ) -> StoreResult<()> {
     let value = serde_json::to_value(settings).map_err(|e| StoreError::Internal(e.into()))?;
-    sqlx::query("UPDATE tenants SET settings = $2, updated_at = now() WHERE id = $1")
-        .bind(tenant)
-        .bind(value)
-        .execute(conn)
-        .await?;
+    sqlx::query!(
+        "UPDATE tenants SET settings = $2, updated_at = now() WHERE id = $1",
+        tenant.0,
+        value,
+    )
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -668,8 +675,6 @@ pub async fn check_sla(pool: &PgPool) -> Result<usize, sqlx::Error> {
     Ok(found)
 }
 
-const SNIPPET_COLUMNS: &str = "key, title, body, created_at, updated_at";
-
 /// Creates or replaces a snippet; the snippet, and whether it is new.
 pub async fn put_snippet(
     conn: &mut PgConnection,
@@ -678,24 +683,26 @@ pub async fn put_snippet(
     title: Option<&str>,
     body: &str,
 ) -> StoreResult<(Snippet, bool)> {
-    #[derive(sqlx::FromRow)]
-    struct Upserted {
-        #[sqlx(flatten)]
-        snippet: Snippet,
-        created: bool,
-    }
-    let row: Upserted = sqlx::query_as(&format!(
-        "INSERT INTO snippets (tenant_id, key, title, body) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (tenant_id, key) DO UPDATE SET title = EXCLUDED.title, body = EXCLUDED.body, updated_at = now()
-         RETURNING {SNIPPET_COLUMNS}, (xmax = 0) AS created"
-    ))
-    .bind(tenant)
-    .bind(key)
-    .bind(title)
-    .bind(body)
+    let row = sqlx::query!(
+        r#"INSERT INTO snippets (tenant_id, key, title, body) VALUES ($1, $2, $3, $4)
+           ON CONFLICT (tenant_id, key) DO UPDATE
+              SET title = EXCLUDED.title, body = EXCLUDED.body, updated_at = now()
+           RETURNING key, title, body, created_at, updated_at, (xmax = 0) AS "created!""#,
+        tenant.0,
+        key,
+        title,
+        body
+    )
     .fetch_one(conn)
     .await?;
-    Ok((row.snippet, row.created))
+    let snippet = Snippet {
+        key: row.key,
+        title: row.title,
+        body: row.body,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    };
+    Ok((snippet, row.created))
 }
 
 /// One snippet by key.
@@ -704,11 +711,13 @@ pub async fn get_snippet(
     tenant: TenantId,
     key: &str,
 ) -> StoreResult<Option<Snippet>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {SNIPPET_COLUMNS} FROM snippets WHERE tenant_id = $1 AND key = $2"
-    ))
-    .bind(tenant)
-    .bind(key)
+    Ok(sqlx::query_as!(
+        Snippet,
+        "SELECT key, title, body, created_at, updated_at FROM snippets
+         WHERE tenant_id = $1 AND key = $2",
+        tenant.0,
+        key
+    )
     .fetch_optional(conn)
     .await?)
 }
@@ -720,13 +729,14 @@ pub async fn list_snippets(
     after: Option<&str>,
     limit: i64,
 ) -> StoreResult<Vec<Snippet>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {SNIPPET_COLUMNS} FROM snippets
-         WHERE tenant_id = $1 AND ($2::text IS NULL OR key > $2) ORDER BY key LIMIT $3"
-    ))
-    .bind(tenant)
-    .bind(after)
-    .bind(limit)
+    Ok(sqlx::query_as!(
+        Snippet,
+        "SELECT key, title, body, created_at, updated_at FROM snippets
+         WHERE tenant_id = $1 AND ($2::text IS NULL OR key > $2) ORDER BY key LIMIT $3",
+        tenant.0,
+        after,
+        limit
+    )
     .fetch_all(conn)
     .await?)
 }
@@ -737,11 +747,11 @@ pub async fn agent_id_by_email(
     tenant: TenantId,
     email: &str,
 ) -> StoreResult<Option<Uuid>> {
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_scalar!(
         "SELECT id FROM agents WHERE tenant_id = $1 AND lower(email) = lower($2)",
+        tenant.0,
+        email,
     )
-    .bind(tenant)
-    .bind(email)
     .fetch_optional(conn)
     .await?)
 }
@@ -776,19 +786,19 @@ pub async fn update_ticket_fields(
     assignee: Option<Option<Uuid>>,
     category: Option<Option<&str>>,
 ) -> StoreResult<()> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE tickets SET priority = coalesce($3, priority),
             assignee_id = CASE WHEN $4 THEN $5 ELSE assignee_id END,
             category = CASE WHEN $6 THEN $7 ELSE category END, updated_at = now()
          WHERE tenant_id = $1 AND id = $2",
+        tenant.0,
+        id,
+        priority,
+        assignee.is_some(),
+        assignee.flatten(),
+        category.is_some(),
+        category.flatten(),
     )
-    .bind(tenant)
-    .bind(id)
-    .bind(priority)
-    .bind(assignee.is_some())
-    .bind(assignee.flatten())
-    .bind(category.is_some())
-    .bind(category.flatten())
     .execute(conn)
     .await?;
     Ok(())
@@ -800,12 +810,12 @@ pub async fn mark_first_response(
     tenant: TenantId,
     id: Uuid,
 ) -> StoreResult<()> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE tickets SET first_response_at = coalesce(first_response_at, now()), updated_at = now()
          WHERE tenant_id = $1 AND id = $2",
+        tenant.0,
+        id,
     )
-    .bind(tenant)
-    .bind(id)
     .execute(conn)
     .await?;
     Ok(())
@@ -817,22 +827,22 @@ pub async fn active_agent(
     tenant: TenantId,
     id: Uuid,
 ) -> StoreResult<Option<Uuid>> {
-    Ok(
-        sqlx::query_scalar("SELECT id FROM agents WHERE tenant_id = $1 AND id = $2 AND active")
-            .bind(tenant)
-            .bind(id)
-            .fetch_optional(conn)
-            .await?,
+    Ok(sqlx::query_scalar!(
+        "SELECT id FROM agents WHERE tenant_id = $1 AND id = $2 AND active",
+        tenant.0,
+        id,
     )
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// The active agent whose turn it is in the round robin (assigned least recently).
 pub async fn next_agent(conn: &mut PgConnection, tenant: TenantId) -> StoreResult<Option<Uuid>> {
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_scalar!(
         "SELECT id FROM agents WHERE tenant_id = $1 AND active
          ORDER BY last_assigned_at NULLS FIRST, id LIMIT 1",
+        tenant.0,
     )
-    .bind(tenant)
     .fetch_optional(conn)
     .await?)
 }

@@ -6,10 +6,12 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::model::{Call, CallRow};
+use super::model::{Call, CallDirection, CallRow};
 use crate::domain::TenantId;
 use crate::error::StoreResult;
 
+/// A call as the API shows it (its status derived from the merge's stage), shared by the two
+/// call reads: runtime SQL, as the query macros take literals only.
 const CALL_COLUMNS: &str = "id, provider, provider_call_id, direction, external_number, contact_id,
     user_name, agent_id, CASE stage WHEN 3 THEN 'ended' WHEN 2 THEN 'answered' ELSE 'ringing' END AS status,
     missed, missed_reason, started_at, answered_at, ended_at, duration_secs, recording_url,
@@ -23,14 +25,14 @@ pub async fn lock_or_create(
     provider: &str,
     provider_call_id: &str,
 ) -> StoreResult<CallRow> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO calls (tenant_id, id, provider, provider_call_id, stage) VALUES ($1, $2, $3, $4, 0)
          ON CONFLICT (tenant_id, provider, provider_call_id) DO NOTHING",
+        tenant.0,
+        Uuid::now_v7(),
+        provider,
+        provider_call_id,
     )
-    .bind(tenant)
-    .bind(Uuid::now_v7())
-    .bind(provider)
-    .bind(provider_call_id)
     .execute(&mut *conn)
     .await?;
     Ok(sqlx::query_as(
@@ -48,32 +50,32 @@ pub async fn lock_or_create(
 
 /// Writes a merged call.
 pub async fn save(conn: &mut PgConnection, tenant: TenantId, merged: &CallRow) -> StoreResult<()> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE calls SET direction = $3, external_number = $4, contact_id = $5, user_name = $6, user_email = $7,
             agent_id = $8, stage = $9, missed = $10, missed_reason = $11, started_at = $12, answered_at = $13,
             ended_at = $14, duration_secs = $15, recording_url = $16, voicemail_url = $17, tags = $18,
             comments = $19, updated_at = now()
          WHERE tenant_id = $1 AND id = $2",
+        tenant.0,
+        merged.id,
+        merged.direction as Option<CallDirection>,
+        merged.external_number.as_deref(),
+        merged.contact_id,
+        merged.user_name.as_deref(),
+        merged.user_email.as_deref(),
+        merged.agent_id,
+        merged.stage,
+        merged.missed,
+        merged.missed_reason.as_deref(),
+        merged.started_at,
+        merged.answered_at,
+        merged.ended_at,
+        merged.duration_secs,
+        merged.recording_url.as_deref(),
+        merged.voicemail_url.as_deref(),
+        &merged.tags,
+        &merged.comments,
     )
-    .bind(tenant)
-    .bind(merged.id)
-    .bind(merged.direction)
-    .bind(&merged.external_number)
-    .bind(merged.contact_id)
-    .bind(&merged.user_name)
-    .bind(&merged.user_email)
-    .bind(merged.agent_id)
-    .bind(merged.stage)
-    .bind(merged.missed)
-    .bind(&merged.missed_reason)
-    .bind(merged.started_at)
-    .bind(merged.answered_at)
-    .bind(merged.ended_at)
-    .bind(merged.duration_secs)
-    .bind(&merged.recording_url)
-    .bind(&merged.voicemail_url)
-    .bind(&merged.tags)
-    .bind(&merged.comments)
     .execute(conn)
     .await?;
     Ok(())
@@ -86,12 +88,14 @@ pub async fn set_ticket(
     call: Uuid,
     ticket: Uuid,
 ) -> StoreResult<()> {
-    sqlx::query("UPDATE calls SET ticket_id = $3 WHERE tenant_id = $1 AND id = $2")
-        .bind(tenant)
-        .bind(call)
-        .bind(ticket)
-        .execute(conn)
-        .await?;
+    sqlx::query!(
+        "UPDATE calls SET ticket_id = $3 WHERE tenant_id = $1 AND id = $2",
+        tenant.0,
+        call,
+        ticket,
+    )
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -135,13 +139,13 @@ pub async fn erase_contact(
     tenant: TenantId,
     contact: Uuid,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE calls SET external_number = NULL, recording_url = NULL, voicemail_url = NULL,
             comments = '[]', updated_at = now()
          WHERE tenant_id = $1 AND contact_id = $2",
+        tenant.0,
+        contact,
     )
-    .bind(tenant)
-    .bind(contact)
     .execute(conn)
     .await?;
     Ok(())
@@ -181,17 +185,17 @@ pub async fn put_integration(
     sealed: &[u8],
     secret_names: &[String],
 ) -> StoreResult<DateTime<Utc>> {
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_scalar!(
         "INSERT INTO integrations (tenant_id, kind, settings, secrets_sealed, secret_names) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (tenant_id, kind) DO UPDATE SET settings = EXCLUDED.settings, secrets_sealed = EXCLUDED.secrets_sealed,
             secret_names = EXCLUDED.secret_names, updated_at = now()
          RETURNING updated_at",
+        tenant.0,
+        kind,
+        Value::Object(settings.clone()),
+        sealed,
+        secret_names,
     )
-    .bind(tenant)
-    .bind(kind)
-    .bind(Value::Object(settings.clone()))
-    .bind(sealed)
-    .bind(secret_names)
     .fetch_one(conn)
     .await?)
 }
@@ -215,12 +219,14 @@ pub async fn reseal_integration(
     kind: &str,
     sealed: &[u8],
 ) -> StoreResult<()> {
-    sqlx::query("UPDATE integrations SET secrets_sealed = $3 WHERE tenant_id = $1 AND kind = $2")
-        .bind(tenant)
-        .bind(kind)
-        .bind(sealed)
-        .execute(conn)
-        .await?;
+    sqlx::query!(
+        "UPDATE integrations SET secrets_sealed = $3 WHERE tenant_id = $1 AND kind = $2",
+        tenant.0,
+        kind,
+        sealed,
+    )
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -230,12 +236,12 @@ pub async fn first_receipt(
     tenant: TenantId,
     delivery_id: &str,
 ) -> StoreResult<bool> {
-    Ok(sqlx::query(
+    Ok(sqlx::query!(
         "INSERT INTO webhook_receipts (tenant_id, source, delivery_id) VALUES ($1, 'telephony', $2)
          ON CONFLICT DO NOTHING",
+        tenant.0,
+        delivery_id,
     )
-    .bind(tenant)
-    .bind(delivery_id)
     .execute(conn)
     .await?
     .rows_affected()
@@ -248,12 +254,12 @@ pub async fn put_intake_secret(
     tenant: TenantId,
     sealed: &[u8],
 ) -> StoreResult<()> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO integrations (tenant_id, kind, settings, secrets_sealed, secret_names) VALUES ($1, 'telephony', '{}', $2, '{secret}')
          ON CONFLICT (tenant_id, kind) DO UPDATE SET secrets_sealed = EXCLUDED.secrets_sealed, updated_at = now()",
+        tenant.0,
+        sealed,
     )
-    .bind(tenant)
-    .bind(sealed)
     .execute(conn)
     .await?;
     Ok(())

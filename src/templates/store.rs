@@ -9,7 +9,6 @@ use crate::domain::Purpose;
 use crate::domain::TenantId;
 use crate::error::StoreResult;
 
-#[derive(sqlx::FromRow)]
 struct TemplateRow {
     key: String,
     purpose: Purpose,
@@ -27,16 +26,18 @@ pub async fn put(
     purpose: Purpose,
     variants: &Variants,
 ) -> StoreResult<(Template, bool)> {
-    let row: TemplateRow = sqlx::query_as(
-        "INSERT INTO templates (tenant_id, key, purpose, variants) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (tenant_id, key) DO UPDATE
-            SET purpose = EXCLUDED.purpose, variants = EXCLUDED.variants, updated_at = now()
-         RETURNING key, purpose, variants, created_at, updated_at, (xmax = 0) AS created",
+    let row = sqlx::query_as!(
+        TemplateRow,
+        r#"INSERT INTO templates (tenant_id, key, purpose, variants) VALUES ($1, $2, $3, $4)
+           ON CONFLICT (tenant_id, key) DO UPDATE
+              SET purpose = EXCLUDED.purpose, variants = EXCLUDED.variants, updated_at = now()
+           RETURNING key, purpose AS "purpose: Purpose", variants AS "variants: Json<Variants>",
+                     created_at, updated_at, (xmax = 0) AS "created!""#,
+        tenant.0,
+        key,
+        purpose.as_str(),
+        Json(variants) as _,
     )
-    .bind(tenant)
-    .bind(key)
-    .bind(purpose)
-    .bind(Json(variants))
     .fetch_one(conn)
     .await?;
     let created = row.created;
@@ -58,12 +59,14 @@ pub async fn get(
     tenant: TenantId,
     key: &str,
 ) -> StoreResult<Option<Template>> {
-    let row: Option<TemplateRow> = sqlx::query_as(
-        "SELECT key, purpose, variants, created_at, updated_at, false AS created
-         FROM templates WHERE tenant_id = $1 AND key = $2",
+    let row = sqlx::query_as!(
+        TemplateRow,
+        r#"SELECT key, purpose AS "purpose: Purpose", variants AS "variants: Json<Variants>",
+                  created_at, updated_at, false AS "created!"
+           FROM templates WHERE tenant_id = $1 AND key = $2"#,
+        tenant.0,
+        key
     )
-    .bind(tenant)
-    .bind(key)
     .fetch_optional(conn)
     .await?;
     Ok(row.map(into_template))
@@ -76,14 +79,16 @@ pub async fn list(
     after: Option<&str>,
     limit: i64,
 ) -> StoreResult<Vec<Template>> {
-    let rows: Vec<TemplateRow> = sqlx::query_as(
-        "SELECT key, purpose, variants, created_at, updated_at, false AS created
-         FROM templates WHERE tenant_id = $1 AND ($2::text IS NULL OR key > $2)
-         ORDER BY key LIMIT $3",
+    let rows = sqlx::query_as!(
+        TemplateRow,
+        r#"SELECT key, purpose AS "purpose: Purpose", variants AS "variants: Json<Variants>",
+                  created_at, updated_at, false AS "created!"
+           FROM templates WHERE tenant_id = $1 AND ($2::text IS NULL OR key > $2)
+           ORDER BY key LIMIT $3"#,
+        tenant.0,
+        after,
+        limit + 1
     )
-    .bind(tenant)
-    .bind(after)
-    .bind(limit + 1)
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(into_template).collect())

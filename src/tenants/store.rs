@@ -7,49 +7,56 @@ use super::model::{ApiKey, CreatedApiKey, Tenant, ValidTenant};
 use crate::domain::{TenantContext, TenantId};
 use crate::error::{StoreError, StoreResult};
 
-const TENANT_COLUMNS: &str =
-    "id, name, slug, default_country, default_locale, timezone, created_at, updated_at";
-
 /// Creates a tenant; a taken slug is a 409.
 pub async fn create(conn: &mut PgConnection, new: &ValidTenant) -> StoreResult<Tenant> {
-    let sql = format!(
+    sqlx::query_as!(
+        Tenant,
         "INSERT INTO tenants (id, name, slug, default_country, default_locale, timezone)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING {TENANT_COLUMNS}"
-    );
-    sqlx::query_as(&sql)
-        .bind(Uuid::now_v7())
-        .bind(&new.name)
-        .bind(&new.slug)
-        .bind(&new.default_country)
-        .bind(&new.default_locale)
-        .bind(&new.timezone)
-        .fetch_one(conn)
-        .await
-        .map_err(|e| {
-            if crate::db::is_unique_violation(&e, Some("tenants_slug_key")) {
-                StoreError::Conflict(format!("a tenant with slug `{}` already exists", new.slug))
-            } else {
-                e.into()
-            }
-        })
+         VALUES ($1, $2, $3, $4, $5, $6)
+         RETURNING id, name, slug, default_country, default_locale, timezone, created_at,
+                   updated_at",
+        Uuid::now_v7(),
+        new.name,
+        new.slug,
+        new.default_country,
+        new.default_locale,
+        new.timezone,
+    )
+    .fetch_one(conn)
+    .await
+    .map_err(|e| {
+        if crate::db::is_unique_violation(&e, Some("tenants_slug_key")) {
+            StoreError::Conflict(format!("a tenant with slug `{}` already exists", new.slug))
+        } else {
+            e.into()
+        }
+    })
 }
 
 pub async fn get(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<Tenant>> {
-    let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1");
-    Ok(sqlx::query_as(&sql).bind(id).fetch_optional(conn).await?)
+    Ok(sqlx::query_as!(
+        Tenant,
+        "SELECT id, name, slug, default_country, default_locale, timezone, created_at, updated_at
+         FROM tenants WHERE id = $1",
+        id
+    )
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// A tenant by id or by slug, for the command line.
 pub async fn find(conn: &mut PgConnection, id_or_slug: &str) -> StoreResult<Option<Tenant>> {
     match Uuid::parse_str(id_or_slug) {
         Ok(id) => get(conn, id).await,
-        Err(_) => {
-            let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE slug = $1");
-            Ok(sqlx::query_as(&sql)
-                .bind(id_or_slug)
-                .fetch_optional(conn)
-                .await?)
-        }
+        Err(_) => Ok(sqlx::query_as!(
+            Tenant,
+            "SELECT id, name, slug, default_country, default_locale, timezone, created_at,
+                        updated_at
+                 FROM tenants WHERE slug = $1",
+            id_or_slug
+        )
+        .fetch_optional(conn)
+        .await?),
     }
 }
 
@@ -59,15 +66,16 @@ pub async fn list(
     before: Option<Uuid>,
     limit: i64,
 ) -> StoreResult<Vec<Tenant>> {
-    let sql = format!(
-        "SELECT {TENANT_COLUMNS} FROM tenants WHERE ($1::uuid IS NULL OR id < $1)
-         ORDER BY id DESC LIMIT $2"
-    );
-    Ok(sqlx::query_as(&sql)
-        .bind(before)
-        .bind(limit + 1)
-        .fetch_all(conn)
-        .await?)
+    Ok(sqlx::query_as!(
+        Tenant,
+        "SELECT id, name, slug, default_country, default_locale, timezone, created_at, updated_at
+         FROM tenants WHERE ($1::uuid IS NULL OR id < $1)
+         ORDER BY id DESC LIMIT $2",
+        before,
+        limit + 1
+    )
+    .fetch_all(conn)
+    .await?)
 }
 
 /// Creates an API key; only its hash is stored.
@@ -82,15 +90,15 @@ pub async fn create_key(
         .take(super::model::KEY_PREFIX.len() + 6)
         .collect();
     let id = Uuid::now_v7();
-    let created_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+    let created_at = sqlx::query_scalar!(
         "INSERT INTO api_keys (tenant_id, id, name, key_hash, key_prefix)
          VALUES ($1, $2, $3, $4, $5) RETURNING created_at",
+        tenant.0,
+        id,
+        name,
+        &super::model::hash_api_key(&key)[..],
+        prefix,
     )
-    .bind(tenant)
-    .bind(id)
-    .bind(name)
-    .bind(super::model::hash_api_key(&key))
-    .bind(&prefix)
     .fetch_one(conn)
     .await?;
     Ok(CreatedApiKey {
@@ -104,11 +112,12 @@ pub async fn create_key(
 }
 
 pub async fn list_keys(conn: &mut PgConnection, tenant: TenantId) -> StoreResult<Vec<ApiKey>> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as!(
+        ApiKey,
         "SELECT id, tenant_id, name, key_prefix AS prefix, created_at, revoked_at
          FROM api_keys WHERE tenant_id = $1 ORDER BY id DESC",
+        tenant.0
     )
-    .bind(tenant)
     .fetch_all(conn)
     .await?)
 }
@@ -119,12 +128,12 @@ pub async fn revoke_key(
     tenant: TenantId,
     key_id: Uuid,
 ) -> StoreResult<bool> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
          WHERE tenant_id = $1 AND id = $2",
+        tenant.0,
+        key_id
     )
-    .bind(tenant)
-    .bind(key_id)
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -135,12 +144,14 @@ pub async fn authenticate(
     conn: &mut PgConnection,
     key_hash: &[u8],
 ) -> Result<Option<TenantContext>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT k.tenant_id, k.id AS key_id, t.default_country, t.default_locale, t.timezone
-         FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
-         WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
+    sqlx::query_as!(
+        TenantContext,
+        r#"SELECT k.tenant_id AS "id: TenantId", k.id AS key_id, t.default_country,
+                  t.default_locale, t.timezone
+           FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+           WHERE k.key_hash = $1 AND k.revoked_at IS NULL"#,
+        key_hash
     )
-    .bind(key_hash)
     .fetch_optional(conn)
     .await
 }
@@ -150,12 +161,13 @@ pub async fn context(
     conn: &mut PgConnection,
     tenant: TenantId,
 ) -> Result<Option<TenantContext>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id AS tenant_id, '00000000-0000-0000-0000-000000000000'::uuid AS key_id,
-                default_country, default_locale, timezone
-         FROM tenants WHERE id = $1",
+    sqlx::query_as!(
+        TenantContext,
+        r#"SELECT id AS "id: TenantId", '00000000-0000-0000-0000-000000000000'::uuid AS "key_id!",
+                  default_country, default_locale, timezone
+           FROM tenants WHERE id = $1"#,
+        tenant.0
     )
-    .bind(tenant)
     .fetch_optional(conn)
     .await
 }
