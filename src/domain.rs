@@ -2,6 +2,7 @@
 //! capabilities speak. It sits below every capability folder and imports none of them, so a
 //! type two folders both need lives here rather than in one of them.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -189,6 +190,58 @@ impl<'de> Deserialize<'de> for ConsentInput {
     }
 }
 
+/// A consent as stored: the decision, and when and where it was given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Consent {
+    pub status: ConsentStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// A contact's consents, per channel and purpose, stored and shown as
+/// `{"email": {"marketing": {"status": "opted_in", "at": ..., "source": ...}}}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Consents(BTreeMap<Channel, BTreeMap<Purpose, Consent>>);
+
+impl Consents {
+    pub fn get(&self, channel: Channel, purpose: Purpose) -> Option<&Consent> {
+        self.0.get(&channel).and_then(|p| p.get(&purpose))
+    }
+
+    pub fn status(&self, channel: Channel, purpose: Purpose) -> Option<ConsentStatus> {
+        self.get(channel, purpose).map(|c| c.status)
+    }
+
+    /// Records a decision given `at` (unless the input says when) from `source` (unless the
+    /// input says where). The same status again with no time or source of its own changes
+    /// nothing: false.
+    pub fn record(
+        &mut self,
+        channel: Channel,
+        purpose: Purpose,
+        input: &ConsentInput,
+        at: DateTime<Utc>,
+        source: &str,
+    ) -> bool {
+        let same = self.status(channel, purpose) == Some(input.status);
+        if same && input.at.is_none() && input.source.is_none() {
+            return false;
+        }
+        self.0.entry(channel).or_default().insert(
+            purpose,
+            Consent {
+                status: input.status,
+                at: Some(input.at.unwrap_or(at)),
+                source: Some(input.source.clone().unwrap_or_else(|| source.to_owned())),
+            },
+        );
+        true
+    }
+}
+
 /// A field of a partial update: absent (unchanged), `null` (cleared) or a value.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub enum Patch<T> {
@@ -312,5 +365,38 @@ mod tests {
         }
         assert!(backoff(1, Some(Duration::from_secs(120))) >= Duration::from_secs(120));
         assert!(backoff(1, Some(Duration::from_secs(10 * 24 * 3600))) <= MAX_RETRY_AFTER);
+    }
+
+    #[test]
+    fn consents_keep_their_stored_shape_and_record_only_changes() {
+        let stored = serde_json::json!({"email": {"marketing": {"status": "opted_in",
+            "at": "2026-11-01T10:00:00Z", "source": "checkout"}}});
+        let mut consents: Consents = serde_json::from_value(stored.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&consents).unwrap(), stored);
+        let at: DateTime<Utc> = "2026-12-01T00:00:00Z".parse().unwrap();
+        let again = ConsentInput {
+            status: ConsentStatus::OptedIn,
+            source: None,
+            at: None,
+        };
+        assert!(!consents.record(Channel::Email, Purpose::Marketing, &again, at, "api"));
+        let out = ConsentInput {
+            status: ConsentStatus::OptedOut,
+            ..again
+        };
+        assert!(consents.record(Channel::Sms, Purpose::Marketing, &out, at, "api"));
+        assert_eq!(
+            consents.status(Channel::Sms, Purpose::Marketing),
+            Some(ConsentStatus::OptedOut)
+        );
+        assert_eq!(
+            consents
+                .get(Channel::Sms, Purpose::Marketing)
+                .unwrap()
+                .source
+                .as_deref(),
+            Some("api")
+        );
+        assert_eq!(consents.status(Channel::Viber, Purpose::Marketing), None);
     }
 }

@@ -16,9 +16,10 @@ use super::model::{
 use super::store;
 use crate::AppState;
 use crate::domain::TenantContext;
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson, parse_json};
 use crate::http::pagination::{Page, decode_id_cursor, encode_id_cursor, paginate};
+use crate::http::problems::ProblemResponse;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -66,7 +67,7 @@ pub struct JourneyFilter {
 #[utoipa::path(post, path = "/v1/campaigns", tag = "campaigns", security(("api_key" = [])),
     request_body = Definition,
     responses((status = 201, body = Campaign),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+              (status = 422, response = ProblemResponse)))]
 async fn create_campaign(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -102,7 +103,7 @@ async fn list_campaigns(
 /// Get a campaign with its current definition.
 #[utoipa::path(get, path = "/v1/campaigns/{id}", tag = "campaigns", security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Campaign id")),
-    responses((status = 200, body = Campaign), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Campaign), (status = 404, response = ProblemResponse)))]
 async fn get_campaign(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -120,9 +121,9 @@ async fn get_campaign(
 /// on.
 #[utoipa::path(patch, path = "/v1/campaigns/{id}", tag = "campaigns", security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Campaign id")), request_body = Definition,
-    responses((status = 200, body = Campaign), (status = 404, body = Problem, content_type = "application/problem+json"),
-              (status = 409, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Campaign), (status = 404, response = ProblemResponse),
+              (status = 409, response = ProblemResponse),
+              (status = 422, response = ProblemResponse)))]
 async fn update_campaign(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -177,8 +178,8 @@ async fn change_status(
 /// activation is not retroactive.
 #[utoipa::path(post, path = "/v1/campaigns/{id}/activate", tag = "campaigns", security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Campaign id")),
-    responses((status = 200, body = Campaign), (status = 404, body = Problem, content_type = "application/problem+json"),
-              (status = 409, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Campaign), (status = 404, response = ProblemResponse),
+              (status = 409, response = ProblemResponse)))]
 async fn activate(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -191,8 +192,8 @@ async fn activate(
 /// and go on when the campaign is activated again.
 #[utoipa::path(post, path = "/v1/campaigns/{id}/pause", tag = "campaigns", security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Campaign id")),
-    responses((status = 200, body = Campaign), (status = 404, body = Problem, content_type = "application/problem+json"),
-              (status = 409, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Campaign), (status = 404, response = ProblemResponse),
+              (status = 409, response = ProblemResponse)))]
 async fn pause(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -204,7 +205,7 @@ async fn pause(
 /// End a campaign for good: running journeys exit with reason `campaign_archived`.
 #[utoipa::path(post, path = "/v1/campaigns/{id}/archive", tag = "campaigns", security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Campaign id")),
-    responses((status = 200, body = Campaign), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Campaign), (status = 404, response = ProblemResponse)))]
 async fn archive(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -217,7 +218,7 @@ async fn archive(
 /// sent per channel, delivered, opened, clicked, failed, and suppressed per reason.
 #[utoipa::path(get, path = "/v1/campaigns/{id}/stats", tag = "campaigns", security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Campaign id")),
-    responses((status = 200, body = CampaignStats), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = CampaignStats), (status = 404, response = ProblemResponse)))]
 async fn stats(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -233,7 +234,7 @@ async fn stats(
 /// A campaign's journeys, newest first: where each contact stands and why it ended.
 #[utoipa::path(get, path = "/v1/campaigns/{id}/journeys", tag = "campaigns", security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Campaign id"), JourneyFilter),
-    responses((status = 200, body = Page<JourneyView>), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Page<JourneyView>), (status = 404, response = ProblemResponse)))]
 async fn journeys(
     tenant: TenantContext,
     State(state): State<AppState>,

@@ -10,9 +10,10 @@ use super::settings::{self, ChannelConfig, ChannelInput};
 use crate::AppState;
 use crate::domain::Channel;
 use crate::domain::TenantContext;
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{ApiPath, ValidJson};
 use crate::http::pagination::Page;
+use crate::http::problems::ProblemResponse;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -35,8 +36,8 @@ fn channel(raw: &str) -> ApiResult<Channel> {
     params(("channel" = String, Path, description = "email, sms or viber")),
     request_body = ChannelInput,
     responses((status = 200, body = ChannelConfig),
-              (status = 404, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+              (status = 404, response = ProblemResponse),
+              (status = 422, response = ProblemResponse)))]
 async fn put_channel(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -62,7 +63,7 @@ async fn put_channel(
 #[utoipa::path(get, path = "/v1/channels/{channel}", tag = "channels",
     security(("api_key" = [])),
     params(("channel" = String, Path, description = "email, sms or viber")),
-    responses((status = 200, body = ChannelConfig), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = ChannelConfig), (status = 404, response = ProblemResponse)))]
 async fn get_channel(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -96,7 +97,7 @@ async fn list_channels(
 #[utoipa::path(delete, path = "/v1/channels/{channel}", tag = "channels",
     security(("api_key" = [])),
     params(("channel" = String, Path, description = "email, sms or viber")),
-    responses((status = 204, description = "Removed"), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 204, description = "Removed"), (status = 404, response = ProblemResponse)))]
 async fn delete_channel(
     tenant: TenantContext,
     State(state): State<AppState>,

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::domain::{Channel, ConsentInput, Patch, Purpose};
+use crate::domain::{Channel, ConsentInput, Consents, Patch, Purpose};
 use crate::validate::{self, Errors, FieldError};
 
 /// A customer of a tenant.
@@ -36,7 +36,8 @@ pub struct Contact {
     pub attributes: Value,
     /// Per channel and purpose: `{"email": {"marketing": {"status": "opted_in", "at": ..., "source": ...}}}`.
     #[schema(value_type = Object)]
-    pub consents: Value,
+    #[sqlx(json)]
+    pub consents: Consents,
     /// How many events of each type the contact has: `{"purchase.completed": 2}`.
     #[schema(value_type = Object, example = json!({"purchase.completed": 2}))]
     pub stats: Value,
@@ -303,7 +304,8 @@ pub struct ContactFields {
     pub birthday: Option<NaiveDate>,
     pub owner_agent_id: Option<Uuid>,
     pub attributes: Value,
-    pub consents: Value,
+    #[sqlx(json)]
+    pub consents: Consents,
 }
 
 /// One changed field: `{"old": ..., "new": ...}` in `contact.updated` events.

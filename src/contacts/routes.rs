@@ -17,7 +17,7 @@ use super::store::{self, ListFilter, Upserted};
 use crate::AppState;
 use crate::domain::TenantContext;
 use crate::error::StoreError;
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult};
 use crate::events::model::{Event, TimelineParams};
 use crate::events::store as events;
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
@@ -25,6 +25,7 @@ use crate::http::pagination::{
     Page, PageParams, decode_id_cursor, decode_time_cursor, encode_id_cursor, encode_time_cursor,
     paginate,
 };
+use crate::http::problems::ProblemResponse;
 use crate::validate::{self, Invalid};
 
 /// Most contacts a batch may carry.
@@ -49,7 +50,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     responses(
         (status = 201, description = "Created", body = Contact),
         (status = 200, description = "Updated (or unchanged)", body = Contact),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 422, response = ProblemResponse),
     ))]
 async fn upsert_contact(
     tenant: TenantContext,
@@ -86,7 +87,7 @@ async fn upsert_contact(
     security(("api_key" = [])),
     request_body = ContactBatch,
     responses((status = 200, description = "Per-item results, in request order", body = ContactBatchResult),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+              (status = 422, response = ProblemResponse)))]
 async fn batch_upsert(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -183,7 +184,7 @@ fn accepted(index: usize, status: ItemStatus, contact: Contact) -> ContactBatchI
 #[utoipa::path(get, path = "/v1/contacts/{id}", tag = "contacts",
     security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Contact id")),
-    responses((status = 200, body = Contact), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Contact), (status = 404, response = ProblemResponse)))]
 async fn get_contact(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -216,7 +217,7 @@ pub fn contact_not_found(id: Uuid) -> ApiError {
 #[utoipa::path(get, path = "/v1/contacts", tag = "contacts",
     security(("api_key" = [])),
     params(ContactFilter),
-    responses((status = 200, body = Page<Contact>), (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Page<Contact>), (status = 422, response = ProblemResponse)))]
 async fn list_contacts(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -255,7 +256,7 @@ async fn list_contacts(
 #[utoipa::path(delete, path = "/v1/contacts/{id}", tag = "contacts",
     security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Contact id")),
-    responses((status = 204, description = "Erased"), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 204, description = "Erased"), (status = 404, response = ProblemResponse)))]
 async fn erase_contact(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -292,7 +293,7 @@ async fn erase_contact(
 #[utoipa::path(get, path = "/v1/contacts/{id}/timeline", tag = "contacts",
     security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Contact id"), TimelineParams),
-    responses((status = 200, body = Page<Event>), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Page<Event>), (status = 404, response = ProblemResponse)))]
 async fn timeline(
     tenant: TenantContext,
     State(state): State<AppState>,

@@ -194,7 +194,6 @@ impl ContactFields {
     fn empty() -> Self {
         ContactFields {
             attributes: Value::Object(Map::new()),
-            consents: Value::Object(Map::new()),
             ..Default::default()
         }
     }
@@ -262,7 +261,7 @@ fn bind_fields<'q>(
         .bind(f.birthday)
         .bind(f.owner_agent_id)
         .bind(&f.attributes)
-        .bind(&f.consents)
+        .bind(sqlx::types::Json(&f.consents))
 }
 
 /// The fields after applying `changes` to `current`; the phone is normalised with the
@@ -293,30 +292,10 @@ fn merge(
             attributes.insert(key.clone(), value.clone());
         }
     }
-    let mut consents = current.consents.as_object().cloned().unwrap_or_default();
+    let mut consents = current.consents.clone();
+    let now = Utc::now();
     for (channel, purpose, input) in &changes.consents {
-        let per_channel = consents
-            .entry(channel.as_str())
-            .or_insert_with(|| Value::Object(Map::new()));
-        let Some(per_channel) = per_channel.as_object_mut() else {
-            continue;
-        };
-        let same_status = per_channel
-            .get(purpose.as_str())
-            .and_then(|c| c.get("status"))
-            .and_then(Value::as_str)
-            == Some(input.status.as_str());
-        if same_status && input.at.is_none() && input.source.is_none() {
-            continue;
-        }
-        per_channel.insert(
-            purpose.as_str().to_owned(),
-            json!({
-                "status": input.status.as_str(),
-                "at": input.at.unwrap_or_else(Utc::now),
-                "source": input.source.clone().unwrap_or_else(|| "api".to_owned()),
-            }),
-        );
+        consents.record(*channel, *purpose, input, now, "api");
     }
     Ok(ContactFields {
         email: changes.email.apply(current.email.clone()),
@@ -330,7 +309,7 @@ fn merge(
         birthday: changes.birthday.apply(current.birthday),
         owner_agent_id: changes.owner_agent_id.apply(current.owner_agent_id),
         attributes: Value::Object(attributes),
-        consents: Value::Object(consents),
+        consents,
     })
 }
 
@@ -372,22 +351,15 @@ fn diff(old: &ContactFields, new: &ContactFields) -> Map<String, Value> {
             );
         }
     }
-    let status = |consents: &Value, channel: &str, purpose: &str| {
-        consents
-            .get(channel)
-            .and_then(|c| c.get(purpose))
-            .and_then(|c| c.get("status"))
-            .cloned()
-            .unwrap_or(Value::Null)
-    };
-    for channel in ["email", "sms", "viber"] {
-        for purpose in ["marketing", "transactional"] {
+    for channel in [Channel::Email, Channel::Sms, Channel::Viber] {
+        for purpose in [Purpose::Marketing, Purpose::Transactional] {
             let (a, b) = (
-                status(&old.consents, channel, purpose),
-                status(&new.consents, channel, purpose),
+                old.consents.status(channel, purpose),
+                new.consents.status(channel, purpose),
             );
             if a != b {
-                out.insert(format!("consents.{channel}.{purpose}"), change(a, b));
+                let name = format!("consents.{}.{}", channel.as_str(), purpose.as_str());
+                out.insert(name, change(json!(a), json!(b)));
             }
         }
     }

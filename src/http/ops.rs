@@ -9,8 +9,9 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::problems::ProblemResponse;
 use crate::AppState;
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -92,7 +93,7 @@ async fn healthz() -> Json<Health> {
 
 /// Readiness: the database answers and every migration is applied.
 #[utoipa::path(get, path = "/readyz", tag = "ops",
-    responses((status = 200, body = Health), (status = 503, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Health), (status = 503, response = ProblemResponse)))]
 async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
     let mut conn = state
         .pool
@@ -113,7 +114,7 @@ async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
 /// Prometheus metrics; behind a bearer token when `metrics_token` is set.
 #[utoipa::path(get, path = "/metrics", tag = "ops",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain"),
-              (status = 401, body = Problem, content_type = "application/problem+json")))]
+              (status = 401, response = ProblemResponse)))]
 async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
     if let Some(expected) = state.config.metrics_token.as_ref().map(|t| t.expose()) {
         let given = headers

@@ -12,6 +12,16 @@ use utoipa::openapi::{Components, ContentBuilder, OpenApi, Ref, RefOr, Response,
 /// The name of the shared response under `components.responses`.
 const PROBLEM: &str = "Problem";
 
+/// The shared problem+json response, for a route to name a status particular to it:
+/// `(status = 404, response = ProblemResponse)` refers to the one declaration.
+pub struct ProblemResponse;
+
+impl<'s> utoipa::ToResponse<'s> for ProblemResponse {
+    fn response() -> (&'s str, RefOr<Response>) {
+        (PROBLEM, RefOr::T(problem_response()))
+    }
+}
+
 /// Adds the shared error answers to every operation (see the module's doc).
 pub struct CommonProblems;
 

@@ -9,12 +9,13 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::domain::TenantContext;
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult};
 use crate::events::model::{
     Accepted, Event, EventBatch, EventBatchItem, EventBatchResult, EventItemStatus, NewEvent,
 };
 use crate::events::store;
 use crate::http::extract::{ApiPath, ValidJson};
+use crate::http::problems::ProblemResponse;
 use crate::ingest::{self, FieldPrefix, MAX_BATCH, Outcome};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -29,7 +30,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     security(("api_key" = [])),
     request_body = NewEvent,
     responses((status = 202, description = "Recorded (or a duplicate of a recorded event)", body = Accepted),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+              (status = 422, response = ProblemResponse)))]
 async fn create_event(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -52,7 +53,7 @@ async fn create_event(
     security(("api_key" = [])),
     request_body = EventBatch,
     responses((status = 202, description = "Per-item results, in request order", body = EventBatchResult),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+              (status = 422, response = ProblemResponse)))]
 async fn create_events(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -113,7 +114,7 @@ async fn create_events(
 #[utoipa::path(get, path = "/v1/events/{id}", tag = "events",
     security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Event id")),
-    responses((status = 200, body = Event), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Event), (status = 404, response = ProblemResponse)))]
 async fn get_event(
     tenant: TenantContext,
     State(state): State<AppState>,

@@ -51,10 +51,25 @@ pub struct Attempt {
     pub provider: String,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
-    /// `sent`, `retry` or `failed`.
-    pub outcome: String,
+    pub outcome: AttemptResult,
     pub detail: Option<String>,
     pub provider_message_id: Option<String>,
+}
+
+/// How one attempt ended, as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum AttemptResult {
+    /// The provider accepted the message.
+    Sent,
+    /// A transient error; the message was queued again.
+    Retry,
+    /// A permanent error, or the last attempt.
+    Failed,
+    /// The worker stopped before recording an outcome (its lease expired); the provider may
+    /// have accepted the message.
+    Lost,
 }
 
 /// A message with its attempts and its history (the `message.*` events about it).

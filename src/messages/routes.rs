@@ -13,11 +13,12 @@ use super::store;
 use crate::AppState;
 use crate::contacts::store as contacts;
 use crate::domain::TenantContext;
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult};
 use crate::events::store as events;
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
 use crate::http::idempotency::{self, Claimed, Recorded};
 use crate::http::pagination::{Page, PageParams, decode_id_cursor, encode_id_cursor, paginate};
+use crate::http::problems::ProblemResponse;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -31,7 +32,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     security(("api_key" = [])),
     request_body = NewMessage,
     responses((status = 202, description = "Queued, or suppressed with a reason", body = Message),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+              (status = 422, response = ProblemResponse)))]
 async fn send_message(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -108,7 +109,7 @@ async fn list_messages(
 #[utoipa::path(get, path = "/v1/messages/{id}", tag = "messages",
     security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Message id")),
-    responses((status = 200, body = MessageDetail), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = MessageDetail), (status = 404, response = ProblemResponse)))]
 async fn get_message(
     tenant: TenantContext,
     State(state): State<AppState>,

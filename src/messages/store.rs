@@ -9,11 +9,11 @@ use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::model::{Attempt, Compose, Message};
+use super::model::{Attempt, AttemptResult, Compose, Message};
 use crate::channels::Receipt;
 use crate::contacts::model::Contact;
 use crate::contacts::store as contacts;
-use crate::domain::{Channel, Purpose, kinds};
+use crate::domain::{Channel, ConsentStatus, Purpose, kinds};
 use crate::domain::{TenantContext, TenantId};
 use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
@@ -84,16 +84,10 @@ pub fn consent_refusal(
     channel: Channel,
     purpose: Purpose,
 ) -> Option<&'static str> {
-    let status = contact
-        .consents
-        .get(channel.as_str())
-        .and_then(|c| c.get(purpose.as_str()))
-        .and_then(|c| c.get("status"))
-        .and_then(Value::as_str);
-    match (purpose, status) {
-        (Purpose::Marketing, Some("opted_in")) => None,
+    match (purpose, contact.consents.status(channel, purpose)) {
+        (Purpose::Marketing, Some(ConsentStatus::OptedIn)) => None,
         (Purpose::Marketing, _) => Some("no_consent"),
-        (Purpose::Transactional, Some("opted_out")) => Some("opted_out"),
+        (Purpose::Transactional, Some(ConsentStatus::OptedOut)) => Some("opted_out"),
         (Purpose::Transactional, _) => None,
     }
 }
@@ -730,10 +724,10 @@ pub async fn record_attempt_in(
     started_at: DateTime<Utc>,
     outcome: &AttemptOutcome,
 ) -> Result<bool, sqlx::Error> {
-    let (outcome_name, detail, provider_id) = match outcome {
-        AttemptOutcome::Sent(r) => ("sent", None, r.provider_message_id.clone()),
-        AttemptOutcome::Retry { reason, .. } => ("retry", Some(reason.clone()), None),
-        AttemptOutcome::Failed { reason } => ("failed", Some(reason.clone()), None),
+    let (result, detail, provider_id) = match outcome {
+        AttemptOutcome::Sent(r) => (AttemptResult::Sent, None, r.provider_message_id.clone()),
+        AttemptOutcome::Retry { reason, .. } => (AttemptResult::Retry, Some(reason.clone()), None),
+        AttemptOutcome::Failed { reason } => (AttemptResult::Failed, Some(reason.clone()), None),
     };
     let updated = match outcome {
         AttemptOutcome::Sent(r) => {
@@ -794,7 +788,7 @@ pub async fn record_attempt_in(
     .bind(m.attempts)
     .bind(provider)
     .bind(started_at)
-    .bind(outcome_name)
+    .bind(result)
     .bind(&detail)
     .bind(&provider_id)
     .execute(&mut *tx)

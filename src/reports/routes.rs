@@ -11,8 +11,9 @@ use utoipa_axum::routes;
 use super::store::{self, CsatRow, GroupBy, SupportRow};
 use crate::AppState;
 use crate::domain::TenantContext;
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult};
 use crate::http::extract::ApiQuery;
+use crate::http::problems::ProblemResponse;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -93,7 +94,7 @@ fn name(g: GroupBy) -> String {
 /// CSAT by agent, country, channel or week: count, average, distribution 1-5, CSAT % (share of
 /// 4 and 5) and response rate (solved tickets rated through the survey).
 #[utoipa::path(get, path = "/v1/reports/csat", tag = "reports", security(("api_key" = [])), params(ReportParams),
-    responses((status = 200, body = Report<CsatRow>), (status = 400, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Report<CsatRow>), (status = 400, response = ProblemResponse)))]
 async fn csat_report(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -113,7 +114,7 @@ async fn csat_report(
 /// Support KPIs by agent, country, channel or week: created, solved, median and p90 first
 /// response and resolution times (seconds), open backlog.
 #[utoipa::path(get, path = "/v1/reports/support", tag = "reports", security(("api_key" = [])), params(ReportParams),
-    responses((status = 200, body = Report<SupportRow>), (status = 400, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Report<SupportRow>), (status = 400, response = ProblemResponse)))]
 async fn support_report(
     tenant: TenantContext,
     State(state): State<AppState>,

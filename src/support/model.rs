@@ -265,11 +265,10 @@ pub struct Ticket {
 }
 
 /// A message on a ticket.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct TicketMessage {
     pub id: Uuid,
-    /// `agent` or `contact`.
-    pub author: String,
+    pub author: MessageAuthor,
     pub agent_id: Option<Uuid>,
     pub body: String,
     /// Internal notes are never shown to the customer.
@@ -313,6 +312,17 @@ pub struct TicketPatch {
     #[serde(default)]
     #[schema(value_type = Option<String>)]
     pub category: Patch<String>,
+}
+
+/// Who wrote a stored ticket message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum MessageAuthor {
+    /// The customer.
+    Contact,
+    /// An agent (`agent_id` says which).
+    Agent,
 }
 
 /// Who writes a ticket message: an agent (`{"agent_id": ...}`) or the customer (`"contact"`).

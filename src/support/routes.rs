@@ -9,9 +9,9 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::model::{
-    Agent, AgentInput, Author, ContactCard, NewTicket, NewTicketMessage, RenderSnippet,
-    RenderedSnippet, Snippet, SnippetInput, Status, TenantSettings, Ticket, TicketDetail,
-    TicketFilter, TicketMessage, TicketPatch,
+    Agent, AgentInput, Author, ContactCard, MessageAuthor, NewTicket, NewTicketMessage,
+    RenderSnippet, RenderedSnippet, Snippet, SnippetInput, Status, TenantSettings, Ticket,
+    TicketDetail, TicketFilter, TicketMessage, TicketPatch,
 };
 use super::store::{self, CardOf, NewTicketRow};
 use crate::AppState;
@@ -27,6 +27,7 @@ use crate::http::pagination::{
     Page, PageParams, decode_id_cursor, decode_key_cursor, encode_id_cursor, encode_key_cursor,
     paginate,
 };
+use crate::http::problems::ProblemResponse;
 use crate::messages::model::Compose;
 use crate::messages::store as messages;
 use crate::templates::model::validate_key;
@@ -61,8 +62,8 @@ fn ticket_not_found(id: Uuid) -> ApiError {
 /// Create an agent; waiting tickets the agent can take are assigned at once.
 #[utoipa::path(post, path = "/v1/agents", tag = "support", security(("api_key" = [])),
     request_body = AgentInput,
-    responses((status = 201, body = Agent), (status = 409, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 201, body = Agent), (status = 409, response = ProblemResponse),
+              (status = 422, response = ProblemResponse)))]
 async fn create_agent(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -99,7 +100,7 @@ async fn list_agents(
 /// Get an agent, with the number of open tickets assigned.
 #[utoipa::path(get, path = "/v1/agents/{id}", tag = "support", security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Agent id")),
-    responses((status = 200, body = Agent), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Agent), (status = 404, response = ProblemResponse)))]
 async fn get_agent(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -115,8 +116,8 @@ async fn get_agent(
 /// Change an agent. Activating an agent or raising its capacity assigns waiting tickets.
 #[utoipa::path(patch, path = "/v1/agents/{id}", tag = "support", security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Agent id")), request_body = AgentInput,
-    responses((status = 200, body = Agent), (status = 404, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Agent), (status = 404, response = ProblemResponse),
+              (status = 422, response = ProblemResponse)))]
 async fn update_agent(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -183,7 +184,7 @@ async fn notify_customer(
 /// `ticket_acknowledgement` template (when the tenant has one).
 #[utoipa::path(post, path = "/v1/tickets", tag = "support", security(("api_key" = [])),
     request_body = NewTicket,
-    responses((status = 201, body = TicketDetail), (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 201, body = TicketDetail), (status = 422, response = ProblemResponse)))]
 async fn create_ticket(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -276,7 +277,7 @@ async fn list_tickets(
 /// Get a ticket with its messages.
 #[utoipa::path(get, path = "/v1/tickets/{id}", tag = "support", security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Ticket id")),
-    responses((status = 200, body = TicketDetail), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = TicketDetail), (status = 404, response = ProblemResponse)))]
 async fn get_ticket(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -295,9 +296,9 @@ async fn get_ticket(
 /// frees the agent's capacity for waiting tickets.
 #[utoipa::path(patch, path = "/v1/tickets/{id}", tag = "support", security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Ticket id")), request_body = TicketPatch,
-    responses((status = 200, body = TicketDetail), (status = 404, body = Problem, content_type = "application/problem+json"),
+    responses((status = 200, body = TicketDetail), (status = 404, response = ProblemResponse),
               (status = 409, description = "Illegal status transition", body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+              (status = 422, response = ProblemResponse)))]
 async fn update_ticket(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -403,9 +404,9 @@ async fn update_ticket(
 /// agent reply sets `first_response_at`; a customer reply reopens a pending or solved ticket.
 #[utoipa::path(post, path = "/v1/tickets/{id}/messages", tag = "support", security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Ticket id")), request_body = NewTicketMessage,
-    responses((status = 201, body = TicketMessage), (status = 404, body = Problem, content_type = "application/problem+json"),
-              (status = 409, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 201, body = TicketMessage), (status = 404, response = ProblemResponse),
+              (status = 409, response = ProblemResponse),
+              (status = 422, response = ProblemResponse)))]
 async fn add_message(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -438,7 +439,7 @@ async fn add_message(
                 &mut tx,
                 tenant.id,
                 id,
-                "agent",
+                MessageAuthor::Agent,
                 Some(agent_id),
                 &text,
                 body.internal,
@@ -468,8 +469,16 @@ async fn add_message(
                     "only agents write internal notes",
                 ));
             }
-            let m = store::insert_message(&mut tx, tenant.id, id, "contact", None, &text, false)
-                .await?;
+            let m = store::insert_message(
+                &mut tx,
+                tenant.id,
+                id,
+                MessageAuthor::Contact,
+                None,
+                &text,
+                false,
+            )
+            .await?;
             if matches!(status, Status::Pending | Status::Solved) {
                 store::change_status(&mut tx, tenant.id, &ticket, Status::Open).await?;
                 if ticket.assignee_id.is_none() {
@@ -497,7 +506,7 @@ async fn get_settings(
 /// Replace the tenant's settings.
 #[utoipa::path(put, path = "/v1/settings", tag = "support", security(("api_key" = [])),
     request_body = TenantSettings,
-    responses((status = 200, body = TenantSettings), (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = TenantSettings), (status = 422, response = ProblemResponse)))]
 async fn put_settings(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -517,7 +526,7 @@ fn snippet_not_found(key: &str) -> ApiError {
 #[utoipa::path(put, path = "/v1/snippets/{key}", tag = "support", security(("api_key" = [])),
     params(("key" = String, Path, description = "Snippet key")), request_body = SnippetInput,
     responses((status = 201, body = Snippet), (status = 200, body = Snippet),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+              (status = 422, response = ProblemResponse)))]
 async fn put_snippet(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -549,7 +558,7 @@ async fn put_snippet(
 /// Get a snippet.
 #[utoipa::path(get, path = "/v1/snippets/{key}", tag = "support", security(("api_key" = [])),
     params(("key" = String, Path, description = "Snippet key")),
-    responses((status = 200, body = Snippet), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Snippet), (status = 404, response = ProblemResponse)))]
 async fn get_snippet(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -579,8 +588,8 @@ async fn list_snippets(
 /// `tenant`; a missing variable is a 422, never a blank.
 #[utoipa::path(post, path = "/v1/snippets/{key}/render", tag = "support", security(("api_key" = [])),
     params(("key" = String, Path, description = "Snippet key")), request_body = RenderSnippet,
-    responses((status = 200, body = RenderedSnippet), (status = 404, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = RenderedSnippet), (status = 404, response = ProblemResponse),
+              (status = 422, response = ProblemResponse)))]
 async fn render_snippet(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -622,8 +631,8 @@ async fn render_snippet(
 #[utoipa::path(get, path = "/v1/contacts/lookup", tag = "contacts",
     security(("api_key" = [])),
     params(LookupParams),
-    responses((status = 200, body = ContactCard), (status = 404, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = ContactCard), (status = 404, response = ProblemResponse),
+              (status = 422, response = ProblemResponse)))]
 async fn lookup(
     tenant: TenantContext,
     State(state): State<AppState>,

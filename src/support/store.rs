@@ -10,8 +10,8 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::model::{
-    Agent, AgentChanges, ContactCard, OPEN_TICKET_STATUSES, Snippet, Status, TenantSettings,
-    Ticket, TicketMessage, open_ticket_statuses,
+    Agent, AgentChanges, ContactCard, MessageAuthor, OPEN_TICKET_STATUSES, Snippet, Status,
+    TenantSettings, Ticket, TicketMessage, open_ticket_statuses,
 };
 use crate::contacts::model::Contact;
 use crate::contacts::store as contacts;
@@ -404,7 +404,16 @@ pub async fn create_ticket(
     )
     .execute(&mut *conn)
     .await?;
-    insert_message(conn, tenant.id, id, "contact", None, t.body, false).await?;
+    insert_message(
+        conn,
+        tenant.id,
+        id,
+        MessageAuthor::Contact,
+        None,
+        t.body,
+        false,
+    )
+    .await?;
     events::emit_about(
         conn,
         tenant.id,
@@ -430,23 +439,24 @@ pub async fn insert_message(
     conn: &mut PgConnection,
     tenant: TenantId,
     ticket: Uuid,
-    author: &str,
+    author: MessageAuthor,
     agent_id: Option<Uuid>,
     body: &str,
     internal: bool,
 ) -> StoreResult<TicketMessage> {
-    Ok(sqlx::query_as(
-        "INSERT INTO ticket_messages (tenant_id, id, ticket_id, author, agent_id, body, internal)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
-         RETURNING id, author, agent_id, body, internal, created_at",
+    Ok(sqlx::query_as!(
+        TicketMessage,
+        r#"INSERT INTO ticket_messages (tenant_id, id, ticket_id, author, agent_id, body, internal)
+           VALUES ($1, $2, $3, $4, $5, $6, $7)
+           RETURNING id, author AS "author: MessageAuthor", agent_id, body, internal, created_at"#,
+        tenant.0,
+        Uuid::now_v7(),
+        ticket,
+        author as MessageAuthor,
+        agent_id,
+        body,
+        internal
     )
-    .bind(tenant)
-    .bind(Uuid::now_v7())
-    .bind(ticket)
-    .bind(author)
-    .bind(agent_id)
-    .bind(body)
-    .bind(internal)
     .fetch_one(conn)
     .await?)
 }
@@ -484,12 +494,14 @@ pub async fn messages(
     tenant: TenantId,
     ticket: Uuid,
 ) -> StoreResult<Vec<TicketMessage>> {
-    Ok(sqlx::query_as(
-        "SELECT id, author, agent_id, body, internal, created_at FROM ticket_messages
-         WHERE tenant_id = $1 AND ticket_id = $2 ORDER BY created_at, id",
+    Ok(sqlx::query_as!(
+        TicketMessage,
+        r#"SELECT id, author AS "author: MessageAuthor", agent_id, body, internal, created_at
+           FROM ticket_messages
+           WHERE tenant_id = $1 AND ticket_id = $2 ORDER BY created_at, id"#,
+        tenant.0,
+        ticket
     )
-    .bind(tenant)
-    .bind(ticket)
     .fetch_all(conn)
     .await?)
 }

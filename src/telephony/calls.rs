@@ -12,6 +12,7 @@ use crate::contacts::store as contacts;
 use crate::domain::{TenantContext, TenantId, kinds};
 use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
+use crate::support::model::MessageAuthor;
 use crate::support::store as support;
 use crate::validate;
 
@@ -209,7 +210,16 @@ async fn open_callback_ticket(
     let existing = support::lock_open_ticket(conn, tenant.id, contact, "phone").await?;
     let ticket = match existing {
         Some(id) => {
-            support::insert_message(conn, tenant.id, id, "contact", None, &note, false).await?;
+            support::insert_message(
+                conn,
+                tenant.id,
+                id,
+                MessageAuthor::Contact,
+                None,
+                &note,
+                false,
+            )
+            .await?;
             id
         }
         None => {

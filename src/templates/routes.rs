@@ -15,9 +15,10 @@ use crate::AppState;
 use crate::contacts::routes::contact_not_found;
 use crate::contacts::store as contacts;
 use crate::domain::TenantContext;
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
 use crate::http::pagination::{Page, PageParams, decode_key_cursor, encode_key_cursor, paginate};
+use crate::http::problems::ProblemResponse;
 use crate::tenants::store as tenants;
 use crate::validate;
 
@@ -43,7 +44,7 @@ fn template_not_found(key: &str) -> ApiError {
     request_body = TemplateInput,
     responses((status = 201, description = "Created", body = Template),
               (status = 200, description = "Replaced", body = Template),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+              (status = 422, response = ProblemResponse)))]
 async fn put_template(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -68,7 +69,7 @@ async fn put_template(
 #[utoipa::path(get, path = "/v1/templates/{key}", tag = "templates",
     security(("api_key" = [])),
     params(("key" = String, Path, description = "Template key")),
-    responses((status = 200, body = Template), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Template), (status = 404, response = ProblemResponse)))]
 async fn get_template(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -104,8 +105,8 @@ async fn list_templates(
     params(("key" = String, Path, description = "Template key")),
     request_body = PreviewRequest,
     responses((status = 200, body = Rendered),
-              (status = 404, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+              (status = 404, response = ProblemResponse),
+              (status = 422, response = ProblemResponse)))]
 async fn preview(
     tenant: TenantContext,
     State(state): State<AppState>,

@@ -16,6 +16,7 @@ use crate::domain::TenantId;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
 use crate::http::pagination::{Page, PageParams, decode_id_cursor, encode_id_cursor, paginate};
+use crate::http::problems::ProblemResponse;
 use crate::validate;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -33,7 +34,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     responses(
         (status = 201, body = Tenant),
         (status = 409, description = "The slug is taken", body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 422, response = ProblemResponse),
     ))]
 async fn create_tenant(
     _: Operator,
@@ -67,7 +68,7 @@ async fn list_tenants(
 #[utoipa::path(get, path = "/admin/v1/tenants/{id}", tag = "admin",
     security(("admin_token" = [])),
     params(("id" = Uuid, Path, description = "Tenant id")),
-    responses((status = 200, body = Tenant), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Tenant), (status = 404, response = ProblemResponse)))]
 async fn get_tenant(
     _: Operator,
     State(state): State<AppState>,
@@ -89,7 +90,7 @@ fn tenant_not_found(id: Uuid) -> ApiError {
     security(("admin_token" = [])),
     params(("id" = Uuid, Path, description = "Tenant id")),
     request_body = NewApiKey,
-    responses((status = 201, body = CreatedApiKey), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 201, body = CreatedApiKey), (status = 404, response = ProblemResponse)))]
 async fn create_api_key(
     _: Operator,
     State(state): State<AppState>,
@@ -110,7 +111,7 @@ async fn create_api_key(
 #[utoipa::path(get, path = "/admin/v1/tenants/{id}/api-keys", tag = "admin",
     security(("admin_token" = [])),
     params(("id" = Uuid, Path, description = "Tenant id")),
-    responses((status = 200, body = Page<ApiKey>), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Page<ApiKey>), (status = 404, response = ProblemResponse)))]
 async fn list_api_keys(
     _: Operator,
     State(state): State<AppState>,
@@ -131,7 +132,7 @@ async fn list_api_keys(
 #[utoipa::path(delete, path = "/admin/v1/tenants/{id}/api-keys/{key_id}", tag = "admin",
     security(("admin_token" = [])),
     params(("id" = Uuid, Path, description = "Tenant id"), ("key_id" = Uuid, Path, description = "API key id")),
-    responses((status = 204, description = "Revoked"), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 204, description = "Revoked"), (status = 404, response = ProblemResponse)))]
 async fn revoke_api_key(
     _: Operator,
     State(state): State<AppState>,

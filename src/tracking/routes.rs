@@ -11,8 +11,9 @@ use crate::AppState;
 use crate::contacts::store as contacts;
 use crate::domain::TenantId;
 use crate::domain::{ConsentStatus, Purpose as ConsentPurpose};
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult};
 use crate::http::extract::ApiPath;
+use crate::http::problems::ProblemResponse;
 use crate::messages::store as messages;
 use crate::signing::Purpose;
 
@@ -62,7 +63,7 @@ async fn record_open(state: &AppState, token: &str) -> Result<(), sqlx::Error> {
 #[utoipa::path(get, path = "/t/c/{token}", tag = "tracking",
     params(("token" = String, Path, description = "Signed token")),
     responses((status = 302, description = "To the link's target"),
-              (status = 404, body = Problem, content_type = "application/problem+json")))]
+              (status = 404, response = ProblemResponse)))]
 async fn click(
     State(state): State<AppState>,
     ApiPath(token): ApiPath<String>,
@@ -98,7 +99,7 @@ async fn click(
 #[utoipa::path(get, path = "/u/{token}", tag = "tracking",
     params(("token" = String, Path, description = "Signed token")),
     responses((status = 200, description = "HTML page", content_type = "text/html"),
-              (status = 404, body = Problem, content_type = "application/problem+json")))]
+              (status = 404, response = ProblemResponse)))]
 async fn unsubscribe_page(
     State(state): State<AppState>,
     ApiPath(token): ApiPath<String>,
@@ -121,7 +122,7 @@ async fn unsubscribe_page(
 #[utoipa::path(post, path = "/u/{token}", tag = "tracking",
     params(("token" = String, Path, description = "Signed token")),
     responses((status = 200, description = "HTML confirmation", content_type = "text/html"),
-              (status = 404, body = Problem, content_type = "application/problem+json")))]
+              (status = 404, response = ProblemResponse)))]
 async fn unsubscribe(
     State(state): State<AppState>,
     ApiPath(token): ApiPath<String>,

@@ -22,8 +22,9 @@ use crate::channels::settings::{self, Resolved};
 use crate::contacts::store as contacts;
 use crate::domain::TenantId;
 use crate::domain::{Channel, ConsentStatus, Purpose as ConsentPurpose};
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult};
 use crate::http::extract::ApiPath;
+use crate::http::problems::ProblemResponse;
 use crate::messages::store::{self as messages, DeliveryReport};
 use crate::signing::Purpose;
 
@@ -83,7 +84,7 @@ pub fn twilio_signature(auth_token: &str, url: &str, params: &[(String, String)]
     params(("tenant_id" = Uuid, Path, description = "Tenant id")),
     request_body(content = String, content_type = "application/x-www-form-urlencoded"),
     responses((status = 204, description = "Applied (or nothing to change)"),
-              (status = 401, body = Problem, content_type = "application/problem+json")))]
+              (status = 401, response = ProblemResponse)))]
 async fn twilio(
     State(state): State<AppState>,
     ApiPath(tenant_id): ApiPath<Uuid>,
@@ -164,7 +165,7 @@ struct TokenQuery {
     params(("tenant_id" = Uuid, Path, description = "Tenant id"), ("token" = String, Query, description = "The signed token of the notify URL")),
     request_body(content = Object, content_type = "application/json"),
     responses((status = 204, description = "Applied (or nothing to change)"),
-              (status = 401, body = Problem, content_type = "application/problem+json")))]
+              (status = 401, response = ProblemResponse)))]
 async fn infobip(
     State(state): State<AppState>,
     ApiPath(tenant_id): ApiPath<Uuid>,
@@ -223,7 +224,7 @@ async fn infobip(
     params(("tenant_id" = Uuid, Path, description = "Tenant id")),
     request_body(content = Object, content_type = "application/json"),
     responses((status = 200, description = "Applied (or nothing to change)"),
-              (status = 401, body = Problem, content_type = "application/problem+json")))]
+              (status = 401, response = ProblemResponse)))]
 async fn viber(
     State(state): State<AppState>,
     ApiPath(tenant_id): ApiPath<Uuid>,

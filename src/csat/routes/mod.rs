@@ -12,8 +12,9 @@ use super::store::{self, NewRating, Rating, RatingRow};
 use crate::AppState;
 use crate::contacts::store as contacts;
 use crate::domain::TenantContext;
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult};
 use crate::http::extract::ValidJson;
+use crate::http::problems::ProblemResponse;
 use crate::support::store as support;
 use crate::validate;
 
@@ -25,7 +26,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// alerts the agent by email at once; `csat.rated` goes on the contact's timeline.
 #[utoipa::path(post, path = "/v1/csat", tag = "csat", security(("api_key" = [])),
     request_body = NewRating,
-    responses((status = 201, body = Rating), (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 201, body = Rating), (status = 422, response = ProblemResponse)))]
 async fn create_rating(
     tenant: TenantContext,
     State(state): State<AppState>,

@@ -18,8 +18,9 @@ use uuid::Uuid;
 use super::integrations;
 use crate::AppState;
 use crate::domain::TenantId;
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult};
 use crate::http::extract::ApiPath;
+use crate::http::problems::ProblemResponse;
 use crate::telephony::calls;
 use crate::telephony::model::{CallDirection, CallStatus, CallUpdate};
 
@@ -120,9 +121,9 @@ pub fn update_from(event: &str, data: &Value) -> Result<CallUpdate, ApiError> {
     params(("tenant_id" = Uuid, Path, description = "Tenant id")),
     request_body(content = Object, content_type = "application/json", description = "Aircall's envelope {resource, event, timestamp, token, data}"),
     responses((status = 200, body = WebhookResult),
-              (status = 400, body = Problem, content_type = "application/problem+json"),
-              (status = 401, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+              (status = 400, response = ProblemResponse),
+              (status = 401, response = ProblemResponse),
+              (status = 422, response = ProblemResponse)))]
 async fn webhook(
     State(state): State<AppState>,
     ApiPath(tenant_id): ApiPath<Uuid>,

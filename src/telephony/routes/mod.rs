@@ -15,9 +15,10 @@ use super::model::{AircallConfig, AircallInput, Call, CallFilter, Integration};
 use super::{integrations, store};
 use crate::AppState;
 use crate::domain::TenantContext;
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
 use crate::http::pagination::{Page, PageParams, decode_id_cursor, encode_id_cursor, paginate};
+use crate::http::problems::ProblemResponse;
 use crate::validate::Errors;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -55,7 +56,7 @@ async fn list_calls(
 /// Get a call.
 #[utoipa::path(get, path = "/v1/calls/{id}", tag = "telephony", security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Call id")),
-    responses((status = 200, body = Call), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Call), (status = 404, response = ProblemResponse)))]
 async fn get_call(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -71,7 +72,7 @@ async fn get_call(
 /// Configure Aircall: the webhook token (required once) and API credentials for insight cards.
 #[utoipa::path(put, path = "/v1/integrations/aircall", tag = "telephony", security(("api_key" = [])),
     request_body = AircallInput,
-    responses((status = 200, body = AircallConfig), (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = AircallConfig), (status = 422, response = ProblemResponse)))]
 async fn put_aircall(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -138,7 +139,7 @@ async fn put_aircall(
 
 /// The Aircall settings, without secret values.
 #[utoipa::path(get, path = "/v1/integrations/aircall", tag = "telephony", security(("api_key" = [])),
-    responses((status = 200, body = AircallConfig), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = AircallConfig), (status = 404, response = ProblemResponse)))]
 async fn get_aircall(
     tenant: TenantContext,
     State(state): State<AppState>,

@@ -24,8 +24,9 @@ use uuid::Uuid;
 use super::integrations;
 use crate::AppState;
 use crate::domain::{TenantContext, TenantId};
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{ApiPath, ValidJson};
+use crate::http::problems::ProblemResponse;
 use crate::telephony::model::CallUpdate;
 use crate::telephony::{calls, store};
 
@@ -77,7 +78,7 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
 /// Configure the neutral intake's signing secret.
 #[utoipa::path(put, path = "/v1/integrations/telephony", operation_id = "put_telephony_intake", tag = "telephony", security(("api_key" = [])),
     request_body = TelephonyInput,
-    responses((status = 200, body = TelephonyConfig), (status = 422, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = TelephonyConfig), (status = 422, response = ProblemResponse)))]
 async fn put_settings(
     tenant: TenantContext,
     State(state): State<AppState>,
@@ -141,9 +142,9 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     params(("tenant_id" = Uuid, Path, description = "Tenant id")),
     request_body = NeutralEvent,
     responses((status = 200, body = IntakeResult),
-              (status = 400, body = Problem, content_type = "application/problem+json"),
-              (status = 401, body = Problem, content_type = "application/problem+json"),
-              (status = 422, body = Problem, content_type = "application/problem+json")))]
+              (status = 400, response = ProblemResponse),
+              (status = 401, response = ProblemResponse),
+              (status = 422, response = ProblemResponse)))]
 async fn webhook(
     State(state): State<AppState>,
     ApiPath(tenant_id): ApiPath<Uuid>,
