@@ -212,6 +212,10 @@ impl Sandbox {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
+            // A child that runs out of memory aborts; with backtraces on (an operator's
+            // RUST_BACKTRACE=1), it would first spend seconds symbolising one nobody reads.
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LIB_BACKTRACE", "0")
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| {
