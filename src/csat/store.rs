@@ -129,7 +129,7 @@ async fn alert_agent(
 ) -> StoreResult<()> {
     let about = sqlx::query!(
         r#"SELECT coalesce(nullif(trim(concat_ws(' ', c.first_name, c.last_name)), ''), c.email,
-                           c.phone, c.external_id, 'a customer') AS "who!",
+                           c.phone, c.external_id, '?') AS "who!",
                   t.number AS "number?", t.subject AS "subject?"
            FROM contacts c LEFT JOIN tickets t ON t.tenant_id = c.tenant_id AND t.id = $3
            WHERE c.tenant_id = $1 AND c.id = $2"#,
@@ -139,30 +139,38 @@ async fn alert_agent(
     )
     .fetch_optional(&mut *conn)
     .await?;
-    let (who, number, subject) = about
-        .map(|a| (a.who, a.number, a.subject))
-        .unwrap_or_else(|| ("a customer".to_owned(), None, None));
-    let on = match (number, subject) {
-        (Some(n), Some(s)) => format!(" on ticket #{n} \"{s}\""),
-        _ => String::new(),
+    let (who, ticket) = match about {
+        Some(a) => (
+            a.who,
+            a.number.map(|n| json!({"number": n, "subject": a.subject})),
+        ),
+        None => ("?".to_owned(), None),
     };
-    let subject_line = format!("Low rating {}/5 from {who}{on}", rating.score);
-    let text = format!(
-        "{who} rated {}/5{on}.\n\nComment: {}\n\nPlease get in touch with the customer.",
-        rating.score,
-        rating.comment.as_deref().unwrap_or("(none)")
-    );
-    messages::enqueue_to_agent(
+    let vars = json!({
+        "rating": {"score": rating.score, "comment": rating.comment},
+        "customer": who,
+        "ticket": ticket,
+    });
+    // The built-in `csat_low_rating_alert` (or the tenant's own), in the agent's language.
+    let queued = messages::enqueue_template_to_agent(
         conn,
         tenant,
         agent,
         rating.contact_id,
-        &subject_line,
-        &text,
+        "csat_low_rating_alert",
+        vars,
         max_attempts,
     )
-    .await?;
-    Ok(())
+    .await;
+    match queued {
+        Ok(_) => Ok(()),
+        Err(messages::EnqueueError::Store(e)) => Err(e),
+        // A tenant's own template that cannot be used is no reason to lose the rating.
+        Err(e) => {
+            tracing::warn!(%tenant, error = %e, "the low-rating alert cannot be queued");
+            Ok(())
+        }
+    }
 }
 
 /// Adds (or replaces) the comment of a survey rating given earlier.

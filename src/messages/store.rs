@@ -78,7 +78,8 @@ fn address(contact: &Contact, channel: Channel, viber: ViberAddress) -> Option<&
 }
 
 /// Why a message may not go to this contact on this channel, if it may not: marketing needs an
-/// opt-in; transactional messages need only no opt-out.
+/// opt-in (`no_consent` without one, `opted_out` after an unsubscribe); transactional messages
+/// need only no opt-out.
 pub fn consent_refusal(
     contact: &Contact,
     channel: Channel,
@@ -86,7 +87,8 @@ pub fn consent_refusal(
 ) -> Option<&'static str> {
     match (purpose, contact.consents.status(channel, purpose)) {
         (Purpose::Marketing, Some(ConsentStatus::OptedIn)) => None,
-        (Purpose::Marketing, _) => Some("no_consent"),
+        (Purpose::Marketing, Some(ConsentStatus::OptedOut)) => Some("opted_out"),
+        (Purpose::Marketing, None) => Some("no_consent"),
         (Purpose::Transactional, Some(ConsentStatus::OptedOut)) => Some("opted_out"),
         (Purpose::Transactional, _) => None,
     }
@@ -223,6 +225,7 @@ pub async fn compose(
                 planned.id,
                 planned.channel,
                 planned.purpose,
+                true,
                 opts,
             )
             .await?,
@@ -336,7 +339,7 @@ async fn plan(
         .locale
         .as_deref()
         .into_iter()
-        .chain([tenant.default_locale.as_str()])
+        .chain([tenant.default_locale.as_str(), "en"])
         .collect();
     let Some(locale) = render::pick_locale(&available, &wanted) else {
         let reason = format!(
@@ -361,21 +364,22 @@ async fn plan(
     ))
 }
 
-/// Renders a message's template in the sandbox (no database connection is needed) and puts
-/// its links behind the tracking redirects.
+/// Renders a message's template in the sandbox (no database connection is needed) and, for a
+/// message to a contact (`track`), puts its links behind the tracking redirects.
 pub async fn render_deferred(
     d: &Deferred,
     tenant: TenantId,
     id: Uuid,
     channel: Channel,
     purpose: Purpose,
+    track: bool,
     opts: &SendOptions,
 ) -> Result<Rendered, SandboxError> {
     let mut rendered = opts
         .sandbox
         .render(&d.variants, channel, &d.locale, &d.context)
         .await?;
-    if channel == Channel::Email {
+    if channel == Channel::Email && track {
         let links = super::links::Links::new(&opts.signer, &opts.public_url, tenant, id);
         if let Some(html) = rendered.html.take() {
             let (instrumented, targets) = links.instrument_html(&html);
@@ -639,6 +643,72 @@ pub async fn enqueue_to_agent(
         .execute(conn)
         .await?;
     Ok(inserted)
+}
+
+/// Queues an email to an agent written from a template (an alert), in the agent's first
+/// language, else the tenant's, else English. No consent applies and no timeline gets it; the
+/// worker that sends it renders it (no template runs here). None when the agent is gone or
+/// the template has no email variant.
+pub async fn enqueue_template_to_agent(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    agent_id: Uuid,
+    about: Uuid,
+    template_key: &str,
+    vars: Value,
+    max_attempts: i32,
+) -> Result<Option<Uuid>, EnqueueError> {
+    let agent: Option<(String, Vec<String>)> =
+        sqlx::query_as("SELECT email, languages FROM agents WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant)
+            .bind(agent_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((email, languages)) = agent else {
+        return Ok(None);
+    };
+    let template = templates::get(conn, tenant, template_key)
+        .await?
+        .ok_or_else(|| EnqueueError::UnknownTemplate(template_key.to_owned()))?;
+    let tenant_row = tenants::get(conn, tenant.0)
+        .await?
+        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("tenant {tenant} is missing")))?;
+    let available = template.variants.locales(Channel::Email);
+    let wanted: Vec<&str> = languages
+        .iter()
+        .map(String::as_str)
+        .chain([tenant_row.default_locale.as_str(), "en"])
+        .collect();
+    let Some(locale) = render::pick_locale(&available, &wanted) else {
+        return Ok(None);
+    };
+    let deferred = Deferred {
+        variants: template.variants.only(Channel::Email, locale),
+        locale: locale.to_owned(),
+        context: render::context(None, &tenant_row, None, &vars),
+    };
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO messages (tenant_id, id, agent_id, channel, purpose, template_key, locale,
+            recipient, status, max_attempts, next_attempt_at, about_contact_id, compose)
+         VALUES ($1, $2, $3, 'email', 'transactional', $4, $5, $6, 'queued', $7, now(), $8, $9)",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(agent_id)
+    .bind(template_key)
+    .bind(locale)
+    .bind(&email)
+    .bind(max_attempts)
+    .bind(about)
+    .bind(sqlx::types::Json(&deferred))
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(Some(id))
 }
 
 /// Puts messages whose worker died holding them (an expired lease) back in the queue, due now,

@@ -1,5 +1,6 @@
 //! The support desk: agents, tickets, their messages, and automatic assignment.
 
 pub mod model;
+pub mod notes;
 pub mod routes;
 pub mod store;

@@ -323,6 +323,8 @@ pub enum MessageAuthor {
     Contact,
     /// An agent (`agent_id` says which).
     Agent,
+    /// Rapport itself: a missed call to return, a campaign's hand-over.
+    System,
 }
 
 /// Who writes a ticket message: an agent (`{"agent_id": ...}`) or the customer (`"contact"`).

@@ -139,7 +139,7 @@ async fn update_agent(
     Ok(Json(agent))
 }
 
-/// Sends `template` about a ticket, if the tenant has that template: on the ticket's channel
+/// Sends `template` (the tenant's, else the built-in) about a ticket: on the ticket's channel
 /// first, then the best the contact has.
 async fn notify_customer(
     state: &AppState,
@@ -181,7 +181,7 @@ async fn notify_customer(
 }
 
 /// Open a ticket. It is assigned automatically, and the customer is sent the
-/// `ticket_acknowledgement` template (when the tenant has one).
+/// `ticket_acknowledgement` template (the built-in one unless the tenant wrote its own).
 #[utoipa::path(post, path = "/v1/tickets", tag = "support", security(("api_key" = [])),
     request_body = NewTicket,
     responses((status = 201, body = TicketDetail), (status = 422, response = ProblemResponse)))]
@@ -216,6 +216,7 @@ async fn create_ticket(
             })?,
     };
     let row = NewTicketRow {
+        author: MessageAuthor::Contact,
         contact_id,
         channel: body.channel.as_str(),
         subject: subject.as_deref().unwrap_or_default(),
@@ -292,7 +293,7 @@ async fn get_ticket(
 }
 
 /// Change a ticket's status, priority, assignee or category. Illegal status moves are a 409.
-/// Solving a ticket tells the customer (template `ticket_solved`, when the tenant has one) and
+/// Solving a ticket tells the customer (template `ticket_solved`, then the `csat_survey`) and
 /// frees the agent's capacity for waiting tickets.
 #[utoipa::path(patch, path = "/v1/tickets/{id}", tag = "support", security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Ticket id")), request_body = TicketPatch,

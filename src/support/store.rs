@@ -377,6 +377,8 @@ pub struct NewTicketRow<'a> {
     pub body: &'a str,
     pub category: Option<&'a str>,
     pub priority: &'a str,
+    /// Who wrote the first message: the customer, or Rapport (a call-back, a hand-over).
+    pub author: MessageAuthor,
     /// An agent chosen by the caller (a campaign hands the contact to its advisor); None
     /// assigns automatically.
     pub assignee: Option<Uuid>,
@@ -404,16 +406,7 @@ pub async fn create_ticket(
     )
     .execute(&mut *conn)
     .await?;
-    insert_message(
-        conn,
-        tenant.id,
-        id,
-        MessageAuthor::Contact,
-        None,
-        t.body,
-        false,
-    )
-    .await?;
+    insert_message(conn, tenant.id, id, t.author, None, t.body, false).await?;
     events::emit_about(
         conn,
         tenant.id,

@@ -192,21 +192,20 @@ async fn open_callback_ticket(
     contact: Uuid,
     call: &CallRow,
 ) -> StoreResult<()> {
-    let number = call
-        .external_number
-        .clone()
-        .unwrap_or_else(|| "an unknown number".to_owned());
-    let when = call
-        .ended_at
-        .or(call.started_at)
-        .unwrap_or_else(Utc::now)
-        .format("%Y-%m-%d %H:%M UTC");
-    let note = match &call.voicemail_url {
-        Some(url) => format!(
-            "Missed call from {number} at {when}, with a voicemail: {url}. Please call back."
-        ),
-        None => format!("Missed call from {number} at {when}. Please call back."),
+    let at = call.ended_at.or(call.started_at).unwrap_or_else(Utc::now);
+    let when = match tenant.timezone.parse::<chrono_tz::Tz>() {
+        Ok(zone) => at
+            .with_timezone(&zone)
+            .format("%Y-%m-%d %H:%M %Z")
+            .to_string(),
+        Err(_) => at.format("%Y-%m-%d %H:%M UTC").to_string(),
     };
+    let (subject, note) = crate::support::notes::missed_call(
+        &tenant.default_locale,
+        call.external_number.as_deref(),
+        &when,
+        call.voicemail_url.as_deref(),
+    );
     let existing = support::lock_open_ticket(conn, tenant.id, contact, "phone").await?;
     let ticket = match existing {
         Some(id) => {
@@ -214,7 +213,7 @@ async fn open_callback_ticket(
                 conn,
                 tenant.id,
                 id,
-                MessageAuthor::Contact,
+                MessageAuthor::System,
                 None,
                 &note,
                 false,
@@ -226,8 +225,9 @@ async fn open_callback_ticket(
             let row = support::NewTicketRow {
                 contact_id: contact,
                 channel: "phone",
-                subject: &format!("Missed call from {number}"),
+                subject: &subject,
                 body: &note,
+                author: MessageAuthor::System,
                 category: Some("callback"),
                 priority: "high",
                 assignee: None,

@@ -1,5 +1,6 @@
 //! Message templates: per-channel, per-locale variants rendered with minijinja.
 
+pub mod defaults;
 pub mod model;
 pub mod render;
 pub mod routes;

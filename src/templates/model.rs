@@ -78,6 +78,18 @@ impl Variants {
         !self.locales(channel).is_empty()
     }
 
+    /// These variants with `over`'s put on top, channel by channel and locale by locale.
+    pub fn overlaid(&self, over: &Variants) -> Variants {
+        let mut out = self.clone();
+        out.email
+            .extend(over.email.iter().map(|(l, v)| (l.clone(), v.clone())));
+        out.sms
+            .extend(over.sms.iter().map(|(l, v)| (l.clone(), v.clone())));
+        out.viber
+            .extend(over.viber.iter().map(|(l, v)| (l.clone(), v.clone())));
+        out
+    }
+
     /// Only `channel`'s variant in `locale` (what one render needs).
     pub fn only(&self, channel: Channel, locale: &str) -> Variants {
         let mut out = Variants::default();
@@ -119,15 +131,32 @@ pub struct TemplateInput {
     pub viber: BTreeMap<String, ViberVariant>,
 }
 
-/// A stored template.
+/// A template as it is used: the tenant's own, a built-in default, or the tenant's variants
+/// over a default's.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Template {
     pub key: String,
     pub purpose: Purpose,
+    /// Where the variants come from.
+    pub source: TemplateSource,
     #[serde(flatten)]
     pub variants: Variants,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
+    /// When the tenant saved it; null for a built-in default.
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// Where a template's variants come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TemplateSource {
+    /// Rapport's built-in text, in en, hr, sl, hu and pl.
+    Default,
+    /// The tenant's own; no default has this key.
+    Tenant,
+    /// The tenant's variants, with the default's for the channels and locales it did not
+    /// write.
+    Customised,
 }
 
 /// Template keys: lower-case letters, digits, `_`, `-` and `.`.

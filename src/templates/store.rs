@@ -4,10 +4,11 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use sqlx::types::Json;
 
-use super::model::{Template, Variants};
+use super::defaults;
+use super::model::{Template, TemplateSource, Variants};
 use crate::domain::Purpose;
 use crate::domain::TenantId;
-use crate::error::StoreResult;
+use crate::error::{StoreError, StoreResult};
 
 struct TemplateRow {
     key: String,
@@ -41,16 +42,41 @@ pub async fn put(
     .fetch_one(conn)
     .await?;
     let created = row.created;
-    Ok((into_template(row), created))
+    let template = resolve(key, Some(into_template(row)))
+        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("a saved template resolves")))?;
+    Ok((template, created))
 }
 
 fn into_template(row: TemplateRow) -> Template {
     Template {
         purpose: row.purpose,
+        source: TemplateSource::Tenant,
         key: row.key,
         variants: row.variants.0,
-        created_at: row.created_at,
-        updated_at: row.updated_at,
+        created_at: Some(row.created_at),
+        updated_at: Some(row.updated_at),
+    }
+}
+
+/// The template in use for `key`: the tenant's own (`own`) over the built-in default, either
+/// alone, or none.
+fn resolve(key: &str, own: Option<Template>) -> Option<Template> {
+    match (own, defaults::get(key)) {
+        (None, None) => None,
+        (Some(t), None) => Some(t),
+        (None, Some(d)) => Some(Template {
+            key: key.to_owned(),
+            purpose: d.purpose,
+            source: TemplateSource::Default,
+            variants: d.variants.clone(),
+            created_at: None,
+            updated_at: None,
+        }),
+        (Some(t), Some(d)) => Some(Template {
+            source: TemplateSource::Customised,
+            variants: d.variants.overlaid(&t.variants),
+            ..t
+        }),
     }
 }
 
@@ -69,7 +95,7 @@ pub async fn get(
     )
     .fetch_optional(conn)
     .await?;
-    Ok(row.map(into_template))
+    Ok(resolve(key, row.map(into_template)))
 }
 
 /// Templates by key, after `after`.
@@ -91,5 +117,27 @@ pub async fn list(
     )
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().map(into_template).collect())
+    // The tenant's first `limit + 1` after the cursor and every default after it, merged by
+    // key: a tenant's template not fetched sorts after all of these, so the first `limit + 1`
+    // of the merge are the page (and whether there is another).
+    let mut own: std::collections::BTreeMap<String, Template> = rows
+        .into_iter()
+        .map(|r| (r.key.clone(), into_template(r)))
+        .collect();
+    let mut keys: Vec<String> = own.keys().cloned().collect();
+    keys.extend(
+        defaults::keys()
+            .filter(|k| after.is_none_or(|a| *k > a))
+            .map(str::to_owned),
+    );
+    keys.sort();
+    keys.dedup();
+    keys.truncate(usize::try_from(limit + 1).unwrap_or(usize::MAX));
+    Ok(keys
+        .into_iter()
+        .filter_map(|k| {
+            let mine = own.remove(&k);
+            resolve(&k, mine)
+        })
+        .collect())
 }

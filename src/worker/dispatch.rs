@@ -158,8 +158,17 @@ async fn render_claimed(state: &AppState, claimed: Vec<Claimed>) -> Vec<Claimed>
                 match serde_json::from_value::<Deferred>(m.compose.clone().unwrap_or_default()) {
                     Ok(d) => match (Channel::parse(&m.channel), Purpose::parse(&m.purpose)) {
                         (Some(channel), Some(purpose)) => {
-                            store::render_deferred(&d, m.tenant_id, m.id, channel, purpose, opts)
-                                .await
+                            let track = m.contact_id.is_some();
+                            store::render_deferred(
+                                &d,
+                                m.tenant_id,
+                                m.id,
+                                channel,
+                                purpose,
+                                track,
+                                opts,
+                            )
+                            .await
                         }
                         _ => Err(SandboxError::Render(RenderError {
                             field: "message".into(),

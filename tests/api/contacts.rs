@@ -465,10 +465,12 @@ async fn contact_card_by_phone() {
         )
         .await;
     assert_eq!(card.body["last_interactions"], timeline.body["data"]);
+    // Newest first: the ticket, then its acknowledgement queued.
     assert_eq!(
-        card.body["last_interactions"][0]["type"], "ticket.created",
+        card.body["last_interactions"][0]["type"], "message.queued",
         "newest first"
     );
+    assert_eq!(card.body["last_interactions"][1]["type"], "ticket.created");
     app.get("/v1/contacts/lookup?phone=091%20000%200000", &t.key)
         .await
         .assert_problem(404);

@@ -119,13 +119,13 @@ async fn a_solved_ticket_gets_a_survey_and_a_low_score_alerts_the_agent() {
         .into_iter()
         .find(|m| m["to"] == "marija@acme.example")
         .expect("alert sent");
-    assert!(
-        alert["subject"]
-            .as_str()
-            .unwrap()
-            .starts_with("Low rating 2/5 from Ana on ticket #1"),
+    // The built-in alert, in the tenant's language (the agent named none of her own).
+    assert_eq!(
+        alert["subject"], "Niska ocjena 2/5 \u{2013} Ana [#1]",
         "{alert}"
     );
+    let text = alert["text"].as_str().unwrap();
+    assert!(text.contains("Komentar: (bez komentara)"), "{text}");
     let rated: Vec<Value> =
         sqlx::query_scalar("SELECT properties FROM events WHERE type = 'csat.rated'")
             .fetch_all(&app.pool)
@@ -277,4 +277,98 @@ async fn ratings_from_outside_tools() {
     r.assert_problem(422);
     let r = app.post("/v1/csat", &other.key, json!({"agent_id": s.agent, "contact": {"external_id": "ana"}, "score": 1, "source": "x"})).await;
     r.assert_problem(422);
+}
+
+/// A new tenant that wrote no templates: the customer is acknowledged, told the ticket is
+/// solved and asked to rate it, in the customer's language; the agent's alert carries the
+/// comment, in the agent's language.
+#[tokio::test]
+async fn a_fresh_tenant_speaks_to_customers_and_agents_in_their_languages() {
+    let app = TestApp::new().await;
+    let t = app.tenant("fresh").await;
+    let agent = app
+        .post(
+            "/v1/agents",
+            &t.key,
+            json!({"name": "Mojca", "email": "mojca@fresh.example", "languages": ["sl", "pl"]}),
+        )
+        .await;
+    assert_eq!(agent.status, StatusCode::CREATED, "{}", agent.text);
+    app.contact(
+        &t,
+        "jan",
+        json!({"first_name": "Jan", "email": "jan@example.pl", "locale": "pl-PL"}),
+    )
+    .await;
+    let tk = app
+        .post(
+            "/v1/tickets",
+            &t.key,
+            json!({"contact": {"external_id": "jan"}, "channel": "email",
+                   "subject": "Rata kredytu", "body": "Kiedy?"}),
+        )
+        .await;
+    assert_eq!(tk.status, StatusCode::CREATED, "{}", tk.text);
+    app.drain().await;
+    let to_jan = |app: &TestApp| -> Vec<Value> {
+        app.outbox_log()
+            .into_iter()
+            .filter(|m| m["to"] == "jan@example.pl")
+            .collect()
+    };
+    let sent = to_jan(&app);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0]["subject"], "Otrzymaliśmy Państwa zgłoszenie [#1]");
+    let text = sent[0]["text"].as_str().unwrap();
+    assert!(text.starts_with("Dzień dobry,"), "{text}");
+    assert!(text.contains("\u{201e}Rata kredytu\u{201d}"), "{text}");
+    let html = sent[0]["html"].as_str().unwrap();
+    assert!(html.contains("<html lang=\"pl\">"), "{html}");
+
+    let r = app
+        .call(
+            Method::PATCH,
+            &format!("/v1/tickets/{}", tk.body["id"].as_str().unwrap()),
+            Some(&t.key),
+            Some(json!({"status": "solved"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    app.drain().await;
+    let sent = to_jan(&app);
+    let subjects: Vec<&str> = sent.iter().filter_map(|m| m["subject"].as_str()).collect();
+    assert_eq!(
+        subjects,
+        [
+            "Otrzymaliśmy Państwa zgłoszenie [#1]",
+            "Państwa zgłoszenie zostało rozwiązane [#1]",
+            "Jak oceniają Państwo naszą pomoc? [#1]"
+        ]
+    );
+    let survey = sent[2]["text"].as_str().unwrap();
+    let url = survey
+        .lines()
+        .find(|l| l.starts_with("http://"))
+        .expect("the survey link on a line of its own");
+    let path = url.strip_prefix("http://localhost:8080").unwrap();
+    let r = app
+        .send(form(path, "score=1&comment=Za+d%C5%82ugo+czeka%C5%82em"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    app.drain().await;
+    let alert = app
+        .outbox_log()
+        .into_iter()
+        .find(|m| m["to"] == "mojca@fresh.example")
+        .expect("the agent is alerted");
+    assert_eq!(
+        alert["subject"], "Nizka ocena 1/5 \u{2013} Jan [#1]",
+        "{alert}"
+    );
+    let text = alert["text"].as_str().unwrap();
+    assert!(text.contains("Komentar: Za długo czekałem"), "{text}");
+    assert!(
+        text.contains("Prosimo, stopite v stik s stranko."),
+        "{text}"
+    );
 }

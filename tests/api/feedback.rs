@@ -396,7 +396,8 @@ async fn opens_clicks_and_unsubscribes_are_tracked_through_signed_links() {
         )
         .await;
     assert_eq!(r.body["status"], "suppressed");
-    assert_eq!(r.body["status_reason"], "no_consent");
+    // Unsubscribed, not merely never asked.
+    assert_eq!(r.body["status_reason"], "opted_out");
     app.call(axum::http::Method::GET, "/u/garbage", None, None)
         .await
         .assert_problem(404);

@@ -102,8 +102,15 @@ async fn templates_are_validated_stored_and_previewed() {
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.body["purpose"], "transactional");
     assert_eq!(got.body["email"]["en"]["subject"], "Order {{ vars.order }}");
-    let list = app.get("/v1/templates", &t.key).await;
-    assert_eq!(list.body["data"][0]["key"], "order_shipped");
+    let list = app.get("/v1/templates?limit=100", &t.key).await;
+    let mine: Vec<&Value> = list.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["source"] == "tenant")
+        .collect();
+    assert_eq!(mine.len(), 1, "{}", list.text);
+    assert_eq!(mine[0]["key"], "order_shipped");
 
     let bad = app
         .put(
@@ -624,9 +631,13 @@ async fn messages_and_templates_are_invisible_to_other_tenants() {
     app.get("/v1/templates/order_shipped", &b.key)
         .await
         .assert_problem(404);
-    assert_eq!(
-        app.get("/v1/templates", &b.key).await.body["data"],
-        json!([])
+    // The other tenant sees the built-in defaults only.
+    let listed = app.get("/v1/templates?limit=100", &b.key).await;
+    let listed = listed.body["data"].as_array().unwrap();
+    assert!(!listed.is_empty());
+    assert!(
+        listed.iter().all(|t| t["source"] == "default"),
+        "{listed:?}"
     );
     app.post(
         "/v1/templates/order_shipped/preview",
@@ -656,4 +667,89 @@ async fn messages_and_templates_are_invisible_to_other_tenants() {
         )
         .await;
     r.assert_problem(404);
+}
+
+#[tokio::test]
+async fn built_in_templates_are_listed_shown_and_overridden_per_channel_and_locale() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let own = app
+        .put(
+            "/v1/templates/aaa_offer",
+            &t.key,
+            json!({"sms": {"hr": {"text": "Ponuda"}}}),
+        )
+        .await;
+    assert_eq!(own.status, StatusCode::CREATED, "{}", own.text);
+    assert_eq!(own.body["source"], "tenant");
+
+    // Every page, two at a time: the tenant's key and the defaults, in key order.
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let mut url = "/v1/templates?limit=2".to_owned();
+    loop {
+        let page = app.get(&url, &t.key).await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.text);
+        for item in page.body["data"].as_array().unwrap() {
+            seen.push((
+                item["key"].as_str().unwrap().to_owned(),
+                item["source"].as_str().unwrap().to_owned(),
+            ));
+        }
+        match page.body["next_cursor"].as_str() {
+            Some(c) => url = format!("/v1/templates?limit=2&cursor={c}"),
+            None => break,
+        }
+    }
+    let keys: Vec<&str> = seen.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "aaa_offer",
+            "callback_notice",
+            "csat_low_rating_alert",
+            "csat_survey",
+            "sms_stop_confirmation",
+            "ticket_acknowledgement",
+            "ticket_reply",
+            "ticket_solved",
+            "unsubscribe_confirmation"
+        ]
+    );
+    assert!(seen[1..].iter().all(|(_, s)| s == "default"), "{seen:?}");
+
+    // A default can be read, to copy and edit.
+    let ack = app
+        .get("/v1/templates/ticket_acknowledgement", &t.key)
+        .await;
+    assert_eq!(ack.status, StatusCode::OK, "{}", ack.text);
+    assert_eq!(ack.body["source"], "default");
+    assert_eq!(ack.body["created_at"], Value::Null);
+    for locale in ["en", "hr", "sl", "hu", "pl"] {
+        assert!(ack.body["email"][locale]["subject"].is_string(), "{locale}");
+        assert!(ack.body["email"][locale]["html"].is_string(), "{locale}");
+        assert!(ack.body["sms"][locale]["text"].is_string(), "{locale}");
+        assert!(ack.body["viber"][locale]["text"].is_string(), "{locale}");
+    }
+
+    // The tenant's Croatian SMS replaces the default's; everything else stays.
+    let mine = app
+        .put(
+            "/v1/templates/ticket_acknowledgement",
+            &t.key,
+            json!({"sms": {"hr": {"text": "Acme: upit #{{ vars.ticket.number }} je zaprimljen."}}}),
+        )
+        .await;
+    assert_eq!(mine.status, StatusCode::CREATED, "{}", mine.text);
+    assert_eq!(mine.body["source"], "customised");
+    assert_eq!(
+        mine.body["sms"]["hr"]["text"],
+        "Acme: upit #{{ vars.ticket.number }} je zaprimljen."
+    );
+    assert_eq!(mine.body["sms"]["pl"], ack.body["sms"]["pl"]);
+    assert_eq!(mine.body["email"]["hr"], ack.body["email"]["hr"]);
+    let again = app
+        .get("/v1/templates/ticket_acknowledgement", &t.key)
+        .await;
+    assert_eq!(again.body["source"], "customised");
+    assert_eq!(again.body["sms"]["hr"], mine.body["sms"]["hr"]);
 }

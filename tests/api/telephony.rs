@@ -226,7 +226,11 @@ async fn a_missed_call_opens_one_callback_ticket() {
         "one call-back ticket, even with duplicates"
     );
     assert_eq!(tickets[0]["channel"], "phone");
-    assert_eq!(tickets[0]["subject"], "Missed call from +385912345678");
+    // Written by Rapport, in the tenant's language (the test tenants' is `hr`).
+    assert_eq!(
+        tickets[0]["subject"],
+        "Propušten poziv s broja +385912345678"
+    );
     assert!(
         tickets[0]["assignee_id"].is_string(),
         "assigned like any ticket"
@@ -247,11 +251,15 @@ async fn a_missed_call_opens_one_callback_ticket() {
         .await;
     let messages = detail.body["messages"].as_array().unwrap();
     assert_eq!(messages.len(), 2);
+    assert_eq!(messages[0]["author"], "system", "not the customer's words");
+    assert_eq!(messages[1]["author"], "system");
     assert!(
         messages[1]["body"]
             .as_str()
             .unwrap()
-            .contains("voicemail: https://aircall.example/vm/2.mp3")
+            .contains("glasovna poruka: https://aircall.example/vm/2.mp3"),
+        "{}",
+        messages[1]["body"]
     );
     let missed_events: i64 =
         sqlx::query_scalar("SELECT count(*) FROM events WHERE type = 'call.missed'")

@@ -334,18 +334,16 @@ pub(super) async fn notify_agent(
     } else {
         who
     };
-    let subject = subject
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("Call {who} ({})", def.name));
     let trigger_kind = j.trigger_event["type"].as_str().unwrap_or("schedule");
-    let body = match note {
-        Some(n) => n.to_owned(),
-        None => format!(
-            "Campaign \"{}\" hands {who} to you after `{trigger_kind}`. Phone: {}.",
-            def.name,
-            contact.phone.as_deref().unwrap_or("none on file"),
-        ),
-    };
+    let (default_subject, default_body) = crate::support::notes::campaign_handover(
+        &scope.tenant.default_locale,
+        &def.name,
+        &who,
+        trigger_kind,
+        contact.phone.as_deref(),
+    );
+    let subject = subject.map(str::to_owned).unwrap_or(default_subject);
+    let body = note.map(str::to_owned).unwrap_or(default_body);
     let (ticket, agent) = if create_ticket {
         let row = support::NewTicketRow {
             contact_id: contact.id,
@@ -354,6 +352,7 @@ pub(super) async fn notify_agent(
             body: &body,
             category: Some("campaign"),
             priority,
+            author: crate::support::model::MessageAuthor::System,
             assignee: owner,
         };
         let ticket = support::create_ticket(conn, scope.tenant, &row).await?;
