@@ -52,9 +52,10 @@ pub struct ViberVariant {
     pub button: Option<ViberButton>,
 }
 
-/// A template's variants: channel, then locale (`hr`, `en-GB`).
+/// A template's variants: channel, then locale (`hr`, `en-GB`). No `deny_unknown_fields`: a
+/// `Template` flattens these next to its own fields, and the OpenAPI schema of a type that
+/// denies unknown fields would forbid them (clients' input is `TemplateInput`, which denies).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Variants {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub email: BTreeMap<String, EmailVariant>,
