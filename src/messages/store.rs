@@ -41,6 +41,15 @@ const MESSAGE_COLUMNS: &str =
     subject, body_text, body_html, extras, status, status_reason, provider, provider_message_id,
     attempts, next_attempt_at, created_at, updated_at, sent_at, delivered_at";
 
+/// Wakes the dispatchers when the caller's transaction commits (NOTIFY is delivered then).
+async fn wake_workers(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// How a tenant's Viber provider addresses people: the bot API by Viber user id, Infobip by
 /// phone number, the `log` provider by either.
 #[derive(Debug, Clone, Copy)]
@@ -442,10 +451,7 @@ async fn insert(
         Some(("message", p.id)),
     )
     .await?;
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(NOTIFY_CHANNEL)
-        .execute(conn)
-        .await?;
+    wake_workers(conn).await?;
     Ok(message)
 }
 
@@ -638,10 +644,7 @@ pub async fn enqueue_to_agent(
     .bind(about)
     .fetch_optional(&mut *conn)
     .await?;
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(NOTIFY_CHANNEL)
-        .execute(conn)
-        .await?;
+    wake_workers(conn).await?;
     Ok(inserted)
 }
 
@@ -704,10 +707,7 @@ pub async fn enqueue_template_to_agent(
     .bind(sqlx::types::Json(&deferred))
     .execute(&mut *conn)
     .await?;
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(NOTIFY_CHANNEL)
-        .execute(conn)
-        .await?;
+    wake_workers(conn).await?;
     Ok(Some(id))
 }
 

@@ -40,6 +40,14 @@ async fn preview(app: &TestApp, t: &TestTenant, key: &str) -> common::Resp {
     .await
 }
 
+/// Messages written, of every tenant.
+async fn message_count(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM messages")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
 /// Each of these aborted the whole process, or grew it by gigabytes, before templates ran in
 /// a child of their own.
 const BOMBS: &[&str] = &[
@@ -115,11 +123,7 @@ async fn a_bomb_in_a_message_is_refused_and_nothing_is_written() {
         .await;
     r.assert_problem(422);
     assert_eq!(r.error_fields(), ["template.sms.hr"]);
-    let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    assert_eq!(messages, 0);
+    assert_eq!(message_count(&app).await, 0, "nothing is written");
 }
 
 #[tokio::test]
@@ -205,11 +209,7 @@ async fn a_slow_template_holds_no_database_connection_while_it_runs() {
     for r in sent {
         r.assert_problem(422);
     }
-    let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    assert_eq!(messages, 0);
+    assert_eq!(message_count(&app).await, 0, "nothing is written");
 }
 
 #[tokio::test]
