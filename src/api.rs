@@ -255,7 +255,8 @@ fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
 /// Headers every browser-facing answer needs: pages customers open from a message (survey,
 /// unsubscribe) load nothing from elsewhere, cannot be framed (clickjacking a one-click
 /// unsubscribe), and do not leak their tokened URL as a referrer; no answer is sniffed as
-/// another type. `/docs` loads its own script and keeps a policy that allows it.
+/// another type. `/docs` loads its own script and keeps a policy that allows it; the customer
+/// pages of `crate::http::pages` state a narrower one of their own.
 async fn security_headers(request: Request, next: Next) -> Response {
     let is_docs = request.uri().path() == "/docs";
     let mut response = next.run(request).await;
@@ -277,10 +278,10 @@ async fn security_headers(request: Request, next: Next) -> Response {
             "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; \
              form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
         };
-        headers.insert(
-            header::CONTENT_SECURITY_POLICY,
-            header::HeaderValue::from_static(policy),
-        );
+        // A page that states its own, narrower policy (`crate::http::pages`) keeps it.
+        headers
+            .entry(header::CONTENT_SECURITY_POLICY)
+            .or_insert(header::HeaderValue::from_static(policy));
         headers.insert(
             header::X_FRAME_OPTIONS,
             header::HeaderValue::from_static("DENY"),

@@ -6,6 +6,7 @@
 pub mod extract;
 pub mod idempotency;
 pub mod ops;
+pub mod pages;
 pub mod pagination;
 pub mod problems;
 pub mod rate_limit;

@@ -648,19 +648,35 @@ pub async fn enqueue_to_agent(
     Ok(inserted)
 }
 
+/// An email to an agent written from a template, for [`enqueue_template_to_agent`].
+pub struct ToAgent<'a> {
+    pub agent_id: Uuid,
+    /// The contact it is about (its erasure reaches the message).
+    pub about: Uuid,
+    pub template_key: &'a str,
+    pub vars: Value,
+    /// How long it waits before it may be sent.
+    pub delay: Duration,
+}
+
 /// Queues an email to an agent written from a template (an alert), in the agent's first
-/// language, else the tenant's, else English. No consent applies and no timeline gets it; the
-/// worker that sends it renders it (no template runs here). None when the agent is gone or
+/// language, else the tenant's, else English, due after `delay`. No consent applies and no
+/// timeline gets it; the worker that sends it renders it (no template runs here), so its
+/// variables can still change until then ([`amend_unsent`]). None when the agent is gone or
 /// the template has no email variant.
 pub async fn enqueue_template_to_agent(
     conn: &mut PgConnection,
     tenant: TenantId,
-    agent_id: Uuid,
-    about: Uuid,
-    template_key: &str,
-    vars: Value,
+    m: ToAgent<'_>,
     max_attempts: i32,
 ) -> Result<Option<Uuid>, EnqueueError> {
+    let ToAgent {
+        agent_id,
+        about,
+        template_key,
+        vars,
+        delay,
+    } = m;
     let agent: Option<(String, Vec<String>)> =
         sqlx::query_as("SELECT email, languages FROM agents WHERE tenant_id = $1 AND id = $2")
             .bind(tenant)
@@ -694,7 +710,8 @@ pub async fn enqueue_template_to_agent(
     sqlx::query(
         "INSERT INTO messages (tenant_id, id, agent_id, channel, purpose, template_key, locale,
             recipient, status, max_attempts, next_attempt_at, about_contact_id, compose)
-         VALUES ($1, $2, $3, 'email', 'transactional', $4, $5, $6, 'queued', $7, now(), $8, $9)",
+         VALUES ($1, $2, $3, 'email', 'transactional', $4, $5, $6, 'queued', $7,
+                 now() + make_interval(secs => $10), $8, $9)",
     )
     .bind(tenant)
     .bind(id)
@@ -705,10 +722,43 @@ pub async fn enqueue_template_to_agent(
     .bind(max_attempts)
     .bind(about)
     .bind(sqlx::types::Json(&deferred))
+    .bind(delay.as_secs_f64())
     .execute(&mut *conn)
     .await?;
     wake_workers(conn).await?;
     Ok(Some(id))
+}
+
+/// Sets one of the variables (`vars.<path>`) of a message still waiting for its worker to
+/// render it, and makes it due now. False when the message is already being sent or gone
+/// (a worker holds it, or it was rendered): the caller tells the news another way.
+pub async fn amend_unsent(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+    path: &[&str],
+    value: &Value,
+) -> StoreResult<bool> {
+    let path: Vec<&str> = ["context", "vars"]
+        .into_iter()
+        .chain(path.iter().copied())
+        .collect();
+    let done = sqlx::query(
+        "UPDATE messages
+            SET compose = jsonb_set(compose, $3, $4), next_attempt_at = now(), updated_at = now()
+          WHERE tenant_id = $1 AND id = $2 AND status = 'queued' AND compose IS NOT NULL",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(&path)
+    .bind(value)
+    .execute(&mut *conn)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    wake_workers(conn).await?;
+    Ok(true)
 }
 
 /// Puts messages whose worker died holding them (an expired lease) back in the queue, due now,

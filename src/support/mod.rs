@@ -2,5 +2,6 @@
 
 pub mod model;
 pub mod notes;
+pub mod notify;
 pub mod routes;
 pub mod store;

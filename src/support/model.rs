@@ -415,6 +415,17 @@ pub struct SlaTarget {
 pub struct TenantSettings {
     /// A score at or below this (1-5) alerts the agent; default 2.
     pub csat_alert_threshold: Option<i16>,
+    /// How long the low-score alert waits for the customer's comment when the score came
+    /// without one, in seconds (0 to 3600); default 120. A score with a comment alerts at once.
+    #[schema(maximum = 3600)]
+    pub csat_alert_delay_secs: Option<u32>,
+    /// The company's logo on the survey and unsubscribe pages: an `https` URL (the pages load
+    /// nothing else from outside).
+    #[schema(example = "https://shop.example/logo.png")]
+    pub logo_url: Option<String>,
+    /// Send the `unsubscribe_confirmation` template after an unsubscribe link is used;
+    /// default true.
+    pub unsubscribe_confirmation: Option<bool>,
     /// SLA targets by priority (`low`, `normal`, `high`, `urgent`).
     #[schema(value_type = Object, example = json!({"urgent": {"first_response_mins": 15, "resolution_mins": 240}}))]
     #[serde(default)]
@@ -427,6 +438,18 @@ impl TenantSettings {
         if let Some(t) = self.csat_alert_threshold {
             if !(1..=5).contains(&t) {
                 errors.add("csat_alert_threshold", "must be 1 to 5");
+            }
+        }
+        if self.csat_alert_delay_secs.is_some_and(|s| s > 3600) {
+            errors.add("csat_alert_delay_secs", "must be 0 to 3600 seconds");
+        }
+        if let Some(logo) = &self.logo_url {
+            let https = url::Url::parse(logo).is_ok_and(|u| u.scheme() == "https" && u.has_host());
+            if !https || logo.len() > 2048 {
+                errors.add(
+                    "logo_url",
+                    "must be an https URL of at most 2048 characters",
+                );
             }
         }
         for (priority, target) in &self.sla {

@@ -98,6 +98,19 @@ pub fn campaign_handover(
     (subject, body)
 }
 
+/// The internal note that carries a customer's comment sent after the low-score alert.
+pub fn late_rating_comment(locale: &str, score: i16, comment: &str) -> String {
+    match language(locale) {
+        "hr" => format!("Klijent je naknadno dodao komentar uz ocjenu {score}/5:\n\n{comment}"),
+        "sl" => format!("Stranka je naknadno dodala komentar k oceni {score}/5:\n\n{comment}"),
+        "hu" => {
+            format!("Az ügyfél utólag megjegyzést fűzött a(z) {score}/5 értékeléshez:\n\n{comment}")
+        }
+        "pl" => format!("Klient dodał komentarz do oceny {score}/5:\n\n{comment}"),
+        _ => format!("The customer added a comment to their rating of {score}/5:\n\n{comment}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@ use crate::AppState;
 use crate::contacts::model::LookupParams;
 use crate::contacts::store as contacts;
 use crate::domain::TenantContext;
-use crate::domain::{Channel, Patch, kinds};
+use crate::domain::{Patch, kinds};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::events::store as events;
 use crate::http::extract::{ApiPath, ApiQuery, ValidJson};
@@ -28,12 +28,9 @@ use crate::http::pagination::{
     paginate,
 };
 use crate::http::problems::ProblemResponse;
-use crate::messages::model::Compose;
-use crate::messages::store as messages;
 use crate::templates::model::validate_key;
 use crate::templates::render;
 use crate::templates::routes::render_problem;
-use crate::templates::store as templates;
 use crate::tenants::store as tenants;
 use crate::validate;
 
@@ -139,8 +136,7 @@ async fn update_agent(
     Ok(Json(agent))
 }
 
-/// Sends `template` (the tenant's, else the built-in) about a ticket: on the ticket's channel
-/// first, then the best the contact has.
+/// Sends `template` about a ticket (see [`super::notify::customer`]).
 async fn notify_customer(
     state: &AppState,
     conn: &mut sqlx::PgConnection,
@@ -149,34 +145,8 @@ async fn notify_customer(
     template: &str,
     extra: serde_json::Value,
 ) -> ApiResult<()> {
-    if templates::get(conn, tenant.id, template).await?.is_none() {
-        tracing::debug!(template, "no such template; the customer is not notified");
-        return Ok(());
-    }
-    let first = ticket.channel.reply_channel();
-    let mut channels: Vec<Channel> = first.into_iter().collect();
-    for c in [Channel::Email, Channel::Sms, Channel::Viber] {
-        if !channels.contains(&c) {
-            channels.push(c);
-        }
-    }
-    let compose = Compose {
-        contact_id: ticket.contact_id,
-        template_key: template,
-        channels: &channels,
-        vars: {
-            let mut vars = json!({"ticket": {"id": ticket.id, "number": ticket.number, "subject": ticket.subject,
-                                 "status": ticket.status, "priority": ticket.priority}});
-            if let (Some(v), Some(e)) = (vars.as_object_mut(), extra.as_object()) {
-                v.extend(e.clone());
-            }
-            vars
-        },
-        event: None,
-        journey: None,
-        suppress: None,
-    };
-    messages::enqueue(conn, tenant, compose, &state.send_options().await?).await?;
+    let opts = state.send_options().await?;
+    super::notify::customer(conn, tenant, ticket, template, extra, &opts).await?;
     Ok(())
 }
 

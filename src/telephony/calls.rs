@@ -12,6 +12,7 @@ use crate::contacts::store as contacts;
 use crate::domain::{TenantContext, TenantId, kinds};
 use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
+use crate::messages::store::{EnqueueError, SendOptions};
 use crate::support::model::MessageAuthor;
 use crate::support::store as support;
 use crate::validate;
@@ -24,12 +25,14 @@ fn earliest(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<DateTi
 }
 
 /// Merges an update into a call (created when new), emits the facts learned for the first time
-/// and opens a call-back ticket for a missed inbound call of a known contact.
+/// and opens a call-back ticket for a missed inbound call of a known contact (who is sent the
+/// `callback_notice` template).
 pub async fn apply(
     conn: &mut PgConnection,
     tenant: &TenantContext,
     provider: &str,
     u: &CallUpdate,
+    opts: &SendOptions,
 ) -> StoreResult<Call> {
     // The row exists (stage 0 when new) and is locked before it is read: concurrent deliveries
     // of one call are serialised, so no fact is emitted twice.
@@ -106,7 +109,7 @@ pub async fn apply(
     if let Some(contact) = merged.contact_id {
         emit_new_facts(conn, tenant.id, contact, &prev, &merged).await?;
         if merged.missed && inbound && merged.ticket_id.is_none() {
-            open_callback_ticket(conn, tenant, contact, &merged).await?;
+            open_callback_ticket(conn, tenant, contact, &merged, opts).await?;
         }
     }
     store::get(conn, tenant.id, merged.id)
@@ -185,12 +188,14 @@ async fn emit_new_facts(
     Ok(())
 }
 
-/// A missed call is added to the contact's open phone ticket, or opens one, for a call-back.
+/// A missed call is added to the contact's open phone ticket, or opens one, for a call-back;
+/// a new one sends the customer the `callback_notice` template.
 async fn open_callback_ticket(
     conn: &mut PgConnection,
     tenant: &TenantContext,
     contact: Uuid,
     call: &CallRow,
+    opts: &SendOptions,
 ) -> StoreResult<()> {
     let at = call.ended_at.or(call.started_at).unwrap_or_else(Utc::now);
     let when = match tenant.timezone.parse::<chrono_tz::Tz>() {
@@ -232,7 +237,25 @@ async fn open_callback_ticket(
                 priority: "high",
                 assignee: None,
             };
-            support::create_ticket(conn, tenant, &row).await?.id
+            let ticket = support::create_ticket(conn, tenant, &row).await?;
+            let notice = crate::support::notify::customer(
+                conn,
+                tenant,
+                &ticket,
+                "callback_notice",
+                json!({}),
+                opts,
+            )
+            .await;
+            match notice {
+                Ok(_) => {}
+                Err(EnqueueError::Store(e)) => return Err(e),
+                // A tenant's own template that cannot be used is no reason to lose the call.
+                Err(e) => {
+                    tracing::warn!(tenant = %tenant.id, error = %e, "the call-back notice cannot be queued");
+                }
+            }
+            ticket.id
         }
     };
     store::set_ticket(conn, tenant.id, call.id, ticket).await

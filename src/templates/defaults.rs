@@ -27,6 +27,10 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("defaults/callback_notice.json"),
     ),
     (
+        "csat_late_comment",
+        include_str!("defaults/csat_late_comment.json"),
+    ),
+    (
         "csat_low_rating_alert",
         include_str!("defaults/csat_low_rating_alert.json"),
     ),

@@ -3,7 +3,7 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::model::{ApiKey, CreatedApiKey, Tenant, ValidTenant};
+use super::model::{ApiKey, Brand, CreatedApiKey, Tenant, ValidTenant};
 use crate::domain::{TenantContext, TenantId};
 use crate::error::{StoreError, StoreResult};
 
@@ -39,6 +39,17 @@ pub async fn get(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<Tenant
         "SELECT id, name, slug, default_country, default_locale, timezone, created_at, updated_at
          FROM tenants WHERE id = $1",
         id
+    )
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// The name and logo the tenant's public pages show.
+pub async fn brand(conn: &mut PgConnection, tenant: TenantId) -> StoreResult<Option<Brand>> {
+    Ok(sqlx::query_as!(
+        Brand,
+        r#"SELECT name, settings->>'logo_url' AS "logo_url?" FROM tenants WHERE id = $1"#,
+        tenant.0
     )
     .fetch_optional(conn)
     .await?)

@@ -87,11 +87,18 @@ async fn a_solved_ticket_gets_a_survey_and_a_low_score_alerts_the_agent() {
         "in the contact's language"
     );
     assert_eq!(page.text.matches(r#"name="score""#).count(), 5);
-    assert!(page.text.contains(r#"<label for="comment">"#));
+    assert!(
+        page.text
+            .contains(r#"<label class="comment" for="comment">"#)
+    );
 
     let r = app.send(form(&path, "score=2")).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    assert!(r.text.contains("Hvala"));
+    assert!(r.text.contains("Hvala Vam na ocjeni."), "{}", r.text);
+    assert!(
+        r.text.contains(r#"name="comment""#),
+        "the thank-you page asks for the comment"
+    );
     let rating: (
         i16,
         Option<String>,
@@ -111,21 +118,6 @@ async fn a_solved_ticket_gets_a_survey_and_a_low_score_alerts_the_agent() {
     assert_eq!(rating.3, "survey");
     assert_eq!(rating.4, s.agent);
     assert_eq!(rating.5.to_string(), s.ticket);
-
-    // The agent is alerted at once (an email to the agent), and csat.rated is on the timeline.
-    app.drain().await;
-    let alert = app
-        .outbox_log()
-        .into_iter()
-        .find(|m| m["to"] == "marija@acme.example")
-        .expect("alert sent");
-    // The built-in alert, in the tenant's language (the agent named none of her own).
-    assert_eq!(
-        alert["subject"], "Niska ocjena 2/5 \u{2013} Ana [#1]",
-        "{alert}"
-    );
-    let text = alert["text"].as_str().unwrap();
-    assert!(text.contains("Komentar: (bez komentara)"), "{text}");
     let rated: Vec<Value> =
         sqlx::query_scalar("SELECT properties FROM events WHERE type = 'csat.rated'")
             .fetch_all(&app.pool)
@@ -134,23 +126,96 @@ async fn a_solved_ticket_gets_a_survey_and_a_low_score_alerts_the_agent() {
     assert_eq!(rated[0]["score"], 2);
     assert_eq!(rated[0]["low"], true);
 
-    // The score can be given once; a comment may follow.
+    // The alert waits (two minutes by default) for the comment the page asks for next...
+    app.drain().await;
+    let to_agent = |app: &TestApp| -> Vec<Value> {
+        app.outbox_log()
+            .into_iter()
+            .filter(|m| m["to"] == "marija@acme.example")
+            .collect()
+    };
+    assert!(to_agent(&app).is_empty(), "the alert waits for the comment");
+    let wait: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM next_attempt_at - now())::float8 FROM messages
+         WHERE template_key = 'csat_low_rating_alert'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!((100.0..=120.0).contains(&wait), "{wait}");
+
+    // ...and the comment goes out with it, at once.
+    let r = app.send(form(&path, "comment=Predugo+sam+čekala")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.text.contains("Hvala, Vaš komentar je zaprimljen."),
+        "{}",
+        r.text
+    );
+    assert!(
+        !r.text.contains(r#"name="comment""#),
+        "no second comment box"
+    );
+    app.drain().await;
+    let alerts = to_agent(&app);
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    // The built-in alert, in the tenant's language (the agent named none of her own).
+    assert_eq!(
+        alerts[0]["subject"], "Niska ocjena 2/5 \u{2013} Ana [#1]",
+        "{}",
+        alerts[0]
+    );
+    let text = alerts[0]["text"].as_str().unwrap();
+    assert!(text.contains("Komentar: Predugo sam čekala"), "{text}");
+
+    // The score can be given once.
     let again = app.send(form(&path, "score=5")).await;
     assert_eq!(again.status, StatusCode::CONFLICT);
     assert!(again.content_type().starts_with("text/html"));
-    assert!(again.text.contains("Već ste ocijenili"));
-    let r = app.send(form(&path, "comment=Predugo+sam+čekala")).await;
-    assert_eq!(r.status, StatusCode::OK);
-    let comment: Option<String> = sqlx::query_scalar("SELECT comment FROM ratings")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    assert_eq!(comment.as_deref(), Some("Predugo sam čekala"));
+    assert!(again.text.contains("Ovaj ste upit već ocijenili."));
+    assert!(again.text.contains("Vaša ocjena: 2 od 5"));
     let page = app.call(Method::GET, &path, None, None).await;
     assert_eq!(
         page.text.matches(r#"name="score""#).count(),
         0,
         "no second score offered"
+    );
+
+    // A comment after the alert went out: an internal note on the ticket, and the agent is told.
+    let r = app.send(form(&path, "comment=I+nitko+se+nije+javio")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let comment: Option<String> = sqlx::query_scalar("SELECT comment FROM ratings")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(comment.as_deref(), Some("I nitko se nije javio"));
+    app.drain().await;
+    let alerts = to_agent(&app);
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
+    assert_eq!(
+        alerts[1]["subject"],
+        "Komentar uz ocjenu 2/5 \u{2013} Ana [#1]"
+    );
+    assert!(
+        alerts[1]["text"]
+            .as_str()
+            .unwrap()
+            .contains("Komentar: I nitko se nije javio")
+    );
+    let ticket = app
+        .get(&format!("/v1/tickets/{}", s.ticket), &s.t.key)
+        .await;
+    let note = ticket.body["messages"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(note["author"], "system", "{note}");
+    assert_eq!(note["internal"], true, "{note}");
+    assert_eq!(
+        note["body"],
+        "Klijent je naknadno dodao komentar uz ocjenu 2/5:\n\nI nitko se nije javio"
     );
 
     let card = app.get("/v1/contacts/lookup?phone=0", &s.t.key).await;
@@ -370,5 +435,53 @@ async fn a_fresh_tenant_speaks_to_customers_and_agents_in_their_languages() {
     assert!(
         text.contains("Prosimo, stopite v stik s stranko."),
         "{text}"
+    );
+}
+
+/// A low score with no comment: the alert goes out when the tenant's wait is over, saying
+/// there is no comment.
+#[tokio::test]
+async fn a_low_score_alone_alerts_the_agent_once_the_wait_is_over() {
+    let app = TestApp::new().await;
+    let s = setup(&app).await;
+    let r = app
+        .put(
+            "/v1/settings",
+            &s.t.key,
+            json!({"csat_alert_delay_secs": 1}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = app
+        .put(
+            "/v1/settings",
+            &s.t.key,
+            json!({"csat_alert_delay_secs": 3601}),
+        )
+        .await;
+    r.assert_problem(422);
+    assert_eq!(r.error_fields(), ["csat_alert_delay_secs"]);
+    solve(&app, &s).await;
+    app.drain().await;
+    let path = survey_path(&app);
+    let r = app.send(form(&path, "score=1")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    app.drain().await;
+    let alerts = |app: &TestApp| -> Vec<Value> {
+        app.outbox_log()
+            .into_iter()
+            .filter(|m| m["to"] == "marija@acme.example")
+            .collect()
+    };
+    assert!(alerts(&app).is_empty(), "not before the wait is over");
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    app.drain().await;
+    let sent = alerts(&app);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert!(
+        sent[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("Komentar: (bez komentara)")
     );
 }

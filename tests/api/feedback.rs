@@ -371,12 +371,28 @@ async fn opens_clicks_and_unsubscribes_are_tracked_through_signed_links() {
         .await;
     assert_eq!(page.status, StatusCode::OK);
     assert!(page.text.contains("<form method=\"post\""));
+    // In the contact's language (the tenant's, Croatian), naming the company and the channel.
+    assert!(page.text.contains(r#"<html lang="hr">"#));
+    assert!(
+        page.text.contains("<span>Tenant acme</span>"),
+        "{}",
+        page.text
+    );
+    assert!(
+        page.text
+            .contains("Želite li se odjaviti s naših ponuda i novosti koje šaljemo e-poštom?"),
+        "{}",
+        page.text
+    );
     assert_eq!(count_events(&app, "contact.unsubscribed").await, 0);
     let one_click = Request::post(&unsubscribe)
         .header("content-type", "application/x-www-form-urlencoded")
         .body(Body::from("List-Unsubscribe=One-Click"))
         .unwrap();
-    assert_eq!(app.send(one_click).await.status, StatusCode::OK);
+    let done = app.send(one_click).await;
+    assert_eq!(done.status, StatusCode::OK);
+    assert!(done.text.contains("Odjavljeni ste"), "{}", done.text);
+    assert!(done.text.contains(r#"value="resubscribe""#), "a way back");
     let c = app.get("/v1/contacts?external_id=ana", &t.key).await;
     assert_eq!(
         c.body["data"][0]["consents"]["email"]["marketing"]["status"],
@@ -398,7 +414,72 @@ async fn opens_clicks_and_unsubscribes_are_tracked_through_signed_links() {
     assert_eq!(r.body["status"], "suppressed");
     // Unsubscribed, not merely never asked.
     assert_eq!(r.body["status_reason"], "opted_out");
-    app.call(axum::http::Method::GET, "/u/garbage", None, None)
-        .await
-        .assert_problem(404);
+    // The contact is told, on the channel left, with the way back.
+    app.drain().await;
+    let confirmation = app
+        .outbox_log()
+        .into_iter()
+        .find(|m| m["subject"] == "Odjava je potvrđena")
+        .expect("the unsubscribe confirmation is sent");
+    assert_eq!(confirmation["to"], "ana@example.com");
+    let text = confirmation["text"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("http://localhost:8080{unsubscribe}")),
+        "{text}"
+    );
+    // A second one-click POST changes nothing and sends nothing more.
+    let again = Request::post(&unsubscribe)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Body::from("List-Unsubscribe=One-Click"))
+        .unwrap();
+    assert_eq!(app.send(again).await.status, StatusCode::OK);
+    assert_eq!(count_events(&app, "contact.unsubscribed").await, 1);
+    let page = app
+        .call(axum::http::Method::GET, &unsubscribe, None, None)
+        .await;
+    assert!(page.text.contains("Već ste odjavljeni"), "{}", page.text);
+
+    // Re-subscribing on the same token.
+    let back = Request::post(&unsubscribe)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Body::from("action=resubscribe"))
+        .unwrap();
+    let back = app.send(back).await;
+    assert_eq!(back.status, StatusCode::OK);
+    assert!(
+        back.text.contains("Ponovno ste prijavljeni"),
+        "{}",
+        back.text
+    );
+    let c = app.get("/v1/contacts?external_id=ana", &t.key).await;
+    assert_eq!(
+        c.body["data"][0]["consents"]["email"]["marketing"]["status"],
+        "opted_in"
+    );
+    assert_eq!(
+        c.body["data"][0]["consents"]["email"]["marketing"]["source"],
+        "resubscribe link"
+    );
+    let r = app
+        .post(
+            "/v1/messages",
+            &t.key,
+            json!({"contact": {"external_id": "ana"}, "template": "offer"}),
+        )
+        .await;
+    assert_eq!(r.body["status"], "queued", "{}", r.text);
+
+    // A link that leads nowhere is a page too, in the browser's language.
+    let garbage = Request::get("/u/garbage")
+        .header("accept-language", "pl-PL,pl;q=0.9,en;q=0.5")
+        .body(Body::empty())
+        .unwrap();
+    let r = app.send(garbage).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(r.content_type().starts_with("text/html"));
+    assert!(
+        r.text.contains("Ten link jest nieprawidłowy."),
+        "{}",
+        r.text
+    );
 }

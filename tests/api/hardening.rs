@@ -293,16 +293,6 @@ async fn a_condition_that_would_exhaust_memory_is_refused_on_save() {
     let _: Value = r.body;
 }
 
-/// Serves `app` on a loopback port until the returned token is cancelled.
-async fn serve(app: &TestApp) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let token = tokio_util::sync::CancellationToken::new();
-    let (server, stop) = (app.app.clone(), token.clone());
-    tokio::spawn(async move { server.run_api(listener, stop).await });
-    (addr, token)
-}
-
 /// A raw `GET /healthz` on a new connection; the status line, or the error.
 async fn healthz(addr: std::net::SocketAddr) -> Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -335,7 +325,7 @@ async fn idle_and_half_sent_connections_are_closed_and_the_cap_queues_new_ones()
         c.http_max_connections = 8;
     })
     .await;
-    let (addr, stop) = serve(&app).await;
+    let (addr, stop) = app.serve().await;
     // Twenty clients: half send half a request, half nothing at all.
     let mut slow = Vec::new();
     for n in 0..20 {
@@ -1079,7 +1069,7 @@ async fn the_event_writers_stop_with_the_api() {
     let app = TestApp::new().await;
     let t = app.tenant("writers").await;
     let event = json!({"type": "order.placed", "contact": {"external_id": "c-1"}});
-    let (_, stop) = serve(&app).await;
+    let (_, stop) = app.serve().await;
     let r = app.post("/v1/events", &t.key, event.clone()).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
     assert!(!app.app.state.api_stopped.is_cancelled());

@@ -17,6 +17,7 @@ mod idempotency;
 mod isolation;
 mod messages;
 mod ops;
+mod pages;
 mod providers;
 mod reports;
 mod schema;

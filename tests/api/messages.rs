@@ -706,6 +706,7 @@ async fn built_in_templates_are_listed_shown_and_overridden_per_channel_and_loca
         [
             "aaa_offer",
             "callback_notice",
+            "csat_late_comment",
             "csat_low_rating_alert",
             "csat_survey",
             "sms_stop_confirmation",

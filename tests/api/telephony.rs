@@ -236,11 +236,29 @@ async fn a_missed_call_opens_one_callback_ticket() {
         "assigned like any ticket"
     );
     assert_eq!(calls[0]["ticket_id"], tickets[0]["id"]);
+    // The caller is told, by SMS (the number they called from), in their language.
+    app.drain().await;
+    let notices = |app: &TestApp| -> Vec<Value> {
+        app.outbox_log()
+            .into_iter()
+            .filter(|m| m["to"] == "+385912345678")
+            .collect()
+    };
+    let sent = notices(&app);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0]["channel"], "sms", "{}", sent[0]);
+    assert_eq!(
+        sent[0]["text"],
+        "Tenant acme: žao nam je što smo propustili Vaš poziv. Nazvat ćemo Vas u najkraćem mogućem roku."
+    );
 
-    // A second missed call, with a voicemail, adds to the open phone ticket.
+    // A second missed call, with a voicemail, adds to the open phone ticket (and is not
+    // announced twice).
     for e in missed(2002, json!("https://aircall.example/vm/2.mp3")) {
         deliver(&app, &t, &e).await;
     }
+    app.drain().await;
+    assert_eq!(notices(&app).len(), 1);
     let tickets = app.get("/v1/tickets", &t.key).await.body["data"].clone();
     assert_eq!(tickets.as_array().unwrap().len(), 1);
     let detail = app

@@ -1,12 +1,14 @@
-//! The public survey page `/s/{token}`: a small, accessible, mobile-friendly HTML page in the
-//! contact's language with the question, five buttons and a comment box. The token names the
-//! tenant and the ticket, is signed, and expires; the score can be given once (a second one is
-//! a 409 page), a comment may follow. Every answer, errors included, is a page, never a trace.
+//! The public survey page `/s/{token}`, in the contact's language under the company's name:
+//! the ticket it is about, the question, five labelled answers and a comment box in one form
+//! (a comment typed before the score is kept), then a thank-you page that offers the comment
+//! box if it was left empty. The token names the tenant and the ticket, is signed, and expires;
+//! the score can be given once (a second one is a 409 page), a comment may follow. Every
+//! answer, errors included, is a page (`crate::http::pages`), never a trace.
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -15,173 +17,164 @@ use crate::AppState;
 use crate::domain::TenantId;
 use crate::error::ApiResult;
 use crate::http::extract::ApiPath;
+use crate::http::pages::{self, Brand, Page, Words, escape, fill};
 use crate::signing::Purpose;
+use crate::support::model::Ticket;
 use crate::support::store as support;
+use crate::tenants::store as tenants;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(survey_page, answer))
 }
 
-/// The page's words in one language.
-struct Words {
-    lang: &'static str,
-    title: &'static str,
-    question: &'static str,
-    scores: [&'static str; 5],
-    comment: &'static str,
-    send: &'static str,
-    thanks: &'static str,
-    already: &'static str,
-    invalid: &'static str,
-    expired: &'static str,
-    choose: &'static str,
+/// The longest comment kept, in characters.
+const MAX_COMMENT: usize = 5000;
+
+/// What a survey token leads to.
+struct Target {
+    tenant: TenantId,
+    ticket: Ticket,
+    words: &'static Words,
+    brand: Brand,
 }
 
-const EN: Words = Words {
-    lang: "en",
-    title: "How did we do?",
-    question: "How satisfied are you with the help you received?",
-    scores: [
-        "1 - Very dissatisfied",
-        "2 - Dissatisfied",
-        "3 - Neutral",
-        "4 - Satisfied",
-        "5 - Very satisfied",
-    ],
-    comment: "Anything you would like to add? (optional)",
-    send: "Send comment",
-    thanks: "Thank you for your answer.",
-    already: "You have already rated this request. You can still add a comment.",
-    invalid: "This survey link is not valid.",
-    expired: "This survey has expired.",
-    choose: "Please choose a score from 1 to 5.",
-};
-
-const HR: Words = Words {
-    lang: "hr",
-    title: "Kako smo vam pomogli?",
-    question: "Koliko ste zadovoljni pomoći koju ste dobili?",
-    scores: [
-        "1 - Vrlo nezadovoljan",
-        "2 - Nezadovoljan",
-        "3 - Neutralno",
-        "4 - Zadovoljan",
-        "5 - Vrlo zadovoljan",
-    ],
-    comment: "Želite li nešto dodati? (nije obavezno)",
-    send: "Pošalji komentar",
-    thanks: "Hvala na odgovoru.",
-    already: "Već ste ocijenili ovaj upit. Komentar možete dodati i sada.",
-    invalid: "Ova poveznica na anketu nije valjana.",
-    expired: "Ova anketa je istekla.",
-    choose: "Odaberite ocjenu od 1 do 5.",
-};
-
-fn words(locale: &str) -> &'static Words {
-    match locale.split('-').next().unwrap_or_default() {
-        "hr" | "bs" | "sr" => &HR,
-        _ => &EN,
+impl Target {
+    fn page(&self, status: StatusCode, title: &str, body: String) -> Response {
+        pages::render(Page {
+            status,
+            words: self.words,
+            brand: Some(&self.brand),
+            title,
+            body,
+        })
     }
-}
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
+    /// "Request #42: The card does not work".
+    fn ticket_line(&self) -> String {
+        format!(
+            r#"<p class="ticket">{} #{}: {}</p>"#,
+            escape(self.words.ticket),
+            self.ticket.number,
+            escape(&self.ticket.subject)
+        )
+    }
 
-fn page(status: StatusCode, w: &Words, body: &str) -> Response {
-    let html = format!(
-        r#"<!doctype html>
-<html lang="{lang}"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<style>
-body{{font-family:system-ui,sans-serif;max-width:34rem;margin:2rem auto;padding:0 1rem;line-height:1.5}}
-.scores{{display:flex;flex-wrap:wrap;gap:.5rem;margin:1rem 0}}
-.scores button{{flex:1 1 5.5rem;min-height:3rem;font-size:1rem;border:2px solid #335;border-radius:.5rem;background:#fff;cursor:pointer}}
-.scores button:focus,.scores button:hover{{background:#335;color:#fff}}
-textarea{{width:100%;min-height:6rem;font-size:1rem}} label{{display:block;margin-top:1rem}}
-.send{{margin-top:.5rem;font-size:1rem;padding:.5rem 1rem}}
-</style></head>
-<body><main><h1>{title}</h1>{body}</main></body></html>"#,
-        lang = w.lang,
-        title = w.title,
-    );
-    (status, Html(html)).into_response()
-}
-
-fn form(token: &str, w: &Words, with_scores: bool) -> String {
-    let scores = if with_scores {
-        let buttons: String = w
+    /// The whole survey: score and comment in one form. `error` says what was missing.
+    fn survey(&self, status: StatusCode, comment: &str, error: Option<&str>) -> Response {
+        let w = self.words;
+        let error_html = error.map_or_else(String::new, |e| {
+            format!(
+                r#"<p class="error" role="alert" id="score-error">{}</p>"#,
+                escape(e)
+            )
+        });
+        let described = if error.is_some() {
+            r#" aria-describedby="score-error""#
+        } else {
+            ""
+        };
+        let options: String = w
             .scores
             .iter()
             .enumerate()
             .map(|(i, label)| {
                 format!(
-                    r#"<button type="submit" name="score" value="{}" aria-label="{}">{}</button>"#,
-                    i + 1,
+                    r#"<label><input type="radio" name="score" value="{n}" required><span class="n">{n}</span><span>{}</span></label>"#,
                     escape(label),
-                    i + 1
+                    n = i + 1
                 )
             })
-            .collect();
-        format!(
-            r#"<fieldset><legend>{}</legend><div class="scores">{buttons}</div></fieldset>"#,
-            w.question
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        r#"<form method="post" action="/s/{token}">{scores}<label for="comment">{}</label>
-<textarea id="comment" name="comment" maxlength="5000"></textarea>
-<button class="send" type="submit">{}</button></form>"#,
-        w.comment, w.send
-    )
+            .collect::<Vec<_>>()
+            .join("\n");
+        let body = format!(
+            r#"{ticket}
+{error_html}<form method="post">
+<fieldset{described}>
+<legend>{question}</legend>
+<div class="scale">
+{options}
+</div>
+</fieldset>
+<label class="comment" for="comment">{comment_label}</label>
+<textarea id="comment" name="comment" maxlength="{MAX_COMMENT}" rows="5">{comment}</textarea>
+<button type="submit">{submit}</button>
+</form>"#,
+            ticket = self.ticket_line(),
+            question = escape(w.question),
+            comment_label = escape(w.comment_label),
+            comment = escape(comment),
+            submit = escape(w.submit),
+        );
+        self.page(status, w.survey_title, body)
+    }
+
+    /// After the score: thanks, the score given, and the comment box while there is no comment.
+    fn thanks(
+        &self,
+        status: StatusCode,
+        lead: &str,
+        score: i16,
+        commented: bool,
+        comment_thanks: bool,
+    ) -> Response {
+        let w = self.words;
+        let mut body = format!(
+            "{}\n<p>{}</p>\n<p class=\"rating\">{}</p>",
+            self.ticket_line(),
+            escape(lead),
+            fill(w.your_rating, &[("score", &score.to_string())])
+        );
+        if comment_thanks {
+            body.push_str(&format!("\n<p>{}</p>", escape(w.thanks_comment)));
+        }
+        if !commented {
+            body.push_str(&format!(
+                r#"
+<form method="post">
+<label class="comment" for="comment">{}</label>
+<textarea id="comment" name="comment" maxlength="{MAX_COMMENT}" rows="5" required></textarea>
+<button type="submit">{}</button>
+</form>"#,
+                escape(w.add_comment),
+                escape(w.send_comment)
+            ));
+        }
+        self.page(status, w.thanks_title, body)
+    }
 }
 
-/// What a survey token leads to.
-struct Target {
-    tenant: TenantId,
-    ticket: crate::support::model::Ticket,
-    words: &'static Words,
-}
-
-async fn target(state: &AppState, token: &str) -> ApiResult<Result<Target, Response>> {
+async fn target(
+    state: &AppState,
+    token: &str,
+    headers: &HeaderMap,
+) -> ApiResult<Result<Target, Response>> {
     let signer = state.links.get(&state.pool).await?;
     let Some(claims) = signer.verify(token, Purpose::Survey) else {
-        return Ok(Err(page(
-            StatusCode::NOT_FOUND,
-            &EN,
-            &format!("<p>{}</p>", EN.invalid),
-        )));
+        return Ok(Err(pages::invalid_link(headers)));
     };
     let tenant = TenantId(claims.tenant);
     let mut conn = state.pool.acquire().await?;
     let Some(ticket) = support::get_ticket(&mut conn, tenant, claims.subject).await? else {
-        return Ok(Err(page(
-            StatusCode::NOT_FOUND,
-            &EN,
-            &format!("<p>{}</p>", EN.invalid),
-        )));
+        return Ok(Err(pages::invalid_link(headers)));
     };
+    let Some(brand) = tenants::brand(&mut conn, tenant).await? else {
+        return Ok(Err(pages::invalid_link(headers)));
+    };
+    // The contact's language, else the tenant's.
     let locale = crate::contacts::store::locale_of(&mut conn, tenant, ticket.contact_id)
         .await?
         .unwrap_or_default();
-    let w = words(&locale);
-    if claims.expired() {
-        return Ok(Err(page(
-            StatusCode::GONE,
-            w,
-            &format!("<p>{}</p>", w.expired),
-        )));
-    }
-    Ok(Ok(Target {
+    let t = Target {
         tenant,
         ticket,
-        words: w,
-    }))
+        words: pages::for_locale(&locale),
+        brand,
+    };
+    if claims.expired() {
+        let body = format!("<p>{}</p>", escape(t.words.expired));
+        return Ok(Err(t.page(StatusCode::GONE, t.words.expired_title, body)));
+    }
+    Ok(Ok(t))
 }
 
 /// The survey page.
@@ -192,22 +185,26 @@ async fn target(state: &AppState, token: &str) -> ApiResult<Result<Target, Respo
               (status = 410, description = "Expired", content_type = "text/html")))]
 async fn survey_page(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiPath(token): ApiPath<String>,
 ) -> ApiResult<Response> {
-    let t = match target(&state, &token).await? {
+    let t = match target(&state, &token, &headers).await? {
         Ok(t) => t,
         Err(page) => return Ok(page),
     };
     let mut conn = state.pool.acquire().await?;
-    let rated = store::survey_rating(&mut conn, t.tenant, t.ticket.id)
-        .await?
-        .is_some();
-    let body = if rated {
-        format!("<p>{}</p>{}", t.words.already, form(&token, t.words, false))
-    } else {
-        form(&token, t.words, true)
-    };
-    Ok(page(StatusCode::OK, t.words, &body))
+    Ok(
+        match store::survey_rating(&mut conn, t.tenant, t.ticket.id).await? {
+            None => t.survey(StatusCode::OK, "", None),
+            Some(r) => t.thanks(
+                StatusCode::OK,
+                t.words.already_rated,
+                r.score,
+                r.comment.is_some(),
+                false,
+            ),
+        },
+    )
 }
 
 /// The survey page's form, as the browser posts it.
@@ -217,10 +214,10 @@ async fn survey_page(
     reason = "documents the form the handler reads field by field"
 )]
 pub struct SurveyForm {
-    /// 1 (very unhappy) to 5 (very happy); once per survey.
+    /// 1 (very dissatisfied) to 5 (very satisfied); once per survey.
     #[schema(minimum = 1, maximum = 5)]
     score: Option<i16>,
-    /// Free text; may follow the score in a later post.
+    /// Free text, with the score or in a later post.
     #[schema(max_length = 5000)]
     comment: Option<String>,
 }
@@ -236,10 +233,11 @@ pub struct SurveyForm {
               (status = 422, description = "No valid score", content_type = "text/html")))]
 async fn answer(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiPath(token): ApiPath<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let t = match target(&state, &token).await? {
+    let t = match target(&state, &token, &headers).await? {
         Ok(t) => t,
         Err(page) => return Ok(page),
     };
@@ -252,25 +250,19 @@ async fn answer(
     };
     let comment = field("comment")
         .filter(|c| !c.is_empty())
-        .map(|c| c.chars().take(5000).collect::<String>());
-    let score = field("score");
+        .map(|c| c.chars().take(MAX_COMMENT).collect::<String>());
+    let score = field("score").filter(|s| !s.is_empty());
     let w = t.words;
+    let max_attempts = state.config.outbox_max_attempts;
     let mut tx = state.pool.begin().await?;
     let already = store::survey_rating(&mut tx, t.tenant, t.ticket.id).await?;
-    match (score, already) {
-        (Some(_), Some(_)) => {
-            return Ok(page(
-                StatusCode::CONFLICT,
-                w,
-                &format!("<p>{}</p>{}", w.already, form(&token, w, false)),
-            ));
-        }
+    let page = match (score, already) {
         (Some(raw), None) => {
             let Some(score) = raw.parse::<i16>().ok().filter(|s| (1..=5).contains(s)) else {
-                return Ok(page(
+                return Ok(t.survey(
                     StatusCode::UNPROCESSABLE_ENTITY,
-                    w,
-                    &format!("<p>{}</p>{}", w.choose, form(&token, w, true)),
+                    comment.as_deref().unwrap_or_default(),
+                    Some(w.choose),
                 ));
             };
             let row = RatingRow {
@@ -282,40 +274,56 @@ async fn answer(
                 source: "survey",
                 channel: Some(t.ticket.channel.as_str()),
             };
-            match store::record(&mut tx, t.tenant, &row, state.config.outbox_max_attempts).await {
-                Ok(_) => {}
+            match store::record(&mut tx, t.tenant, &row, max_attempts).await {
+                Ok(_) => t.thanks(
+                    StatusCode::OK,
+                    w.thanks_score,
+                    score,
+                    comment.is_some(),
+                    comment.is_some(),
+                ),
+                // Rated meanwhile, by another tab.
                 Err(crate::error::StoreError::Conflict(_)) => {
-                    return Ok(page(
-                        StatusCode::CONFLICT,
-                        w,
-                        &format!("<p>{}</p>{}", w.already, form(&token, w, false)),
-                    ));
+                    return Ok(t.survey(StatusCode::CONFLICT, "", Some(w.already_rated)));
                 }
                 Err(e) => return Err(e.into()),
             }
         }
-        (None, Some(_)) => {
+        // A second score is refused; a comment that came with it is kept.
+        (Some(_), Some(r)) => {
             if let Some(c) = &comment {
-                store::add_comment(&mut tx, t.tenant, t.ticket.id, c).await?;
+                store::add_comment(&mut tx, t.tenant, t.ticket.id, c, max_attempts).await?;
             }
+            let commented = r.comment.is_some() || comment.is_some();
+            t.thanks(
+                StatusCode::CONFLICT,
+                w.already_rated,
+                r.score,
+                commented,
+                comment.is_some(),
+            )
+        }
+        (None, Some(r)) => {
+            if let Some(c) = &comment {
+                store::add_comment(&mut tx, t.tenant, t.ticket.id, c, max_attempts).await?;
+            }
+            let commented = r.comment.is_some() || comment.is_some();
+            t.thanks(
+                StatusCode::OK,
+                w.thanks_score,
+                r.score,
+                commented,
+                comment.is_some(),
+            )
         }
         (None, None) => {
-            return Ok(page(
+            return Ok(t.survey(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                w,
-                &format!("<p>{}</p>{}", w.choose, form(&token, w, true)),
+                comment.as_deref().unwrap_or_default(),
+                Some(w.choose),
             ));
         }
-    }
-    tx.commit().await?;
-    let follow = if comment.is_none() {
-        form(&token, w, false)
-    } else {
-        String::new()
     };
-    Ok(page(
-        StatusCode::OK,
-        w,
-        &format!("<p>{}</p>{follow}", w.thanks),
-    ))
+    tx.commit().await?;
+    Ok(page)
 }

@@ -167,7 +167,14 @@ async fn webhook(
     let update = update_from(event, data)?;
     let ctx = crate::tenants::store::context(&mut tx, tenant).await?;
     let ctx = ctx.ok_or_else(unauthorized)?;
-    let call = calls::apply(&mut tx, &ctx, "aircall", &update).await?;
+    let call = calls::apply(
+        &mut tx,
+        &ctx,
+        "aircall",
+        &update,
+        &state.send_options().await?,
+    )
+    .await?;
     // When a known contact calls in, the agent gets the contact card before answering.
     let has_api = integration.settings.contains_key("api_id")
         && integration.secrets.contains_key("api_token");

@@ -247,7 +247,14 @@ async fn webhook(
     let ctx = crate::tenants::store::context(&mut tx, tenant)
         .await?
         .ok_or_else(|| unauthorized("no signature matches"))?;
-    let call = calls::apply(&mut tx, &ctx, "neutral", &update).await?;
+    let call = calls::apply(
+        &mut tx,
+        &ctx,
+        "neutral",
+        &update,
+        &state.send_options().await?,
+    )
+    .await?;
     tx.commit().await?;
     Ok(Json(IntakeResult {
         call_id: Some(call.id),

@@ -378,6 +378,16 @@ impl TestApp {
     }
 
     /// Sends a prepared request.
+    /// Serves the app on a loopback port, as `serve` does, until the token is cancelled.
+    pub async fn serve(&self) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = tokio_util::sync::CancellationToken::new();
+        let (server, stop) = (self.app.clone(), token.clone());
+        tokio::spawn(async move { server.run_api(listener, stop).await });
+        (addr, token)
+    }
+
     pub async fn send(&self, request: Request<Body>) -> Resp {
         let response = self.router.clone().oneshot(request).await.unwrap();
         let status = response.status();
