@@ -329,6 +329,8 @@ pub mod kinds {
     pub const MESSAGE_FAILED: &str = "message.failed";
     pub const MESSAGE_OPENED: &str = "message.opened";
     pub const MESSAGE_CLICKED: &str = "message.clicked";
+    /// A customer wrote in (an SMS, a Viber message).
+    pub const MESSAGE_RECEIVED: &str = "message.received";
 
     pub const TICKET_CREATED: &str = "ticket.created";
     pub const TICKET_ASSIGNED: &str = "ticket.assigned";

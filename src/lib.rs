@@ -19,6 +19,7 @@ pub mod embedded_pg;
 pub mod error;
 pub mod events;
 pub mod http;
+pub mod inbound;
 pub mod ingest;
 pub mod jobs;
 pub mod messages;
@@ -195,6 +196,7 @@ impl App {
                     |c, t, id| Box::pin(support::store::erase_contact(c, t, id)),
                     |c, t, id| Box::pin(csat::store::erase_contact(c, t, id)),
                     |c, t, id| Box::pin(telephony::store::erase_contact(c, t, id)),
+                    |c, t, id| Box::pin(inbound::store::erase_contact(c, t, id)),
                 ]),
                 events,
                 api_keys: Arc::new(tenancy::KeyCache::new(pool.clone(), api_stopped.clone())),

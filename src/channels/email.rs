@@ -12,6 +12,14 @@ use super::http::setting;
 use super::settings::Resolved;
 use super::{Outbound, Provider, Receipt, SendError};
 
+/// The domain of Rapport's `Message-ID`s: the sender address's.
+pub fn sender_domain(from: Option<&str>) -> &str {
+    from.and_then(|f| f.rsplit_once('@'))
+        .map(|(_, d)| d.trim_end_matches('>'))
+        .filter(|d| !d.is_empty())
+        .unwrap_or("rapport.local")
+}
+
 pub struct Smtp {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     host: String,
@@ -71,11 +79,7 @@ impl Smtp {
                     .map_err(|e| format!("smtp: reply_to: {e}"))
             })
             .transpose()?;
-        let domain = from_address
-            .rsplit('@')
-            .next()
-            .unwrap_or("rapport.local")
-            .to_owned();
+        let domain = sender_domain(Some(from_address)).to_owned();
         Ok(Smtp {
             transport: builder.build(),
             host: host.to_owned(),
@@ -99,6 +103,20 @@ impl Smtp {
             .message_id(Some(format!("<{}@{}>", m.message_id, self.domain)));
         if let Some(reply_to) = &self.reply_to {
             builder = builder.reply_to(reply_to.clone());
+        }
+        // A mail about a ticket threads after the ticket's earlier ones.
+        let thread = |key: &str| {
+            m.extras
+                .get("thread")
+                .and_then(|t| t.get(key))
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned)
+        };
+        if let Some(parent) = thread("in_reply_to") {
+            builder = builder.in_reply_to(parent);
+        }
+        if let Some(references) = thread("references") {
+            builder = builder.references(references);
         }
         // RFC 8058 one-click unsubscribe on marketing mail.
         if let Some(url) = m

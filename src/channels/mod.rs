@@ -90,6 +90,35 @@ pub struct Callbacks {
     pub links: Arc<crate::LinkKeys>,
 }
 
+/// Where a provider sends a tenant's delivery reports and customers' messages: Twilio's status
+/// callbacks and inbound SMS, Infobip's reports and inbound SMS and Viber messages (a signed
+/// token in the URL: Infobip signs nothing), the Viber bot's callbacks. None for providers
+/// that call nothing back.
+pub fn webhook_url(
+    public_url: &str,
+    signer: &crate::signing::Signer,
+    tenant: TenantId,
+    provider: &str,
+) -> Option<String> {
+    let base = format!(
+        "{}/webhooks/{provider}/{tenant}",
+        public_url.trim_end_matches('/')
+    );
+    match provider {
+        "twilio" | "viber" => Some(base),
+        "infobip" => {
+            let token = signer.token(crate::signing::Claims::new(
+                crate::signing::Purpose::Webhook,
+                tenant.0,
+                uuid::Uuid::nil(),
+                0,
+            ));
+            Some(format!("{base}?token={token}"))
+        }
+        _ => None,
+    }
+}
+
 type CacheKey = (TenantId, ChannelKind);
 /// A built provider and the `updated_at` of the settings it was built from.
 type CacheEntry = (DateTime<Utc>, Arc<dyn Provider>);
@@ -187,30 +216,24 @@ impl Channels {
             }
         }
         if let Some(cb) = &self.inner.callbacks {
-            let receipts = format!("{}/webhooks/{}/{tenant}", cb.public_url, config.provider);
-            match config.provider.as_str() {
-                "twilio" => {
+            let signer = cb
+                .links
+                .get(pool)
+                .await
+                .map_err(|e| unusable(e.to_string()))?;
+            let url = webhook_url(&cb.public_url, signer, tenant, &config.provider);
+            match (config.provider.as_str(), url) {
+                ("twilio", Some(url)) => {
                     config
                         .settings
                         .entry("status_callback_url")
-                        .or_insert_with(|| serde_json::Value::String(receipts));
+                        .or_insert_with(|| serde_json::Value::String(url));
                 }
-                "infobip" if !config.settings.contains_key("notify_url") => {
-                    let signer = cb
-                        .links
-                        .get(pool)
-                        .await
-                        .map_err(|e| unusable(e.to_string()))?;
-                    let token = signer.token(crate::signing::Claims::new(
-                        crate::signing::Purpose::Webhook,
-                        tenant.0,
-                        uuid::Uuid::nil(),
-                        0,
-                    ));
-                    config.settings.insert(
-                        "notify_url".into(),
-                        serde_json::Value::String(format!("{receipts}?token={token}")),
-                    );
+                ("infobip", Some(url)) => {
+                    config
+                        .settings
+                        .entry("notify_url")
+                        .or_insert_with(|| serde_json::Value::String(url));
                 }
                 _ => {}
             }

@@ -56,7 +56,19 @@ async fn put_channel(
     )
     .await?;
     tx.commit().await?;
-    Ok(Json(config))
+    Ok(Json(with_webhook_url(&state, tenant.id, config).await?))
+}
+
+/// The configuration with the URL its provider's webhooks must call.
+async fn with_webhook_url(
+    state: &AppState,
+    tenant: crate::domain::TenantId,
+    mut config: ChannelConfig,
+) -> ApiResult<ChannelConfig> {
+    let signer = state.links.get(&state.pool).await?;
+    config.webhook_url =
+        super::webhook_url(&state.config.public_url, signer, tenant, &config.provider);
+    Ok(config)
 }
 
 /// A channel's configuration (`log` when none is stored), without secret values.
@@ -71,7 +83,9 @@ async fn get_channel(
 ) -> ApiResult<Json<ChannelConfig>> {
     let channel = channel(&name)?;
     let mut conn = state.pool.acquire().await?;
-    Ok(Json(settings::get(&mut conn, tenant.id, channel).await?))
+    let config = settings::get(&mut conn, tenant.id, channel).await?;
+    drop(conn);
+    Ok(Json(with_webhook_url(&state, tenant.id, config).await?))
 }
 
 /// Every channel's configuration.
@@ -85,7 +99,8 @@ async fn list_channels(
     let mut conn = state.pool.acquire().await?;
     let mut data = Vec::new();
     for channel in [Channel::Email, Channel::Sms, Channel::Viber] {
-        data.push(settings::get(&mut conn, tenant.id, channel).await?);
+        let config = settings::get(&mut conn, tenant.id, channel).await?;
+        data.push(with_webhook_url(&state, tenant.id, config).await?);
     }
     Ok(Json(Page {
         data,

@@ -130,6 +130,10 @@ pub struct ChannelConfig {
     /// The names of the secrets that are set.
     pub secrets: Vec<String>,
     pub updated_at: Option<DateTime<Utc>>,
+    /// Where to point the provider's webhooks (delivery reports, and customers' messages: the
+    /// Twilio number's "a message comes in" URL, Infobip's inbound forwarding URL, the Viber
+    /// bot's `set_webhook`). Absent for providers that call nothing back.
+    pub webhook_url: Option<String>,
 }
 
 /// A stored configuration with its secrets opened, for building a provider.
@@ -316,6 +320,7 @@ pub async fn put(
         settings: Value::Object(input.settings.clone()),
         secrets: names,
         updated_at: Some(updated_at),
+        webhook_url: None,
     })
 }
 
@@ -332,6 +337,7 @@ pub async fn get(
             settings: row.settings,
             secrets: row.secret_names,
             updated_at: Some(row.updated_at),
+            webhook_url: None,
         },
         None => ChannelConfig {
             channel,
@@ -339,6 +345,7 @@ pub async fn get(
             settings: Value::Object(Map::new()),
             secrets: Vec::new(),
             updated_at: None,
+            webhook_url: None,
         },
     })
 }

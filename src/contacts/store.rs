@@ -473,6 +473,62 @@ pub async fn ensure_by_external_ids(
     ))
 }
 
+/// How a customer who writes in is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KnownBy {
+    /// E.164.
+    Phone(String),
+    ViberId(String),
+}
+
+/// The live contact with this address (the most recently updated, if several), or a new one
+/// with only that address (`contact.created` with `via: inbound`). Concurrent first messages
+/// from one new sender make one contact: they wait on a lock of the address.
+pub async fn find_or_create_by_address(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    address: &KnownBy,
+    channel: Channel,
+) -> StoreResult<Uuid> {
+    let (column, value) = match address {
+        KnownBy::Phone(p) => ("phone", p.as_str()),
+        KnownBy::ViberId(v) => ("viber_id", v.as_str()),
+    };
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("contact-address/{tenant}/{column}/{value}"))
+        .execute(&mut *conn)
+        .await?;
+    let existing: Option<Uuid> = sqlx::query_scalar(&format!(
+        "SELECT id FROM contacts WHERE tenant_id = $1 AND {column} = $2 AND erased_at IS NULL
+         ORDER BY updated_at DESC LIMIT 1"
+    ))
+    .bind(tenant)
+    .bind(value)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(id) = existing {
+        return Ok(id);
+    }
+    let id = Uuid::now_v7();
+    sqlx::query(&format!(
+        "INSERT INTO contacts (tenant_id, id, {column}) VALUES ($1, $2, $3)"
+    ))
+    .bind(tenant)
+    .bind(id)
+    .bind(value)
+    .execute(&mut *conn)
+    .await?;
+    events::emit(
+        conn,
+        tenant,
+        id,
+        kinds::CONTACT_CREATED,
+        json!({"via": "inbound", "channel": channel}),
+    )
+    .await?;
+    Ok(id)
+}
+
 /// The oldest live contact with this address (`email` or `phone` column).
 pub async fn id_by_address(
     conn: &mut PgConnection,

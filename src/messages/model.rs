@@ -152,6 +152,8 @@ pub struct Compose<'a> {
     pub event: Option<Value>,
     /// The campaign journey that sends it: (campaign id, journey id).
     pub journey: Option<(Uuid, Uuid)>,
+    /// The ticket it is about: its email threads with the ticket's other mails.
+    pub ticket: Option<Uuid>,
     /// Record the message as suppressed for this reason instead of sending it (a campaign's
     /// frequency cap, a ticket still open past the hold limit).
     pub suppress: Option<&'a str>,

@@ -53,6 +53,7 @@ async fn send_message(
         vars: Value::Object(body.variables.clone().unwrap_or_default()),
         event: None,
         journey: None,
+        ticket: None,
         suppress: None,
     };
     let opts = state.send_options().await?;

@@ -168,6 +168,7 @@ pub struct Planned {
     template_key: String,
     recipient: Option<String>,
     journey: Option<(Uuid, Uuid)>,
+    ticket: Option<Uuid>,
     max_attempts: i32,
     decision: Decision,
 }
@@ -321,6 +322,7 @@ async fn plan(
         template_key: c.template_key.to_owned(),
         recipient: address(&contact, channel, viber).map(str::to_owned),
         journey: c.journey,
+        ticket: c.ticket,
         max_attempts: opts.max_attempts,
         decision,
     };
@@ -414,12 +416,16 @@ async fn insert(
         Decision::Send(d) => d,
     };
     let compose = rendered.is_none().then_some(sqlx::types::Json(deferred));
+    let mut extras = rendered.map_or_else(|| json!({}), |r| r.extras.clone());
+    if let (Some(ticket), Channel::Email) = (p.ticket, p.channel) {
+        extras["thread"] = thread(conn, p.tenant, ticket).await?;
+    }
     let sql = format!(
         "INSERT INTO messages (tenant_id, id, contact_id, channel, purpose, template_key, locale,
             recipient, subject, body_text, body_html, extras, status, max_attempts, next_attempt_at,
-            campaign_id, journey_id, compose)
+            campaign_id, journey_id, compose, ticket_id)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $13, now(), $14, $15,
-                 $16)
+                 $16, $17)
          RETURNING {MESSAGE_COLUMNS}"
     );
     let message: Message = sqlx::query_as(&sql)
@@ -434,11 +440,12 @@ async fn insert(
         .bind(rendered.and_then(|r| r.subject.as_deref()))
         .bind(rendered.and_then(|r| r.text.as_deref()))
         .bind(rendered.and_then(|r| r.html.as_deref()))
-        .bind(rendered.map_or_else(|| json!({}), |r| r.extras.clone()))
+        .bind(extras)
         .bind(p.max_attempts)
         .bind(p.journey.map(|j| j.0))
         .bind(p.journey.map(|j| j.1))
         .bind(compose)
+        .bind(p.ticket)
         .fetch_one(&mut *conn)
         .await?;
     events::emit_about(
@@ -455,6 +462,39 @@ async fn insert(
     Ok(message)
 }
 
+/// The mail headers that thread a ticket's next email after its earlier ones: `In-Reply-To`
+/// the latest, `References` the last twenty (RFC 5322 section 3.6.4). Rapport's own mails are
+/// `<message id@sender domain>`, as the SMTP provider writes their `Message-ID`.
+async fn thread(conn: &mut PgConnection, tenant: TenantId, ticket: Uuid) -> StoreResult<Value> {
+    let from: Option<String> = sqlx::query_scalar(
+        "SELECT settings->>'from' FROM channel_settings WHERE tenant_id = $1 AND channel = 'email'",
+    )
+    .bind(tenant)
+    .fetch_optional(&mut *conn)
+    .await?
+    .flatten();
+    let domain = crate::channels::email::sender_domain(from.as_deref());
+    let earlier: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM (
+            SELECT id FROM messages
+             WHERE tenant_id = $1 AND ticket_id = $2 AND channel = 'email'
+               AND status NOT IN ('suppressed', 'failed')
+             ORDER BY id DESC LIMIT 20) last ORDER BY id",
+    )
+    .bind(tenant)
+    .bind(ticket)
+    .fetch_all(&mut *conn)
+    .await?;
+    let ids: Vec<String> = earlier
+        .iter()
+        .map(|id| format!("<{id}@{domain}>"))
+        .collect();
+    Ok(match ids.last() {
+        Some(last) => json!({"in_reply_to": last, "references": ids.join(" ")}),
+        None => json!({}),
+    })
+}
+
 async fn insert_suppressed(
     conn: &mut PgConnection,
     p: &Planned,
@@ -463,8 +503,8 @@ async fn insert_suppressed(
     let sql = format!(
         "INSERT INTO messages (tenant_id, id, contact_id, channel, purpose, template_key,
             recipient, status, status_reason, max_attempts, next_attempt_at, campaign_id,
-            journey_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'suppressed', $8, $9, now(), $10, $11)
+            journey_id, ticket_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'suppressed', $8, $9, now(), $10, $11, $12)
          RETURNING {MESSAGE_COLUMNS}"
     );
     let message: Message = sqlx::query_as(&sql)
@@ -479,6 +519,7 @@ async fn insert_suppressed(
         .bind(p.max_attempts)
         .bind(p.journey.map(|j| j.0))
         .bind(p.journey.map(|j| j.1))
+        .bind(p.ticket)
         .fetch_one(&mut *conn)
         .await?;
     events::emit_about(
@@ -962,7 +1003,7 @@ pub async fn record_rendered(
     };
     let written: Vec<(TenantId, Uuid)> = sqlx::query_as(
         "UPDATE messages m SET subject = u.subject, body_text = u.text, body_html = u.html,
-            extras = u.extras, compose = NULL, updated_at = now()
+            extras = m.extras || u.extras, compose = NULL, updated_at = now()
          FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
                      $7::jsonb[]) AS u(t, id, attempt, subject, text, html, extras)
          WHERE m.tenant_id = u.t AND m.id = u.id AND m.status = 'sending'

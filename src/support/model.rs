@@ -274,6 +274,24 @@ pub struct TicketMessage {
     /// Internal notes are never shown to the customer.
     pub internal: bool,
     pub created_at: DateTime<Utc>,
+    /// How a public agent message reaches the customer: the outbox message carrying it (the
+    /// `ticket_reply` template), with its status. Absent on internal notes and customers'
+    /// messages.
+    #[schema(value_type = Option<Delivery>)]
+    pub delivery: Option<sqlx::types::Json<Delivery>>,
+}
+
+/// The outbox message that carries an agent's reply to the customer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Delivery {
+    pub message_id: Uuid,
+    pub status: crate::messages::model::MessageStatus,
+    /// Why it was suppressed or failed.
+    pub status_reason: Option<String>,
+    /// The channel chosen: the ticket's, else the contact's best.
+    pub channel: crate::domain::Channel,
+    /// The address it went to.
+    pub to: Option<String>,
 }
 
 /// A ticket with its messages.
@@ -341,12 +359,18 @@ pub enum ContactAuthor {
     Contact,
 }
 
-/// `POST /v1/tickets/{id}/messages`.
+/// `POST /v1/tickets/{id}/messages`: a `body`, or (agents) a `snippet` with `vars`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTicketMessage {
     pub author: Author,
-    pub body: String,
+    /// The text; required unless `snippet` is given.
+    pub body: Option<String>,
+    /// A snippet's key: its text, rendered for this ticket, is the body (agents only).
+    pub snippet: Option<String>,
+    /// Variables the snippet sees as `vars`.
+    #[schema(value_type = Option<Object>)]
+    pub vars: Option<serde_json::Value>,
     /// An internal note (agents only). Default false.
     #[serde(default)]
     pub internal: bool,
@@ -426,6 +450,13 @@ pub struct TenantSettings {
     /// Send the `unsubscribe_confirmation` template after an unsubscribe link is used;
     /// default true.
     pub unsubscribe_confirmation: Option<bool>,
+    /// Words that, as a whole SMS or Viber message, opt the sender out of marketing on that
+    /// channel, besides the built-in ones (`STOP`, `UNSUBSCRIBE`, `ODJAVA`, `LEIRATKOZOM`,
+    /// `REZYGNUJĘ`...).
+    #[schema(example = json!(["DOSTA"]))]
+    pub stop_keywords: Option<Vec<String>>,
+    /// Words that opt the sender back in, besides `START`, `PRIJAVA`, `FELIRATKOZOM`.
+    pub start_keywords: Option<Vec<String>>,
     /// SLA targets by priority (`low`, `normal`, `high`, `urgent`).
     #[schema(value_type = Object, example = json!({"urgent": {"first_response_mins": 15, "resolution_mins": 240}}))]
     #[serde(default)]
@@ -442,6 +473,19 @@ impl TenantSettings {
         }
         if self.csat_alert_delay_secs.is_some_and(|s| s > 3600) {
             errors.add("csat_alert_delay_secs", "must be 0 to 3600 seconds");
+        }
+        for (name, words) in [
+            ("stop_keywords", &self.stop_keywords),
+            ("start_keywords", &self.start_keywords),
+        ] {
+            let words = words.as_deref().unwrap_or_default();
+            if words.len() > 50
+                || words.iter().any(|w| {
+                    w.trim().is_empty() || w.chars().count() > 30 || w.trim().contains(' ')
+                })
+            {
+                errors.add(name, "at most 50 single words of at most 30 characters");
+            }
         }
         if let Some(logo) = &self.logo_url {
             let https = url::Url::parse(logo).is_ok_and(|u| u.scheme() == "https" && u.has_host());

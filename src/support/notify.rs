@@ -43,6 +43,7 @@ pub async fn customer(
         vars,
         event: None,
         journey: None,
+        ticket: Some(ticket.id),
         suppress: None,
     };
     Ok(Some(messages::enqueue(conn, tenant, compose, opts).await?))

@@ -9,7 +9,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::model::{
-    Agent, AgentInput, Author, ContactCard, MessageAuthor, NewTicket, NewTicketMessage,
+    Agent, AgentInput, Author, ContactCard, Delivery, MessageAuthor, NewTicket, NewTicketMessage,
     RenderSnippet, RenderedSnippet, Snippet, SnippetInput, Status, TenantSettings, Ticket,
     TicketDetail, TicketFilter, TicketMessage, TicketPatch,
 };
@@ -371,8 +371,12 @@ async fn update_ticket(
     }))
 }
 
-/// Add a message: an agent's reply or internal note, or the customer's reply. The first public
-/// agent reply sets `first_response_at`; a customer reply reopens a pending or solved ticket.
+/// Add a message: an agent's reply or internal note, or the customer's reply. An agent's
+/// public reply is sent to the customer in the `ticket_reply` template, in the same
+/// transaction (its `delivery` shows the outbox message); an email reply threads after the
+/// ticket's earlier mails and quotes the conversation. The first public agent reply sets
+/// `first_response_at`; a customer reply reopens a pending or solved ticket. An agent may
+/// write a `snippet` (with `vars`) instead of a `body`.
 #[utoipa::path(post, path = "/v1/tickets/{id}/messages", tag = "support", security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Ticket id")), request_body = NewTicketMessage,
     responses((status = 201, body = TicketMessage), (status = 404, response = ProblemResponse),
@@ -384,7 +388,46 @@ async fn add_message(
     ApiPath(id): ApiPath<Uuid>,
     ValidJson(body): ValidJson<NewTicketMessage>,
 ) -> ApiResult<(StatusCode, Json<TicketMessage>)> {
-    let text = validate::text(&body.body, 100_000).map_err(|m| ApiError::field("body", m))?;
+    let raw = match (&body.body, &body.snippet, &body.author) {
+        (Some(text), None, _) => text.clone(),
+        (None, Some(key), Author::Agent { agent_id }) => {
+            if body.internal {
+                return Err(ApiError::field(
+                    "snippet",
+                    "snippets are for replies; write an internal note as a body",
+                ));
+            }
+            // Rendered before the transaction: no tenant template runs while a connection
+            // is held.
+            let vars = body.vars.clone().unwrap_or_else(|| json!({}));
+            render_snippet_for(&state, &tenant, key, id, Some(*agent_id), vars)
+                .await
+                .map_err(|e| match e {
+                    ApiError::NotFound(m) if m.starts_with("no snippet") => {
+                        ApiError::field("snippet", m)
+                    }
+                    e => e,
+                })?
+        }
+        (None, Some(_), Author::Contact(_)) => {
+            return Err(ApiError::field(
+                "snippet",
+                "only agents write from snippets",
+            ));
+        }
+        (Some(_), Some(_), _) => {
+            return Err(ApiError::field(
+                "snippet",
+                "give a body or a snippet, not both",
+            ));
+        }
+        (None, None, _) => return Err(ApiError::field("body", "is required")),
+    };
+    if body.vars.is_some() && body.snippet.is_none() {
+        return Err(ApiError::field("vars", "only a snippet takes vars"));
+    }
+    let text = validate::text(&raw, 100_000).map_err(|m| ApiError::field("body", m))?;
+    let opts = state.send_options().await?;
     let mut tx = state.pool.begin().await?;
     let ticket = store::lock_ticket(&mut tx, tenant.id, id)
         .await?
@@ -397,16 +440,12 @@ async fn add_message(
     }
     let message = match body.author {
         Author::Agent { agent_id } => {
-            if store::get_agent(&mut tx, tenant.id, agent_id)
+            let agent = store::get_agent(&mut tx, tenant.id, agent_id)
                 .await?
-                .is_none()
-            {
-                return Err(ApiError::field(
-                    "author.agent_id",
-                    format!("no agent with id {agent_id}"),
-                ));
-            }
-            let m = store::insert_message(
+                .ok_or_else(|| {
+                    ApiError::field("author.agent_id", format!("no agent with id {agent_id}"))
+                })?;
+            let mut m = store::insert_message(
                 &mut tx,
                 tenant.id,
                 id,
@@ -430,6 +469,25 @@ async fn add_message(
                     Some(("ticket", id)),
                 )
                 .await?;
+                let history = store::reply_history(&mut tx, tenant.id, id, m.id, 3).await?;
+                let vars = json!({
+                    "reply": text,
+                    "agent": {"id": agent.id, "name": agent.name},
+                    "history": quoted_history(&history, &tenant.timezone),
+                });
+                let sent =
+                    super::notify::customer(&mut tx, &tenant, &ticket, "ticket_reply", vars, &opts)
+                        .await?;
+                if let Some(sent) = sent {
+                    store::set_delivery(&mut tx, tenant.id, m.id, sent.id).await?;
+                    m.delivery = Some(sqlx::types::Json(Delivery {
+                        message_id: sent.id,
+                        status: sent.status,
+                        status_reason: sent.status_reason,
+                        channel: sent.channel,
+                        to: sent.recipient,
+                    }));
+                }
             }
             m
         }
@@ -461,6 +519,36 @@ async fn add_message(
     };
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(message)))
+}
+
+/// The conversation a reply quotes, newest first: who, when (in the tenant's time zone), and
+/// the text with each line behind `> `.
+fn quoted_history(
+    history: &[(String, chrono::DateTime<chrono::Utc>, String)],
+    timezone: &str,
+) -> serde_json::Value {
+    let zone = timezone.parse::<chrono_tz::Tz>().unwrap_or(chrono_tz::UTC);
+    history
+        .iter()
+        .map(|(who, at, body)| {
+            let quoted: Vec<String> = body
+                .lines()
+                .map(|l| {
+                    if l.is_empty() {
+                        ">".to_owned()
+                    } else {
+                        format!("> {l}")
+                    }
+                })
+                .collect();
+            json!({
+                "author": who,
+                "at": at.with_timezone(&zone).format("%Y-%m-%d %H:%M").to_string(),
+                "body": body,
+                "quoted": quoted.join("\n"),
+            })
+        })
+        .collect()
 }
 
 /// The tenant's settings.
@@ -567,35 +655,52 @@ async fn render_snippet(
     ApiPath(key): ApiPath<String>,
     ValidJson(body): ValidJson<RenderSnippet>,
 ) -> ApiResult<Json<RenderedSnippet>> {
-    let mut conn = state.pool.acquire().await?;
-    let snippet = store::get_snippet(&mut conn, tenant.id, &key)
-        .await?
-        .ok_or_else(|| snippet_not_found(&key))?;
-    let ticket = store::get_ticket(&mut conn, tenant.id, body.ticket_id)
-        .await?
-        .ok_or_else(|| {
-            ApiError::field("ticket_id", format!("no ticket with id {}", body.ticket_id))
+    let text = render_snippet_for(&state, &tenant, &key, body.ticket_id, None, json!({}))
+        .await
+        .map_err(|e| match e {
+            ApiError::NotFound(m) if m.starts_with("no ticket") => ApiError::field("ticket_id", m),
+            e => e,
         })?;
+    Ok(Json(RenderedSnippet { text }))
+}
+
+/// A snippet rendered for a ticket, as `agent` (else the ticket's assignee) would send it: it
+/// sees `contact`, `ticket`, `agent`, `tenant` and `vars`. The template runs with no database
+/// connection held.
+async fn render_snippet_for(
+    state: &AppState,
+    tenant: &TenantContext,
+    key: &str,
+    ticket_id: Uuid,
+    agent: Option<Uuid>,
+    vars: serde_json::Value,
+) -> ApiResult<String> {
+    let mut conn = state.pool.acquire().await?;
+    let snippet = store::get_snippet(&mut conn, tenant.id, key)
+        .await?
+        .ok_or_else(|| snippet_not_found(key))?;
+    let ticket = store::get_ticket(&mut conn, tenant.id, ticket_id)
+        .await?
+        .ok_or_else(|| ticket_not_found(ticket_id))?;
     let contact = contacts::get(&mut conn, tenant.id, ticket.contact_id).await?;
     let tenant_row = tenants::get(&mut conn, tenant.id.0)
         .await?
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("authenticated tenant is missing")))?;
-    let agent = match ticket.assignee_id {
+    let agent = match agent.or(ticket.assignee_id) {
         Some(a) => store::get_agent(&mut conn, tenant.id, a).await?,
         None => None,
     };
-    let mut ctx = render::context(contact.as_ref(), &tenant_row, None, &json!({}));
+    let mut ctx = render::context(contact.as_ref(), &tenant_row, None, &vars);
     ctx["ticket"] = serde_json::to_value(&ticket).map_err(|e| ApiError::Internal(e.into()))?;
     if let Some(agent) = agent {
         ctx["agent"] = serde_json::to_value(&agent).map_err(|e| ApiError::Internal(e.into()))?;
     }
     drop(conn);
-    let text = state
+    state
         .sandbox
         .render_text("snippet.txt", &snippet.body, &ctx, "body")
         .await
-        .map_err(|e| render_problem(e, "snippet."))?;
-    Ok(Json(RenderedSnippet { text }))
+        .map_err(|e| render_problem(e, "snippet."))
 }
 
 /// The contact card for a screen-pop: the contact, open tickets, last interactions, last CSAT.

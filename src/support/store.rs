@@ -9,9 +9,11 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use chrono::{DateTime, Utc};
+
 use super::model::{
-    Agent, AgentChanges, ContactCard, MessageAuthor, OPEN_TICKET_STATUSES, Snippet, Status,
-    TenantSettings, Ticket, TicketMessage, open_ticket_statuses,
+    Agent, AgentChanges, ContactCard, Delivery, MessageAuthor, OPEN_TICKET_STATUSES, Snippet,
+    Status, TenantSettings, Ticket, TicketMessage, open_ticket_statuses,
 };
 use crate::contacts::model::Contact;
 use crate::contacts::store as contacts;
@@ -441,7 +443,8 @@ pub async fn insert_message(
         TicketMessage,
         r#"INSERT INTO ticket_messages (tenant_id, id, ticket_id, author, agent_id, body, internal)
            VALUES ($1, $2, $3, $4, $5, $6, $7)
-           RETURNING id, author AS "author: MessageAuthor", agent_id, body, internal, created_at"#,
+           RETURNING id, author AS "author: MessageAuthor", agent_id, body, internal, created_at,
+                     NULL::jsonb AS "delivery: Json<Delivery>""#,
         tenant.0,
         Uuid::now_v7(),
         ticket,
@@ -452,6 +455,57 @@ pub async fn insert_message(
     )
     .fetch_one(conn)
     .await?)
+}
+
+/// Records the outbox message that carries a ticket message to the customer.
+pub async fn set_delivery(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    ticket_message: Uuid,
+    message: Uuid,
+) -> StoreResult<()> {
+    sqlx::query!(
+        "UPDATE ticket_messages SET message_id = $3 WHERE tenant_id = $1 AND id = $2",
+        tenant.0,
+        ticket_message,
+        message
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The ticket's public conversation before `before`, newest first, for quoting in a reply:
+/// who wrote each message (the contact's name or address, the agent's name), when, and what.
+pub async fn reply_history(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    ticket: Uuid,
+    before: Uuid,
+    limit: i64,
+) -> StoreResult<Vec<(String, DateTime<Utc>, String)>> {
+    let rows = sqlx::query!(
+        r#"SELECT coalesce(a.name, nullif(trim(concat_ws(' ', c.first_name, c.last_name)), ''),
+                           c.email, c.phone, '?') AS "who!",
+                  tm.created_at, tm.body
+           FROM ticket_messages tm
+           JOIN tickets t ON t.tenant_id = tm.tenant_id AND t.id = tm.ticket_id
+           JOIN contacts c ON c.tenant_id = t.tenant_id AND c.id = t.contact_id
+           LEFT JOIN agents a ON a.tenant_id = tm.tenant_id AND a.id = tm.agent_id
+           WHERE tm.tenant_id = $1 AND tm.ticket_id = $2 AND tm.id < $3 AND NOT tm.internal
+             AND tm.author IN ('contact', 'agent')
+           ORDER BY tm.id DESC LIMIT $4"#,
+        tenant.0,
+        ticket,
+        before,
+        limit
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.who, r.created_at, r.body))
+        .collect())
 }
 
 pub async fn get_ticket(
@@ -489,9 +543,14 @@ pub async fn messages(
 ) -> StoreResult<Vec<TicketMessage>> {
     Ok(sqlx::query_as!(
         TicketMessage,
-        r#"SELECT id, author AS "author: MessageAuthor", agent_id, body, internal, created_at
-           FROM ticket_messages
-           WHERE tenant_id = $1 AND ticket_id = $2 ORDER BY created_at, id"#,
+        r#"SELECT tm.id, tm.author AS "author: MessageAuthor", tm.agent_id, tm.body, tm.internal,
+                  tm.created_at,
+                  CASE WHEN m.id IS NULL THEN NULL ELSE jsonb_build_object(
+                      'message_id', m.id, 'status', m.status, 'status_reason', m.status_reason,
+                      'channel', m.channel, 'to', m.recipient) END AS "delivery: Json<Delivery>"
+           FROM ticket_messages tm
+           LEFT JOIN messages m ON m.tenant_id = tm.tenant_id AND m.id = tm.message_id
+           WHERE tm.tenant_id = $1 AND tm.ticket_id = $2 ORDER BY tm.created_at, tm.id"#,
         tenant.0,
         ticket
     )
@@ -779,6 +838,29 @@ pub async fn lock_open_ticket(
     .bind(channel)
     .fetch_optional(conn)
     .await?)
+}
+
+/// The contact's latest ticket on a channel, whatever its status, locked: where a message the
+/// customer sends on that channel belongs.
+pub async fn lock_latest_ticket(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+    channel: &str,
+) -> StoreResult<Option<Ticket>> {
+    let id: Option<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM tickets WHERE tenant_id = $1 AND contact_id = $2 AND channel = $3
+         ORDER BY created_at DESC, id DESC LIMIT 1 FOR UPDATE",
+    )
+    .bind(tenant)
+    .bind(contact)
+    .bind(channel)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match id {
+        Some(id) => get_ticket(conn, tenant, id).await,
+        None => Ok(None),
+    }
 }
 
 /// Sets a ticket's priority (when given), assignee and category (when `Some`, to the inner

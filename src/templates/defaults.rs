@@ -176,13 +176,15 @@ mod tests {
             "vars": {"ticket": {"number": 42, "subject": "Kartica <b>"},
                      "survey_url": "https://x.example/s/abc", "resubscribe_url": "https://x.example/u/abc",
                      "rating": {"score": 1, "comment": "Sporo & loše"}, "customer": "Ana Horvat",
-                     "reply": "Poštovana, riješeno.", "agent": {"name": "Marija"}}});
+                     "reply": "Poštovana, riješeno.", "agent": {"name": "Marija"},
+                     "history": [{"author": "Ana Horvat", "at": "2026-12-02 10:15",
+                                  "body": "Kartica <b> ne radi.", "quoted": "> Kartica <b> ne radi."}]}});
         let bare = json!({
             "contact": {"first_name": null}, "tenant": tenant,
             "vars": {"ticket": {"number": 42, "subject": "Kartica"},
                      "survey_url": "https://x.example/s/abc", "resubscribe_url": null,
                      "rating": {"score": 2, "comment": null}, "customer": "+385911234567",
-                     "reply": "Riješeno.", "agent": {"name": "Marija"}}});
+                     "reply": "Riješeno.", "agent": {"name": "Marija"}, "history": []}});
         for key in keys() {
             let b = get(key).unwrap();
             for channel in [Channel::Email, Channel::Sms, Channel::Viber] {

@@ -324,6 +324,7 @@ async fn confirm_unsubscribe(
         vars: json!({"resubscribe_url": format!("{}/u/{token}", opts.public_url)}),
         event: None,
         journey: None,
+        ticket: None,
         suppress: None,
     };
     match messages::enqueue(conn, &tenant, compose, &opts).await {

@@ -1,11 +1,14 @@
-//! Delivery receipts from providers: `POST /webhooks/{twilio|infobip|viber}/{tenant_id}`.
-//! Each is authenticated (Twilio's and Viber's signatures; for Infobip, which does not sign,
-//! a signed token in the notify URL we gave it); a bad signature is a 401 and changes nothing.
-//! Receipts move a message forward only, so duplicates and late arrivals change nothing.
+//! What providers call back with: `POST /webhooks/{twilio|infobip|viber}/{tenant_id}`, one URL
+//! per provider for delivery receipts and customers' messages alike. Each is authenticated
+//! (Twilio's and Viber's signatures; for Infobip, which does not sign, a signed token in the
+//! URL we gave it); a bad signature is a 401 and changes nothing. Receipts move a message
+//! forward only, so duplicates and late arrivals change nothing; customers' messages are
+//! filed once per provider message id (`crate::inbound`).
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
@@ -25,6 +28,8 @@ use crate::domain::{Channel, ConsentStatus, Purpose as ConsentPurpose};
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::ApiPath;
 use crate::http::problems::ProblemResponse;
+use crate::inbound::model::{Inbound, Media, Sender};
+use crate::inbound::receive;
 use crate::messages::store::{self as messages, DeliveryReport};
 use crate::signing::Purpose;
 
@@ -78,19 +83,22 @@ pub fn twilio_signature(auth_token: &str, url: &str, params: &[(String, String)]
     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
 
-/// Twilio status callbacks (`MessageSid`, `MessageStatus`, `ErrorCode`), form-encoded and
-/// signed with `X-Twilio-Signature`.
+/// Twilio status callbacks (`MessageSid`, `MessageStatus`, `ErrorCode`) and inbound messages
+/// (`SmsStatus=received`, `From`, `To`, `Body`, `NumMedia`, `MediaUrl0`...), form-encoded and
+/// signed with `X-Twilio-Signature`. An inbound message is answered with empty TwiML.
 #[utoipa::path(post, path = "/webhooks/twilio/{tenant_id}", tag = "webhooks",
     params(("tenant_id" = Uuid, Path, description = "Tenant id")),
     request_body(content = String, content_type = "application/x-www-form-urlencoded"),
-    responses((status = 204, description = "Applied (or nothing to change)"),
-              (status = 401, response = ProblemResponse)))]
+    responses((status = 200, description = "An inbound message, filed (empty TwiML)", content_type = "text/xml"),
+              (status = 204, description = "A receipt, applied (or nothing to change)"),
+              (status = 401, response = ProblemResponse),
+              (status = 422, response = ProblemResponse)))]
 async fn twilio(
     State(state): State<AppState>,
     ApiPath(tenant_id): ApiPath<Uuid>,
     headers: HeaderMap,
     body: Bytes,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Response> {
     let tenant = TenantId(tenant_id);
     let config = provider_config(&state, tenant, Channel::Sms, "twilio").await?;
     let token = config.secrets.get("auth_token").ok_or_else(unauthorized)?;
@@ -123,6 +131,37 @@ async fn twilio(
     let sid = get("MessageSid")
         .or(get("SmsSid"))
         .ok_or_else(|| ApiError::field("MessageSid", "is required"))?;
+    if get("SmsStatus") == Some("received") || get("MessageStatus") == Some("received") {
+        let from = get("From").ok_or_else(|| ApiError::field("From", "is required"))?;
+        let count = get("NumMedia")
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0)
+            .min(10);
+        let media = (0..count)
+            .filter_map(|i| {
+                Some(Media {
+                    url: get(&format!("MediaUrl{i}"))?.to_owned(),
+                    content_type: get(&format!("MediaContentType{i}")).map(str::to_owned),
+                })
+            })
+            .collect();
+        let message = Inbound {
+            channel: Channel::Sms,
+            provider: "twilio",
+            provider_message_id: sid.to_owned(),
+            sender: Sender::Phone(from.to_owned()),
+            recipient: get("To").map(str::to_owned),
+            text: get("Body").unwrap_or_default().to_owned(),
+            media,
+        };
+        file(&state, tenant, &[message]).await?;
+        return Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, HeaderValue::from_static("text/xml"))],
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response></Response>",
+        )
+            .into_response());
+    }
     let receipt = match get("MessageStatus")
         .or(get("SmsStatus"))
         .unwrap_or_default()
@@ -135,9 +174,27 @@ async fn twilio(
                 None => format!("twilio: {status}"),
             })
         }
-        _ => return Ok(StatusCode::NO_CONTENT),
+        _ => return Ok(StatusCode::NO_CONTENT.into_response()),
     };
-    apply(&state, tenant, sid, &receipt).await
+    Ok(apply(&state, tenant, sid, &receipt).await?.into_response())
+}
+
+/// Files customers' messages in one transaction; a field a provider left out is a 422 that
+/// names it, and nothing is written.
+async fn file(state: &AppState, tenant: TenantId, messages: &[Inbound]) -> ApiResult<()> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let opts = state.send_options().await?;
+    let mut tx = state.pool.begin().await?;
+    let ctx = crate::tenants::store::context(&mut tx, tenant)
+        .await?
+        .ok_or_else(unauthorized)?;
+    for m in messages {
+        receive::receive(&mut tx, &ctx, m, &opts).await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 async fn apply(
@@ -158,9 +215,11 @@ struct TokenQuery {
     token: Option<String>,
 }
 
-/// Infobip delivery reports (`{"results": [{messageId, status: {groupName, description}}]}`)
-/// and Viber seen reports (`seenAt`), for SMS and Viber. Authenticated by the signed token of
-/// the notify URL Rapport gives Infobip.
+/// Infobip delivery reports (`{"results": [{messageId, status: {groupName, description}}]}`),
+/// Viber seen reports (`seenAt`), and customers' messages: inbound SMS (`{messageId, from, to,
+/// text}`) and Viber (`{messageId, from, to, integrationType: "VIBER", message: {type, text,
+/// url}}`). Authenticated by the signed token of the URL Rapport gives Infobip (the channel's
+/// `webhook_url`).
 #[utoipa::path(post, path = "/webhooks/infobip/{tenant_id}", tag = "webhooks",
     params(("tenant_id" = Uuid, Path, description = "Tenant id"), ("token" = String, Query, description = "The signed token of the notify URL")),
     request_body(content = Object, content_type = "application/json"),
@@ -187,8 +246,19 @@ async fn infobip(
         .and_then(Value::as_array)
         .ok_or_else(|| ApiError::field("results", "is required"))?;
     let tenant = TenantId(tenant_id);
+    let (incoming, reports): (Vec<&Value>, Vec<&Value>) =
+        results.iter().partition(|r| is_infobip_inbound(r));
+    let incoming = incoming
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            infobip_inbound(r)
+                .map_err(|m| ApiError::field(format!("results[{i}].{m}"), "is required"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    file(&state, tenant, &incoming).await?;
     let mut tx = state.pool.begin().await?;
-    for r in results {
+    for r in reports {
         let Some(id) = r.get("messageId").and_then(Value::as_str) else {
             continue;
         };
@@ -218,8 +288,62 @@ async fn infobip(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Viber bot callbacks (`delivered`, `seen`, `failed`, `unsubscribed`, `webhook`...), signed
-/// with `X-Viber-Content-Signature` (hex HMAC-SHA256 of the body with the auth token).
+/// An Infobip result that is a customer's message, not a report about ours.
+fn is_infobip_inbound(r: &Value) -> bool {
+    r.get("status").is_none()
+        && r.get("seenAt").is_none()
+        && (r.get("text").is_some() || r.get("message").is_some_and(Value::is_object))
+}
+
+/// A customer's SMS or Viber message as Infobip forwards it; the missing field's name if one
+/// is missing.
+fn infobip_inbound(r: &Value) -> Result<Inbound, &'static str> {
+    let id = r
+        .get("messageId")
+        .and_then(Value::as_str)
+        .ok_or("messageId")?;
+    let from = r.get("from").and_then(Value::as_str).ok_or("from")?;
+    let viber = r.get("integrationType").and_then(Value::as_str) == Some("VIBER")
+        || r.get("message").is_some_and(Value::is_object);
+    let (text, media) = if viber {
+        let message = r.get("message").ok_or("message")?;
+        let text = message
+            .get("text")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let media = message
+            .get("url")
+            .and_then(Value::as_str)
+            .map(|url| Media {
+                url: url.to_owned(),
+                content_type: message
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .map(str::to_ascii_lowercase),
+            })
+            .into_iter()
+            .collect();
+        (text, media)
+    } else {
+        (
+            r.get("text").and_then(Value::as_str).unwrap_or_default(),
+            Vec::new(),
+        )
+    };
+    Ok(Inbound {
+        channel: if viber { Channel::Viber } else { Channel::Sms },
+        provider: "infobip",
+        provider_message_id: id.to_owned(),
+        sender: Sender::Phone(from.to_owned()),
+        recipient: r.get("to").and_then(Value::as_str).map(str::to_owned),
+        text: text.to_owned(),
+        media,
+    })
+}
+
+/// Viber bot callbacks (`delivered`, `seen`, `failed`, `unsubscribed`, `message`...), signed
+/// with `X-Viber-Content-Signature` (hex HMAC-SHA256 of the body with the auth token). A
+/// `message` is a customer writing to the bot: `sender.id`, `message.text`, `message.media`.
 #[utoipa::path(post, path = "/webhooks/viber/{tenant_id}", tag = "webhooks",
     params(("tenant_id" = Uuid, Path, description = "Tenant id")),
     request_body(content = Object, content_type = "application/json"),
@@ -261,7 +385,40 @@ async fn viber(
         ))),
         _ => None,
     };
-    if let (Some(receipt), Some(id)) = (receipt, message_token) {
+    if kind == "message" {
+        let sender = event
+            .pointer("/sender/id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::field("sender.id", "is required"))?;
+        let token = message_token.ok_or_else(|| ApiError::field("message_token", "is required"))?;
+        let message = event.get("message");
+        let text = message
+            .and_then(|m| m.get("text"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let media = message
+            .and_then(|m| m.get("media"))
+            .and_then(Value::as_str)
+            .map(|url| Media {
+                url: url.to_owned(),
+                content_type: message
+                    .and_then(|m| m.get("type"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+            })
+            .into_iter()
+            .collect();
+        let inbound = Inbound {
+            channel: Channel::Viber,
+            provider: "viber",
+            provider_message_id: token,
+            sender: Sender::ViberUser(sender.to_owned()),
+            recipient: None,
+            text: text.to_owned(),
+            media,
+        };
+        file(&state, tenant, &[inbound]).await?;
+    } else if let (Some(receipt), Some(id)) = (receipt, message_token) {
         apply(&state, tenant, &id, &receipt).await?;
     } else if kind == "unsubscribed" {
         if let Some(user) = event.get("user_id").and_then(Value::as_str) {

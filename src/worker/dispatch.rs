@@ -227,7 +227,12 @@ async fn render_claimed(state: &AppState, claimed: Vec<Claimed>) -> Vec<Claimed>
         m.subject = r.subject;
         m.body_text = r.text;
         m.body_html = r.html;
-        m.extras = r.extras;
+        // What enqueueing put there (a mail's thread) stays; the render adds its own.
+        if let (Some(mine), serde_json::Value::Object(theirs)) =
+            (m.extras.as_object_mut(), r.extras)
+        {
+            mine.extend(theirs);
+        }
         m.compose = None;
         ready.push(m);
     }

@@ -629,6 +629,17 @@ async fn erasure_leaves_no_personal_data_in_any_table_and_keeps_the_aggregates()
     .execute(&app.pool)
     .await
     .unwrap();
+    sqlx::query(
+        "INSERT INTO inbound_messages (tenant_id, id, channel, provider, provider_message_id,
+            contact_id, sender, body)
+         VALUES ($1, gen_random_uuid(), 'sms', 'twilio', 'SMin', $2, '+385911234567',
+            'Anastazija here')",
+    )
+    .bind(t.id.parse::<uuid::Uuid>().unwrap())
+    .bind(id.parse::<uuid::Uuid>().unwrap())
+    .execute(&app.pool)
+    .await
+    .unwrap();
     app.drain().await;
 
     let before = everything_of(&app, &t.id).await;
@@ -678,8 +689,8 @@ async fn erasure_leaves_no_personal_data_in_any_table_and_keeps_the_aggregates()
     .await
     .unwrap();
     assert_eq!(
-        messages, 3,
-        "the SMS, the email and the ticket's acknowledgement still count"
+        messages, 4,
+        "the SMS, the email, the ticket's acknowledgement and the agent's reply still count"
     );
 }
 

@@ -8,6 +8,7 @@ mod campaigns;
 mod chaos;
 mod cli;
 mod contacts;
+mod conversations;
 mod csat;
 mod errors;
 mod events;

@@ -340,7 +340,7 @@ async fn viber_bot_gets_the_documented_request_and_its_status_codes_are_mapped()
 
 /// A minimal SMTP server: records each transaction's envelope and data; optionally refuses
 /// every recipient with 550.
-async fn smtp_sink(refuse_recipients: bool) -> (u16, Arc<Mutex<Vec<String>>>) {
+pub async fn smtp_sink(refuse_recipients: bool) -> (u16, Arc<Mutex<Vec<String>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let mails = Arc::new(Mutex::new(Vec::new()));

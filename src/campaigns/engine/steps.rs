@@ -265,6 +265,7 @@ pub(super) async fn send(
         vars,
         event: Some(j.trigger_event.clone()),
         journey: Some((j.campaign_id, j.id)),
+        ticket: None,
         suppress,
     };
     let message = match messages::enqueue(conn, scope.tenant, compose, scope.opts).await {

@@ -1,0 +1,142 @@
+//! What comes in, and what became of it.
+
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::domain::Channel;
+
+/// Who sent an inbound message, as the provider names them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sender {
+    /// A phone number, in any format the provider uses (`+385...`, `385...`).
+    Phone(String),
+    /// A Viber bot user id.
+    ViberUser(String),
+}
+
+impl Sender {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Sender::Phone(p) | Sender::ViberUser(p) => p,
+        }
+    }
+}
+
+/// An attachment the provider hosts (an MMS picture, a Viber photo).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Media {
+    pub url: String,
+    pub content_type: Option<String>,
+}
+
+/// A message a customer sent in, as parsed from a provider's webhook.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub channel: Channel,
+    /// `twilio`, `infobip`, `viber`.
+    pub provider: &'static str,
+    /// The provider's id of this message: a redelivery carries the same.
+    pub provider_message_id: String,
+    pub sender: Sender,
+    /// Our number or bot that received it.
+    pub recipient: Option<String>,
+    pub text: String,
+    pub media: Vec<Media>,
+}
+
+/// What an inbound message was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Part of a conversation: on a ticket.
+    Reply,
+    /// `STOP` or `START` (or the tenant's words for them): consent only, no ticket.
+    Keyword,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Reply => "reply",
+            Kind::Keyword => "keyword",
+        }
+    }
+}
+
+/// What became of an inbound message.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub id: Uuid,
+    /// Seen before (a provider's redelivery): nothing was changed.
+    pub duplicate: bool,
+    pub contact_id: Option<Uuid>,
+    pub ticket_id: Option<Uuid>,
+}
+
+/// A keyword, and what it asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keyword {
+    Stop,
+    Start,
+}
+
+/// The words that opt a contact out of marketing on the channel they write on, in the
+/// languages Rapport speaks; a tenant adds its own (`stop_keywords` in `PUT /v1/settings`).
+pub const STOP_WORDS: &[&str] = &[
+    "STOP",
+    "UNSUBSCRIBE",
+    "ODJAVA",
+    "ODJAVI",
+    "LEIRATKOZOM",
+    "LEIRATKOZÁS",
+    "REZYGNUJĘ",
+    "REZYGNUJE",
+];
+
+/// The words that opt a contact back in (`start_keywords` in `PUT /v1/settings`).
+pub const START_WORDS: &[&str] = &["START", "PRIJAVA", "PRIJAVI", "FELIRATKOZOM"];
+
+/// The keyword a whole message is, if it is one: case, surrounding blanks and a final `.` or
+/// `!` do not matter; a keyword inside a sentence is not one.
+pub fn keyword(text: &str, stop: &[String], start: &[String]) -> Option<Keyword> {
+    let word = text
+        .trim()
+        .trim_end_matches(['.', '!'])
+        .trim()
+        .to_uppercase();
+    if word.is_empty() || word.contains(char::is_whitespace) {
+        return None;
+    }
+    let is = |builtin: &[&str], own: &[String]| {
+        builtin.iter().any(|w| *w == word) || own.iter().any(|w| w.trim().to_uppercase() == word)
+    };
+    if is(STOP_WORDS, stop) {
+        Some(Keyword::Stop)
+    } else if is(START_WORDS, start) {
+        Some(Keyword::Start)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_keyword_is_a_whole_message_in_any_case() {
+        let none: Vec<String> = Vec::new();
+        assert_eq!(keyword("stop", &none, &none), Some(Keyword::Stop));
+        assert_eq!(keyword("  Stop! ", &none, &none), Some(Keyword::Stop));
+        assert_eq!(keyword("odjava", &none, &none), Some(Keyword::Stop));
+        assert_eq!(keyword("Leiratkozás", &none, &none), Some(Keyword::Stop));
+        assert_eq!(keyword("rezygnuję", &none, &none), Some(Keyword::Stop));
+        assert_eq!(keyword("START", &none, &none), Some(Keyword::Start));
+        assert_eq!(keyword("Please stop calling me", &none, &none), None);
+        assert_eq!(keyword("", &none, &none), None);
+        let own = vec!["Dosta".to_owned()];
+        assert_eq!(keyword("DOSTA", &own, &none), Some(Keyword::Stop));
+        assert_eq!(keyword("dosta", &none, &own), Some(Keyword::Start));
+    }
+}

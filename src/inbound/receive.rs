@@ -1,0 +1,232 @@
+//! Filing an inbound message: who sent it, and where it belongs.
+
+use serde_json::json;
+use sqlx::PgConnection;
+
+use super::model::{Inbound, Keyword, Kind, Received, Sender, keyword};
+use super::store;
+use crate::contacts::store::{self as contacts, KnownBy};
+use crate::domain::{Channel, ConsentStatus, Purpose, TenantContext, kinds};
+use crate::error::{StoreError, StoreResult};
+use crate::events::store as events;
+use crate::messages::model::Compose;
+use crate::messages::store::{self as messages, EnqueueError, SendOptions};
+use crate::support::model::{MessageAuthor, Status};
+use crate::support::store as support;
+use crate::validate;
+
+/// How much of a message `message.received` and a new ticket's subject carry.
+const EXCERPT_CHARS: usize = 160;
+const SUBJECT_CHARS: usize = 80;
+
+fn excerpt(text: &str, max: usize) -> String {
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() <= max {
+        return flat;
+    }
+    let mut cut: String = flat.chars().take(max - 1).collect();
+    cut.push('…');
+    cut
+}
+
+/// A phone number as providers write it, in E.164: Infobip leaves out the `+`.
+fn e164(raw: &str, country: &str) -> Option<String> {
+    let digits = raw.trim();
+    let international = if !digits.starts_with('+')
+        && digits.len() > 9
+        && digits.chars().all(|c| c.is_ascii_digit())
+    {
+        format!("+{digits}")
+    } else {
+        digits.to_owned()
+    };
+    validate::phone(&international, Some(country)).ok()
+}
+
+/// Files an inbound message, in the caller's transaction. A redelivery (the same provider
+/// message id) changes nothing and says what the first delivery did.
+pub async fn receive(
+    conn: &mut PgConnection,
+    tenant: &TenantContext,
+    m: &Inbound,
+    opts: &SendOptions,
+) -> StoreResult<Received> {
+    let Some(id) = store::record(conn, tenant.id, m).await? else {
+        let (id, contact_id, ticket_id) = store::filed(conn, tenant.id, m)
+            .await?
+            .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("inbound message vanished")))?;
+        return Ok(Received {
+            id,
+            duplicate: true,
+            contact_id,
+            ticket_id,
+        });
+    };
+    let address = match &m.sender {
+        Sender::Phone(raw) => {
+            KnownBy::Phone(e164(raw, &tenant.default_country).ok_or_else(|| {
+                StoreError::field("from", format!("`{raw}` is not a phone number"))
+            })?)
+        }
+        Sender::ViberUser(user) => KnownBy::ViberId(user.clone()),
+    };
+    let contact = contacts::find_or_create_by_address(conn, tenant.id, &address, m.channel).await?;
+    let settings = support::settings(conn, tenant.id).await?;
+    let stop = settings.stop_keywords.unwrap_or_default();
+    let start = settings.start_keywords.unwrap_or_default();
+    let (kind, ticket) = match keyword(&m.text, &stop, &start) {
+        Some(word) => {
+            apply_keyword(conn, tenant, contact, m.channel, word, opts).await?;
+            (Kind::Keyword, None)
+        }
+        None => (
+            Kind::Reply,
+            Some(join_ticket(conn, tenant, contact, m, opts).await?),
+        ),
+    };
+    store::file(conn, tenant.id, id, contact, kind, ticket).await?;
+    events::emit_about(
+        conn,
+        tenant.id,
+        contact,
+        kinds::MESSAGE_RECEIVED,
+        json!({"inbound_id": id, "channel": m.channel, "provider": m.provider,
+               "kind": kind, "ticket_id": ticket, "text": excerpt(&m.text, EXCERPT_CHARS),
+               "media": m.media.len()}),
+        ticket.map(|t| ("ticket", t)),
+    )
+    .await?;
+    Ok(Received {
+        id,
+        duplicate: false,
+        contact_id: Some(contact),
+        ticket_id: ticket,
+    })
+}
+
+/// `STOP`: out of marketing on this channel, told so (the tenant's `sms_stop_confirmation`, or
+/// the built-in one); `START`: back in.
+async fn apply_keyword(
+    conn: &mut PgConnection,
+    tenant: &TenantContext,
+    contact: uuid::Uuid,
+    channel: Channel,
+    word: Keyword,
+    opts: &SendOptions,
+) -> StoreResult<()> {
+    let (status, source) = match word {
+        Keyword::Stop => (
+            ConsentStatus::OptedOut,
+            format!("{} STOP", channel.as_str()),
+        ),
+        Keyword::Start => (
+            ConsentStatus::OptedIn,
+            format!("{} START", channel.as_str()),
+        ),
+    };
+    let changed = contacts::set_consent(
+        conn,
+        tenant.id,
+        contact,
+        channel,
+        Purpose::Marketing,
+        status,
+        &source,
+        None,
+    )
+    .await?;
+    if !(changed && word == Keyword::Stop) {
+        return Ok(());
+    }
+    let compose = Compose {
+        contact_id: contact,
+        template_key: "sms_stop_confirmation",
+        channels: &[channel],
+        vars: json!({}),
+        event: None,
+        journey: None,
+        ticket: None,
+        suppress: None,
+    };
+    match messages::enqueue(conn, tenant, compose, opts).await {
+        Ok(_) => Ok(()),
+        Err(EnqueueError::Store(e)) => Err(e),
+        // A tenant's own template that cannot be used is no reason to refuse the opt-out.
+        Err(e) => {
+            tracing::warn!(tenant = %tenant.id, error = %e, "the STOP confirmation cannot be queued");
+            Ok(())
+        }
+    }
+}
+
+/// The conversation the message belongs to: the contact's latest ticket on this channel
+/// (reopened when pending or solved), else a new one, acknowledged and assigned; a closed
+/// ticket stays closed and the message opens a new one.
+async fn join_ticket(
+    conn: &mut PgConnection,
+    tenant: &TenantContext,
+    contact: uuid::Uuid,
+    m: &Inbound,
+    opts: &SendOptions,
+) -> StoreResult<uuid::Uuid> {
+    let channel = m.channel.as_str();
+    let body = if m.text.trim().is_empty() && !m.media.is_empty() {
+        m.media
+            .iter()
+            .map(|x| x.url.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    } else {
+        m.text.clone()
+    };
+    if let Some(ticket) = support::lock_latest_ticket(conn, tenant.id, contact, channel).await? {
+        if ticket.status != Status::Closed {
+            support::insert_message(
+                conn,
+                tenant.id,
+                ticket.id,
+                MessageAuthor::Contact,
+                None,
+                &body,
+                false,
+            )
+            .await?;
+            if matches!(ticket.status, Status::Pending | Status::Solved) {
+                support::change_status(conn, tenant.id, &ticket, Status::Open).await?;
+                if ticket.assignee_id.is_none() {
+                    support::assign(conn, tenant, ticket.id).await?;
+                }
+            }
+            return Ok(ticket.id);
+        }
+    }
+    let subject = excerpt(&body, SUBJECT_CHARS);
+    let row = support::NewTicketRow {
+        contact_id: contact,
+        channel,
+        subject: if subject.is_empty() { "…" } else { &subject },
+        body: &body,
+        category: None,
+        priority: "normal",
+        author: MessageAuthor::Contact,
+        assignee: None,
+    };
+    let ticket = support::create_ticket(conn, tenant, &row).await?;
+    let ack = crate::support::notify::customer(
+        conn,
+        tenant,
+        &ticket,
+        "ticket_acknowledgement",
+        json!({}),
+        opts,
+    )
+    .await;
+    match ack {
+        Ok(_) => {}
+        Err(EnqueueError::Store(e)) => return Err(e),
+        Err(e) => {
+            tracing::warn!(tenant = %tenant.id, error = %e, "the acknowledgement cannot be queued");
+        }
+    }
+    Ok(ticket.id)
+}
