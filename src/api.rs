@@ -68,6 +68,17 @@ impl utoipa::Modify for SecuritySchemes {
             ),
         );
         components.add_security_scheme(
+            "email_basic",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Basic)
+                    .description(Some(
+                        "Inbound email: any user name, the email channel's inbound_secret",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
             "admin_token",
             SecurityScheme::Http(
                 HttpBuilder::new()

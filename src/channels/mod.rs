@@ -92,19 +92,21 @@ pub struct Callbacks {
 
 /// Where a provider sends a tenant's delivery reports and customers' messages: Twilio's status
 /// callbacks and inbound SMS, Infobip's reports and inbound SMS and Viber messages (a signed
-/// token in the URL: Infobip signs nothing), the Viber bot's callbacks. None for providers
-/// that call nothing back.
+/// token in the URL: Infobip signs nothing), the Viber bot's callbacks, and for email the raw
+/// MIME webhook (HTTP Basic with the channel's `inbound_secret`). None for providers that call
+/// nothing back.
 pub fn webhook_url(
     public_url: &str,
     signer: &crate::signing::Signer,
     tenant: TenantId,
+    channel: ChannelKind,
     provider: &str,
 ) -> Option<String> {
-    let base = format!(
-        "{}/webhooks/{provider}/{tenant}",
-        public_url.trim_end_matches('/')
-    );
+    let public_url = public_url.trim_end_matches('/');
+    let base = format!("{public_url}/webhooks/{provider}/{tenant}");
     match provider {
+        // Mail comes in as raw MIME, whoever sends it out.
+        _ if channel == ChannelKind::Email => Some(format!("{public_url}/webhooks/email/{tenant}")),
         "twilio" | "viber" => Some(base),
         "infobip" => {
             let token = signer.token(crate::signing::Claims::new(
@@ -221,7 +223,7 @@ impl Channels {
                 .get(pool)
                 .await
                 .map_err(|e| unusable(e.to_string()))?;
-            let url = webhook_url(&cb.public_url, signer, tenant, &config.provider);
+            let url = webhook_url(&cb.public_url, signer, tenant, channel, &config.provider);
             match (config.provider.as_str(), url) {
                 ("twilio", Some(url)) => {
                     config

@@ -66,8 +66,13 @@ async fn with_webhook_url(
     mut config: ChannelConfig,
 ) -> ApiResult<ChannelConfig> {
     let signer = state.links.get(&state.pool).await?;
-    config.webhook_url =
-        super::webhook_url(&state.config.public_url, signer, tenant, &config.provider);
+    config.webhook_url = super::webhook_url(
+        &state.config.public_url,
+        signer,
+        tenant,
+        config.channel,
+        &config.provider,
+    );
     Ok(config)
 }
 

@@ -34,7 +34,7 @@ pub const PROVIDERS: &[ProviderSpec] = &[
         required: &[],
         optional: &[],
         secrets_required: &[],
-        secrets_optional: &[],
+        secrets_optional: &["inbound_secret"],
     },
     ProviderSpec {
         channel: Channel::Email,
@@ -42,7 +42,7 @@ pub const PROVIDERS: &[ProviderSpec] = &[
         required: &["host", "from"],
         optional: &["port", "security", "from_name", "reply_to", "timeout_secs"],
         secrets_required: &[],
-        secrets_optional: &["username", "password"],
+        secrets_optional: &["username", "password", "inbound_secret"],
     },
     ProviderSpec {
         channel: Channel::Sms,

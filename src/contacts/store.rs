@@ -479,6 +479,8 @@ pub enum KnownBy {
     /// E.164.
     Phone(String),
     ViberId(String),
+    /// Lower-cased.
+    Email(String),
 }
 
 /// The live contact with this address (the most recently updated, if several), or a new one
@@ -493,14 +495,22 @@ pub async fn find_or_create_by_address(
     let (column, value) = match address {
         KnownBy::Phone(p) => ("phone", p.as_str()),
         KnownBy::ViberId(v) => ("viber_id", v.as_str()),
+        KnownBy::Email(e) => ("email", e.as_str()),
     };
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(format!("contact-address/{tenant}/{column}/{value}"))
         .execute(&mut *conn)
         .await?;
+    // Emails are compared without case, as mail servers do.
+    let matches = if column == "email" {
+        "lower(email) = $2"
+    } else {
+        "{column} = $2"
+    };
     let existing: Option<Uuid> = sqlx::query_scalar(&format!(
-        "SELECT id FROM contacts WHERE tenant_id = $1 AND {column} = $2 AND erased_at IS NULL
-         ORDER BY updated_at DESC LIMIT 1"
+        "SELECT id FROM contacts WHERE tenant_id = $1 AND {} AND erased_at IS NULL
+         ORDER BY updated_at DESC LIMIT 1",
+        matches.replace("{column}", column)
     ))
     .bind(tenant)
     .bind(value)

@@ -13,12 +13,14 @@ pub enum Sender {
     Phone(String),
     /// A Viber bot user id.
     ViberUser(String),
+    /// An email address, lower-cased.
+    Email(String),
 }
 
 impl Sender {
     pub fn as_str(&self) -> &str {
         match self {
-            Sender::Phone(p) | Sender::ViberUser(p) => p,
+            Sender::Phone(p) | Sender::ViberUser(p) | Sender::Email(p) => p,
         }
     }
 }
@@ -41,8 +43,18 @@ pub struct Inbound {
     pub sender: Sender,
     /// Our number or bot that received it.
     pub recipient: Option<String>,
+    /// The whole text, as kept on the inbound record.
     pub text: String,
+    /// What goes on the ticket when it differs from `text`: an email without the history it
+    /// quotes.
+    pub reply: Option<String>,
     pub media: Vec<Media>,
+    /// An email's subject.
+    pub subject: Option<String>,
+    /// The message ids an email answers (`In-Reply-To`, then `References`, newest first).
+    pub thread: Vec<String>,
+    /// Written by a machine (an out-of-office reply, a bulk mailer): recorded, never answered.
+    pub automatic: bool,
 }
 
 /// What an inbound message was.
@@ -53,6 +65,8 @@ pub enum Kind {
     Reply,
     /// `STOP` or `START` (or the tenant's words for them): consent only, no ticket.
     Keyword,
+    /// An automatic reply (out of office...): recorded, on no ticket, never answered.
+    AutoReply,
 }
 
 impl Kind {
@@ -60,6 +74,7 @@ impl Kind {
         match self {
             Kind::Reply => "reply",
             Kind::Keyword => "keyword",
+            Kind::AutoReply => "auto_reply",
         }
     }
 }

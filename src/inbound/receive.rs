@@ -69,12 +69,18 @@ pub async fn receive(
             })?)
         }
         Sender::ViberUser(user) => KnownBy::ViberId(user.clone()),
+        Sender::Email(address) => KnownBy::Email(address.clone()),
     };
     let contact = contacts::find_or_create_by_address(conn, tenant.id, &address, m.channel).await?;
     let settings = support::settings(conn, tenant.id).await?;
     let stop = settings.stop_keywords.unwrap_or_default();
     let start = settings.start_keywords.unwrap_or_default();
-    let (kind, ticket) = match keyword(&m.text, &stop, &start) {
+    let word = match m.channel {
+        Channel::Sms | Channel::Viber => keyword(&m.text, &stop, &start),
+        Channel::Email => None,
+    };
+    let (kind, ticket) = match word {
+        _ if m.automatic => (Kind::AutoReply, None),
         Some(word) => {
             apply_keyword(conn, tenant, contact, m.channel, word, opts).await?;
             (Kind::Keyword, None)
@@ -159,9 +165,62 @@ async fn apply_keyword(
     }
 }
 
-/// The conversation the message belongs to: the contact's latest ticket on this channel
-/// (reopened when pending or solved), else a new one, acknowledged and assigned; a closed
-/// ticket stays closed and the message opens a new one.
+/// The contact's ticket an email answers: the ticket of an earlier mail in its thread (one
+/// Rapport sent, or one the customer sent in), else the `[#number]` of its subject.
+async fn answered_ticket(
+    conn: &mut PgConnection,
+    tenant: &TenantContext,
+    contact: uuid::Uuid,
+    m: &Inbound,
+) -> StoreResult<Option<crate::support::model::Ticket>> {
+    let mut found = messages::ticket_of_mails(conn, tenant.id, &m.thread).await?;
+    if found.is_none() {
+        found = store::ticket_of(conn, tenant.id, m.channel.as_str(), &m.thread).await?;
+    }
+    if found.is_none() {
+        if let Some(number) = m.subject.as_deref().and_then(subject_number) {
+            found = support::ticket_id_by_number(conn, tenant.id, contact, number).await?;
+        }
+    }
+    let Some(id) = found else {
+        return Ok(None);
+    };
+    // Someone else answering the thread (a colleague in copy) starts their own ticket.
+    Ok(support::lock_ticket(conn, tenant.id, id)
+        .await?
+        .filter(|t| t.contact_id == contact))
+}
+
+/// The ticket number a subject carries: `Re: Kartica [#42]`.
+fn subject_number(subject: &str) -> Option<i64> {
+    let start = subject.rfind("[#")? + 2;
+    let end = subject[start..].find(']')? + start;
+    subject[start..end].trim().parse().ok()
+}
+
+/// A subject without its `Re:`/`Fwd:` prefixes and ticket tag.
+fn clean_subject(subject: &str) -> String {
+    let mut s = subject.trim();
+    while let Some(rest) = ["re:", "fwd:", "fw:", "aw:", "odg:", "vs:", "odp:", "pd:"]
+        .iter()
+        .find_map(|p| {
+            s.get(..p.len())
+                .filter(|head| head.eq_ignore_ascii_case(p))
+                .and_then(|_| s.get(p.len()..))
+        })
+    {
+        s = rest.trim_start();
+    }
+    match s.rfind("[#") {
+        Some(i) if s.ends_with(']') => s[..i].trim().to_owned(),
+        _ => s.to_owned(),
+    }
+}
+
+/// The conversation the message belongs to: for an email, the ticket its thread or subject
+/// names; else the contact's latest ticket on this channel (reopened when pending or solved),
+/// else a new one, acknowledged and assigned; a closed ticket stays closed and the message
+/// opens a new one.
 async fn join_ticket(
     conn: &mut PgConnection,
     tenant: &TenantContext,
@@ -170,16 +229,25 @@ async fn join_ticket(
     opts: &SendOptions,
 ) -> StoreResult<uuid::Uuid> {
     let channel = m.channel.as_str();
-    let body = if m.text.trim().is_empty() && !m.media.is_empty() {
+    let text = m.reply.as_deref().unwrap_or(&m.text);
+    let body = if text.trim().is_empty() && !m.media.is_empty() {
         m.media
             .iter()
             .map(|x| x.url.as_str())
             .collect::<Vec<_>>()
             .join("\n")
     } else {
-        m.text.clone()
+        text.to_owned()
     };
-    if let Some(ticket) = support::lock_latest_ticket(conn, tenant.id, contact, channel).await? {
+    let answered = match m.channel {
+        Channel::Email => answered_ticket(conn, tenant, contact, m).await?,
+        Channel::Sms | Channel::Viber => None,
+    };
+    let latest = match answered {
+        Some(t) => Some(t),
+        None => support::lock_latest_ticket(conn, tenant.id, contact, channel).await?,
+    };
+    if let Some(ticket) = latest {
         if ticket.status != Status::Closed {
             support::insert_message(
                 conn,
@@ -200,7 +268,10 @@ async fn join_ticket(
             return Ok(ticket.id);
         }
     }
-    let subject = excerpt(&body, SUBJECT_CHARS);
+    let subject = match m.subject.as_deref().map(clean_subject) {
+        Some(s) if !s.is_empty() => excerpt(&s, SUBJECT_CHARS * 4),
+        _ => excerpt(&body, SUBJECT_CHARS),
+    };
     let row = support::NewTicketRow {
         contact_id: contact,
         channel,
@@ -229,4 +300,24 @@ async fn join_ticket(
         }
     }
     Ok(ticket.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_lose_their_prefixes_and_give_their_number() {
+        assert_eq!(subject_number("Re: Kartica [#42]"), Some(42));
+        assert_eq!(subject_number("Kartica"), None);
+        assert_eq!(clean_subject("RE: Fwd: Kartica [#42]"), "Kartica");
+        assert_eq!(clean_subject("Odg: Rata kredita"), "Rata kredita");
+        assert_eq!(
+            clean_subject("Žao mi je"),
+            "Žao mi je",
+            "no panic inside a character"
+        );
+        assert_eq!(e164("385912345678", "HR").as_deref(), Some("+385912345678"));
+        assert_eq!(e164("091 234 5678", "HR").as_deref(), Some("+385912345678"));
+    }
 }

@@ -76,6 +76,30 @@ pub async fn filed(
     .await?)
 }
 
+/// The ticket of the newest of these earlier inbound messages (an email's thread), if any.
+pub async fn ticket_of(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    channel: &str,
+    provider_ids: &[String],
+) -> StoreResult<Option<Uuid>> {
+    if provider_ids.is_empty() {
+        return Ok(None);
+    }
+    Ok(sqlx::query_scalar(
+        "SELECT ticket_id FROM inbound_messages
+         WHERE tenant_id = $1 AND channel = $2 AND provider_message_id = ANY($3)
+           AND ticket_id IS NOT NULL
+         ORDER BY id DESC LIMIT 1",
+    )
+    .bind(tenant)
+    .bind(channel)
+    .bind(provider_ids)
+    .fetch_optional(conn)
+    .await?
+    .flatten())
+}
+
 /// Erasure: the record of each message stays (so a redelivery is still recognised), without
 /// who sent it or what it said.
 pub async fn erase_contact(

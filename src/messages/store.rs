@@ -495,6 +495,32 @@ async fn thread(conn: &mut PgConnection, tenant: TenantId, ticket: Uuid) -> Stor
     })
 }
 
+/// The ticket of the newest of these mails Rapport sent (message ids `<uuid@domain>`, as
+/// [`thread`] writes them), if one was about a ticket.
+pub async fn ticket_of_mails(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    message_ids: &[String],
+) -> StoreResult<Option<Uuid>> {
+    let ours: Vec<Uuid> = message_ids
+        .iter()
+        .filter_map(|id| id.split('@').next())
+        .filter_map(|local| Uuid::parse_str(local).ok())
+        .collect();
+    if ours.is_empty() {
+        return Ok(None);
+    }
+    Ok(sqlx::query_scalar(
+        "SELECT ticket_id FROM messages
+         WHERE tenant_id = $1 AND id = ANY($2) AND channel = 'email' AND ticket_id IS NOT NULL
+         ORDER BY id DESC LIMIT 1",
+    )
+    .bind(tenant)
+    .bind(&ours)
+    .fetch_optional(conn)
+    .await?)
+}
+
 async fn insert_suppressed(
     conn: &mut PgConnection,
     p: &Planned,

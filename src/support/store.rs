@@ -536,6 +536,23 @@ pub async fn lock_ticket(
         .await?)
 }
 
+/// The contact's ticket with this number, if there is one.
+pub async fn ticket_id_by_number(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contact: Uuid,
+    number: i64,
+) -> StoreResult<Option<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM tickets WHERE tenant_id = $1 AND contact_id = $2 AND number = $3",
+    )
+    .bind(tenant)
+    .bind(contact)
+    .bind(number)
+    .fetch_optional(conn)
+    .await?)
+}
+
 pub async fn messages(
     conn: &mut PgConnection,
     tenant: TenantId,

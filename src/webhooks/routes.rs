@@ -38,6 +38,14 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(twilio))
         .routes(routes!(infobip))
         .routes(routes!(viber))
+        .merge(
+            OpenApiRouter::new()
+                .routes(routes!(email))
+                // Mail carries attachments: a larger limit than the API's, still bounded.
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    crate::inbound::email::MAX_EMAIL_BYTES,
+                )),
+        )
 }
 
 fn unauthorized() -> ApiError {
@@ -153,6 +161,10 @@ async fn twilio(
             recipient: get("To").map(str::to_owned),
             text: get("Body").unwrap_or_default().to_owned(),
             media,
+            reply: None,
+            subject: None,
+            thread: Vec::new(),
+            automatic: false,
         };
         file(&state, tenant, &[message]).await?;
         return Ok((
@@ -288,6 +300,76 @@ async fn infobip(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// A customer's email, raw (RFC 5322 / MIME, `Content-Type: message/rfc822`), as a mail server
+/// pipes it (Postfix: `curl --data-binary @-`) or an inbound mail service forwards it.
+/// Authenticated with HTTP Basic: any user name, the password the email channel's
+/// `inbound_secret`. At most 25 MiB.
+#[utoipa::path(post, path = "/webhooks/email/{tenant_id}", tag = "webhooks",
+    params(("tenant_id" = Uuid, Path, description = "Tenant id")),
+    request_body(content = String, content_type = "message/rfc822"),
+    responses((status = 204, description = "Filed (or seen before)"),
+              (status = 401, response = ProblemResponse),
+              (status = 413, response = ProblemResponse),
+              (status = 415, response = ProblemResponse),
+              (status = 422, response = ProblemResponse)),
+    security(("email_basic" = [])))]
+async fn email(
+    State(state): State<AppState>,
+    ApiPath(tenant_id): ApiPath<Uuid>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let tenant = TenantId(tenant_id);
+    let secret = {
+        let mut conn = state.pool.acquire().await?;
+        match settings::resolve(&mut conn, &state.secrets, tenant, Channel::Email).await {
+            Ok(Some(config)) => config.secrets.get("inbound_secret").cloned(),
+            Ok(None) => None,
+            Err(settings::ResolveError::Database(e)) => return Err(e.into()),
+            Err(e) => {
+                tracing::error!(%tenant, error = %e, "the email channel's secrets cannot be opened");
+                return Err(ApiError::Unavailable(format!(
+                    "the email channel's secrets cannot be opened: {e}"
+                )));
+            }
+        }
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|pair| {
+            pair.split_once(':')
+                .map(|(_, password)| password.to_owned())
+        });
+    match (secret, given) {
+        (Some(secret), Some(given)) if bool::from(secret.as_bytes().ct_eq(given.as_bytes())) => {}
+        _ => return Err(unauthorized()),
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type
+        .to_ascii_lowercase()
+        .starts_with("message/rfc822")
+    {
+        return Err(ApiError::UnsupportedMediaType(
+            "send the raw message as message/rfc822".to_owned(),
+        ));
+    }
+    let message =
+        crate::inbound::email::parse(&body).map_err(|e| ApiError::field("body", e.to_string()))?;
+    file(&state, tenant, &[message]).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// An Infobip result that is a customer's message, not a report about ours.
 fn is_infobip_inbound(r: &Value) -> bool {
     r.get("status").is_none()
@@ -338,6 +420,10 @@ fn infobip_inbound(r: &Value) -> Result<Inbound, &'static str> {
         recipient: r.get("to").and_then(Value::as_str).map(str::to_owned),
         text: text.to_owned(),
         media,
+        reply: None,
+        subject: None,
+        thread: Vec::new(),
+        automatic: false,
     })
 }
 
@@ -416,6 +502,10 @@ async fn viber(
             recipient: None,
             text: text.to_owned(),
             media,
+            reply: None,
+            subject: None,
+            thread: Vec::new(),
+            automatic: false,
         };
         file(&state, tenant, &[inbound]).await?;
     } else if let (Some(receipt), Some(id)) = (receipt, message_token) {

@@ -407,8 +407,12 @@ mod inbound {
         assert_eq!(r.body["delivery"]["channel"], "sms", "{}", r.text);
         app.drain().await;
         let sent = sms_sent(&server).await;
+        // Two messages queued apart, sent in either order.
         assert_eq!(sent.len(), 2, "the acknowledgement and the reply: {sent:?}");
-        assert_eq!(sent[1], "Provjeravamo, javimo se.\nTenant acme");
+        assert!(
+            sent.contains(&"Provjeravamo, javimo se.\nTenant acme".to_owned()),
+            "{sent:?}"
+        );
 
         // The ticket is solved; the customer's next SMS reopens it.
         let r = app
@@ -690,5 +694,254 @@ mod inbound {
         let r = app.send(post(&path_and_query, bad)).await;
         r.assert_problem(422);
         assert_eq!(r.error_fields(), ["results[0].from"]);
+    }
+}
+
+mod email_in {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use base64::Engine;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(format!(
+            "{}/tests/fixtures/mail/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    fn post(t: &TestTenant, raw: Vec<u8>, password: &str, content_type: &str) -> Request<Body> {
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("postfix:{password}"));
+        Request::post(format!("/webhooks/email/{}", t.id))
+            .header("content-type", content_type)
+            .header("authorization", format!("Basic {auth}"))
+            .body(Body::from(raw))
+            .unwrap()
+    }
+
+    async fn setup(app: &TestApp) -> TestTenant {
+        let t = app.tenant("acme").await;
+        let r = app
+            .put(
+                "/v1/channels/email",
+                &t.key,
+                json!({"provider": "log", "secrets": {"inbound_secret": "s3cret"}}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(
+            r.body["webhook_url"],
+            format!("http://localhost:8080/webhooks/email/{}", t.id)
+        );
+        t
+    }
+
+    async fn ticket_messages(app: &TestApp, t: &TestTenant, ticket: &str) -> Vec<Value> {
+        app.get(&format!("/v1/tickets/{ticket}"), &t.key).await.body["messages"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn a_reply_by_email_joins_its_ticket_without_the_quoted_history() {
+        let app = TestApp::new().await;
+        let t = setup(&app).await;
+        app.contact(
+            &t,
+            "ana",
+            json!({"first_name": "Ana", "email": "ana@example.com"}),
+        )
+        .await;
+        let tk = app
+            .post(
+                "/v1/tickets",
+                &t.key,
+                json!({"contact": {"external_id": "ana"}, "channel": "email",
+                       "subject": "Kartica", "body": "Ne radi."}),
+            )
+            .await;
+        let ticket = tk.body["id"].as_str().unwrap().to_owned();
+        app.drain().await;
+        let ack = app
+            .outbox_log()
+            .into_iter()
+            .find(|m| m["to"] == "ana@example.com")
+            .expect("acknowledged");
+        // The acknowledgement's Message-ID, as the customer's mail client quotes it.
+        let ack_id = format!("<{}@rapport.local>", ack["message_id"].as_str().unwrap());
+        let raw = String::from_utf8(fixture("utf-8-reply.eml"))
+            .unwrap()
+            .replace("IN_REPLY_TO", &ack_id);
+        // Solved meanwhile: the reply reopens it.
+        app.call(
+            axum::http::Method::PATCH,
+            &format!("/v1/tickets/{ticket}"),
+            Some(&t.key),
+            Some(json!({"status": "solved"})),
+        )
+        .await;
+        app.drain().await;
+        let to_ana = |app: &TestApp| {
+            app.outbox_log()
+                .into_iter()
+                .filter(|m| m["to"] == "ana@example.com")
+                .count()
+        };
+        let sent = to_ana(&app);
+        for _ in 0..2 {
+            let r = app
+                .send(post(
+                    &t,
+                    raw.clone().into_bytes(),
+                    "s3cret",
+                    "message/rfc822",
+                ))
+                .await;
+            assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        }
+        let messages = ticket_messages(&app, &t, &ticket).await;
+        assert_eq!(messages.len(), 2, "once, on the same ticket: {messages:?}");
+        assert_eq!(
+            messages[1]["body"], "Još uvijek ne radi, probala sam ponovno.",
+            "the quoted history stays out of the ticket"
+        );
+        let detail = app.get(&format!("/v1/tickets/{ticket}"), &t.key).await;
+        assert_eq!(detail.body["status"], "open");
+        // The whole text is kept with the inbound record.
+        let full: String = sqlx::query_scalar("SELECT body FROM inbound_messages")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        assert!(full.contains("> Zaprimili smo Vaš upit."), "{full}");
+
+        // An out-of-office answer is recorded and goes nowhere.
+        let r = app
+            .send(post(
+                &t,
+                fixture("auto-reply.eml"),
+                "s3cret",
+                "message/rfc822",
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        assert_eq!(ticket_messages(&app, &t, &ticket).await.len(), 2);
+        let kinds: Vec<String> =
+            sqlx::query_scalar("SELECT kind FROM inbound_messages ORDER BY id")
+                .fetch_all(&app.pool)
+                .await
+                .unwrap();
+        assert_eq!(kinds, ["reply", "auto_reply"]);
+        app.drain().await;
+        assert_eq!(
+            to_ana(&app),
+            sent,
+            "nothing answers a reply to a ticket or an auto-reply"
+        );
+    }
+
+    #[tokio::test]
+    async fn mail_in_windows_1250_and_iso_8859_2_reads_as_written() {
+        let app = TestApp::new().await;
+        let t = setup(&app).await;
+        for name in ["windows-1250.eml", "iso-8859-2.eml"] {
+            let r = app
+                .send(post(&t, fixture(name), "s3cret", "message/rfc822"))
+                .await;
+            assert_eq!(r.status, StatusCode::NO_CONTENT, "{name}: {}", r.text);
+        }
+        let tickets = app.get("/v1/tickets", &t.key).await.body["data"].clone();
+        let mut subjects: Vec<String> = tickets
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["subject"].as_str().unwrap().to_owned())
+            .collect();
+        subjects.sort();
+        assert_eq!(subjects, ["Kártya nem működik", "Žalba: povrat novca"]);
+        let croatian = tickets
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["subject"] == "Žalba: povrat novca")
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let body = ticket_messages(&app, &t, &croatian).await[0]["body"].clone();
+        assert!(
+            body.as_str()
+                .unwrap()
+                .contains("čekam već tri dana povrat novca za narudžbu 4471. Žalim se!"),
+            "{body}"
+        );
+        let hungarian = tickets
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["subject"] != "Žalba: povrat novca")
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let body = ticket_messages(&app, &t, &hungarian).await[0]["body"].clone();
+        assert!(
+            body.as_str()
+                .unwrap()
+                .contains("A kártyám nem működik külföldön."),
+            "HTML only: its text: {body}"
+        );
+        assert!(!body.as_str().unwrap().contains('<'), "{body}");
+        // Strangers by email became contacts, the address as mail servers compare it.
+        let emails: Vec<String> = sqlx::query_scalar("SELECT email FROM contacts ORDER BY email")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            emails,
+            ["durdica.simic@example.hr", "gabor.kovacs@example.hu"]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_mail_webhook_refuses_strangers_non_mail_and_huge_bodies() {
+        let app = TestApp::new().await;
+        let t = setup(&app).await;
+        let raw = fixture("windows-1250.eml");
+        app.send(post(&t, raw.clone(), "guess", "message/rfc822"))
+            .await
+            .assert_problem(401);
+        let no_auth = Request::post(format!("/webhooks/email/{}", t.id))
+            .header("content-type", "message/rfc822")
+            .body(Body::from(raw.clone()))
+            .unwrap();
+        app.send(no_auth).await.assert_problem(401);
+        // A tenant that set no inbound secret takes no mail.
+        let other = app.tenant("other").await;
+        app.send(post(&other, raw.clone(), "", "message/rfc822"))
+            .await
+            .assert_problem(401);
+        app.send(post(&t, raw.clone(), "s3cret", "application/json"))
+            .await
+            .assert_problem(415);
+        let r = app
+            .send(post(
+                &t,
+                b"this is not mail".to_vec(),
+                "s3cret",
+                "message/rfc822",
+            ))
+            .await;
+        r.assert_problem(422);
+        assert_eq!(r.error_fields(), ["body"]);
+        let huge = vec![b'a'; 30 * 1024 * 1024];
+        let r = app.send(post(&t, huge, "s3cret", "message/rfc822")).await;
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text);
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inbound_messages")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "nothing written");
     }
 }
