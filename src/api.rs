@@ -110,7 +110,8 @@ fn groups() -> Groups {
             .merge(crate::csat::routes::router())
             .merge(crate::reports::routes::router())
             .merge(crate::campaigns::routes::router())
-            .merge(crate::telephony::routes::router()),
+            .merge(crate::telephony::routes::router())
+            .merge(crate::inbound::routes::router()),
         public: ops::router()
             .merge(crate::tracking::routes::router())
             .merge(crate::webhooks::routes::router())

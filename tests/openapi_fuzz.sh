@@ -52,6 +52,8 @@ for _ in $(seq 1 100); do
 done
 
 echo "--> schemathesis for ${seconds}s over http://127.0.0.1:$port/openapi.json"
+# tests/openapi_hooks.py: a serializer for the raw email webhook's message/rfc822.
+SCHEMATHESIS_HOOKS=tests.openapi_hooks PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
 "$venv/bin/schemathesis" run "http://127.0.0.1:$port/openapi.json" \
   -H "Authorization: Bearer $key" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \

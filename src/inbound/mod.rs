@@ -9,4 +9,5 @@
 pub mod email;
 pub mod model;
 pub mod receive;
+pub mod routes;
 pub mod store;

@@ -26,7 +26,7 @@ impl Sender {
 }
 
 /// An attachment the provider hosts (an MMS picture, a Viber photo).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
 pub struct Media {
     pub url: String,
     pub content_type: Option<String>,
@@ -77,6 +77,51 @@ impl Kind {
             Kind::AutoReply => "auto_reply",
         }
     }
+}
+
+impl Inbound {
+    /// The fields a chat message (SMS, Viber) leaves empty, to complete a literal with
+    /// `..Inbound::chat()`: no subject, no thread, written by a person.
+    pub fn chat() -> Inbound {
+        Inbound {
+            channel: Channel::Sms,
+            provider: "",
+            provider_message_id: String::new(),
+            sender: Sender::Phone(String::new()),
+            recipient: None,
+            text: String::new(),
+            reply: None,
+            media: Vec::new(),
+            subject: None,
+            thread: Vec::new(),
+            automatic: false,
+        }
+    }
+}
+
+/// An inbound message as it came: the whole text (an email's quoted history included), and
+/// what it was filed as.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct InboundMessage {
+    pub id: Uuid,
+    pub channel: Channel,
+    /// `twilio`, `infobip`, `viber`, `email`.
+    pub provider: String,
+    /// The provider's id (an email's Message-ID).
+    pub provider_message_id: String,
+    /// `reply`, `keyword` or `auto_reply`.
+    pub kind: String,
+    pub contact_id: Option<Uuid>,
+    pub ticket_id: Option<Uuid>,
+    /// The number, Viber id or address it came from (blank after erasure).
+    pub sender: Option<String>,
+    pub recipient: Option<String>,
+    pub subject: Option<String>,
+    pub body: Option<String>,
+    /// Attachments: provider-hosted media URLs; an email's as `attachment:<name>`.
+    #[schema(value_type = Vec<Media>)]
+    pub media: sqlx::types::Json<Vec<Media>>,
+    pub received_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// What became of an inbound message.

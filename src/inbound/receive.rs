@@ -87,7 +87,7 @@ pub async fn receive(
         }
         None => (
             Kind::Reply,
-            Some(join_ticket(conn, tenant, contact, m, opts).await?),
+            Some(join_ticket(conn, tenant, contact, id, m, opts).await?),
         ),
     };
     store::file(conn, tenant.id, id, contact, kind, ticket).await?;
@@ -225,6 +225,7 @@ async fn join_ticket(
     conn: &mut PgConnection,
     tenant: &TenantContext,
     contact: uuid::Uuid,
+    inbound: uuid::Uuid,
     m: &Inbound,
     opts: &SendOptions,
 ) -> StoreResult<uuid::Uuid> {
@@ -249,7 +250,7 @@ async fn join_ticket(
     };
     if let Some(ticket) = latest {
         if ticket.status != Status::Closed {
-            support::insert_message(
+            let written = support::insert_message(
                 conn,
                 tenant.id,
                 ticket.id,
@@ -259,6 +260,7 @@ async fn join_ticket(
                 false,
             )
             .await?;
+            support::set_inbound(conn, tenant.id, ticket.id, Some(written.id), inbound).await?;
             if matches!(ticket.status, Status::Pending | Status::Solved) {
                 support::change_status(conn, tenant.id, &ticket, Status::Open).await?;
                 if ticket.assignee_id.is_none() {
@@ -283,6 +285,7 @@ async fn join_ticket(
         assignee: None,
     };
     let ticket = support::create_ticket(conn, tenant, &row).await?;
+    support::set_inbound(conn, tenant.id, ticket.id, None, inbound).await?;
     let ack = crate::support::notify::customer(
         conn,
         tenant,

@@ -4,7 +4,7 @@ use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::model::{Inbound, Kind};
+use super::model::{Inbound, InboundMessage, Kind};
 use crate::domain::TenantId;
 use crate::error::StoreResult;
 
@@ -18,8 +18,8 @@ pub async fn record(
     let media = serde_json::to_value(&m.media).unwrap_or_else(|_| json!([]));
     Ok(sqlx::query_scalar(
         "INSERT INTO inbound_messages (tenant_id, id, channel, provider, provider_message_id,
-            sender, recipient, body, media)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            sender, recipient, body, media, subject)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
          ON CONFLICT ON CONSTRAINT inbound_messages_once DO NOTHING
          RETURNING id",
     )
@@ -32,6 +32,7 @@ pub async fn record(
     .bind(&m.recipient)
     .bind(&m.text)
     .bind(media)
+    .bind(&m.subject)
     .fetch_optional(conn)
     .await?)
 }
@@ -100,6 +101,23 @@ pub async fn ticket_of(
     .flatten())
 }
 
+/// An inbound message as it came, for `GET /v1/inbound-messages/{id}`.
+pub async fn get(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> StoreResult<Option<InboundMessage>> {
+    Ok(sqlx::query_as(
+        "SELECT id, channel, provider, provider_message_id, kind, contact_id, ticket_id, sender,
+                recipient, subject, body, media, received_at
+         FROM inbound_messages WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(tenant)
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
+}
+
 /// Erasure: the record of each message stays (so a redelivery is still recognised), without
 /// who sent it or what it said.
 pub async fn erase_contact(
@@ -108,7 +126,8 @@ pub async fn erase_contact(
     contact: Uuid,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE inbound_messages SET sender = NULL, recipient = NULL, body = NULL, media = '[]'
+        "UPDATE inbound_messages SET sender = NULL, recipient = NULL, body = NULL, media = '[]',
+            subject = NULL
          WHERE tenant_id = $1 AND contact_id = $2",
     )
     .bind(tenant)

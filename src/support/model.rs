@@ -279,6 +279,9 @@ pub struct TicketMessage {
     /// messages.
     #[schema(value_type = Option<Delivery>)]
     pub delivery: Option<sqlx::types::Json<Delivery>>,
+    /// A message the customer sent in (SMS, Viber, email): its inbound record, with the whole
+    /// original (`GET /v1/inbound-messages/{id}`).
+    pub inbound_id: Option<Uuid>,
 }
 
 /// The outbox message that carries an agent's reply to the customer.

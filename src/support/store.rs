@@ -444,7 +444,7 @@ pub async fn insert_message(
         r#"INSERT INTO ticket_messages (tenant_id, id, ticket_id, author, agent_id, body, internal)
            VALUES ($1, $2, $3, $4, $5, $6, $7)
            RETURNING id, author AS "author: MessageAuthor", agent_id, body, internal, created_at,
-                     NULL::jsonb AS "delivery: Json<Delivery>""#,
+                     NULL::jsonb AS "delivery: Json<Delivery>", inbound_id"#,
         tenant.0,
         Uuid::now_v7(),
         ticket,
@@ -455,6 +455,30 @@ pub async fn insert_message(
     )
     .fetch_one(conn)
     .await?)
+}
+
+/// Records the inbound message a customer's ticket message came from: the given ticket
+/// message, else the ticket's first (a ticket the message opened).
+pub async fn set_inbound(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    ticket: Uuid,
+    ticket_message: Option<Uuid>,
+    inbound: Uuid,
+) -> StoreResult<()> {
+    sqlx::query!(
+        "UPDATE ticket_messages SET inbound_id = $4
+         WHERE tenant_id = $1 AND id = coalesce($3, (SELECT id FROM ticket_messages
+                                                       WHERE tenant_id = $1 AND ticket_id = $2
+                                                       ORDER BY id LIMIT 1))",
+        tenant.0,
+        ticket,
+        ticket_message,
+        inbound
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Records the outbox message that carries a ticket message to the customer.
@@ -564,7 +588,8 @@ pub async fn messages(
                   tm.created_at,
                   CASE WHEN m.id IS NULL THEN NULL ELSE jsonb_build_object(
                       'message_id', m.id, 'status', m.status, 'status_reason', m.status_reason,
-                      'channel', m.channel, 'to', m.recipient) END AS "delivery: Json<Delivery>"
+                      'channel', m.channel, 'to', m.recipient) END AS "delivery: Json<Delivery>",
+                  tm.inbound_id
            FROM ticket_messages tm
            LEFT JOIN messages m ON m.tenant_id = tm.tenant_id AND m.id = tm.message_id
            WHERE tm.tenant_id = $1 AND tm.ticket_id = $2 ORDER BY tm.created_at, tm.id"#,

@@ -161,10 +161,7 @@ async fn twilio(
             recipient: get("To").map(str::to_owned),
             text: get("Body").unwrap_or_default().to_owned(),
             media,
-            reply: None,
-            subject: None,
-            thread: Vec::new(),
-            automatic: false,
+            ..Inbound::chat()
         };
         file(&state, tenant, &[message]).await?;
         return Ok((
@@ -420,10 +417,7 @@ fn infobip_inbound(r: &Value) -> Result<Inbound, &'static str> {
         recipient: r.get("to").and_then(Value::as_str).map(str::to_owned),
         text: text.to_owned(),
         media,
-        reply: None,
-        subject: None,
-        thread: Vec::new(),
-        automatic: false,
+        ..Inbound::chat()
     })
 }
 
@@ -502,10 +496,7 @@ async fn viber(
             recipient: None,
             text: text.to_owned(),
             media,
-            reply: None,
-            subject: None,
-            thread: Vec::new(),
-            automatic: false,
+            ..Inbound::chat()
         };
         file(&state, tenant, &[inbound]).await?;
     } else if let (Some(receipt), Some(id)) = (receipt, message_token) {

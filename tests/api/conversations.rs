@@ -809,12 +809,28 @@ mod email_in {
         );
         let detail = app.get(&format!("/v1/tickets/{ticket}"), &t.key).await;
         assert_eq!(detail.body["status"], "open");
-        // The whole text is kept with the inbound record.
-        let full: String = sqlx::query_scalar("SELECT body FROM inbound_messages")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
+        // The whole text is kept with the inbound record the ticket message names.
+        let inbound = messages[1]["inbound_id"]
+            .as_str()
+            .expect("inbound_id")
+            .to_owned();
+        let original = app
+            .get(&format!("/v1/inbound-messages/{inbound}"), &t.key)
+            .await;
+        assert_eq!(original.status, StatusCode::OK, "{}", original.text);
+        let full = original.body["body"].as_str().unwrap();
         assert!(full.contains("> Zaprimili smo Vaš upit."), "{full}");
+        assert_eq!(original.body["subject"], "Re: Kartica [#1]");
+        assert_eq!(original.body["sender"], "ana@example.com");
+        assert_eq!(
+            original.body["provider_message_id"],
+            "CAFx=reply1@mail.gmail.com"
+        );
+        assert_eq!(original.body["ticket_id"], ticket.as_str());
+        let other = app.tenant("other").await;
+        app.get(&format!("/v1/inbound-messages/{inbound}"), &other.key)
+            .await
+            .assert_problem(404);
 
         // An out-of-office answer is recorded and goes nowhere.
         let r = app
