@@ -3,10 +3,10 @@
 //! iso-8859-2...), which earlier mails it answers, and whether a machine wrote it. Parsed by
 //! mail-parser.
 
-use mail_parser::{HeaderValue, MessageParser, MimeHeaders};
+use mail_parser::{HeaderValue, Message, MessageParser, MimeHeaders, PartType};
 use sha2::{Digest, Sha256};
 
-use super::model::{Inbound, Media, Sender};
+use super::model::{Bounce, Inbound, Media, Sender};
 use crate::domain::Channel;
 
 /// The largest raw email taken, attachments included (larger ones are a 413 at the edge).
@@ -93,6 +93,7 @@ pub fn parse(raw: &[u8]) -> Result<Inbound, MailError> {
         || header("X-Autorespond").is_some()
         || header("X-Auto-Response-Suppress").is_some_and(|v| v.contains("all"));
     let reply = strip_quoted(&text);
+    let bounce = bounce(&message);
     Ok(Inbound {
         channel: Channel::Email,
         provider: "email",
@@ -109,6 +110,76 @@ pub fn parse(raw: &[u8]) -> Result<Inbound, MailError> {
         subject: message.subject().map(str::to_owned),
         thread,
         automatic,
+        bounce,
+    })
+}
+
+fn part_text(body: &PartType<'_>) -> Option<String> {
+    match body {
+        PartType::Text(t) | PartType::Html(t) => Some(t.to_string()),
+        PartType::Binary(b) | PartType::InlineBinary(b) => {
+            Some(String::from_utf8_lossy(b).into_owned())
+        }
+        PartType::Message(_) | PartType::Multipart(_) => None,
+    }
+}
+
+/// A delivery status notification (RFC 3464: `multipart/report; report-type=delivery-status`)
+/// about a mail Rapport sent: which one (the returned message's or headers' Message-ID), to
+/// whom, and why it failed.
+fn bounce(message: &Message<'_>) -> Option<Bounce> {
+    let status_part = message.parts.iter().find(|p| {
+        p.content_type()
+            .is_some_and(|c| c.ctype() == "message" && c.subtype() == Some("delivery-status"))
+    })?;
+    let report = part_text(&status_part.body)?;
+    let field = |name: &str| {
+        report.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    };
+    let action = field("Action").unwrap_or_default().to_ascii_lowercase();
+    if !matches!(action.as_str(), "failed" | "") {
+        // `delayed`, `delivered`, `relayed`, `expanded`: no failure to record.
+        return None;
+    }
+    let status = field("Status");
+    let recipient = field("Final-Recipient")
+        .or_else(|| field("Original-Recipient"))
+        .map(|r| match r.split_once(';') {
+            Some((_, address)) => address.trim().to_lowercase(),
+            None => r.trim().to_lowercase(),
+        });
+    let original = message.parts.iter().find_map(|p| match &p.body {
+        PartType::Message(m) => m.message_id().map(bare_id),
+        body if p.content_type().is_some_and(|c| {
+            c.subtype()
+                .is_some_and(|s| s.eq_ignore_ascii_case("rfc822-headers"))
+        }) =>
+        {
+            part_text(body)?.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("Message-ID")
+                    .then(|| bare_id(v))
+            })
+        }
+        _ => None,
+    });
+    let hard = status.as_deref().is_some_and(|s| s.starts_with('5'));
+    Some(Bounce {
+        original,
+        recipient,
+        hard,
+        reason: match (status, field("Diagnostic-Code")) {
+            (Some(s), Some(d)) => format!("bounced {s}: {d}"),
+            (Some(s), None) => format!("bounced {s}"),
+            (None, Some(d)) => format!("bounced: {d}"),
+            (None, None) => "bounced".to_owned(),
+        },
     })
 }
 

@@ -55,6 +55,21 @@ pub struct Inbound {
     pub thread: Vec<String>,
     /// Written by a machine (an out-of-office reply, a bulk mailer): recorded, never answered.
     pub automatic: bool,
+    /// A mail server's report that a mail Rapport sent could not be delivered.
+    pub bounce: Option<Bounce>,
+}
+
+/// A delivery status notification about a mail Rapport sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bounce {
+    /// The Message-ID of the mail that bounced (bare).
+    pub original: Option<String>,
+    /// The address that refused it (lower-cased).
+    pub recipient: Option<String>,
+    /// A permanent failure (status 5.x.x): the address takes no more mail.
+    pub hard: bool,
+    /// `bounced 5.1.1: smtp; 550 5.1.1 user unknown`.
+    pub reason: String,
 }
 
 /// What an inbound message was.
@@ -67,6 +82,8 @@ pub enum Kind {
     Keyword,
     /// An automatic reply (out of office...): recorded, on no ticket, never answered.
     AutoReply,
+    /// A delivery failure report about a mail Rapport sent.
+    Bounce,
 }
 
 impl Kind {
@@ -75,6 +92,7 @@ impl Kind {
             Kind::Reply => "reply",
             Kind::Keyword => "keyword",
             Kind::AutoReply => "auto_reply",
+            Kind::Bounce => "bounce",
         }
     }
 }
@@ -95,6 +113,7 @@ impl Inbound {
             subject: None,
             thread: Vec::new(),
             automatic: false,
+            bounce: None,
         }
     }
 }

@@ -62,6 +62,25 @@ pub async fn receive(
             ticket_id,
         });
     };
+    if let Some(b) = &m.bounce {
+        // A mail server's report, not a customer: the mail it is about failed.
+        messages::apply_bounce(
+            conn,
+            tenant.id,
+            b.original.as_deref(),
+            b.recipient.as_deref(),
+            b.hard,
+            &b.reason,
+        )
+        .await?;
+        store::file(conn, tenant.id, id, None, Kind::Bounce, None).await?;
+        return Ok(Received {
+            id,
+            duplicate: false,
+            contact_id: None,
+            ticket_id: None,
+        });
+    }
     let address = match &m.sender {
         Sender::Phone(raw) => {
             KnownBy::Phone(e164(raw, &tenant.default_country).ok_or_else(|| {
@@ -90,7 +109,7 @@ pub async fn receive(
             Some(join_ticket(conn, tenant, contact, id, m, opts).await?),
         ),
     };
-    store::file(conn, tenant.id, id, contact, kind, ticket).await?;
+    store::file(conn, tenant.id, id, Some(contact), kind, ticket).await?;
     events::emit_about(
         conn,
         tenant.id,

@@ -42,7 +42,7 @@ pub async fn file(
     conn: &mut PgConnection,
     tenant: TenantId,
     id: Uuid,
-    contact: Uuid,
+    contact: Option<Uuid>,
     kind: Kind,
     ticket: Option<Uuid>,
 ) -> StoreResult<()> {

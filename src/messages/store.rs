@@ -295,6 +295,10 @@ async fn plan(
     } else {
         ViberAddress::Either
     };
+    let bounced = match (&contact.email, preference.contains(&Channel::Email)) {
+        (Some(email), true) => email_suppressed(conn, tenant.id, email).await?,
+        _ => false,
+    };
     let mut refusals = Vec::new();
     let mut chosen = None;
     for channel in &preference {
@@ -302,6 +306,8 @@ async fn plan(
             Some("no_variant")
         } else if address(&contact, *channel, viber).is_none() {
             Some("no_address")
+        } else if *channel == Channel::Email && bounced {
+            Some("bounced")
         } else {
             consent_refusal(&contact, *channel, purpose)
         };
@@ -493,6 +499,75 @@ async fn thread(conn: &mut PgConnection, tenant: TenantId, ticket: Uuid) -> Stor
         Some(last) => json!({"in_reply_to": last, "references": ids.join(" ")}),
         None => json!({}),
     })
+}
+
+/// Whether this address refused mail for good (a hard bounce).
+async fn email_suppressed(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    address: &str,
+) -> StoreResult<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM email_suppressions WHERE tenant_id = $1 AND address = lower($2))",
+    )
+    .bind(tenant)
+    .bind(address)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// A mail server reported that a mail Rapport sent (by its `Message-ID`) could not be
+/// delivered: the message becomes `failed` with the reason; a permanent failure also stops
+/// email to the address (`suppressed`, reason `bounced`) until the contact's address changes.
+/// False when the mail is not one of ours.
+pub async fn apply_bounce(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    message_id: Option<&str>,
+    recipient: Option<&str>,
+    hard: bool,
+    reason: &str,
+) -> StoreResult<bool> {
+    let ours: Option<(Uuid, Option<Uuid>, Option<String>)> = match message_id {
+        Some(id) => {
+            sqlx::query_as(
+                "SELECT id, contact_id, recipient FROM messages
+             WHERE tenant_id = $1 AND channel = 'email' AND provider_message_id = $2",
+            )
+            .bind(tenant)
+            .bind(format!("<{id}>"))
+            .fetch_optional(&mut *conn)
+            .await?
+        }
+        None => None,
+    };
+    let Some((id, contact, sent_to)) = ours else {
+        return Ok(false);
+    };
+    apply_receipt(
+        conn,
+        tenant,
+        &format!("<{}>", message_id.unwrap_or_default()),
+        &DeliveryReport::Undelivered(reason.to_owned()),
+    )
+    .await?;
+    let address = recipient.map(str::to_owned).or(sent_to);
+    if let (true, Some(address)) = (hard, address) {
+        sqlx::query(
+            "INSERT INTO email_suppressions (tenant_id, address, reason, contact_id, message_id)
+             VALUES ($1, lower($2), $3, $4, $5)
+             ON CONFLICT (tenant_id, address) DO UPDATE
+                SET reason = excluded.reason, message_id = excluded.message_id",
+        )
+        .bind(tenant)
+        .bind(&address)
+        .bind(reason)
+        .bind(contact)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(true)
 }
 
 /// The ticket of the newest of these mails Rapport sent (message ids `<uuid@domain>`, as
@@ -1323,6 +1398,11 @@ pub async fn erase_contact(
     .bind(contact)
     .execute(&mut *conn)
     .await?;
+    sqlx::query("DELETE FROM email_suppressions WHERE tenant_id = $1 AND contact_id = $2")
+        .bind(tenant)
+        .bind(contact)
+        .execute(&mut *conn)
+        .await?;
     sqlx::query(
         "UPDATE messages SET subject = NULL, body_text = NULL, body_html = NULL, extras = '{}',
             compose = NULL,

@@ -961,3 +961,152 @@ mod email_in {
         assert_eq!(n, 0, "nothing written");
     }
 }
+
+mod bounces {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use base64::Engine;
+
+    /// A delivery status notification as Postfix writes it (RFC 3464).
+    fn dsn(message_id: &str, recipient: &str, status: &str, diagnostic: &str) -> Vec<u8> {
+        format!(
+            "From: MAILER-DAEMON@mx.example.com (Mail Delivery System)\r
+To: podrska@acme.example\r
+Subject: Undelivered Mail Returned to Sender\r
+Message-ID: <dsn-{status}-{recipient}@mx.example.com>\r
+Auto-Submitted: auto-replied\r
+MIME-Version: 1.0\r
+Content-Type: multipart/report; report-type=delivery-status; boundary=\"B1\"\r
+\r
+--B1\r
+Content-Type: text/plain; charset=us-ascii\r
+\r
+This is the mail system at host mx.example.com. I'm sorry to have to inform you that your\r
+message could not be delivered to one or more recipients.\r
+\r
+--B1\r
+Content-Type: message/delivery-status\r
+\r
+Reporting-MTA: dns; mx.example.com\r
+\r
+Final-Recipient: rfc822; {recipient}\r
+Original-Recipient: rfc822;{recipient}\r
+Action: failed\r
+Status: {status}\r
+Diagnostic-Code: smtp; {diagnostic}\r
+\r
+--B1\r
+Content-Type: text/rfc822-headers\r
+\r
+From: Acme <podrska@acme.example>\r
+To: {recipient}\r
+Subject: Obavijest\r
+Message-ID: {message_id}\r
+\r
+--B1--\r
+"
+        )
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_bounce_fails_the_mail_and_a_hard_one_stops_mail_to_the_address() {
+        let app = TestApp::new().await;
+        let t = app.tenant("acme").await;
+        let (port, _mails) = crate::providers::smtp_sink(false).await;
+        let r = app
+            .put(
+                "/v1/channels/email",
+                &t.key,
+                json!({"provider": "smtp",
+            "settings": {"host": "127.0.0.1", "port": port, "security": "none",
+                         "from": "podrska@acme.example"},
+            "secrets": {"inbound_secret": "s3cret"}}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        app.put(
+            "/v1/templates/notice",
+            &t.key,
+            json!({"email": {"hr": {
+            "subject": "Obavijest", "text": "Bok"}}}),
+        )
+        .await;
+        for (who, email) in [("ana", "ana@example.com"), ("ivo", "ivo@example.com")] {
+            app.contact(&t, who, json!({"email": email})).await;
+        }
+        let send = |who: &'static str| {
+            let app = &app;
+            let key = t.key.clone();
+            async move {
+                app.post(
+                    "/v1/messages",
+                    &key,
+                    json!({"contact": {"external_id": who}, "template": "notice"}),
+                )
+                .await
+            }
+        };
+        let to_ana = send("ana").await.body["id"].as_str().unwrap().to_owned();
+        let to_ivo = send("ivo").await.body["id"].as_str().unwrap().to_owned();
+        app.drain().await;
+        let post = |raw: Vec<u8>| {
+            let auth = base64::engine::general_purpose::STANDARD.encode("mx:s3cret");
+            Request::post(format!("/webhooks/email/{}", t.id))
+                .header("content-type", "message/rfc822")
+                .header("authorization", format!("Basic {auth}"))
+                .body(Body::from(raw))
+                .unwrap()
+        };
+        let hard = dsn(
+            &format!("<{to_ana}@acme.example>"),
+            "ana@example.com",
+            "5.1.1",
+            "550 5.1.1 <ana@example.com>: Recipient address rejected: User unknown",
+        );
+        let soft = dsn(
+            &format!("<{to_ivo}@acme.example>"),
+            "ivo@example.com",
+            "4.2.2",
+            "452 4.2.2 Mailbox full",
+        );
+        for raw in [hard, soft] {
+            let r = app.send(post(raw)).await;
+            assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        }
+        let ana = app.get(&format!("/v1/messages/{to_ana}"), &t.key).await;
+        assert_eq!(ana.body["status"], "failed", "{}", ana.text);
+        assert_eq!(
+            ana.body["status_reason"],
+            "bounced 5.1.1: smtp; 550 5.1.1 <ana@example.com>: Recipient address rejected: User unknown"
+        );
+        let ivo = app.get(&format!("/v1/messages/{to_ivo}"), &t.key).await;
+        assert_eq!(ivo.body["status"], "failed");
+        // The mail server is no contact and opens no ticket.
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM contacts")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        let kinds: Vec<String> = sqlx::query_scalar("SELECT kind FROM inbound_messages")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+        assert_eq!(kinds, ["bounce", "bounce"]);
+
+        // No more mail to the address that refused for good; a full mailbox is only a failure.
+        let again = send("ana").await;
+        assert_eq!(again.body["status"], "suppressed", "{}", again.text);
+        assert_eq!(again.body["status_reason"], "bounced");
+        assert_eq!(send("ivo").await.body["status"], "queued");
+        // A new address takes mail again.
+        app.put(
+            "/v1/contacts/ana",
+            &t.key,
+            json!({"email": "ana.h@example.com"}),
+        )
+        .await;
+        assert_eq!(send("ana").await.body["status"], "queued");
+    }
+}
