@@ -35,6 +35,14 @@ pub struct TenantContext {
     pub timezone: String,
 }
 
+/// Who Rapport's public pages speak for: the tenant's name, and its logo if it set one
+/// (`PUT /v1/settings` `logo_url`).
+#[derive(Debug, Clone, Default)]
+pub struct Brand {
+    pub name: String,
+    pub logo_url: Option<String>,
+}
+
 /// Marks a request authenticated with the operators' admin token.
 #[derive(Debug, Clone, Copy)]
 pub struct Operator;

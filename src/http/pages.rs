@@ -13,8 +13,8 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
+pub use crate::domain::Brand;
 use crate::domain::Channel;
-pub use crate::tenants::model::Brand;
 pub use words::Words;
 
 /// The words of `locale` (`hr-HR` is `hr`; `bs` and `sr` read Croatian best; anything else is

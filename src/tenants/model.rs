@@ -25,14 +25,6 @@ pub struct Tenant {
     pub updated_at: DateTime<Utc>,
 }
 
-/// Who Rapport's public pages speak for: the tenant's name, and its logo if it set one
-/// (`PUT /v1/settings` `logo_url`).
-#[derive(Debug, Clone, Default)]
-pub struct Brand {
-    pub name: String,
-    pub logo_url: Option<String>,
-}
-
 /// `POST /admin/v1/tenants`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -3,8 +3,8 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::model::{ApiKey, Brand, CreatedApiKey, Tenant, ValidTenant};
-use crate::domain::{TenantContext, TenantId};
+use super::model::{ApiKey, CreatedApiKey, Tenant, ValidTenant};
+use crate::domain::{Brand, TenantContext, TenantId};
 use crate::error::{StoreError, StoreResult};
 
 /// Creates a tenant; a taken slug is a 409.
