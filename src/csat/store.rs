@@ -175,15 +175,7 @@ async fn alert_agent(
         delay,
     };
     let queued = messages::enqueue_template_to_agent(conn, tenant, alert, max_attempts).await;
-    match queued {
-        Ok(id) => Ok(id),
-        Err(messages::EnqueueError::Store(e)) => Err(e),
-        // A tenant's own template that cannot be used is no reason to lose the rating.
-        Err(e) => {
-            tracing::warn!(%tenant, template, error = %e, "an alert to the agent cannot be queued");
-            Ok(None)
-        }
-    }
+    Ok(messages::best_effort(queued, tenant, "an alert to the agent")?.flatten())
 }
 
 /// What an alert about a rating says: the rating, who gave it, about which ticket.

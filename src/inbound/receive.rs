@@ -10,7 +10,7 @@ use crate::domain::{Channel, ConsentStatus, Purpose, TenantContext, kinds};
 use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
 use crate::messages::model::Compose;
-use crate::messages::store::{self as messages, EnqueueError, SendOptions};
+use crate::messages::store::{self as messages, SendOptions, best_effort};
 use crate::support::model::{MessageAuthor, Status};
 use crate::support::store as support;
 use crate::validate;
@@ -18,6 +18,17 @@ use crate::validate;
 /// How much of a message `message.received` and a new ticket's subject carry.
 const EXCERPT_CHARS: usize = 160;
 const SUBJECT_CHARS: usize = 80;
+/// The longest message a ticket takes, as `POST /v1/tickets/{id}/messages` does; the inbound
+/// record keeps the whole text (the webhook's body limit bounds it).
+const TICKET_TEXT_CHARS: usize = 100_000;
+
+/// `text` cut to at most `max` characters, marked with `…` where it was cut.
+fn bounded(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max.saturating_sub(1)) {
+        Some((end, _)) if text[end..].chars().count() > 1 => format!("{}…", &text[..end]),
+        _ => text.to_owned(),
+    }
+}
 
 fn excerpt(text: &str, max: usize) -> String {
     let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -173,15 +184,9 @@ async fn apply_keyword(
         ticket: None,
         suppress: None,
     };
-    match messages::enqueue(conn, tenant, compose, opts).await {
-        Ok(_) => Ok(()),
-        Err(EnqueueError::Store(e)) => Err(e),
-        // A tenant's own template that cannot be used is no reason to refuse the opt-out.
-        Err(e) => {
-            tracing::warn!(tenant = %tenant.id, error = %e, "the STOP confirmation cannot be queued");
-            Ok(())
-        }
-    }
+    let queued = messages::enqueue(conn, tenant, compose, opts).await;
+    best_effort(queued, tenant.id, "the STOP confirmation")?;
+    Ok(())
 }
 
 /// The contact's ticket an email answers: the ticket of an earlier mail in its thread (one
@@ -257,7 +262,7 @@ async fn join_ticket(
             .collect::<Vec<_>>()
             .join("\n")
     } else {
-        text.to_owned()
+        bounded(text, TICKET_TEXT_CHARS)
     };
     let answered = match m.channel {
         Channel::Email => answered_ticket(conn, tenant, contact, m).await?,
@@ -314,13 +319,7 @@ async fn join_ticket(
         opts,
     )
     .await;
-    match ack {
-        Ok(_) => {}
-        Err(EnqueueError::Store(e)) => return Err(e),
-        Err(e) => {
-            tracing::warn!(tenant = %tenant.id, error = %e, "the acknowledgement cannot be queued");
-        }
-    }
+    best_effort(ack, tenant.id, "the acknowledgement")?;
     Ok(ticket.id)
 }
 
@@ -341,5 +340,14 @@ mod tests {
         );
         assert_eq!(e164("385912345678", "HR").as_deref(), Some("+385912345678"));
         assert_eq!(e164("091 234 5678", "HR").as_deref(), Some("+385912345678"));
+        assert_eq!(bounded("Žabe", 4), "Žabe");
+        assert_eq!(bounded("Žabe!", 4), "Žab…");
+        assert_eq!(bounded("ab", 4), "ab");
+        assert_eq!(
+            bounded(&"š".repeat(200_000), TICKET_TEXT_CHARS)
+                .chars()
+                .count(),
+            TICKET_TEXT_CHARS
+        );
     }
 }

@@ -133,6 +133,25 @@ fn render_detail(e: &SandboxError) -> String {
     }
 }
 
+/// A message Rapport sends on its own behalf around something the customer or an agent did
+/// (an acknowledgement, a confirmation, an alert): a tenant's own template that cannot be used
+/// must not undo that act, so such failures are logged (`what` names the message) and give
+/// None; only the database's failures are errors.
+pub fn best_effort<T>(
+    queued: Result<T, EnqueueError>,
+    tenant: TenantId,
+    what: &str,
+) -> StoreResult<Option<T>> {
+    match queued {
+        Ok(t) => Ok(Some(t)),
+        Err(EnqueueError::Store(e)) => Err(e),
+        Err(e) => {
+            tracing::warn!(%tenant, error = %e, "{what} cannot be queued");
+            Ok(None)
+        }
+    }
+}
+
 impl EnqueueError {
     /// The message cannot be composed for this contact as things stand (no retry helps):
     /// a journey that wanted to send it cannot go on.

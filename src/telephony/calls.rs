@@ -12,7 +12,7 @@ use crate::contacts::store as contacts;
 use crate::domain::{TenantContext, TenantId, kinds};
 use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
-use crate::messages::store::{EnqueueError, SendOptions};
+use crate::messages::store::{SendOptions, best_effort};
 use crate::support::model::MessageAuthor;
 use crate::support::store as support;
 use crate::validate;
@@ -247,14 +247,7 @@ async fn open_callback_ticket(
                 opts,
             )
             .await;
-            match notice {
-                Ok(_) => {}
-                Err(EnqueueError::Store(e)) => return Err(e),
-                // A tenant's own template that cannot be used is no reason to lose the call.
-                Err(e) => {
-                    tracing::warn!(tenant = %tenant.id, error = %e, "the call-back notice cannot be queued");
-                }
-            }
+            best_effort(notice, tenant.id, "the call-back notice")?;
             ticket.id
         }
     };

@@ -327,13 +327,7 @@ async fn confirm_unsubscribe(
         ticket: None,
         suppress: None,
     };
-    match messages::enqueue(conn, &tenant, compose, &opts).await {
-        Ok(_) => Ok(()),
-        Err(messages::EnqueueError::Store(e)) => Err(e.into()),
-        // A tenant's own template that cannot be used is no reason to refuse the opt-out.
-        Err(e) => {
-            tracing::warn!(tenant = %sub.tenant, error = %e, "the unsubscribe confirmation cannot be queued");
-            Ok(())
-        }
-    }
+    let queued = messages::enqueue(conn, &tenant, compose, &opts).await;
+    messages::best_effort(queued, sub.tenant, "the unsubscribe confirmation")?;
+    Ok(())
 }
