@@ -158,6 +158,12 @@ pub struct Config {
     pub template_workers: usize,
     /// The `rapport` binary to run as a template renderer; this process's own when unset.
     pub template_program: Option<String>,
+    /// What an inbound email's files may take in all, in bytes; the files beyond are listed on
+    /// the ticket as dropped, and the message itself is kept.
+    pub attachment_max_bytes: usize,
+    /// How often the worker looks for tenants' IMAP mailboxes and reads those whose server has
+    /// no IDLE; a mailbox with IDLE is read as soon as mail arrives.
+    pub imap_poll_secs: u64,
 }
 
 impl Default for Config {
@@ -197,6 +203,8 @@ impl Default for Config {
             template_timeout_ms: 1000,
             template_memory_mib: 256,
             template_workers: 0,
+            attachment_max_bytes: crate::inbound::email::DEFAULT_ATTACHMENT_MAX_BYTES,
+            imap_poll_secs: 60,
             template_program: None,
         }
     }

@@ -31,6 +31,8 @@ pub enum Purpose {
     Unsubscribe = 3,
     Webhook = 4,
     Survey = 5,
+    /// The tag of a ticket's reply address (`support+t42.<mac>@...`).
+    ReplyAddress = 6,
 }
 
 impl Purpose {
@@ -41,6 +43,7 @@ impl Purpose {
             3 => Some(Purpose::Unsubscribe),
             4 => Some(Purpose::Webhook),
             5 => Some(Purpose::Survey),
+            6 => Some(Purpose::ReplyAddress),
             _ => None,
         }
     }
@@ -215,9 +218,60 @@ impl Signer {
     }
 }
 
+/// Bytes of MAC in a reply-address tag: 64 bits, for an address that must stay short (a
+/// local part is at most 64 characters) and that can only be guessed one email at a time.
+const TAG_MAC_LEN: usize = 8;
+
+impl Signer {
+    /// The tag that routes a customer's reply to ticket `number` of `tenant`: `t42.<16 hex>`,
+    /// lower case, since mail systems may change the case of a local part.
+    pub fn ticket_tag(&self, tenant: Uuid, number: i64) -> String {
+        let mac = self.tag_mac(tenant, number);
+        format!("t{number}.{}", hex::encode(mac))
+    }
+
+    fn tag_mac(&self, tenant: Uuid, number: i64) -> Vec<u8> {
+        let mut payload = Vec::with_capacity(1 + 16 + 8);
+        payload.push(Purpose::ReplyAddress as u8);
+        payload.extend_from_slice(tenant.as_bytes());
+        payload.extend_from_slice(&number.to_be_bytes());
+        self.mac(&payload)[..TAG_MAC_LEN].to_vec()
+    }
+
+    /// The ticket number a genuine tag of `tenant` names; None for anything else.
+    pub fn verify_ticket_tag(&self, tenant: Uuid, tag: &str) -> Option<i64> {
+        let (number, mac) = tag.strip_prefix(['t', 'T'])?.split_once('.')?;
+        let number: i64 = number.parse().ok()?;
+        let given = hex::decode(mac.to_ascii_lowercase()).ok()?;
+        let expected = self.tag_mac(tenant, number);
+        bool::from(subtle::ConstantTimeEq::ct_eq(
+            given.as_slice(),
+            expected.as_slice(),
+        ))
+        .then_some(number)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ticket_tags_name_their_tenants_ticket_only() {
+        let s = Signer::new(vec![1; 32]);
+        let tenant = Uuid::now_v7();
+        let tag = s.ticket_tag(tenant, 42);
+        assert!(tag.starts_with("t42.") && tag.len() == 4 + 16, "{tag}");
+        assert_eq!(s.verify_ticket_tag(tenant, &tag), Some(42));
+        assert_eq!(s.verify_ticket_tag(tenant, &tag.to_uppercase()), Some(42));
+        assert_eq!(s.verify_ticket_tag(Uuid::now_v7(), &tag), None);
+        assert_eq!(
+            s.verify_ticket_tag(tenant, &tag.replace("t42", "t43")),
+            None
+        );
+        assert_eq!(s.verify_ticket_tag(tenant, "t42.zz"), None);
+        assert_eq!(s.verify_ticket_tag(tenant, "hello"), None);
+    }
 
     #[test]
     fn tokens_verify_only_unaltered_and_for_their_purpose() {

@@ -20,6 +20,21 @@ pub fn sender_domain(from: Option<&str>) -> &str {
         .unwrap_or("rapport.local")
 }
 
+/// `support@acme.example` with `tag` in its local part (`support+t42.<mac>@acme.example`);
+/// None when the result would not be a valid address (a local part is at most 64 characters).
+pub fn tagged_address(address: &str, tag: &str) -> Option<String> {
+    let (local, domain) = address.trim().rsplit_once('@')?;
+    let local = local.split_once('+').map_or(local, |(base, _)| base);
+    let tagged = format!("{local}+{tag}");
+    (tagged.len() <= 64 && !domain.is_empty()).then(|| format!("{tagged}@{domain}"))
+}
+
+/// The tag an address carries in its local part after `+`, if any.
+pub fn address_tag(address: &str) -> Option<&str> {
+    let (local, _) = address.rsplit_once('@')?;
+    local.split_once('+').map(|(_, tag)| tag)
+}
+
 pub struct Smtp {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     host: String,
@@ -101,10 +116,8 @@ impl Smtp {
             .to(to)
             .subject(m.subject.clone().unwrap_or_default())
             .message_id(Some(format!("<{}@{}>", m.message_id, self.domain)));
-        if let Some(reply_to) = &self.reply_to {
-            builder = builder.reply_to(reply_to.clone());
-        }
-        // A mail about a ticket threads after the ticket's earlier ones.
+        // A mail about a ticket threads after the ticket's earlier ones, and its answer comes
+        // back to the ticket's own reply address.
         let thread = |key: &str| {
             m.extras
                 .get("thread")
@@ -112,6 +125,10 @@ impl Smtp {
                 .and_then(serde_json::Value::as_str)
                 .map(str::to_owned)
         };
+        let ticket_reply_to = thread("reply_to").and_then(|r| r.parse::<Mailbox>().ok());
+        if let Some(reply_to) = ticket_reply_to.as_ref().or(self.reply_to.as_ref()) {
+            builder = builder.reply_to(reply_to.clone());
+        }
         if let Some(parent) = thread("in_reply_to") {
             builder = builder.in_reply_to(parent);
         }

@@ -26,6 +26,20 @@ pub struct ProviderSpec {
     pub secrets_optional: &'static [&'static str],
 }
 
+/// What an email channel takes for customers' replies, whichever provider sends (on top of
+/// each provider's own): the address replies about a ticket go to (tagged per ticket), the
+/// IMAP mailbox the worker reads, and the password of the inbound webhook.
+const EMAIL_INBOUND_SETTINGS: &[&str] = &[
+    "reply_address",
+    "imap_host",
+    "imap_port",
+    "imap_security",
+    "imap_user",
+    "imap_folder",
+    "imap_processed_folder",
+];
+const EMAIL_INBOUND_SECRETS: &[&str] = &["inbound_secret", "imap_password"];
+
 /// Every provider of every channel.
 pub const PROVIDERS: &[ProviderSpec] = &[
     ProviderSpec {
@@ -34,7 +48,7 @@ pub const PROVIDERS: &[ProviderSpec] = &[
         required: &[],
         optional: &[],
         secrets_required: &[],
-        secrets_optional: &["inbound_secret"],
+        secrets_optional: &[],
     },
     ProviderSpec {
         channel: Channel::Email,
@@ -42,7 +56,7 @@ pub const PROVIDERS: &[ProviderSpec] = &[
         required: &["host", "from"],
         optional: &["port", "security", "from_name", "reply_to", "timeout_secs"],
         secrets_required: &[],
-        secrets_optional: &["username", "password", "inbound_secret"],
+        secrets_optional: &["username", "password"],
     },
     ProviderSpec {
         channel: Channel::Sms,
@@ -134,6 +148,24 @@ pub struct ChannelConfig {
     /// Twilio number's "a message comes in" URL, Infobip's inbound forwarding URL, the Viber
     /// bot's `set_webhook`). Absent for providers that call nothing back.
     pub webhook_url: Option<String>,
+    /// The email channel's IMAP mailbox, when `imap_host` is set: how the worker's reading goes.
+    pub mailbox: Option<MailboxStatus>,
+}
+
+/// How the worker reads a tenant's IMAP mailbox.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct MailboxStatus {
+    /// A worker holds the mailbox and reads it (with IDLE where the server has it).
+    pub watched: bool,
+    /// The end of the last round.
+    pub last_polled_at: Option<DateTime<Utc>>,
+    /// What went wrong in the last round (a refused login, an unreachable host, a message left
+    /// unread); null when it went well.
+    pub last_error: Option<String>,
+    /// Messages filed from the mailbox.
+    pub fetched: i64,
+    /// Messages left unread: over the size limit, or not an email.
+    pub skipped: i64,
 }
 
 /// A stored configuration with its secrets opened, for building a provider.
@@ -178,7 +210,11 @@ pub fn validate(
         }
     }
     for (key, value) in &input.settings {
-        if !spec.required.contains(&key.as_str()) && !spec.optional.contains(&key.as_str()) {
+        let inbound = channel == Channel::Email && EMAIL_INBOUND_SETTINGS.contains(&key.as_str());
+        if !spec.required.contains(&key.as_str())
+            && !spec.optional.contains(&key.as_str())
+            && !inbound
+        {
             errors.add(
                 format!("settings.{key}"),
                 format!("is not a setting of {}", spec.name),
@@ -186,7 +222,9 @@ pub fn validate(
             continue;
         }
         let ok = match key.as_str() {
-            "port" | "timeout_secs" => value.as_u64().is_some_and(|n| (1..=65535).contains(&n)),
+            "port" | "timeout_secs" | "imap_port" => {
+                value.as_u64().is_some_and(|n| (1..=65535).contains(&n))
+            }
             _ => value.as_str().is_some_and(|s| !s.trim().is_empty()),
         };
         if !ok {
@@ -203,7 +241,7 @@ pub fn validate(
                     errors.add(format!("settings.{key}"), m);
                 }
             }
-            ("host", Some(s)) => {
+            ("host" | "imap_host", Some(s)) => {
                 if let Err(m) = egress.check_host(s) {
                     errors.add(format!("settings.{key}"), m);
                 }
@@ -231,6 +269,38 @@ pub fn validate(
             }
         }
     }
+    if channel == Channel::Email {
+        if let Some(s) = input.settings.get("imap_security").and_then(Value::as_str) {
+            if !matches!(s, "starttls" | "tls" | "none") {
+                errors.add("settings.imap_security", "must be tls, starttls or none");
+            }
+        }
+        if let (Some("none"), Some(host)) = (
+            input.settings.get("imap_security").and_then(Value::as_str),
+            input.settings.get("imap_host").and_then(Value::as_str),
+        ) {
+            if !egress.allows_host(host) {
+                errors.add(
+                    "settings.imap_security",
+                    "none (the password in the clear) only to a host the operator allows; use tls \
+                     or starttls",
+                );
+            }
+        }
+        if input.settings.contains_key("imap_host") && !input.settings.contains_key("imap_user") {
+            errors.add("settings.imap_user", "is required with imap_host");
+        }
+        if let Some(a) = input.settings.get("reply_address").and_then(Value::as_str) {
+            if crate::validate::email(a).is_err() {
+                errors.add("settings.reply_address", "must be an email address");
+            } else if super::email::tagged_address(a, "t9999999999.0123456789abcdef").is_none() {
+                errors.add(
+                    "settings.reply_address",
+                    "its local part is too long to carry a ticket tag (at most 35 characters)",
+                );
+            }
+        }
+    }
     if spec.name == "twilio"
         && !input.settings.contains_key("from")
         && !input.settings.contains_key("messaging_service_sid")
@@ -238,8 +308,10 @@ pub fn validate(
         errors.add("settings.from", "give `from` or `messaging_service_sid`");
     }
     for key in input.secrets.iter().flat_map(|s| s.keys()) {
+        let inbound = channel == Channel::Email && EMAIL_INBOUND_SECRETS.contains(&key.as_str());
         if !spec.secrets_required.contains(&key.as_str())
             && !spec.secrets_optional.contains(&key.as_str())
+            && !inbound
         {
             errors.add(
                 format!("secrets.{key}"),
@@ -280,9 +352,14 @@ pub async fn put(
             secrets = given.clone();
         }
     }
+    let imap = input
+        .settings
+        .contains_key("imap_host")
+        .then_some(&"imap_password");
     let missing: Vec<_> = spec
         .secrets_required
         .iter()
+        .chain(imap)
         .filter(|k| !secrets.contains_key(**k))
         .collect();
     if !missing.is_empty() {
@@ -321,6 +398,7 @@ pub async fn put(
         secrets: names,
         updated_at: Some(updated_at),
         webhook_url: None,
+        mailbox: None,
     })
 }
 
@@ -333,6 +411,11 @@ pub async fn get(
     Ok(match store::get(conn, tenant, channel).await? {
         Some(row) => ChannelConfig {
             channel,
+            mailbox: if row.settings.get("imap_host").is_some() {
+                Some(store::mailbox_status(conn, tenant).await?)
+            } else {
+                None
+            },
             provider: row.provider,
             settings: row.settings,
             secrets: row.secret_names,
@@ -346,6 +429,7 @@ pub async fn get(
             secrets: Vec::new(),
             updated_at: None,
             webhook_url: None,
+            mailbox: None,
         },
     })
 }

@@ -112,3 +112,21 @@ pub async fn reseal(
     .await?;
     Ok(())
 }
+
+/// How the worker reads the tenant's IMAP mailbox (`inbound_mailboxes`, written by
+/// `crate::inbound::imap`); all zero before its first round.
+pub async fn mailbox_status(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+) -> Result<super::settings::MailboxStatus, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT COALESCE(b.holder IS NOT NULL AND b.lease_until > now(), false) AS watched,
+                b.last_polled_at, b.last_error, COALESCE(b.fetched, 0) AS fetched,
+                COALESCE(b.skipped, 0) AS skipped
+         FROM (SELECT 1) one
+         LEFT JOIN inbound_mailboxes b ON b.tenant_id = $1",
+    )
+    .bind(tenant)
+    .fetch_one(conn)
+    .await
+}

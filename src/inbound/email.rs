@@ -6,7 +6,7 @@
 use mail_parser::{HeaderValue, Message, MessageParser, MimeHeaders, PartType};
 use sha2::{Digest, Sha256};
 
-use super::model::{Bounce, Inbound, Media, Sender};
+use super::model::{Attachment, Bounce, Inbound, Sender};
 use crate::domain::Channel;
 
 /// The largest raw email taken, attachments included (larger ones are a 413 at the edge).
@@ -41,9 +41,68 @@ fn ids(value: &HeaderValue<'_>) -> Vec<String> {
     }
 }
 
+/// The default of `attachment_max_bytes`: what an email's files may take in all.
+pub const DEFAULT_ATTACHMENT_MAX_BYTES: usize = 10 * 1024 * 1024;
+
+/// The addresses a header names: a parsed address list, or the raw text of headers such as
+/// `Delivered-To` that mail-parser leaves unparsed.
+fn addresses(value: &HeaderValue<'_>) -> Vec<String> {
+    match value {
+        HeaderValue::Address(a) => a
+            .iter()
+            .filter_map(|a| a.address())
+            .map(|a| a.trim().to_lowercase())
+            .collect(),
+        HeaderValue::Text(t) => vec![bare_id(t).to_lowercase()],
+        HeaderValue::TextList(list) => list.iter().map(|t| bare_id(t).to_lowercase()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// An email's files in order, the content of each kept while the total stays within `limit`
+/// bytes; the ones after are listed as dropped.
+fn attachments(message: &Message<'_>, limit: usize) -> Vec<Attachment> {
+    let mut used = 0usize;
+    message
+        .attachments()
+        .map(|a| {
+            let content = a.contents();
+            let content_type = match a.content_type() {
+                Some(c) => match c.subtype() {
+                    Some(sub) => format!("{}/{sub}", c.ctype()),
+                    None => c.ctype().to_owned(),
+                },
+                None if matches!(a.body, PartType::Message(_)) => "message/rfc822".to_owned(),
+                None => "application/octet-stream".to_owned(),
+            }
+            .to_ascii_lowercase();
+            let fits = used + content.len() <= limit;
+            if fits {
+                used += content.len();
+            }
+            Attachment {
+                filename: a
+                    .attachment_name()
+                    .map(|n| n.trim().chars().filter(|c| !c.is_control()).collect())
+                    .filter(|n: &String| !n.is_empty()),
+                content_type,
+                size: content.len(),
+                content: fits.then(|| content.to_vec()),
+                dropped: (!fits).then(|| {
+                    format!(
+                        "over the limit of {} bytes of attachments per message",
+                        limit
+                    )
+                }),
+            }
+        })
+        .collect()
+}
+
 /// Parses a raw email into an inbound message. `text` keeps the whole text; `reply` is what
-/// goes on the ticket: the text without the quoted history and signature it ends with.
-pub fn parse(raw: &[u8]) -> Result<Inbound, MailError> {
+/// goes on the ticket: the text without the quoted history and signature it ends with. Its
+/// files are kept up to `attachment_limit` bytes in all.
+pub fn parse(raw: &[u8], attachment_limit: usize) -> Result<Inbound, MailError> {
     let message = MessageParser::default()
         .parse(raw)
         .filter(|m| !m.parts.is_empty() && m.headers().iter().next().is_some())
@@ -71,16 +130,16 @@ pub fn parse(raw: &[u8]) -> Result<Inbound, MailError> {
         .body_text(0)
         .map(|t| t.replace("\r\n", "\n"))
         .unwrap_or_default();
-    let media = message
-        .attachments()
-        .map(|a| Media {
-            url: format!("attachment:{}", a.attachment_name().unwrap_or("unnamed")),
-            content_type: a.content_type().map(|c| match c.subtype() {
-                Some(sub) => format!("{}/{sub}", c.ctype()),
-                None => c.ctype().to_owned(),
-            }),
-        })
-        .collect();
+    let mut addressed: Vec<String> = Vec::new();
+    for name in ["To", "Cc", "Delivered-To", "X-Original-To", "Envelope-To"] {
+        for value in message.header_values(name) {
+            for a in addresses(value) {
+                if a.contains('@') && !addressed.contains(&a) {
+                    addressed.push(a);
+                }
+            }
+        }
+    }
     let header = |name: &str| {
         message
             .header_raw(name)
@@ -106,11 +165,13 @@ pub fn parse(raw: &[u8]) -> Result<Inbound, MailError> {
             .map(str::to_owned),
         reply: (reply != text).then_some(reply),
         text,
-        media,
+        media: Vec::new(),
         subject: message.subject().map(str::to_owned),
         thread,
         automatic,
         bounce,
+        attachments: attachments(&message, attachment_limit),
+        addressed,
     })
 }
 

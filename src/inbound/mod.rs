@@ -7,6 +7,7 @@
 //! this folder decides.
 
 pub mod email;
+pub mod imap;
 pub mod model;
 pub mod receive;
 pub mod routes;

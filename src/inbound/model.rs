@@ -32,6 +32,19 @@ pub struct Media {
     pub content_type: Option<String>,
 }
 
+/// A file that came with an email: its content when it fits in the per-message limit
+/// (`attachment_max_bytes`), else only its name and size, with why it was dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub filename: Option<String>,
+    pub content_type: String,
+    pub size: usize,
+    pub content: Option<Vec<u8>>,
+    pub dropped: Option<String>,
+}
+
+pub use crate::support::model::AttachmentRef;
+
 /// A message a customer sent in, as parsed from a provider's webhook.
 #[derive(Debug, Clone)]
 pub struct Inbound {
@@ -57,6 +70,11 @@ pub struct Inbound {
     pub automatic: bool,
     /// A mail server's report that a mail Rapport sent could not be delivered.
     pub bounce: Option<Bounce>,
+    /// An email's files.
+    pub attachments: Vec<Attachment>,
+    /// Every address an email was sent to (To, Cc, Delivered-To, X-Original-To), lower-cased:
+    /// one may carry the ticket's signed reply tag.
+    pub addressed: Vec<String>,
 }
 
 /// A delivery status notification about a mail Rapport sent.
@@ -114,6 +132,8 @@ impl Inbound {
             thread: Vec::new(),
             automatic: false,
             bounce: None,
+            attachments: Vec::new(),
+            addressed: Vec::new(),
         }
     }
 }
@@ -137,9 +157,12 @@ pub struct InboundMessage {
     pub recipient: Option<String>,
     pub subject: Option<String>,
     pub body: Option<String>,
-    /// Attachments: provider-hosted media URLs; an email's as `attachment:<name>`.
+    /// Provider-hosted media (SMS and Viber).
     #[schema(value_type = Vec<Media>)]
     pub media: sqlx::types::Json<Vec<Media>>,
+    /// Every attachment: an email's files, the provider's media.
+    #[schema(value_type = Vec<AttachmentRef>)]
+    pub attachments: sqlx::types::Json<Vec<AttachmentRef>>,
     pub received_at: chrono::DateTime<chrono::Utc>,
 }
 

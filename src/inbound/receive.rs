@@ -189,15 +189,27 @@ async fn apply_keyword(
     Ok(())
 }
 
-/// The contact's ticket an email answers: the ticket of an earlier mail in its thread (one
+/// The contact's ticket an email answers: the ticket whose signed tag the address it was sent
+/// to carries (`support+t42.<mac>@...`), else the ticket of an earlier mail in its thread (one
 /// Rapport sent, or one the customer sent in), else the `[#number]` of its subject.
 async fn answered_ticket(
     conn: &mut PgConnection,
     tenant: &TenantContext,
     contact: uuid::Uuid,
     m: &Inbound,
+    opts: &SendOptions,
 ) -> StoreResult<Option<crate::support::model::Ticket>> {
-    let mut found = messages::ticket_of_mails(conn, tenant.id, &m.thread).await?;
+    let tagged = m.addressed.iter().find_map(|a| {
+        crate::channels::email::address_tag(a)
+            .and_then(|tag| opts.signer.verify_ticket_tag(tenant.id.0, tag))
+    });
+    let mut found = match tagged {
+        Some(number) => support::ticket_id_by_number(conn, tenant.id, contact, number).await?,
+        None => None,
+    };
+    if found.is_none() {
+        found = messages::ticket_of_mails(conn, tenant.id, &m.thread).await?;
+    }
     if found.is_none() {
         found = store::ticket_of(conn, tenant.id, m.channel.as_str(), &m.thread).await?;
     }
@@ -255,25 +267,34 @@ async fn join_ticket(
 ) -> StoreResult<uuid::Uuid> {
     let channel = m.channel.as_str();
     let text = m.reply.as_deref().unwrap_or(&m.text);
-    let body = if text.trim().is_empty() && !m.media.is_empty() {
+    let body = if text.trim().is_empty() && !(m.media.is_empty() && m.attachments.is_empty()) {
+        // Only files: name them, so the ticket's text says what came.
         m.media
             .iter()
             .map(|x| x.url.as_str())
+            .chain(
+                m.attachments
+                    .iter()
+                    .map(|a| a.filename.as_deref().unwrap_or(&a.content_type)),
+            )
             .collect::<Vec<_>>()
             .join("\n")
     } else {
         bounded(text, TICKET_TEXT_CHARS)
     };
     let answered = match m.channel {
-        Channel::Email => answered_ticket(conn, tenant, contact, m).await?,
+        Channel::Email => answered_ticket(conn, tenant, contact, m, opts).await?,
         Channel::Sms | Channel::Viber => None,
     };
     let latest = match answered {
         Some(t) => Some(t),
         None => support::lock_latest_ticket(conn, tenant.id, contact, channel).await?,
     };
+    let mut follows = None;
     if let Some(ticket) = latest {
-        if ticket.status != Status::Closed {
+        if ticket.status == Status::Closed {
+            follows = Some(ticket.id);
+        } else {
             let written = support::insert_message(
                 conn,
                 tenant.id,
@@ -310,6 +331,9 @@ async fn join_ticket(
     };
     let ticket = support::create_ticket(conn, tenant, &row).await?;
     support::set_inbound(conn, tenant.id, ticket.id, None, inbound).await?;
+    if let Some(closed) = follows {
+        support::set_follows(conn, tenant.id, ticket.id, closed).await?;
+    }
     let ack = crate::support::notify::customer(
         conn,
         tenant,

@@ -230,7 +230,7 @@ pub async fn enqueue(
     opts: &SendOptions,
 ) -> Result<Message, EnqueueError> {
     let planned = plan(conn, tenant, &c, opts, Uuid::now_v7()).await?;
-    Ok(insert(conn, &planned, None).await?)
+    Ok(insert(conn, &planned, None, &opts.signer).await?)
 }
 
 /// Plans a message and renders its template, holding no database connection while the
@@ -280,7 +280,7 @@ pub async fn enqueue_composed(
         .rendered
         .as_ref()
         .filter(|_| planned.same_as(&composed.planned));
-    Ok(insert(conn, &planned, rendered).await?)
+    Ok(insert(conn, &planned, rendered, &opts.signer).await?)
 }
 
 /// Decides where, how and whether a message goes: reads only, runs no template.
@@ -435,6 +435,7 @@ async fn insert(
     conn: &mut PgConnection,
     p: &Planned,
     rendered: Option<&Rendered>,
+    signer: &crate::signing::Signer,
 ) -> StoreResult<Message> {
     let deferred = match &p.decision {
         Decision::Suppress(reason) => return insert_suppressed(conn, p, reason).await,
@@ -443,7 +444,7 @@ async fn insert(
     let compose = rendered.is_none().then_some(sqlx::types::Json(deferred));
     let mut extras = rendered.map_or_else(|| json!({}), |r| r.extras.clone());
     if let (Some(ticket), Channel::Email) = (p.ticket, p.channel) {
-        extras["thread"] = thread(conn, p.tenant, ticket).await?;
+        extras["thread"] = thread(conn, p.tenant, ticket, signer).await?;
     }
     let sql = format!(
         "INSERT INTO messages (tenant_id, id, contact_id, channel, purpose, template_key, locale,
@@ -489,15 +490,27 @@ async fn insert(
 
 /// The mail headers that thread a ticket's next email after its earlier ones: `In-Reply-To`
 /// the latest, `References` the last twenty (RFC 5322 section 3.6.4). Rapport's own mails are
-/// `<message id@sender domain>`, as the SMTP provider writes their `Message-ID`.
-async fn thread(conn: &mut PgConnection, tenant: TenantId, ticket: Uuid) -> StoreResult<Value> {
-    let from: Option<String> = sqlx::query_scalar(
-        "SELECT settings->>'from' FROM channel_settings WHERE tenant_id = $1 AND channel = 'email'",
-    )
-    .bind(tenant)
-    .fetch_optional(&mut *conn)
-    .await?
-    .flatten();
+/// `<message id@sender domain>`, as the SMTP provider writes their `Message-ID`. With a
+/// `reply_address` on the email channel, also the `Reply-To` that routes the customer's answer
+/// to this ticket: `<local part>+<signed ticket tag>@<domain>`.
+async fn thread(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    ticket: Uuid,
+    signer: &crate::signing::Signer,
+) -> StoreResult<Value> {
+    let (from, reply_address, number): (Option<String>, Option<String>, Option<i64>) =
+        sqlx::query_as(
+            "SELECT (SELECT settings->>'from' FROM channel_settings
+                      WHERE tenant_id = $1 AND channel = 'email'),
+                    (SELECT settings->>'reply_address' FROM channel_settings
+                      WHERE tenant_id = $1 AND channel = 'email'),
+                    (SELECT number FROM tickets WHERE tenant_id = $1 AND id = $2)",
+        )
+        .bind(tenant)
+        .bind(ticket)
+        .fetch_one(&mut *conn)
+        .await?;
     let domain = crate::channels::email::sender_domain(from.as_deref());
     let earlier: Vec<Uuid> = sqlx::query_scalar(
         "SELECT id FROM (
@@ -514,10 +527,18 @@ async fn thread(conn: &mut PgConnection, tenant: TenantId, ticket: Uuid) -> Stor
         .iter()
         .map(|id| format!("<{id}@{domain}>"))
         .collect();
-    Ok(match ids.last() {
+    let mut thread = match ids.last() {
         Some(last) => json!({"in_reply_to": last, "references": ids.join(" ")}),
         None => json!({}),
-    })
+    };
+    if let (Some(address), Some(number)) = (reply_address, number) {
+        if let Some(tagged) =
+            crate::channels::email::tagged_address(&address, &signer.ticket_tag(tenant.0, number))
+        {
+            thread["reply_to"] = json!(tagged);
+        }
+    }
+    Ok(thread)
 }
 
 /// Whether this address refused mail for good (a hard bounce).

@@ -262,6 +262,8 @@ pub struct Ticket {
     pub closed_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The closed ticket this one follows: a customer answered it after it was closed.
+    pub follows_ticket_id: Option<Uuid>,
 }
 
 /// A message on a ticket.
@@ -282,6 +284,25 @@ pub struct TicketMessage {
     /// A message the customer sent in (SMS, Viber, email): its inbound record, with the whole
     /// original (`GET /v1/inbound-messages/{id}`).
     pub inbound_id: Option<Uuid>,
+    /// What came with a customer's message: files (`GET /v1/attachments/{id}`) and the
+    /// provider's media.
+    #[schema(value_type = Vec<AttachmentRef>)]
+    pub attachments: sqlx::types::Json<Vec<AttachmentRef>>,
+}
+
+/// An attachment as a ticket message lists it: stored (download it from
+/// `GET /v1/attachments/{id}`), hosted by the provider (`url`), or dropped (`dropped` says why).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AttachmentRef {
+    pub id: Uuid,
+    pub filename: Option<String>,
+    pub content_type: String,
+    /// Bytes, for stored and dropped files.
+    pub size: Option<i64>,
+    /// Where the provider hosts it (SMS and Viber media).
+    pub url: Option<String>,
+    /// Why it was not kept (over the per-message size limit).
+    pub dropped: Option<String>,
 }
 
 /// The outbox message that carries an agent's reply to the customer.

@@ -12,8 +12,8 @@ use uuid::Uuid;
 use chrono::{DateTime, Utc};
 
 use super::model::{
-    Agent, AgentChanges, ContactCard, Delivery, MessageAuthor, OPEN_TICKET_STATUSES, Snippet,
-    Status, TenantSettings, Ticket, TicketMessage, open_ticket_statuses,
+    Agent, AgentChanges, AttachmentRef, ContactCard, Delivery, MessageAuthor, OPEN_TICKET_STATUSES,
+    Snippet, Status, TenantSettings, Ticket, TicketMessage, open_ticket_statuses,
 };
 use crate::contacts::model::Contact;
 use crate::contacts::store as contacts;
@@ -123,7 +123,8 @@ const AGENT_COLUMNS: &str = concat!(
 /// (so both show the same fields): runtime SQL, as the query macros take literals only.
 pub(crate) const TICKET_COLUMNS: &str =
     "id, number, contact_id, channel, subject, category, priority, status,
-    assignee_id, first_response_at, solved_at, closed_at, created_at, updated_at";
+    assignee_id, first_response_at, solved_at, closed_at, created_at, updated_at,
+    follows_ticket_id";
 
 fn email_taken(e: sqlx::Error) -> StoreError {
     if crate::db::is_unique_violation(&e, Some("agents_email_unique")) {
@@ -444,7 +445,8 @@ pub async fn insert_message(
         r#"INSERT INTO ticket_messages (tenant_id, id, ticket_id, author, agent_id, body, internal)
            VALUES ($1, $2, $3, $4, $5, $6, $7)
            RETURNING id, author AS "author: MessageAuthor", agent_id, body, internal, created_at,
-                     NULL::jsonb AS "delivery: Json<Delivery>", inbound_id"#,
+                     NULL::jsonb AS "delivery: Json<Delivery>", inbound_id,
+                     '[]'::jsonb AS "attachments!: Json<Vec<AttachmentRef>>""#,
         tenant.0,
         Uuid::now_v7(),
         ticket,
@@ -561,6 +563,22 @@ pub async fn lock_ticket(
 }
 
 /// The contact's ticket with this number, if there is one.
+/// Records that `ticket` was opened by a reply to `closed`, a closed ticket.
+pub async fn set_follows(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    ticket: Uuid,
+    closed: Uuid,
+) -> StoreResult<()> {
+    sqlx::query("UPDATE tickets SET follows_ticket_id = $3 WHERE tenant_id = $1 AND id = $2")
+        .bind(tenant)
+        .bind(ticket)
+        .bind(closed)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 pub async fn ticket_id_by_number(
     conn: &mut PgConnection,
     tenant: TenantId,
@@ -589,7 +607,13 @@ pub async fn messages(
                   CASE WHEN m.id IS NULL THEN NULL ELSE jsonb_build_object(
                       'message_id', m.id, 'status', m.status, 'status_reason', m.status_reason,
                       'channel', m.channel, 'to', m.recipient) END AS "delivery: Json<Delivery>",
-                  tm.inbound_id
+                  tm.inbound_id,
+                  (SELECT COALESCE(jsonb_agg(jsonb_build_object('id', a.id,
+                          'filename', a.filename, 'content_type', a.content_type, 'size', a.size,
+                          'url', a.url, 'dropped', a.dropped) ORDER BY a.position), '[]')
+                   FROM inbound_attachments a
+                   WHERE a.tenant_id = tm.tenant_id AND a.inbound_id = tm.inbound_id)
+                    AS "attachments!: Json<Vec<AttachmentRef>>"
            FROM ticket_messages tm
            LEFT JOIN messages m ON m.tenant_id = tm.tenant_id AND m.id = tm.message_id
            WHERE tm.tenant_id = $1 AND tm.ticket_id = $2 ORDER BY tm.created_at, tm.id"#,

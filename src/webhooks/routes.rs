@@ -361,8 +361,8 @@ async fn email(
             "send the raw message as message/rfc822".to_owned(),
         ));
     }
-    let message =
-        crate::inbound::email::parse(&body).map_err(|e| ApiError::field("body", e.to_string()))?;
+    let message = crate::inbound::email::parse(&body, state.config.attachment_max_bytes)
+        .map_err(|e| ApiError::field("body", e.to_string()))?;
     file(&state, tenant, &[message]).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -24,6 +24,26 @@ async fn reply(app: &TestApp, t: &TestTenant, ticket: &str, body: Value) -> comm
         .await
 }
 
+/// Ana (ana@example.com) and her email ticket "Kartica" with `body`: its id.
+pub async fn ana_email_ticket(app: &TestApp, t: &TestTenant, body: &str) -> String {
+    app.contact(
+        t,
+        "ana",
+        json!({"first_name": "Ana", "email": "ana@example.com"}),
+    )
+    .await;
+    let tk = app
+        .post(
+            "/v1/tickets",
+            &t.key,
+            json!({"contact": {"external_id": "ana"}, "channel": "email",
+                   "subject": "Kartica", "body": body}),
+        )
+        .await;
+    assert_eq!(tk.status, StatusCode::CREATED, "{}", tk.text);
+    tk.body["id"].as_str().unwrap().to_owned()
+}
+
 /// Header lines as a mail reader sees them (folded continuation lines joined).
 fn unfold(mail: &str) -> String {
     mail.replace("\n ", " ").replace("\n\t", " ")
@@ -697,7 +717,7 @@ mod inbound {
     }
 }
 
-mod email_in {
+pub mod email_in {
     use super::*;
     use axum::body::Body;
     use axum::http::Request;
@@ -711,7 +731,8 @@ mod email_in {
         .unwrap()
     }
 
-    fn post(t: &TestTenant, raw: Vec<u8>, password: &str, content_type: &str) -> Request<Body> {
+    /// A raw mail to the tenant's email webhook, with HTTP Basic auth.
+    pub fn post(t: &TestTenant, raw: Vec<u8>, password: &str, content_type: &str) -> Request<Body> {
         let auth = base64::engine::general_purpose::STANDARD.encode(format!("postfix:{password}"));
         Request::post(format!("/webhooks/email/{}", t.id))
             .header("content-type", content_type)
@@ -748,21 +769,7 @@ mod email_in {
     async fn a_reply_by_email_joins_its_ticket_without_the_quoted_history() {
         let app = TestApp::new().await;
         let t = setup(&app).await;
-        app.contact(
-            &t,
-            "ana",
-            json!({"first_name": "Ana", "email": "ana@example.com"}),
-        )
-        .await;
-        let tk = app
-            .post(
-                "/v1/tickets",
-                &t.key,
-                json!({"contact": {"external_id": "ana"}, "channel": "email",
-                       "subject": "Kartica", "body": "Ne radi."}),
-            )
-            .await;
-        let ticket = tk.body["id"].as_str().unwrap().to_owned();
+        let ticket = super::ana_email_ticket(&app, &t, "Ne radi.").await;
         app.drain().await;
         let ack = app
             .outbox_log()

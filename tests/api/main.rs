@@ -16,6 +16,7 @@ mod feedback;
 mod hardening;
 mod idempotency;
 mod isolation;
+mod mailbox;
 mod messages;
 mod ops;
 mod pages;
