@@ -42,8 +42,8 @@ struct Args {
     /// Concurrent clients for the single-request scenarios.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Scenarios to run, comma-separated: events,batch,rules,dispatch,e2e,reads.
-    #[arg(long, default_value = "events,batch,rules,dispatch,e2e,reads")]
+    /// Scenarios to run, comma-separated: events,batch,rules,dispatch,e2e,reads,contacts.
+    #[arg(long, default_value = "events,batch,rules,dispatch,e2e,reads,contacts")]
     scenarios: String,
     /// Messages queued for the dispatch scenario.
     #[arg(long, default_value_t = 100_000)]
@@ -627,6 +627,91 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// The raw limit of contact writes: rows like [`sync_contact`]'s, 1,000 per UNNEST
+    /// statement from `clients` connections, into a copy of `contacts`; round 0 inserts new
+    /// ones, round 1 upserts over the rows round 0 left.
+    async fn raw_contact_rate(&self, clients: usize, round: u64, secs: f64) -> anyhow::Result<f64> {
+        if round == 0 {
+            sqlx::query("DROP TABLE IF EXISTS bench_raw_contacts")
+                .execute(&self.db)
+                .await?;
+            sqlx::query("CREATE TABLE bench_raw_contacts (LIKE contacts INCLUDING ALL)")
+                .execute(&self.db)
+                .await?;
+        }
+        let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_raw_contacts")
+            .fetch_one(&self.db)
+            .await?;
+        let tenant: uuid::Uuid = sqlx::query_scalar("SELECT id FROM tenants LIMIT 1")
+            .fetch_one(&self.db)
+            .await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(clients as u32)
+            .connect_with(self.db.connect_options().as_ref().clone())
+            .await?;
+        let counter = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs_f64(secs);
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (pool, counter, done) = (pool.clone(), counter.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let mut n = counter.fetch_add(1000, Ordering::Relaxed);
+                    if round > 0 {
+                        n %= (existing as u64).max(1000);
+                    }
+                    let rows: Vec<Value> = (0..1000).map(|i| sync_contact(n + i, round)).collect();
+                    let ids: Vec<uuid::Uuid> = (0..1000).map(|_| uuid::Uuid::now_v7()).collect();
+                    let text = |k: &str| rows.iter().map(|r| r[k].as_str().map(str::to_owned)).collect::<Vec<_>>();
+                    let attributes: Vec<Value> = rows.iter().map(|r| r["attributes"].clone()).collect();
+                    let consents: Vec<Value> = rows
+                        .iter()
+                        .map(|_| json!({"email": {"marketing": {"status": "opted_in", "source": "api", "at": "2026-12-03T00:00:00Z"}}}))
+                        .collect();
+                    let r = sqlx::query(
+                        "INSERT INTO bench_raw_contacts (tenant_id, id, external_id, first_name,
+                             last_name, email, phone, attributes, consents)
+                         SELECT $1, u.id, u.x, u.f, u.l, u.e, u.p, u.a, u.c
+                         FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],
+                                     $7::text[], $8::jsonb[], $9::jsonb[]) AS u(id, x, f, l, e, p, a, c)
+                         ON CONFLICT (tenant_id, external_id) DO UPDATE
+                            SET first_name = excluded.first_name, attributes = excluded.attributes,
+                                updated_at = now()",
+                    )
+                    .bind(tenant)
+                    .bind(&ids)
+                    .bind(text("external_id"))
+                    .bind(text("first_name"))
+                    .bind(text("last_name"))
+                    .bind(text("email"))
+                    .bind(text("phone"))
+                    .bind(&attributes)
+                    .bind(&consents)
+                    .execute(&pool)
+                    .await;
+                    if r.is_ok() {
+                        done.fetch_add(1000, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let rate = done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+        pool.close().await;
+        if round > 0 {
+            sqlx::query("DROP TABLE bench_raw_contacts")
+                .execute(&self.db)
+                .await?;
+        }
+        Ok(rate)
+    }
+}
+
 fn fill(row: &mut Row, samples: &mut Samples, count: f64, secs: f64) {
     row.throughput = count / secs.max(1e-6);
     row.p50_ms = samples.pct(0.50);
@@ -795,6 +880,128 @@ async fn scenario_batch(b: &Bench) -> anyhow::Result<Row> {
     row.notes =
         format!("{clients} clients; raw = UNNEST of 1,000 rows per statement; latency per batch");
     Ok(row)
+}
+
+/// One contact of the contact-batch scenario, as a CRM sync sends it: `round` changes the
+/// attributes and the name, so a later round updates every contact.
+fn sync_contact(n: u64, round: u64) -> Value {
+    json!({"external_id": format!("sync{n}"), "first_name": if round == 0 { "Ana" } else { "Ana Marija" },
+           "last_name": "Horvat", "email": format!("sync{n}@bench.example"),
+           "phone": format!("+3859{:08}", 20_000_000 + n),
+           "consents": {"email": {"marketing": "opted_in"}},
+           "attributes": {"credit_limit": 10000, "available_credit": 5000 - round as i64, "segment": "gold"}})
+}
+
+/// (7) `POST /v1/contacts/batch` of 1,000 at 4 clients: new contacts (7a), then the same
+/// contacts again with changed fields (7b); raw = the same rows by UNNEST into a copy of
+/// `contacts`, inserted (7a) and upserted (7b) 1,000 per statement.
+async fn scenario_contacts(b: &Bench) -> anyhow::Result<Vec<Row>> {
+    let clients = 4;
+    let mut rows = Vec::new();
+    let sent = Arc::new(AtomicU64::new(0));
+    for (round, name) in [
+        (0u64, "7a. POST /v1/contacts/batch (1,000 new)"),
+        (1, "7b. POST /v1/contacts/batch (1,000 existing, changed)"),
+    ] {
+        let mut row = b.row(name, "contacts/s");
+        let w = b.watch();
+        let http = b.http.clone();
+        let url = format!("{}/v1/contacts/batch", b.url);
+        let key = b.key.clone();
+        // 7b goes over the contacts 7a created, in the same order.
+        let limit = sent.load(Ordering::Relaxed) / 1000;
+        let ok = Arc::new(AtomicU64::new(0));
+        let counted = ok.clone();
+        let (mut s, secs) = b
+            .closed_loop(clients, b.args.duration, move |n| {
+                // Each pass over 7a's contacts changes them again.
+                let (n, pass) = if round == 0 {
+                    (n, 0)
+                } else {
+                    (n % limit.max(1), 1 + n / limit.max(1))
+                };
+                let items: Vec<Value> = (0..1000)
+                    .map(|i| sync_contact(n * 1000 + i, pass))
+                    .collect();
+                let req = http
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&json!({"contacts": items}));
+                let counted = counted.clone();
+                async move {
+                    let Ok(r) = req.send().await else {
+                        return false;
+                    };
+                    let Ok(body) = r.json::<Value>().await else {
+                        return false;
+                    };
+                    let done = body["created"].as_u64().unwrap_or(0)
+                        + body["updated"].as_u64().unwrap_or(0);
+                    counted.fetch_add(done, Ordering::Relaxed);
+                    done == 1000
+                }
+            })
+            .await;
+        b.finish_watch(&mut row, w);
+        if round == 0 {
+            sent.store(s.micros.len() as u64 * 1000, Ordering::Relaxed);
+        }
+        let count = ok.load(Ordering::Relaxed) as f64;
+        fill(&mut row, &mut s, count, secs);
+        let raw = b.raw_contact_rate(clients, round, b.args.duration).await?;
+        row.db_limit = Some(raw);
+        row.ratio = Some(row.throughput / raw);
+        row.target = ">= 0.4x raw UNNEST".into();
+        row.met = Some(row.throughput >= 0.4 * raw);
+        row.notes = format!(
+            "{clients} clients; raw = UNNEST of the same 1,000 rows per statement into a copy of contacts{}",
+            if round == 0 {
+                ""
+            } else {
+                ", ON CONFLICT DO UPDATE"
+            }
+        );
+        rows.push(row);
+    }
+    // Single requests that name contacts for the first time, against scenario 1's rate.
+    let single = b.args.concurrency;
+    for (name, put) in [
+        ("7c. POST /v1/events naming a new contact", false),
+        ("7d. PUT /v1/contacts/{id} of a new contact", true),
+    ] {
+        let mut row = b.row(name, if put { "contacts/s" } else { "events/s" });
+        let w = b.watch();
+        let http = b.http.clone();
+        let base = b.url.clone();
+        let key = b.key.clone();
+        let prefix = if put { "put" } else { "ev" };
+        let (mut s, secs) = b
+            .closed_loop(single, b.args.duration, move |n| {
+                let external_id = format!("{prefix}{n}");
+                let req = if put {
+                    http.put(format!("{base}/v1/contacts/{external_id}"))
+                        .bearer_auth(&key)
+                        .json(&json!({"first_name": "Ana", "email": format!("{external_id}@bench.example"),
+                                      "attributes": {"credit_limit": 10000}}))
+                } else {
+                    http.post(format!("{base}/v1/events"))
+                        .bearer_auth(&key)
+                        .json(&json!({"type": "bench.first", "contact": {"external_id": external_id},
+                                      "properties": {"n": n}}))
+                };
+                async move {
+                    matches!(req.send().await, Ok(r) if r.status().is_success())
+                }
+            })
+            .await;
+        b.finish_watch(&mut row, w);
+        let count = s.micros.len() as f64;
+        fill(&mut row, &mut s, count, secs);
+        row.target = ">= 0.6x scenario 1".into();
+        row.notes = format!("{single} clients; each request names a contact never seen before");
+        rows.push(row);
+    }
+    Ok(rows)
 }
 
 async fn create_campaign(b: &Bench, body: Value) -> anyhow::Result<String> {
@@ -1375,6 +1582,25 @@ async fn run(args: &Args, server: &Server, wanted: &[&str]) -> anyhow::Result<()
             "dispatch" => rows.push(scenario_dispatch(&bench).await?),
             "e2e" => rows.push(scenario_e2e(&bench).await?),
             "reads" => rows.extend(scenario_reads(&bench).await?),
+            "contacts" => {
+                let mut found = scenario_contacts(&bench).await?;
+                // 7c and 7d are set against scenario 1's rate, when this run measured it.
+                if let Some(single) = rows
+                    .iter()
+                    .find(|r: &&Row| r.scenario.starts_with("1."))
+                    .map(|r| r.throughput)
+                {
+                    for row in found
+                        .iter_mut()
+                        .filter(|r| r.scenario.starts_with("7c") || r.scenario.starts_with("7d"))
+                    {
+                        row.db_limit = Some(single);
+                        row.ratio = Some(row.throughput / single);
+                        row.met = Some(row.throughput >= 0.6 * single);
+                    }
+                }
+                rows.extend(found)
+            }
             other => bail!("unknown scenario `{other}`"),
         }
     }

@@ -1,5 +1,6 @@
 //! Contacts: a tenant's customers, their addresses, attributes, consents and counters.
 
+pub mod export;
 pub mod model;
 pub mod routes;
 pub mod store;

@@ -5,6 +5,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
@@ -13,7 +14,7 @@ use super::model::{
     Contact, ContactBatch, ContactBatchItem, ContactBatchResult, ContactFilter, ContactInput,
     ItemStatus,
 };
-use super::store::{self, ListFilter, Upserted};
+use super::store::{self, ItemOutcome, ListFilter, Upserted};
 use crate::AppState;
 use crate::domain::TenantContext;
 use crate::error::StoreError;
@@ -26,7 +27,7 @@ use crate::http::pagination::{
     paginate,
 };
 use crate::http::problems::ProblemResponse;
-use crate::validate::{self, Invalid};
+use crate::validate;
 
 /// Most contacts a batch may carry.
 pub const MAX_BATCH: usize = 1000;
@@ -36,6 +37,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_contacts))
         .routes(routes!(upsert_contact, get_contact, erase_contact))
         .routes(routes!(batch_upsert))
+        .routes(routes!(export_contacts))
         .routes(routes!(timeline))
 }
 
@@ -131,26 +133,53 @@ async fn batch_upsert(
             })),
         }
     }
-    // A stable order of row locks across concurrent batches; duplicates keep request order.
-    valid.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    // One statement per step for the whole batch (see `store::upsert_many`).
+    let items: Vec<store::BatchItem<'_>> = valid
+        .iter()
+        .map(|(external_id, index, changes)| store::BatchItem {
+            external_id,
+            field_prefix: format!("contacts[{index}]."),
+            changes,
+        })
+        .collect();
     let mut tx = state.pool.begin().await?;
-    for (external_id, index, changes) in &valid {
-        let prefix = format!("contacts[{index}].");
-        let item = match store::upsert(&mut tx, &tenant, external_id, changes, &prefix).await {
-            Ok(Upserted::Created(c)) => accepted(*index, ItemStatus::Created, c),
-            Ok(Upserted::Updated(c)) => accepted(*index, ItemStatus::Updated, c),
-            Ok(Upserted::Unchanged(c)) => accepted(*index, ItemStatus::Unchanged, c),
-            Err(StoreError::Invalid(Invalid(errors))) => ContactBatchItem {
+    let outcomes = store::upsert_many(&mut tx, &tenant, &items, "upsert").await?;
+    let ids: Vec<Uuid> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            ItemOutcome::Created(id) | ItemOutcome::Updated(id) | ItemOutcome::Unchanged(id) => {
+                Some(*id)
+            }
+            ItemOutcome::Rejected(_) => None,
+        })
+        .collect();
+    let contacts: std::collections::HashMap<Uuid, Contact> =
+        store::get_many(&mut tx, tenant.id, &ids)
+            .await?
+            .into_iter()
+            .map(|c| (c.id, c))
+            .collect();
+    tx.commit().await?;
+    for ((_, index, _), outcome) in valid.iter().zip(outcomes) {
+        let contact = |id: Uuid| {
+            contacts.get(&id).cloned().ok_or_else(|| {
+                ApiError::from(StoreError::Internal(anyhow::anyhow!(
+                    "contact {id} vanished"
+                )))
+            })
+        };
+        results[*index] = Some(match outcome {
+            ItemOutcome::Created(id) => accepted(*index, ItemStatus::Created, contact(id)?),
+            ItemOutcome::Updated(id) => accepted(*index, ItemStatus::Updated, contact(id)?),
+            ItemOutcome::Unchanged(id) => accepted(*index, ItemStatus::Unchanged, contact(id)?),
+            ItemOutcome::Rejected(errors) => ContactBatchItem {
                 index: *index,
                 status: ItemStatus::Rejected,
                 contact: None,
                 errors: Some(errors),
             },
-            Err(other) => return Err(other.into()),
-        };
-        results[*index] = Some(item);
+        });
     }
-    tx.commit().await?;
     let results: Vec<ContactBatchItem> = results.into_iter().flatten().collect();
     let count = |s: ItemStatus| results.iter().filter(|r| r.status == s).count();
     Ok(Json(ContactBatchResult {
@@ -213,6 +242,88 @@ pub fn contact_not_found(id: Uuid) -> ApiError {
     ApiError::NotFound(format!("no contact with id {id}"))
 }
 
+/// The filters of a list, normalised for the store.
+fn list_filter(
+    tenant: &TenantContext,
+    email: Option<&str>,
+    phone: Option<&str>,
+    external_id: Option<&str>,
+) -> ApiResult<ListFilter> {
+    Ok(ListFilter {
+        email: email
+            .map(validate::email)
+            .transpose()
+            .map_err(|m| ApiError::field("email", m))?,
+        phone: phone
+            .map(|p| validate::phone(p, Some(&tenant.default_country)))
+            .transpose()
+            .map_err(|m| ApiError::field("phone", m))?,
+        external_id: external_id
+            .map(|x| {
+                // PostgreSQL text cannot hold NUL: a 422 now, not a failed query later (an
+                // export has answered 200 by then).
+                if x.contains('\0') {
+                    Err(ApiError::field("external_id", "must not contain NUL"))
+                } else {
+                    Ok(x.to_owned())
+                }
+            })
+            .transpose()?,
+    })
+}
+
+/// `GET /v1/contacts/export`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ExportParams {
+    /// `ndjson` (default): one contact per line, as `GET /v1/contacts/{id}` shows it; `csv`:
+    /// a header row, then one row per contact, with a column per consent
+    /// (`consents.<channel>.<purpose>`) and per attribute any contact has
+    /// (`attributes.<name>`).
+    #[param(inline)]
+    pub format: Option<super::export::Format>,
+    pub email: Option<String>,
+    /// Any common format.
+    pub phone: Option<String>,
+    pub external_id: Option<String>,
+}
+
+/// Export every contact (backups, moving to another tool): streamed, in id order, in constant
+/// memory however many there are; the same filters as the list.
+#[utoipa::path(get, path = "/v1/contacts/export", tag = "contacts",
+    security(("api_key" = [])),
+    params(ExportParams),
+    responses((status = 200, description = "Every matching contact",
+               content((String = "application/x-ndjson"), (String = "text/csv"))),
+              (status = 400, response = ProblemResponse),
+              (status = 422, response = ProblemResponse)))]
+async fn export_contacts(
+    tenant: TenantContext,
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<ExportParams>,
+) -> ApiResult<axum::response::Response> {
+    let filter = list_filter(
+        &tenant,
+        params.email.as_deref(),
+        params.phone.as_deref(),
+        params.external_id.as_deref(),
+    )?;
+    let format = params.format.unwrap_or(super::export::Format::Ndjson);
+    let body = super::export::stream(state.pool.clone(), tenant.id, filter, format).await?;
+    let name = match format {
+        super::export::Format::Ndjson => "attachment; filename=\"contacts.ndjson\"",
+        super::export::Format::Csv => "attachment; filename=\"contacts.csv\"",
+    };
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, format.content_type()),
+            (axum::http::header::CONTENT_DISPOSITION, name),
+        ],
+        body,
+    )
+        .into_response())
+}
+
 /// List contacts, newest first, optionally by email, phone or external id.
 #[utoipa::path(get, path = "/v1/contacts", tag = "contacts",
     security(("api_key" = [])),
@@ -229,21 +340,12 @@ async fn list_contacts(
     };
     let limit = page.limit()?;
     let before = page.cursor.as_deref().map(decode_id_cursor).transpose()?;
-    let list_filter = ListFilter {
-        email: filter
-            .email
-            .as_deref()
-            .map(validate::email)
-            .transpose()
-            .map_err(|m| ApiError::field("email", m))?,
-        phone: filter
-            .phone
-            .as_deref()
-            .map(|p| validate::phone(p, Some(&tenant.default_country)))
-            .transpose()
-            .map_err(|m| ApiError::field("phone", m))?,
-        external_id: filter.external_id.clone(),
-    };
+    let list_filter = list_filter(
+        &tenant,
+        filter.email.as_deref(),
+        filter.phone.as_deref(),
+        filter.external_id.as_deref(),
+    )?;
     let mut conn = state.pool.acquire().await?;
     let rows = store::list(&mut conn, tenant.id, &list_filter, before, limit).await?;
     Ok(Json(paginate(rows, limit, |c| encode_id_cursor(c.id))))

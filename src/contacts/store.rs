@@ -70,7 +70,70 @@ pub struct ListFilter {
     pub external_id: Option<String>,
 }
 
-/// Live contacts newest first, before the cursor id.
+/// Live contacts in id order after `after`, `limit` of them: the export's pages (each page
+/// its own short query, so an export holds no transaction open however slow its reader).
+pub async fn export_page(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    filter: &ListFilter,
+    after: Option<Uuid>,
+    limit: i64,
+) -> StoreResult<Vec<Contact>> {
+    page(conn, tenant, filter, after, false, limit).await
+}
+
+/// Live contacts matching `filter` past the cursor id: newest first (before it), or oldest
+/// first (after it).
+async fn page(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    filter: &ListFilter,
+    cursor: Option<Uuid>,
+    newest_first: bool,
+    limit: i64,
+) -> StoreResult<Vec<Contact>> {
+    let (past, order) = if newest_first {
+        ("<", "DESC")
+    } else {
+        (">", "ASC")
+    };
+    let sql = format!(
+        "SELECT {CONTACT_COLUMNS} FROM contacts c
+         WHERE c.tenant_id = $1 AND c.erased_at IS NULL
+           AND ($2::text IS NULL OR c.email = $2)
+           AND ($3::text IS NULL OR c.phone = $3)
+           AND ($4::text IS NULL OR c.external_id = $4)
+           AND ($5::uuid IS NULL OR c.id {past} $5)
+         ORDER BY c.id {order} LIMIT $6"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(&filter.email)
+        .bind(&filter.phone)
+        .bind(&filter.external_id)
+        .bind(cursor)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?)
+}
+
+/// The attribute names the tenant's live contacts use, sorted: the CSV export's columns.
+pub async fn attribute_names(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+) -> StoreResult<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT DISTINCT k FROM contacts c, jsonb_object_keys(c.attributes) k
+         WHERE c.tenant_id = $1 AND c.erased_at IS NULL AND jsonb_typeof(c.attributes) = 'object'
+         ORDER BY k",
+    )
+    .bind(tenant)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Live contacts newest first, before the cursor id (one more than `limit`, to tell whether
+/// a next page exists).
 pub async fn list(
     conn: &mut PgConnection,
     tenant: TenantId,
@@ -78,24 +141,7 @@ pub async fn list(
     before: Option<Uuid>,
     limit: i64,
 ) -> StoreResult<Vec<Contact>> {
-    let sql = format!(
-        "SELECT {CONTACT_COLUMNS} FROM contacts c
-         WHERE c.tenant_id = $1 AND c.erased_at IS NULL
-           AND ($2::text IS NULL OR c.email = $2)
-           AND ($3::text IS NULL OR c.phone = $3)
-           AND ($4::text IS NULL OR c.external_id = $4)
-           AND ($5::uuid IS NULL OR c.id < $5)
-         ORDER BY c.id DESC LIMIT $6"
-    );
-    Ok(sqlx::query_as(&sql)
-        .bind(tenant)
-        .bind(&filter.email)
-        .bind(&filter.phone)
-        .bind(&filter.external_id)
-        .bind(before)
-        .bind(limit + 1)
-        .fetch_all(conn)
-        .await?)
+    page(conn, tenant, filter, before, true, limit + 1).await
 }
 
 /// What an upsert did.
@@ -106,9 +152,9 @@ pub enum Upserted {
     Unchanged(Contact),
 }
 
-/// Creates or updates the contact with this external id. Validation errors (a phone number
-/// that is invalid in the contact's country) come before any write, so a caller can continue
-/// the transaction with other work.
+/// Creates or updates the contact with this external id: [`upsert_many`] with one item.
+/// Validation errors (a phone number that is invalid in the contact's country) come before
+/// any write, so a caller can continue the transaction with other work.
 pub async fn upsert(
     conn: &mut PgConnection,
     tenant: &TenantContext,
@@ -116,78 +162,364 @@ pub async fn upsert(
     changes: &ContactChanges,
     field_prefix: &str,
 ) -> StoreResult<Upserted> {
-    if let Patch::Value(agent) = changes.owner_agent_id {
-        // Another tenant's agent is as unknown here as one that does not exist.
-        let known: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM agents WHERE tenant_id = $1 AND id = $2)",
-        )
-        .bind(tenant.id)
-        .bind(agent)
-        .fetch_one(&mut *conn)
-        .await?;
-        if !known {
-            return Err(StoreError::field(
-                format!("{field_prefix}owner_agent_id"),
-                format!("no agent with id {agent}"),
-            ));
+    let item = BatchItem {
+        external_id,
+        field_prefix: field_prefix.to_owned(),
+        changes,
+    };
+    let outcome = upsert_many(conn, tenant, std::slice::from_ref(&item), "upsert")
+        .await?
+        .pop()
+        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("an upsert without an outcome")))?;
+    let id = match &outcome {
+        ItemOutcome::Rejected(errors) => {
+            return Err(StoreError::Invalid(crate::validate::Invalid(
+                errors.clone(),
+            )));
         }
-    }
-    for _ in 0..3 {
-        let sql = format!(
-            "SELECT id, {FIELD_COLUMNS} FROM contacts
-             WHERE tenant_id = $1 AND external_id = $2 AND erased_at IS NULL FOR UPDATE"
-        );
-        let row: Option<IdAndFields> = sqlx::query_as(&sql)
+        ItemOutcome::Created(id) | ItemOutcome::Updated(id) | ItemOutcome::Unchanged(id) => *id,
+    };
+    let contact = must_get(conn, tenant.id, id).await?;
+    Ok(match outcome {
+        ItemOutcome::Created(_) => Upserted::Created(contact),
+        ItemOutcome::Updated(_) => Upserted::Updated(contact),
+        _ => Upserted::Unchanged(contact),
+    })
+}
+
+/// One validated contact of a batch.
+#[derive(Debug)]
+pub struct BatchItem<'a> {
+    pub external_id: &'a str,
+    /// Put before field names in errors: `contacts[3].`.
+    pub field_prefix: String,
+    pub changes: &'a ContactChanges,
+}
+
+/// What a batch did with one item.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ItemOutcome {
+    Created(Uuid),
+    Updated(Uuid),
+    Unchanged(Uuid),
+    /// Nothing written for it: an unknown agent, a phone number invalid in the contact's
+    /// country.
+    Rejected(Vec<crate::validate::FieldError>),
+}
+
+/// Where one external id of a batch stands while its items are applied in order.
+struct Pending {
+    /// The stored contact, if it exists.
+    stored: Option<(Uuid, ContactFields)>,
+    /// The id a new contact gets.
+    new_id: Uuid,
+    current: ContactFields,
+    /// An item created it (it was not stored).
+    created: bool,
+}
+
+/// Creates or updates many contacts in a handful of statements, whatever their number: one
+/// to check the agents named, one to lock and read the existing contacts (in external-id
+/// order, so concurrent batches wait for each other instead of deadlocking), one insert of
+/// the new ones, one update of the changed ones, one append of their `contact.created` /
+/// `contact.updated` events. Same semantics as one upsert per item, in item order: items of
+/// one external id apply one after the other; a rejected item writes nothing and does not
+/// stop the others. A contact a concurrent request creates meanwhile is locked and updated
+/// instead (up to three times). Outcomes in the order of `items`.
+pub async fn upsert_many(
+    conn: &mut PgConnection,
+    tenant: &TenantContext,
+    items: &[BatchItem<'_>],
+    via: &str,
+) -> StoreResult<Vec<ItemOutcome>> {
+    let mut outcomes: Vec<Option<ItemOutcome>> = vec![None; items.len()];
+    // Agents named: one query for all.
+    let agents: Vec<Uuid> = items
+        .iter()
+        .filter_map(|i| match i.changes.owner_agent_id {
+            Patch::Value(a) => Some(a),
+            _ => None,
+        })
+        .collect();
+    let known_agents: std::collections::HashSet<Uuid> = if agents.is_empty() {
+        Default::default()
+    } else {
+        sqlx::query_scalar::<_, Uuid>("SELECT id FROM agents WHERE tenant_id = $1 AND id = ANY($2)")
             .bind(tenant.id)
-            .bind(external_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-        match row {
-            Some(IdAndFields { id, fields }) => {
-                let next = merge(tenant, &fields, changes, field_prefix)?;
-                if next == fields {
-                    return Ok(Upserted::Unchanged(must_get(conn, tenant.id, id).await?));
-                }
-                let diff = diff(&fields, &next);
-                write_fields(conn, tenant.id, id, &next).await?;
-                events::emit(
-                    conn,
-                    tenant.id,
-                    id,
-                    kinds::CONTACT_UPDATED,
-                    json!({"changes": diff}),
-                )
-                .await?;
-                return Ok(Upserted::Updated(must_get(conn, tenant.id, id).await?));
-            }
-            None => {
-                let next = merge(tenant, &ContactFields::empty(), changes, field_prefix)?;
-                let id = Uuid::now_v7();
-                if insert(conn, tenant.id, id, external_id, &next).await? {
-                    events::emit(
-                        conn,
-                        tenant.id,
-                        id,
-                        kinds::CONTACT_CREATED,
-                        json!({"via": "upsert"}),
-                    )
-                    .await?;
-                    return Ok(Upserted::Created(must_get(conn, tenant.id, id).await?));
-                }
-                // A concurrent request created it first; update that one.
+            .bind(&agents)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect()
+    };
+    for (n, item) in items.iter().enumerate() {
+        if let Patch::Value(agent) = item.changes.owner_agent_id {
+            if !known_agents.contains(&agent) {
+                // Another tenant's agent is as unknown here as one that does not exist.
+                outcomes[n] = Some(ItemOutcome::Rejected(vec![
+                    crate::validate::FieldError::new(
+                        format!("{}owner_agent_id", item.field_prefix),
+                        format!("no agent with id {agent}"),
+                    ),
+                ]));
             }
         }
     }
-    Err(StoreError::Unavailable(
-        "the contact is being changed by concurrent requests; retry".to_owned(),
-    ))
+    // Items by external id, in item order within each.
+    let mut order: Vec<usize> = (0..items.len())
+        .filter(|n| outcomes[*n].is_none())
+        .collect();
+    order.sort_by(|a, b| (items[*a].external_id, *a).cmp(&(items[*b].external_id, *b)));
+    let mut wanted: Vec<&str> = order.iter().map(|n| items[*n].external_id).collect();
+    wanted.dedup();
+    for _ in 0..3 {
+        if wanted.is_empty() {
+            break;
+        }
+        let sql = format!(
+            "SELECT id, external_id, {FIELD_COLUMNS} FROM contacts
+             WHERE tenant_id = $1 AND external_id = ANY($2) AND erased_at IS NULL
+             ORDER BY external_id FOR UPDATE"
+        );
+        let rows: Vec<StoredRow> = sqlx::query_as(&sql)
+            .bind(tenant.id)
+            .bind(&wanted)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut pending: HashMap<&str, Pending> = wanted
+            .iter()
+            .map(|x| {
+                (
+                    *x,
+                    Pending {
+                        stored: None,
+                        new_id: Uuid::now_v7(),
+                        current: ContactFields::empty(),
+                        created: false,
+                    },
+                )
+            })
+            .collect();
+        for row in rows {
+            if let Some(p) = pending.get_mut(row.external_id.as_str()) {
+                p.current = row.fields.clone();
+                p.stored = Some((row.id, row.fields));
+            }
+        }
+        // Apply each item to its contact's state, in order; decide its outcome and event.
+        let mut decided: Vec<(usize, ItemOutcome, Option<events::Emitted>)> = Vec::new();
+        for &n in order
+            .iter()
+            .filter(|n| wanted.binary_search(&items[**n].external_id).is_ok())
+        {
+            let item = &items[n];
+            let Some(p) = pending.get_mut(item.external_id) else {
+                continue;
+            };
+            let next = match merge(tenant, &p.current, item.changes, &item.field_prefix) {
+                Ok(next) => next,
+                Err(StoreError::Invalid(crate::validate::Invalid(errors))) => {
+                    decided.push((n, ItemOutcome::Rejected(errors), None));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let exists = p.stored.is_some() || p.created;
+            let id = p.stored.as_ref().map_or(p.new_id, |(id, _)| *id);
+            let emitted = |kind, properties| events::Emitted {
+                tenant: tenant.id,
+                contact_id: id,
+                kind,
+                properties,
+                subject: None,
+            };
+            if !exists {
+                p.created = true;
+                decided.push((
+                    n,
+                    ItemOutcome::Created(id),
+                    Some(emitted(kinds::CONTACT_CREATED, json!({"via": via}))),
+                ));
+            } else if next == p.current {
+                decided.push((n, ItemOutcome::Unchanged(id), None));
+            } else {
+                let changes = diff(&p.current, &next);
+                decided.push((
+                    n,
+                    ItemOutcome::Updated(id),
+                    Some(emitted(kinds::CONTACT_UPDATED, json!({"changes": changes}))),
+                ));
+            }
+            p.current = next;
+        }
+        // The new contacts, in external-id order; those a concurrent request created first
+        // go round again, to be locked and updated.
+        let mut new_rows = FieldArrays::default();
+        let mut changed_rows = FieldArrays::default();
+        for x in &wanted {
+            let p = &pending[x];
+            match &p.stored {
+                None if p.created => new_rows.push(p.new_id, x, &p.current),
+                Some((id, stored)) if *stored != p.current => changed_rows.push(*id, x, &p.current),
+                _ => {}
+            }
+        }
+        let inserted: std::collections::HashSet<String> = if new_rows.ids.is_empty() {
+            Default::default()
+        } else {
+            new_rows
+                .insert(conn, tenant.id)
+                .await?
+                .into_iter()
+                .collect()
+        };
+        if !changed_rows.ids.is_empty() {
+            changed_rows.update(conn, tenant.id).await?;
+        }
+        // Sorted, as `wanted` is.
+        let lost: Vec<&str> = wanted
+            .iter()
+            .copied()
+            .filter(|x| pending[x].created && !inserted.contains(*x))
+            .collect();
+        let mut emitted = Vec::new();
+        for (n, outcome, event) in decided {
+            if lost.binary_search(&items[n].external_id).is_ok() {
+                continue;
+            }
+            emitted.extend(event);
+            outcomes[n] = Some(outcome);
+        }
+        if !emitted.is_empty() {
+            events::append_many(conn, &emitted).await?;
+        }
+        wanted = lost;
+    }
+    if !wanted.is_empty() {
+        return Err(StoreError::Unavailable(
+            "the contact is being changed by concurrent requests; retry".to_owned(),
+        ));
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| StoreError::Internal(anyhow::anyhow!("an item without outcome"))))
+        .collect()
 }
 
 #[derive(sqlx::FromRow)]
-struct IdAndFields {
+struct StoredRow {
     id: Uuid,
+    external_id: String,
     #[sqlx(flatten)]
     fields: ContactFields,
+}
+
+/// Contacts' writable fields as columns, for one UNNEST statement.
+#[derive(Default)]
+struct FieldArrays {
+    ids: Vec<Uuid>,
+    external_ids: Vec<String>,
+    email: Vec<Option<String>>,
+    phone: Vec<Option<String>>,
+    viber_id: Vec<Option<String>>,
+    first_name: Vec<Option<String>>,
+    last_name: Vec<Option<String>>,
+    locale: Vec<Option<String>>,
+    country: Vec<Option<String>>,
+    timezone: Vec<Option<String>>,
+    birthday: Vec<Option<chrono::NaiveDate>>,
+    owner_agent_id: Vec<Option<Uuid>>,
+    attributes: Vec<Value>,
+    consents: Vec<Value>,
+}
+
+impl FieldArrays {
+    fn push(&mut self, id: Uuid, external_id: &str, f: &ContactFields) {
+        self.ids.push(id);
+        self.external_ids.push(external_id.to_owned());
+        self.email.push(f.email.clone());
+        self.phone.push(f.phone.clone());
+        self.viber_id.push(f.viber_id.clone());
+        self.first_name.push(f.first_name.clone());
+        self.last_name.push(f.last_name.clone());
+        self.locale.push(f.locale.clone());
+        self.country.push(f.country.clone());
+        self.timezone.push(f.timezone.clone());
+        self.birthday.push(f.birthday);
+        self.owner_agent_id.push(f.owner_agent_id);
+        self.attributes.push(f.attributes.clone());
+        self.consents
+            .push(serde_json::to_value(&f.consents).unwrap_or_else(|_| json!({})));
+    }
+
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.external_ids)
+            .bind(&self.email)
+            .bind(&self.phone)
+            .bind(&self.viber_id)
+            .bind(&self.first_name)
+            .bind(&self.last_name)
+            .bind(&self.locale)
+            .bind(&self.country)
+            .bind(&self.timezone)
+            .bind(&self.birthday)
+            .bind(&self.owner_agent_id)
+            .bind(&self.attributes)
+            .bind(&self.consents)
+    }
+
+    /// Inserts the rows (in their order); the external ids inserted (the others were taken
+    /// by a concurrent request meanwhile).
+    async fn insert(&self, conn: &mut PgConnection, tenant: TenantId) -> StoreResult<Vec<String>> {
+        use sqlx::Row;
+        let query = sqlx::query(
+            "INSERT INTO contacts (tenant_id, id, external_id, email, phone, viber_id, first_name,
+                last_name, locale, country, timezone, birthday, owner_agent_id, attributes,
+                consents)
+             SELECT $1, u.id, u.x, u.email, u.phone, u.viber_id, u.first_name, u.last_name,
+                    u.locale, u.country, u.timezone, u.birthday, u.owner_agent_id, u.attributes,
+                    u.consents
+             FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[], $9::text[], $10::text[], $11::text[], $12::date[],
+                         $13::uuid[], $14::jsonb[], $15::jsonb[]) WITH ORDINALITY
+                  AS u(id, x, email, phone, viber_id, first_name, last_name, locale, country,
+                       timezone, birthday, owner_agent_id, attributes, consents, n)
+             ORDER BY u.n
+             ON CONFLICT (tenant_id, external_id) DO NOTHING
+             RETURNING external_id",
+        )
+        .bind(tenant);
+        let rows = self.bind(query).fetch_all(conn).await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Writes the rows' fields over the contacts with their ids (already locked).
+    async fn update(&self, conn: &mut PgConnection, tenant: TenantId) -> StoreResult<()> {
+        let query = sqlx::query(
+            "UPDATE contacts c SET email = u.email, phone = u.phone, viber_id = u.viber_id,
+                first_name = u.first_name, last_name = u.last_name, locale = u.locale,
+                country = u.country, timezone = u.timezone, birthday = u.birthday,
+                owner_agent_id = u.owner_agent_id, attributes = u.attributes,
+                consents = u.consents, updated_at = now()
+             FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[], $9::text[], $10::text[], $11::text[], $12::date[],
+                         $13::uuid[], $14::jsonb[], $15::jsonb[])
+                  AS u(id, x, email, phone, viber_id, first_name, last_name, locale, country,
+                       timezone, birthday, owner_agent_id, attributes, consents)
+             WHERE c.tenant_id = $1 AND c.id = u.id",
+        )
+        .bind(tenant);
+        self.bind(query).execute(conn).await?;
+        Ok(())
+    }
 }
 
 impl ContactFields {
@@ -203,65 +535,6 @@ async fn must_get(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> StoreR
     get(conn, tenant, id).await?.ok_or_else(|| {
         StoreError::Internal(anyhow::anyhow!("contact {id} vanished in its transaction"))
     })
-}
-
-/// Inserts a contact; false when the external id is taken (by a concurrent request).
-async fn insert(
-    conn: &mut PgConnection,
-    tenant: TenantId,
-    id: Uuid,
-    external_id: &str,
-    f: &ContactFields,
-) -> StoreResult<bool> {
-    let insert = sqlx::query(
-        "INSERT INTO contacts (tenant_id, id, email, phone, viber_id, first_name, last_name,
-            locale, country, timezone, birthday, owner_agent_id, attributes, consents, external_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-         ON CONFLICT (tenant_id, external_id) DO NOTHING",
-    );
-    let done = bind_fields(insert.bind(tenant).bind(id), f)
-        .bind(external_id)
-        .execute(conn)
-        .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-async fn write_fields(
-    conn: &mut PgConnection,
-    tenant: TenantId,
-    id: Uuid,
-    f: &ContactFields,
-) -> StoreResult<()> {
-    let update = sqlx::query(
-        "UPDATE contacts SET email = $3, phone = $4, viber_id = $5, first_name = $6,
-            last_name = $7, locale = $8, country = $9, timezone = $10, birthday = $11,
-            owner_agent_id = $12, attributes = $13, consents = $14, updated_at = now()
-         WHERE tenant_id = $1 AND id = $2",
-    );
-    bind_fields(update.bind(tenant).bind(id), f)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// Binds the writable fields, in [`FIELD_COLUMNS`] order, as the next twelve parameters.
-fn bind_fields<'q>(
-    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    f: &'q ContactFields,
-) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    query
-        .bind(&f.email)
-        .bind(&f.phone)
-        .bind(&f.viber_id)
-        .bind(&f.first_name)
-        .bind(&f.last_name)
-        .bind(&f.locale)
-        .bind(&f.country)
-        .bind(&f.timezone)
-        .bind(f.birthday)
-        .bind(f.owner_agent_id)
-        .bind(&f.attributes)
-        .bind(sqlx::types::Json(&f.consents))
 }
 
 /// The fields after applying `changes` to `current`; the phone is normalised with the

@@ -45,7 +45,9 @@ fn the_benchmark_runs_every_scenario_and_writes_its_results() {
         .collect();
     assert_eq!(
         names,
-        ["1", "2", "3", "3b", "3c", "4", "5", "6a", "6b"],
+        [
+            "1", "2", "3", "3b", "3c", "4", "5", "6a", "6b", "7a", "7b", "7c", "7d"
+        ],
         "{results}"
     );
     for row in rows {
@@ -78,6 +80,14 @@ fn the_benchmark_runs_every_scenario_and_writes_its_results() {
     assert_eq!(probes, 2, "{sustained}");
     assert_eq!(sustained["db_limit"], rows[0]["throughput"], "{sustained}");
     assert!(results["server"]["peak_rss_mb"].as_f64().unwrap() > 0.0);
+    // Contact batches against the raw UNNEST; single new contacts against scenario 1.
+    for row in &rows[9..11] {
+        assert!(row["db_limit"].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(row["errors"], 0, "{row}");
+    }
+    for row in &rows[11..13] {
+        assert_eq!(row["db_limit"], rows[0]["throughput"], "{row}");
+    }
     // The latency log has a line per request of the open loops (3b, 6a, 6b).
     let log_text = std::fs::read_to_string(&log).expect("the latency log");
     let _ = std::fs::remove_file(&log);

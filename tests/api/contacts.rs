@@ -197,12 +197,7 @@ async fn batch_upsert_reports_each_item_and_keeps_the_good_ones() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    let statuses: Vec<&str> = r.body["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["status"].as_str().unwrap())
-        .collect();
+    let statuses = item_statuses(&r);
     assert_eq!(
         statuses,
         [
@@ -492,4 +487,226 @@ async fn put_rejects_a_body_external_id_that_differs_from_the_path() {
         .put("/v1/contacts/a", &t.key, json!({"external_id": "a"}))
         .await;
     assert_eq!(r.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn a_batch_applies_its_items_in_order_and_concurrent_batches_create_each_contact_once() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let r = app
+        .post(
+            "/v1/contacts/batch",
+            &t.key,
+            json!({"contacts": [
+                {"external_id": "ana", "first_name": "Ana", "country": "SI",
+                 "attributes": {"tier": "gold", "limit": 100}},
+                {"external_id": "ana", "phone": "031 234 567"},
+                {"external_id": "ivo", "owner_agent_id": "0190f0f0-0000-7000-8000-000000000000"},
+                {"external_id": "ana", "attributes": {"tier": null}},
+                {"external_id": "ivo", "phone": "555", "country": "HR"}
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let statuses = item_statuses(&r);
+    assert_eq!(
+        statuses,
+        ["created", "updated", "rejected", "updated", "rejected"]
+    );
+    // The phone read in Ana's country, set by an earlier item of the same batch.
+    let ana = &r.body["results"][3]["contact"];
+    assert_eq!(ana["phone"], "+38631234567", "{ana}");
+    assert_eq!(ana["attributes"], json!({"limit": 100}));
+    assert_eq!(
+        r.body["results"][2]["errors"][0]["field"],
+        "contacts[2].owner_agent_id"
+    );
+    assert_eq!(
+        r.body["results"][4]["errors"][0]["field"],
+        "contacts[4].phone"
+    );
+    let kinds: Vec<(String, Value)> = sqlx::query_as(
+        "SELECT type, properties FROM events WHERE type LIKE 'contact.%' ORDER BY id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(kinds.len(), 3, "{kinds:?}");
+    assert_eq!(kinds[0].0, "contact.created");
+    assert_eq!(
+        kinds[1].1["changes"]["phone"],
+        json!({"old": null, "new": "+38631234567"})
+    );
+    assert_eq!(
+        kinds[2].1["changes"]["attributes.tier"],
+        json!({"old": "gold", "new": null})
+    );
+    let ivo: i64 = sqlx::query_scalar("SELECT count(*) FROM contacts WHERE external_id = 'ivo'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(ivo, 0, "a rejected item writes nothing");
+
+    // Four batches at once over the same 300 new contacts, in different orders: no deadlock,
+    // one contact and one contact.created each, every item created or updated.
+    let batches: Vec<Vec<Value>> = (0..4)
+        .map(|k| {
+            let mut items: Vec<Value> = (0..300)
+                .map(|i| json!({"external_id": format!("c{i}"), "attributes": {"from": k}}))
+                .collect();
+            if k % 2 == 1 {
+                items.reverse();
+            }
+            items
+        })
+        .collect();
+    let results = futures::future::join_all(
+        batches
+            .into_iter()
+            .map(|items| app.post("/v1/contacts/batch", &t.key, json!({"contacts": items}))),
+    )
+    .await;
+    let mut created = 0;
+    for r in &results {
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.body["rejected"], 0, "{}", r.text);
+        created += r.body["created"].as_i64().unwrap();
+    }
+    assert_eq!(created, 300, "each contact created by exactly one batch");
+    let (contacts, events): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM contacts WHERE external_id LIKE 'c%'),
+                (SELECT count(*) FROM events WHERE type = 'contact.created')",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((contacts, events), (300, 301));
+}
+
+#[tokio::test]
+async fn export_streams_every_contact_as_ndjson_or_csv() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let other = app.tenant("other").await;
+    app.contact(&other, "theirs", json!({"email": "theirs@example.com"}))
+        .await;
+    // Header only, for a tenant with no contacts yet.
+    let empty = app.get("/v1/contacts/export?format=csv", &t.key).await;
+    assert_eq!(empty.status, StatusCode::OK);
+    assert_eq!(empty.text.lines().count(), 1, "{}", empty.text);
+    // More than a page (1,000) of contacts.
+    let items: Vec<Value> = (0..1000)
+        .map(|i| json!({"external_id": format!("c{i:04}"), "attributes": {"n": i}}))
+        .collect();
+    app.post("/v1/contacts/batch", &t.key, json!({"contacts": items}))
+        .await;
+    app.contact(
+        &t,
+        "ana",
+        json!({"first_name": "Ana, \"Anči\"", "last_name": "Šimić", "email": "ana@example.com",
+               "phone": "091 234 5678", "attributes": {"city": "Zagreb", "limit": 5000},
+               "consents": {"sms": {"marketing": "opted_in"}}}),
+    )
+    .await;
+
+    let r = app.get("/v1/contacts/export", &t.key).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.content_type(), "application/x-ndjson");
+    let lines: Vec<Value> = r
+        .text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1001, "every contact once, this tenant's only");
+    let mut ids: Vec<&str> = lines.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 1001);
+    assert_eq!(lines[1000]["last_name"], "Šimić");
+
+    let r = app
+        .get(
+            "/v1/contacts/export?format=csv&email=ana@example.com",
+            &t.key,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.content_type().starts_with("text/csv"),
+        "{}",
+        r.content_type()
+    );
+    let mut reader = csv::Reader::from_reader(r.text.as_bytes());
+    let header: Vec<String> = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 1, "filtered as the list is");
+    let col = |name: &str| {
+        let i = header
+            .iter()
+            .position(|h| h == name)
+            .unwrap_or_else(|| panic!("no column {name} in {header:?}"));
+        rows[0][i].to_owned()
+    };
+    assert_eq!(col("first_name"), "Ana, \"Anči\"", "quoted as CSV quotes");
+    assert_eq!(col("phone"), "+385912345678");
+    assert_eq!(col("consents.sms.marketing"), "opted_in");
+    assert_eq!(col("consents.email.marketing"), "");
+    assert_eq!(col("attributes.city"), "Zagreb");
+    assert_eq!(col("attributes.limit"), "5000");
+    assert_eq!(
+        col("attributes.n"),
+        "",
+        "a column for every attribute any contact has"
+    );
+
+    // Through the compression layer too.
+    let gz = app
+        .send(
+            axum::http::Request::get("/v1/contacts/export?format=csv")
+                .header("authorization", format!("Bearer {}", t.key))
+                .header("accept-encoding", "gzip")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(gz.status, StatusCode::OK);
+    assert_eq!(gz.headers["content-encoding"], "gzip");
+    assert!(gz.bytes.len() > 100, "{}", gz.bytes.len());
+
+    let r = app.get("/v1/contacts/export?format=xml", &t.key).await;
+    r.assert_problem(400);
+}
+
+#[tokio::test]
+async fn export_with_filters_that_match_nothing_is_empty() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let r = app
+        .get(
+            "/v1/contacts/export?format=ndjson&email=0%400.com&external_id=",
+            &t.key,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.text, "");
+    // A filter PostgreSQL cannot take is refused before the answer starts.
+    let r = app
+        .get("/v1/contacts/export?external_id=a%00b", &t.key)
+        .await;
+    r.assert_problem(422);
+    assert_eq!(r.error_fields(), ["external_id"]);
+}
+
+/// Each item's `status` in a batch answer, in order.
+fn item_statuses(r: &common::Resp) -> Vec<String> {
+    r.body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["status"].as_str().unwrap().to_owned())
+        .collect()
 }
