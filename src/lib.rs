@@ -18,6 +18,7 @@ pub mod egress;
 pub mod embedded_pg;
 pub mod error;
 pub mod events;
+pub mod group_commit;
 pub mod http;
 pub mod inbound;
 pub mod ingest;
@@ -68,6 +69,8 @@ pub struct AppState {
     pub campaigns: Arc<campaigns::engine::Definitions>,
     /// Group commit of ingested events.
     pub events: Arc<ingest::writer::Writer>,
+    /// Group commit of single contact upserts.
+    pub contact_writes: Arc<contacts::writer::Writer>,
     /// The tenant behind each API key seen lately.
     pub api_keys: Arc<tenancy::KeyCache>,
     /// What erasing a contact runs besides the contacts table, one per capability.
@@ -173,6 +176,11 @@ impl App {
             config.ingest_max_group,
             api_stopped.clone(),
         ));
+        let contact_writes = Arc::new(contacts::writer::Writer::new(
+            pool.clone(),
+            config.ingest_writers,
+            api_stopped.clone(),
+        ));
         let sandbox = templates::sandbox::Sandbox::new(
             config.template_program(),
             templates::sandbox::Limits {
@@ -199,6 +207,7 @@ impl App {
                     |c, t, id| Box::pin(inbound::store::erase_contact(c, t, id)),
                 ]),
                 events,
+                contact_writes,
                 api_keys: Arc::new(tenancy::KeyCache::new(pool.clone(), api_stopped.clone())),
                 api_stopped,
                 pool,

@@ -75,9 +75,10 @@ async fn upsert_contact(
     let changes = body
         .validate("", &tenant.default_country)
         .map_err(ApiError::validation)?;
-    let mut tx = state.pool.begin().await?;
-    let upserted = store::upsert(&mut tx, &tenant, &external_id, &changes, "").await?;
-    tx.commit().await?;
+    let upserted = state
+        .contact_writes
+        .upsert(tenant, external_id, changes)
+        .await?;
     Ok(match upserted {
         Upserted::Created(c) => (StatusCode::CREATED, Json(c)),
         Upserted::Updated(c) | Upserted::Unchanged(c) => (StatusCode::OK, Json(c)),
@@ -144,15 +145,7 @@ async fn batch_upsert(
         .collect();
     let mut tx = state.pool.begin().await?;
     let outcomes = store::upsert_many(&mut tx, &tenant, &items, "upsert").await?;
-    let ids: Vec<Uuid> = outcomes
-        .iter()
-        .filter_map(|o| match o {
-            ItemOutcome::Created(id) | ItemOutcome::Updated(id) | ItemOutcome::Unchanged(id) => {
-                Some(*id)
-            }
-            ItemOutcome::Rejected(_) => None,
-        })
-        .collect();
+    let ids: Vec<Uuid> = outcomes.iter().filter_map(ItemOutcome::id).collect();
     let contacts: std::collections::HashMap<Uuid, Contact> =
         store::get_many(&mut tx, tenant.id, &ids)
             .await?

@@ -171,20 +171,46 @@ pub async fn upsert(
         .await?
         .pop()
         .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("an upsert without an outcome")))?;
-    let id = match &outcome {
-        ItemOutcome::Rejected(errors) => {
-            return Err(StoreError::Invalid(crate::validate::Invalid(
-                errors.clone(),
-            )));
-        }
-        ItemOutcome::Created(id) | ItemOutcome::Updated(id) | ItemOutcome::Unchanged(id) => *id,
+    let contact = match outcome.id() {
+        Some(id) => Some(must_get(conn, tenant.id, id).await?),
+        None => None,
     };
-    let contact = must_get(conn, tenant.id, id).await?;
-    Ok(match outcome {
-        ItemOutcome::Created(_) => Upserted::Created(contact),
-        ItemOutcome::Updated(_) => Upserted::Updated(contact),
-        _ => Upserted::Unchanged(contact),
-    })
+    Upserted::from_outcome(outcome, |_| contact.clone())
+}
+
+impl Upserted {
+    /// What an item's outcome means for its request: the contact (found by `contact`) as
+    /// created, updated or unchanged, or the item's errors.
+    pub fn from_outcome(
+        outcome: ItemOutcome,
+        contact: impl Fn(Uuid) -> Option<Contact>,
+    ) -> StoreResult<Upserted> {
+        let found = |id: Uuid| {
+            contact(id).ok_or_else(|| {
+                StoreError::Internal(anyhow::anyhow!("contact {id} vanished in its transaction"))
+            })
+        };
+        Ok(match outcome {
+            ItemOutcome::Created(id) => Upserted::Created(found(id)?),
+            ItemOutcome::Updated(id) => Upserted::Updated(found(id)?),
+            ItemOutcome::Unchanged(id) => Upserted::Unchanged(found(id)?),
+            ItemOutcome::Rejected(errors) => {
+                return Err(StoreError::Invalid(crate::validate::Invalid(errors)));
+            }
+        })
+    }
+}
+
+impl ItemOutcome {
+    /// The contact's id, unless the item was rejected.
+    pub fn id(&self) -> Option<Uuid> {
+        match self {
+            ItemOutcome::Created(id) | ItemOutcome::Updated(id) | ItemOutcome::Unchanged(id) => {
+                Some(*id)
+            }
+            ItemOutcome::Rejected(_) => None,
+        }
+    }
 }
 
 /// One validated contact of a batch.

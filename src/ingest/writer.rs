@@ -1,9 +1,9 @@
-//! Group commit: concurrent ingestion requests share one transaction.
+//! Group commit of event ingestion: concurrent requests share one transaction.
 //!
-//! A request hands its validated events to the [`Writer`] and waits for their outcomes. A few
-//! writer tasks take the requests waiting in the queue (as many as arrived while the previous
-//! write ran, up to `ingest_max_group` events), record them together, and answer every
-//! request. When every contact is known and no event has an idempotency key, that is one
+//! A request hands its validated events to the [`Writer`] and waits for their outcomes. The
+//! writer tasks of its [`GroupQueue`] take the requests waiting (as many as arrived while the
+//! previous write ran, up to `ingest_max_group` events), record them together, and answer
+//! every request. When every contact is known and no event has an idempotency key, that is one
 //! statement with no transaction around it ([`ingest::ingest_known`]); otherwise one
 //! transaction through [`ingest::ingest`]. Each event is durable before its 202, but a burst of
 //! requests costs one commit instead of five round trips and one commit each. At low load a
@@ -15,18 +15,15 @@
 //! recorded twice.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
 
 use sqlx::PgPool;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{TenantContext, TenantId};
 use crate::error::{StoreError, StoreResult};
+use crate::group_commit::GroupQueue;
 use crate::ingest::{self, Item, Outcome};
-
-/// Requests waiting for a writer, at most; senders wait for room beyond that.
-const QUEUE: usize = 4096;
 
 /// One request's events and where to send their outcomes.
 struct Submission {
@@ -35,15 +32,9 @@ struct Submission {
     reply: oneshot::Sender<StoreResult<Vec<Outcome>>>,
 }
 
-/// The group-commit queue of one process. Its writer tasks start with the first request, on
-/// that request's runtime; when `stop` is cancelled (the API has stopped serving) they write
-/// what is queued and end, and later requests are refused.
+/// The group-commit queue of event ingestion in one process (see `crate::group_commit`).
 pub struct Writer {
-    pool: PgPool,
-    writers: usize,
-    max_group: usize,
-    stop: CancellationToken,
-    queue: OnceLock<mpsc::Sender<Submission>>,
+    queue: GroupQueue<Submission>,
 }
 
 impl Writer {
@@ -51,11 +42,14 @@ impl Writer {
     /// request is never split).
     pub fn new(pool: PgPool, writers: usize, max_group: usize, stop: CancellationToken) -> Writer {
         Writer {
-            pool,
-            writers: writers.max(1),
-            max_group: max_group.max(1),
-            stop,
-            queue: OnceLock::new(),
+            queue: GroupQueue::new(
+                "ingest_group_requests",
+                writers,
+                max_group,
+                |job: &Submission| job.items.len(),
+                stop,
+                move |group| write_group(pool.clone(), group),
+            ),
         }
     }
 
@@ -66,83 +60,27 @@ impl Writer {
         tenant: TenantContext,
         items: Vec<Item>,
     ) -> StoreResult<Vec<Outcome>> {
-        if self.stop.is_cancelled() {
-            return Err(StoreError::Unavailable(
-                "event ingestion is shutting down".into(),
-            ));
-        }
         let (reply, outcome) = oneshot::channel();
         let job = Submission {
             tenant,
             items,
             reply,
         };
-        self.queue()
-            .send(job)
-            .await
-            .map_err(|_| StoreError::Unavailable("event ingestion is shutting down".into()))?;
+        if self.queue.submit(job).await.is_err() {
+            return Err(StoreError::Unavailable(
+                "event ingestion is shutting down".into(),
+            ));
+        }
         outcome.await.map_err(|_| {
             StoreError::Unavailable("the event writer stopped before answering; retry".to_owned())
         })?
-    }
-
-    fn queue(&self) -> &mpsc::Sender<Submission> {
-        self.queue.get_or_init(|| {
-            let (sender, receiver) = mpsc::channel(QUEUE);
-            let receiver = Arc::new(Mutex::new(receiver));
-            for _ in 0..self.writers {
-                tokio::spawn(write_loop(
-                    self.pool.clone(),
-                    receiver.clone(),
-                    self.max_group,
-                    self.stop.clone(),
-                ));
-            }
-            sender
-        })
-    }
-}
-
-/// One writer: takes the waiting requests (one writer at a time collects), writes them.
-/// After `stop`, it drains what is queued and returns.
-async fn write_loop(
-    pool: PgPool,
-    queue: Arc<Mutex<mpsc::Receiver<Submission>>>,
-    max_group: usize,
-    stop: CancellationToken,
-) {
-    loop {
-        let group = {
-            let mut queue = queue.lock().await;
-            let next = tokio::select! {
-                biased;
-                next = queue.recv() => next,
-                () = stop.cancelled() => queue.try_recv().ok(),
-            };
-            let Some(first) = next else {
-                return;
-            };
-            let mut events = first.items.len();
-            let mut group = vec![first];
-            while events < max_group {
-                match queue.try_recv() {
-                    Ok(job) => {
-                        events += job.items.len();
-                        group.push(job);
-                    }
-                    Err(_) => break,
-                }
-            }
-            group
-        };
-        metrics::histogram!("ingest_group_requests").record(group.len() as f64);
-        write_group(&pool, group).await;
     }
 }
 
 /// Writes a group, in one statement when its contacts are all known, else in one
 /// transaction (else request by request), and answers each request.
-async fn write_group(pool: &PgPool, group: Vec<Submission>) {
+async fn write_group(pool: PgPool, group: Vec<Submission>) {
+    let pool = &pool;
     match write_known(pool, &group).await {
         Ok(Some(outcomes)) => return answer(group, outcomes),
         Ok(None) => {}

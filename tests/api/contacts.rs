@@ -710,3 +710,57 @@ fn item_statuses(r: &common::Resp) -> Vec<String> {
         .map(|i| i["status"].as_str().unwrap().to_owned())
         .collect()
 }
+
+#[tokio::test]
+async fn concurrent_puts_share_transactions_and_keep_each_answer_their_own() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let puts = (0..60).map(|i| {
+        // Every third request names the same contact; one in ten is invalid.
+        let external_id = if i % 3 == 0 {
+            "shared".to_owned()
+        } else {
+            format!("p{i}")
+        };
+        let body = if i % 10 == 7 {
+            json!({"phone": "555"})
+        } else {
+            json!({"attributes": {format!("k{i}"): i}})
+        };
+        let app = &app;
+        let key = t.key.clone();
+        async move {
+            (
+                i,
+                app.put(&format!("/v1/contacts/{external_id}"), &key, body)
+                    .await,
+            )
+        }
+    });
+    let answers = futures::future::join_all(puts).await;
+    let mut created_shared = 0;
+    for (i, r) in &answers {
+        if i % 10 == 7 {
+            r.assert_problem(422);
+            assert_eq!(r.error_fields(), ["phone"], "{}", r.text);
+            continue;
+        }
+        assert!(r.status.is_success(), "{i}: {}", r.text);
+        let key = format!("k{i}");
+        assert_eq!(r.body["attributes"][&key], *i, "{i}: {}", r.text);
+        if i % 3 == 0 && r.status == StatusCode::CREATED {
+            created_shared += 1;
+        }
+    }
+    assert_eq!(created_shared, 1, "the shared contact is created once");
+    let (contacts, created): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM contacts),
+                (SELECT count(*) FROM events WHERE type = 'contact.created')",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    // 40 distinct p-contacts minus the invalid ones among them, plus the shared one.
+    let distinct = (0..60).filter(|i| i % 3 != 0 && i % 10 != 7).count() as i64 + 1;
+    assert_eq!((contacts, created), (distinct, distinct));
+}
