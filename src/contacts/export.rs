@@ -223,6 +223,9 @@ mod tests {
         let header = csv_header(&["credit_limit".to_owned()]);
         assert_eq!(header[0], "id");
         assert!(header.contains(&"consents.sms.marketing".to_owned()));
-        assert_eq!(header.last().unwrap(), "attributes.credit_limit");
+        assert_eq!(
+            header.last().map(String::as_str),
+            Some("attributes.credit_limit")
+        );
     }
 }
