@@ -552,6 +552,19 @@ impl Bench {
                "properties": {"n": n, "amount": 129.9, "sku": "SKU-42"}})
     }
 
+    /// The benchmark tenant's id, and a pool of `clients` connections of its own for a raw
+    /// baseline (not the server's).
+    async fn raw_clients(&self, clients: usize) -> anyhow::Result<(uuid::Uuid, sqlx::PgPool)> {
+        let tenant: uuid::Uuid = sqlx::query_scalar("SELECT id FROM tenants LIMIT 1")
+            .fetch_one(&self.db)
+            .await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(clients as u32)
+            .connect_with(self.db.connect_options().as_ref().clone())
+            .await?;
+        Ok((tenant, pool))
+    }
+
     /// The raw limit: the same event rows straight into a copy of the events table, one row
     /// per commit from `clients` connections, or `batch` rows per statement with UNNEST.
     async fn raw_insert_rate(
@@ -566,13 +579,7 @@ impl Bench {
         sqlx::query("CREATE TABLE bench_raw_events (LIKE events INCLUDING ALL)")
             .execute(&self.db)
             .await?;
-        let tenant: uuid::Uuid = sqlx::query_scalar("SELECT id FROM tenants LIMIT 1")
-            .fetch_one(&self.db)
-            .await?;
-        let pool = PgPoolOptions::new()
-            .max_connections(clients as u32)
-            .connect_with(self.db.connect_options().as_ref().clone())
-            .await?;
+        let (tenant, pool) = self.raw_clients(clients).await?;
         let counter = Arc::new(AtomicU64::new(0));
         let start = Instant::now();
         let deadline = start + Duration::from_secs_f64(secs);
@@ -643,13 +650,7 @@ impl Bench {
         let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_raw_contacts")
             .fetch_one(&self.db)
             .await?;
-        let tenant: uuid::Uuid = sqlx::query_scalar("SELECT id FROM tenants LIMIT 1")
-            .fetch_one(&self.db)
-            .await?;
-        let pool = PgPoolOptions::new()
-            .max_connections(clients as u32)
-            .connect_with(self.db.connect_options().as_ref().clone())
-            .await?;
+        let (tenant, pool) = self.raw_clients(clients).await?;
         let counter = Arc::new(AtomicU64::new(0));
         let done = Arc::new(AtomicU64::new(0));
         let start = Instant::now();
