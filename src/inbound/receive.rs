@@ -267,9 +267,11 @@ async fn join_ticket(
 ) -> StoreResult<uuid::Uuid> {
     let channel = m.channel.as_str();
     let text = m.reply.as_deref().unwrap_or(&m.text);
-    let body = if text.trim().is_empty() && !(m.media.is_empty() && m.attachments.is_empty()) {
+    let files;
+    let text = if text.trim().is_empty() && !(m.media.is_empty() && m.attachments.is_empty()) {
         // Only files: name them, so the ticket's text says what came.
-        m.media
+        files = m
+            .media
             .iter()
             .map(|x| x.url.as_str())
             .chain(
@@ -278,10 +280,13 @@ async fn join_ticket(
                     .map(|a| a.filename.as_deref().unwrap_or(&a.content_type)),
             )
             .collect::<Vec<_>>()
-            .join("\n")
+            .join("\n");
+        &files
     } else {
-        bounded(text, TICKET_TEXT_CHARS)
+        text
     };
+    // Bounded either way: a mail may carry thousands of files with long names.
+    let body = bounded(text, TICKET_TEXT_CHARS);
     let answered = match m.channel {
         Channel::Email => answered_ticket(conn, tenant, contact, m, opts).await?,
         Channel::Sms | Channel::Viber => None,
