@@ -90,10 +90,13 @@ impl utoipa::Modify for SecuritySchemes {
     }
 }
 
-/// The three groups of routes, each with its own authentication.
+/// The groups of routes, each with its own authentication; `uploads` are tenants' routes
+/// that stream large bodies (no idempotency middleware, which would buffer them; their own
+/// time limit).
 struct Groups {
     admin: OpenApiRouter<AppState>,
     tenant: OpenApiRouter<AppState>,
+    uploads: OpenApiRouter<AppState>,
     public: OpenApiRouter<AppState>,
 }
 
@@ -111,7 +114,9 @@ fn groups() -> Groups {
             .merge(crate::reports::routes::router())
             .merge(crate::campaigns::routes::router())
             .merge(crate::telephony::routes::router())
-            .merge(crate::inbound::routes::router()),
+            .merge(crate::inbound::routes::router())
+            .merge(crate::contacts::import::routes::router()),
+        uploads: crate::contacts::import::routes::upload_router(),
         public: ops::router()
             .merge(crate::tracking::routes::router())
             .merge(crate::webhooks::routes::router())
@@ -125,11 +130,13 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     let Groups {
         admin,
         tenant,
+        uploads,
         public,
     } = groups();
     let mut api = ApiDoc::openapi();
     api.merge(admin.into_openapi());
     api.merge(tenant.into_openapi());
+    api.merge(uploads.into_openapi());
     api.merge(public.into_openapi());
     // After the merge: it adds to every route's operation.
     utoipa::Modify::modify(&problems::CommonProblems, &mut api);
@@ -142,10 +149,12 @@ pub fn router(state: AppState) -> Router {
     let Groups {
         admin,
         tenant,
+        uploads,
         public,
     } = groups();
     let (admin, _) = admin.split_for_parts();
     let (tenant, _) = tenant.split_for_parts();
+    let (uploads, _) = uploads.split_for_parts();
     let (public, _) = public.split_for_parts();
     // route_layer: the outer layer (added last) runs first, so authentication precedes
     // idempotency, which needs to know the tenant.
@@ -164,12 +173,20 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             require_tenant,
         ));
+    let uploads = uploads.route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        require_tenant,
+    ));
     let max_body = state.config.max_body_bytes;
-    let timeout = Duration::from_secs(state.config.request_timeout_secs);
+    let timeout = |secs: u64| {
+        TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(secs))
+    };
+    let request_timeout = state.config.request_timeout_secs;
     Router::new()
-        .merge(admin)
-        .merge(tenant)
-        .merge(public)
+        .merge(admin.layer(timeout(request_timeout)))
+        .merge(tenant.layer(timeout(request_timeout)))
+        .merge(uploads.layer(timeout(state.config.import_timeout_secs)))
+        .merge(public.layer(timeout(request_timeout)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(track_metrics))
@@ -182,10 +199,6 @@ pub fn router(state: AppState) -> Router {
                 .layer(middleware::from_fn(problem_for_bare_errors))
                 .layer(CompressionLayer::new())
                 .layer(CatchPanicLayer::custom(panic_response))
-                .layer(TimeoutLayer::with_status_code(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    timeout,
-                ))
                 .layer(DefaultBodyLimit::max(max_body)),
         )
         .with_state(state)

@@ -164,6 +164,11 @@ pub struct Config {
     /// How often the worker looks for tenants' IMAP mailboxes and reads those whose server has
     /// no IDLE; a mailbox with IDLE is read as soon as mail arrives.
     pub imap_poll_secs: u64,
+    /// The largest file `POST /v1/contacts/imports` takes, in bytes.
+    pub import_max_bytes: u64,
+    /// How long an import upload may take, in seconds (other requests have
+    /// `request_timeout_secs`).
+    pub import_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -205,6 +210,8 @@ impl Default for Config {
             template_workers: 0,
             attachment_max_bytes: crate::inbound::email::DEFAULT_ATTACHMENT_MAX_BYTES,
             imap_poll_secs: 60,
+            import_max_bytes: 1 << 30,
+            import_timeout_secs: 3600,
             template_program: None,
         }
     }

@@ -50,6 +50,11 @@ enum Command {
         #[command(subcommand)]
         command: ApiKeyCommand,
     },
+    /// Load a tenant's data in bulk.
+    Import {
+        #[command(subcommand)]
+        command: ImportCommand,
+    },
     /// Print the OpenAPI document.
     Openapi,
     /// Provider secrets and keys.
@@ -64,6 +69,42 @@ enum Command {
         /// Address space this process may use.
         #[arg(long, default_value_t = 256)]
         memory_mib: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportCommand {
+    /// Import contacts from a CSV or NDJSON file as `POST /v1/contacts/imports` does, then
+    /// write them here with a progress bar (or leave them to the workers with --detach), and
+    /// print the import's summary as JSON. Interrupted, the import resumes in any worker.
+    Contacts {
+        /// The file; `.ndjson` or `.jsonl` is read as NDJSON, anything else as CSV.
+        file: PathBuf,
+        /// Tenant id or slug.
+        #[arg(long)]
+        tenant: String,
+        /// csv or ndjson (instead of the file's extension).
+        #[arg(long)]
+        format: Option<String>,
+        /// upsert, create_only or update_only.
+        #[arg(long, default_value = "upsert")]
+        mode: String,
+        /// Validate and count; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// COLUMN=FIELD, as often as needed (`Tel=phone`, `Limit=attributes.credit_limit`);
+        /// `COLUMN=` leaves the column out.
+        #[arg(long = "map", value_name = "COLUMN=FIELD")]
+        map: Vec<String>,
+        /// CSV separator: , ; tab or | (guessed from the header when absent).
+        #[arg(long)]
+        delimiter: Option<String>,
+        /// The file's character set: utf-8 (default), windows-1250, iso-8859-2...
+        #[arg(long)]
+        charset: Option<String>,
+        /// Store the file and return; the workers write it.
+        #[arg(long)]
+        detach: bool,
     },
 }
 
@@ -241,6 +282,7 @@ async fn run_with(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Tenant { command } => tenant_command(&app, command).await,
         Command::ApiKey { command } => api_key_command(&app, command).await,
+        Command::Import { command } => import_command(&app, command).await,
         Command::Secrets {
             command: SecretsCommand::Rotate,
         } => rotate_secrets(&app).await,
@@ -388,6 +430,121 @@ async fn tenant_command(app: &App, command: TenantCommand) -> anyhow::Result<()>
                 before = page.get(499).map(|t| t.id);
             }
         }
+    }
+    Ok(())
+}
+
+async fn import_command(app: &App, command: ImportCommand) -> anyhow::Result<()> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    use rapport::contacts::import::{self, receive::ReceiveError, routes::ImportParams};
+    let ImportCommand::Contacts {
+        file,
+        tenant,
+        format,
+        mode,
+        dry_run,
+        map,
+        delimiter,
+        charset,
+        detach,
+    } = command;
+    let pool = &app.state.pool;
+    let mut conn = pool.acquire().await?;
+    let found = tenants::find(&mut conn, &tenant)
+        .await
+        .map_err(cli_error)?
+        .ok_or_else(|| anyhow::anyhow!("no tenant with id or slug `{tenant}`"))?;
+    let tenant_id = TenantId(found.id);
+    let context = tenants::context(&mut conn, tenant_id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no tenant with id or slug `{tenant}`"))?;
+    drop(conn);
+    let extension = file
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let format = format.unwrap_or_else(|| match extension.as_str() {
+        "ndjson" | "jsonl" => "ndjson".to_owned(),
+        _ => "csv".to_owned(),
+    });
+    let mut mapping = serde_json::Map::new();
+    for pair in &map {
+        let (column, field) = pair
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--map {pair}: expected COLUMN=FIELD"))?;
+        let target = if field.is_empty() {
+            serde_json::Value::Null
+        } else {
+            field.into()
+        };
+        mapping.insert(column.to_owned(), target);
+    }
+    let params: ImportParams = serde_json::from_value(serde_json::json!({
+        "format": format,
+        "mode": mode,
+        "dry_run": dry_run,
+        "filename": file.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "mapping": (!mapping.is_empty()).then(|| serde_json::Value::Object(mapping).to_string()),
+        "delimiter": delimiter,
+        "charset": charset,
+    }))
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let opts = import::routes::options(params, &axum::http::HeaderMap::new()).map_err(cli_error)?;
+    let handle = std::fs::File::open(&file)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", file.display()))?;
+    let size = handle.metadata().map(|m| m.len()).unwrap_or(0);
+    let reading = ProgressBar::new(size).with_style(ProgressStyle::with_template(
+        "reading  {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+    )?);
+    let reader = reading.wrap_read(handle);
+    let config = &app.state.config;
+    let (max, deadline) = (config.import_max_bytes, config.import_timeout_secs + 60);
+    let id = match import::receive::receive(pool, &context, opts, reader, max, deadline).await {
+        Ok(Ok(id) | Err(id)) => id,
+        Err(ReceiveError::Invalid(errors)) => anyhow::bail!(
+            "{}",
+            errors
+                .iter()
+                .map(|e| format!("{}: {}", e.field, e.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    reading.finish_and_clear();
+    let view = async || {
+        import::fetch(pool, tenant_id, id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("import {id} vanished"))
+    };
+    if !detach {
+        let total = view().await?.rows;
+        let writing = ProgressBar::new(u64::try_from(total).unwrap_or(0)).with_style(
+            ProgressStyle::with_template("writing  {bar:40} {pos}/{len} rows {per_sec} {eta}")?,
+        );
+        let holder = uuid::Uuid::now_v7();
+        let bar = writing.clone();
+        let here = import::apply::run_import(pool, tenant_id, id, holder, move |n| bar.inc(n))
+            .await
+            .map_err(cli_error)?;
+        if !here {
+            // A worker holds it: follow its progress.
+            loop {
+                let now = view().await?;
+                writing.set_position(u64::try_from(now.processed).unwrap_or(0));
+                if !matches!(now.status.as_str(), "queued" | "running") {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+        writing.finish_and_clear();
+    }
+    let summary = view().await?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    if summary.status == "failed" {
+        anyhow::bail!("the import failed: {}", summary.error.unwrap_or_default());
     }
     Ok(())
 }

@@ -42,9 +42,16 @@ struct Args {
     /// Concurrent clients for the single-request scenarios.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Scenarios to run, comma-separated: events,batch,rules,dispatch,e2e,reads,contacts.
-    #[arg(long, default_value = "events,batch,rules,dispatch,e2e,reads,contacts")]
+    /// Scenarios to run, comma-separated: events,batch,rules,dispatch,e2e,reads,contacts,
+    /// import.
+    #[arg(
+        long,
+        default_value = "events,batch,rules,dispatch,e2e,reads,contacts,import"
+    )]
     scenarios: String,
+    /// Rows of the CSV file the import scenario (7e) loads.
+    #[arg(long, default_value_t = 1_000_000)]
+    import_rows: u64,
     /// Messages queued for the dispatch scenario.
     #[arg(long, default_value_t = 100_000)]
     dispatch_messages: usize,
@@ -1005,6 +1012,78 @@ async fn scenario_contacts(b: &Bench) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// 7e: one CSV file of `--import-rows` new contacts (ten columns: addresses, names, locale,
+/// country, two attributes, a consent), uploaded to `POST /v1/contacts/imports`, then
+/// followed until the workers have written it. Wall time from the first byte sent to the
+/// import's completion, and the server's peak memory meanwhile.
+async fn scenario_import(b: &Bench) -> anyhow::Result<Row> {
+    let rows = b.args.import_rows;
+    let mut csv = Vec::with_capacity(rows as usize * 120);
+    csv.extend_from_slice(
+        b"external_id,email,phone,first_name,last_name,locale,country,attributes.credit_limit,attributes.plan,consents.email.marketing\n",
+    );
+    for n in 0..rows {
+        use std::io::Write;
+        writeln!(
+            csv,
+            "imp{n},imp{n}@bench.example,+38591{:07},Ana,Horvat,hr,HR,{},gold,opted_in",
+            n % 10_000_000,
+            5000 + n % 1000
+        )?;
+    }
+    let size_mb = csv.len() as f64 / 1e6;
+    let mut row = b.row(
+        "7e. POST /v1/contacts/imports (CSV, new contacts)",
+        "rows/s",
+    );
+    let w = b.watch();
+    let t0 = Instant::now();
+    let r = b
+        .http
+        .post(format!("{}/v1/contacts/imports?filename=bench.csv", b.url))
+        .bearer_auth(&b.key)
+        .header("content-type", "text/csv")
+        .timeout(Duration::from_secs(3600))
+        .body(csv)
+        .send()
+        .await?;
+    let status = r.status();
+    let body: Value = r.json().await?;
+    if status != reqwest::StatusCode::ACCEPTED {
+        bail!("the import was refused ({status}): {body}");
+    }
+    let stored = t0.elapsed().as_secs_f64();
+    let id = body["id"].as_str().unwrap_or_default().to_owned();
+    let done = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let view: Value = b
+            .http
+            .get(format!("{}/v1/contacts/imports/{id}", b.url))
+            .bearer_auth(&b.key)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if !matches!(view["status"].as_str(), Some("queued" | "running")) {
+            break view;
+        }
+    };
+    let wall = t0.elapsed().as_secs_f64();
+    b.finish_watch(&mut row, w);
+    let created = done["created"].as_u64().unwrap_or(0);
+    row.throughput = created as f64 / wall;
+    row.errors = rows - created;
+    row.target = "< 60 s, RSS < 150 MB".into();
+    row.met = Some(done["status"] == "completed" && wall < 60.0 && row.peak_rss_mb < 150.0);
+    row.notes = format!(
+        "{rows} rows, {size_mb:.0} MB; {wall:.1} s in all: upload and store {stored:.1} s, \
+         write {:.1} s; status {}, created {created}",
+        wall - stored,
+        done["status"]
+    );
+    Ok(row)
+}
+
 async fn create_campaign(b: &Bench, body: Value) -> anyhow::Result<String> {
     let c: Value = b
         .post("/v1/campaigns", body)
@@ -1602,6 +1681,7 @@ async fn run(args: &Args, server: &Server, wanted: &[&str]) -> anyhow::Result<()
                 }
                 rows.extend(found)
             }
+            "import" => rows.push(scenario_import(&bench).await?),
             other => bail!("unknown scenario `{other}`"),
         }
     }

@@ -107,6 +107,9 @@ pub struct ContactChanges {
     pub owner_agent_id: Patch<Uuid>,
     pub attributes: Map<String, Value>,
     pub consents: Vec<(Channel, Purpose, ConsentInput)>,
+    /// Where consents without a source of their own come from: `api` unless set (an import
+    /// says `import:<file>`).
+    pub consent_source: Option<String>,
 }
 
 const MAX_TEXT: usize = 255;
@@ -223,6 +226,7 @@ impl ContactInput {
             owner_agent_id: self.owner_agent_id.clone(),
             attributes,
             consents,
+            consent_source: None,
         })
     }
 }

@@ -144,7 +144,8 @@ async fn batch_upsert(
         })
         .collect();
     let mut tx = state.pool.begin().await?;
-    let outcomes = store::upsert_many(&mut tx, &tenant, &items, "upsert").await?;
+    let outcomes =
+        store::upsert_many(&mut tx, &tenant, &items, "upsert", store::WriteMode::Upsert).await?;
     let ids: Vec<Uuid> = outcomes.iter().filter_map(ItemOutcome::id).collect();
     let contacts: std::collections::HashMap<Uuid, Contact> =
         store::get_many(&mut tx, tenant.id, &ids)
@@ -171,6 +172,11 @@ async fn batch_upsert(
                 contact: None,
                 errors: Some(errors),
             },
+            ItemOutcome::Skipped(_) => {
+                return Err(ApiError::from(StoreError::Internal(anyhow::anyhow!(
+                    "an upsert batch skipped an item"
+                ))));
+            }
         });
     }
     let results: Vec<ContactBatchItem> = results.into_iter().flatten().collect();

@@ -167,10 +167,16 @@ pub async fn upsert(
         field_prefix: field_prefix.to_owned(),
         changes,
     };
-    let outcome = upsert_many(conn, tenant, std::slice::from_ref(&item), "upsert")
-        .await?
-        .pop()
-        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("an upsert without an outcome")))?;
+    let outcome = upsert_many(
+        conn,
+        tenant,
+        std::slice::from_ref(&item),
+        "upsert",
+        WriteMode::Upsert,
+    )
+    .await?
+    .pop()
+    .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("an upsert without an outcome")))?;
     let contact = match outcome.id() {
         Some(id) => Some(must_get(conn, tenant.id, id).await?),
         None => None,
@@ -197,6 +203,11 @@ impl Upserted {
             ItemOutcome::Rejected(errors) => {
                 return Err(StoreError::Invalid(crate::validate::Invalid(errors)));
             }
+            ItemOutcome::Skipped(_) => {
+                return Err(StoreError::Internal(anyhow::anyhow!(
+                    "an upsert skipped its only item"
+                )));
+            }
         })
     }
 }
@@ -208,6 +219,7 @@ impl ItemOutcome {
             ItemOutcome::Created(id) | ItemOutcome::Updated(id) | ItemOutcome::Unchanged(id) => {
                 Some(*id)
             }
+            ItemOutcome::Skipped(id) => *id,
             ItemOutcome::Rejected(_) => None,
         }
     }
@@ -222,12 +234,27 @@ pub struct BatchItem<'a> {
     pub changes: &'a ContactChanges,
 }
 
+/// Which items of a batch may create and which may update a contact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriteMode {
+    /// Create the contact if missing, else update it.
+    #[default]
+    Upsert,
+    /// Only create: an item naming an existing contact is skipped.
+    CreateOnly,
+    /// Only update: an item naming no contact is skipped.
+    UpdateOnly,
+}
+
 /// What a batch did with one item.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ItemOutcome {
     Created(Uuid),
     Updated(Uuid),
     Unchanged(Uuid),
+    /// Left alone by the [`WriteMode`]: the existing contact (create only) or none (update
+    /// only).
+    Skipped(Option<Uuid>),
     /// Nothing written for it: an unknown agent, a phone number invalid in the contact's
     /// country.
     Rejected(Vec<crate::validate::FieldError>),
@@ -250,13 +277,15 @@ struct Pending {
 /// the new ones, one update of the changed ones, one append of their `contact.created` /
 /// `contact.updated` events. Same semantics as one upsert per item, in item order: items of
 /// one external id apply one after the other; a rejected item writes nothing and does not
-/// stop the others. A contact a concurrent request creates meanwhile is locked and updated
-/// instead (up to three times). Outcomes in the order of `items`.
+/// stop the others; `mode` may skip items that would create or update. A contact a concurrent
+/// request creates meanwhile is locked and updated instead (up to three times). Outcomes in
+/// the order of `items`.
 pub async fn upsert_many(
     conn: &mut PgConnection,
     tenant: &TenantContext,
     items: &[BatchItem<'_>],
     via: &str,
+    mode: WriteMode,
 ) -> StoreResult<Vec<ItemOutcome>> {
     let mut outcomes: Vec<Option<ItemOutcome>> = vec![None; items.len()];
     // Agents named: one query for all.
@@ -342,6 +371,19 @@ pub async fn upsert_many(
             let Some(p) = pending.get_mut(item.external_id) else {
                 continue;
             };
+            let exists = p.stored.is_some() || p.created;
+            let id = p.stored.as_ref().map_or(p.new_id, |(id, _)| *id);
+            match (mode, exists) {
+                (WriteMode::CreateOnly, true) => {
+                    decided.push((n, ItemOutcome::Skipped(Some(id)), None));
+                    continue;
+                }
+                (WriteMode::UpdateOnly, false) => {
+                    decided.push((n, ItemOutcome::Skipped(None), None));
+                    continue;
+                }
+                _ => {}
+            }
             let next = match merge(tenant, &p.current, item.changes, &item.field_prefix) {
                 Ok(next) => next,
                 Err(StoreError::Invalid(crate::validate::Invalid(errors))) => {
@@ -350,8 +392,6 @@ pub async fn upsert_many(
                 }
                 Err(e) => return Err(e),
             };
-            let exists = p.stored.is_some() || p.created;
-            let id = p.stored.as_ref().map_or(p.new_id, |(id, _)| *id);
             let emitted = |kind, properties| events::Emitted {
                 tenant: tenant.id,
                 contact_id: id,
@@ -594,7 +634,8 @@ fn merge(
     let mut consents = current.consents.clone();
     let now = Utc::now();
     for (channel, purpose, input) in &changes.consents {
-        consents.record(*channel, *purpose, input, now, "api");
+        let source = changes.consent_source.as_deref().unwrap_or("api");
+        consents.record(*channel, *purpose, input, now, source);
     }
     Ok(ContactFields {
         email: changes.email.apply(current.email.clone()),

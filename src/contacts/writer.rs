@@ -140,9 +140,10 @@ async fn write_together(
                 changes: &group[i].changes,
             })
             .collect();
-        let written = store::upsert_many(&mut tx, tenant, &items, "upsert")
-            .await
-            .map_err(Failure::BeforeCommit)?;
+        let written =
+            store::upsert_many(&mut tx, tenant, &items, "upsert", store::WriteMode::Upsert)
+                .await
+                .map_err(Failure::BeforeCommit)?;
         let ids: Vec<uuid::Uuid> = written.iter().filter_map(ItemOutcome::id).collect();
         for c in store::get_many(&mut tx, tenant.id, &ids)
             .await

@@ -29,6 +29,10 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     tasks.spawn(jobs::run(state.clone(), shutdown.clone()));
     tasks.spawn(run_campaigns(state.clone(), shutdown.clone()));
     tasks.spawn(crate::inbound::imap::run(state.clone(), shutdown.clone()));
+    tasks.spawn(crate::contacts::import::apply::run(
+        state.clone(),
+        shutdown.clone(),
+    ));
     let s = state.clone();
     tasks.spawn(repeat(
         "idempotency purge",

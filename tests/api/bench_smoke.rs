@@ -26,6 +26,8 @@ fn the_benchmark_runs_every_scenario_and_writes_its_results() {
             "1",
             "--rules-probes",
             "1",
+            "--import-rows",
+            "2000",
         ])
         .arg("--json")
         .arg(&out)
@@ -46,7 +48,7 @@ fn the_benchmark_runs_every_scenario_and_writes_its_results() {
     assert_eq!(
         names,
         [
-            "1", "2", "3", "3b", "3c", "4", "5", "6a", "6b", "7a", "7b", "7c", "7d"
+            "1", "2", "3", "3b", "3c", "4", "5", "6a", "6b", "7a", "7b", "7c", "7d", "7e"
         ],
         "{results}"
     );

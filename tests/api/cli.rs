@@ -105,6 +105,53 @@ fn operators_manage_tenants_and_keys_from_the_command_line() {
 }
 
 #[test]
+fn operators_import_contacts_from_a_file_with_a_summary() {
+    let db = TestDb::unborn();
+    let (ok, _, err) = run(rapport(&db.url).args([
+        "tenant",
+        "create",
+        "--name",
+        "Acme Credit",
+        "--default-country",
+        "SI",
+    ]));
+    assert!(ok, "{err}");
+    let dir = std::env::temp_dir().join(format!("rapport-cli-import-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("stranke.csv");
+    let mut csv = String::from("external_id;Tel;first_name;Opomba\n");
+    for n in 0..2500 {
+        csv.push_str(&format!(
+            "s{n};041 {:03} {:03};Špela;x\n",
+            n / 1000,
+            n % 1000
+        ));
+    }
+    csv.push_str("s-bad;12;Nina;x\n");
+    std::fs::write(&file, csv).unwrap();
+    let (ok, out, err) = run(rapport(&db.url)
+        .args(["import", "contacts", "--tenant", "acme-credit"])
+        .arg(&file)
+        .args(["--map", "Tel=phone", "--map", "Opomba="]));
+    assert!(ok, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["status"], "completed", "{summary}");
+    assert_eq!(summary["filename"], "stranke.csv");
+    assert_eq!(summary["created"], 2500, "{summary}");
+    assert_eq!(summary["failed"], 1);
+    assert_eq!(summary["errors"][0]["line"], 2502);
+    assert_eq!(summary["errors"][0]["field"], "phone");
+    // Mistakes in the file are one clear line, and nothing is kept.
+    std::fs::write(&file, "Tel\n041 000 000\n").unwrap();
+    let (ok, _, err) = run(rapport(&db.url)
+        .args(["import", "contacts", "--tenant", "acme-credit"])
+        .arg(&file));
+    assert!(!ok);
+    assert!(err.starts_with("error: header: column 1"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn an_unreachable_database_is_one_clear_line_without_the_password() {
     let (ok, _, err) = run(rapport("postgres://app:s3cret@127.0.0.1:1/rapport").arg("migrate"));
     assert!(!ok);

@@ -15,6 +15,7 @@ mod events;
 mod feedback;
 mod hardening;
 mod idempotency;
+mod imports;
 mod isolation;
 mod mailbox;
 mod messages;

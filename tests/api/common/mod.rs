@@ -337,6 +337,31 @@ impl TestApp {
             .expect("drain")
     }
 
+    /// Writes every queued contact import, as the worker does; the number of turns taken.
+    pub async fn run_imports(&self) -> usize {
+        let holder = uuid::Uuid::now_v7();
+        let mut turns = 0;
+        while rapport::contacts::import::apply::round(&self.app.state, holder)
+            .await
+            .expect("import round")
+        {
+            turns += 1;
+        }
+        turns
+    }
+
+    /// Posts `body` as it is, with this content type.
+    pub async fn upload(&self, path: &str, token: &str, content_type: &str, body: Vec<u8>) -> Resp {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", content_type)
+            .body(Body::from(body))
+            .unwrap();
+        self.send(request).await
+    }
+
     /// Moves the engine's clock forward.
     pub fn advance(&self, by: chrono::Duration) {
         self.app.state.clock.advance(by);

@@ -1,0 +1,496 @@
+//! The second half of an import: a worker task writes the stored chunks, in order.
+//!
+//! A worker holds an import with a lease (`holder`, `locked_until`), renewed by every chunk's
+//! transaction, which also writes the chunk's contacts (`store::upsert_many`), adds to the
+//! import's counters and first errors, and deletes the chunk: all of it or none, so a worker
+//! that dies mid-chunk leaves the chunk for the next holder and no row is written twice. After
+//! [`SLICE`] chunks the import goes back in the queue behind the others, so one tenant's
+//! million rows do not hold up another's hundred. A dry run writes each chunk in a savepoint
+//! it rolls back: the counts are exact, nothing stays (rows of one external id in two chunks
+//! are each counted against the contacts as stored).
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sqlx::postgres::PgListener;
+use sqlx::{Acquire, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{
+    Column, ImportFormat, ImportMode, MAX_ERRORS, NOTIFY_CHANNEL, PARTS, csv_row, ndjson_row,
+};
+use crate::AppState;
+use crate::contacts::model::ContactChanges;
+use crate::contacts::store::{self, BatchItem, ItemOutcome};
+use crate::domain::{TenantContext, TenantId};
+use crate::error::StoreError;
+use crate::validate::{self, FieldError};
+
+/// How long a worker holds an import without renewing it.
+const LEASE_SECS: f64 = 60.0;
+/// Chunks an import gets in one turn.
+pub const SLICE: usize = 50;
+/// Failed attempts at one chunk (the database away, a lock timeout) before the import fails.
+const MAX_FAILURES: i32 = 5;
+/// How often the queue is looked at when no NOTIFY comes.
+const POLL: Duration = Duration::from_secs(2);
+
+/// An import a worker holds.
+#[derive(Debug, sqlx::FromRow)]
+struct Claimed {
+    tenant_id: TenantId,
+    id: Uuid,
+    filename: Option<String>,
+    format: String,
+    mode: String,
+    dry_run: bool,
+    columns: Option<Value>,
+    delimiter: Option<String>,
+}
+
+/// Runs imports until `shutdown`: at once when one is queued, else every two seconds.
+pub async fn run(state: AppState, shutdown: CancellationToken) {
+    let holder = Uuid::now_v7();
+    let listener = async {
+        let mut l = PgListener::connect_with(&state.pool).await?;
+        l.listen(NOTIFY_CHANNEL).await?;
+        Ok::<_, sqlx::Error>(l)
+    }
+    .await
+    .inspect_err(|e| tracing::warn!(error = %e, "cannot LISTEN for imports; polling only"))
+    .ok();
+    crate::worker::repeat("contact imports", shutdown, POLL, listener, || {
+        round(&state, holder)
+    })
+    .await;
+}
+
+/// Takes the import whose turn it is and writes up to [`SLICE`] of its chunks; whether there
+/// was one.
+pub async fn round(state: &AppState, holder: Uuid) -> Result<bool, StoreError> {
+    let swept = super::receive::sweep_abandoned(&state.pool).await?;
+    if swept > 0 {
+        tracing::warn!(
+            uploads = swept,
+            "deleted uploads whose process died before the file was in"
+        );
+    }
+    let Some(import) = claim(&state.pool, holder, None).await? else {
+        return Ok(false);
+    };
+    if let Err(e) = slice(&state.pool, &import, holder, SLICE, &|_| {}).await {
+        record_failure(&state.pool, &import, holder, &e).await?;
+    }
+    Ok(true)
+}
+
+/// Writes one import to its end in this process (`rapport import contacts`), calling
+/// `progress` with the rows of each chunk written; false when a worker holds it (it is being
+/// written there). A chunk that fails is left to the workers' retries, and the error returned.
+pub async fn run_import(
+    pool: &PgPool,
+    tenant: TenantId,
+    id: Uuid,
+    holder: Uuid,
+    progress: impl Fn(u64) + Send + Sync,
+) -> Result<bool, StoreError> {
+    let Some(import) = claim(pool, holder, Some((tenant, id))).await? else {
+        return Ok(false);
+    };
+    if let Err(e) = slice(pool, &import, holder, usize::MAX, &progress).await {
+        record_failure(pool, &import, holder, &e).await?;
+        return Err(e);
+    }
+    Ok(true)
+}
+
+/// A chunk that could not be written: tried again after 5, 10, 20, 40 s by whichever worker
+/// claims it; failed (and its chunks dropped) at the fifth failure in a row.
+async fn record_failure(
+    pool: &PgPool,
+    import: &Claimed,
+    holder: Uuid,
+    e: &StoreError,
+) -> Result<(), sqlx::Error> {
+    let message = crate::error::error_chain(e);
+    let failed: Option<bool> = sqlx::query_scalar(
+        "UPDATE contact_imports
+            SET failures = failures + 1, error = $4, holder = NULL,
+                locked_until = now() + make_interval(secs => 5 * power(2, failures)),
+                status = CASE WHEN failures + 1 >= $5 THEN 'failed' ELSE status END,
+                finished_at = CASE WHEN failures + 1 >= $5 THEN now() END
+          WHERE tenant_id = $1 AND id = $2 AND holder = $3
+      RETURNING status = 'failed'",
+    )
+    .bind(import.tenant_id)
+    .bind(import.id)
+    .bind(holder)
+    .bind(format!("writing a chunk failed: {message}"))
+    .bind(MAX_FAILURES)
+    .fetch_optional(pool)
+    .await?;
+    tracing::warn!(import = %import.id, tenant = %import.tenant_id, error = %message, "an import chunk failed");
+    if failed == Some(true) {
+        sqlx::query("DELETE FROM contact_import_chunks WHERE tenant_id = $1 AND import_id = $2")
+            .bind(import.tenant_id)
+            .bind(import.id)
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The queued or running import that waited longest for its turn (or the one named), unless
+/// another worker holds it.
+async fn claim(
+    pool: &PgPool,
+    holder: Uuid,
+    only: Option<(TenantId, Uuid)>,
+) -> Result<Option<Claimed>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE contact_imports i
+            SET holder = $1, locked_until = now() + make_interval(secs => $2),
+                status = 'running', started_at = coalesce(i.started_at, now())
+          WHERE (i.tenant_id, i.id) = (
+                SELECT tenant_id, id FROM contact_imports
+                 WHERE status IN ('queued', 'running')
+                   AND (locked_until IS NULL OR locked_until < now())
+                   AND ($3::uuid IS NULL OR (tenant_id = $3 AND id = $4))
+                 ORDER BY served_at NULLS FIRST, created_at
+                 LIMIT 1 FOR UPDATE SKIP LOCKED)
+         RETURNING i.tenant_id, i.id, i.filename, i.format, i.mode, i.dry_run, i.columns,
+                   i.delimiter",
+    )
+    .bind(holder)
+    .bind(LEASE_SECS)
+    .bind(only.map(|(t, _)| t))
+    .bind(only.map(|(_, id)| id))
+    .fetch_optional(pool)
+    .await
+}
+
+/// Writes up to `chunks` chunks of `import` (its parts at once, each on its own connection),
+/// then gives the turn away; completes it when no chunk is left.
+async fn slice(
+    pool: &PgPool,
+    import: &Claimed,
+    holder: Uuid,
+    chunks: usize,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<(), StoreError> {
+    let tenant = {
+        let mut conn = pool.acquire().await?;
+        crate::tenants::store::context(&mut conn, import.tenant_id)
+            .await?
+            .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("the tenant is gone")))?
+    };
+    let format = ImportFormat::parse(&import.format)
+        .ok_or_else(|| anyhow::anyhow!("unknown import format `{}`", import.format))?;
+    let mode = ImportMode::parse(&import.mode)
+        .ok_or_else(|| anyhow::anyhow!("unknown import mode `{}`", import.mode))?;
+    let columns = match (&import.columns, format) {
+        (Some(Value::Array(cols)), ImportFormat::Csv) => cols
+            .iter()
+            .map(|c| match c {
+                Value::String(s) => Column::parse(s).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("stored columns: {e}"))?,
+        (_, ImportFormat::Csv) => {
+            return Err(StoreError::Internal(anyhow::anyhow!(
+                "a CSV import without columns"
+            )));
+        }
+        (_, ImportFormat::Ndjson) => Vec::new(),
+    };
+    let source = format!(
+        "import:{}",
+        import
+            .filename
+            .clone()
+            .unwrap_or_else(|| import.id.to_string())
+    );
+    let job = Job {
+        import,
+        tenant: &tenant,
+        format,
+        mode,
+        columns: &columns,
+        source: &source,
+        holder,
+    };
+    let per_part = chunks.div_ceil(PARTS).max(1);
+    let lanes = (0..PARTS).map(|part| {
+        let job = &job;
+        async move {
+            let mut conn = pool.acquire().await?;
+            for _ in 0..per_part {
+                match job.chunk(&mut conn, part as i16).await? {
+                    Step::Applied(rows) => progress(rows),
+                    other => return Ok::<Step, StoreError>(other),
+                }
+            }
+            Ok(Step::Applied(0))
+        }
+    });
+    let ends = futures::future::join_all(lanes).await;
+    let mut finished = true;
+    for end in ends {
+        match end? {
+            Step::Lost => return Ok(()),
+            Step::Applied(_) => finished = false,
+            Step::Finished => {}
+        }
+    }
+    if finished {
+        sqlx::query(
+            "UPDATE contact_imports
+                SET status = 'completed', finished_at = now(), holder = NULL,
+                    locked_until = NULL, failures = 0, error = NULL
+              WHERE tenant_id = $1 AND id = $2 AND holder = $3 AND status = 'running'
+                AND NOT EXISTS (SELECT 1 FROM contact_import_chunks
+                                 WHERE tenant_id = $1 AND import_id = $2)",
+        )
+        .bind(import.tenant_id)
+        .bind(import.id)
+        .bind(holder)
+        .execute(pool)
+        .await?;
+        return Ok(());
+    }
+    // The turn is over: back in the queue, behind imports that waited longer.
+    sqlx::query(
+        "UPDATE contact_imports SET holder = NULL, locked_until = NULL, served_at = now()
+          WHERE tenant_id = $1 AND id = $2 AND holder = $3",
+    )
+    .bind(import.tenant_id)
+    .bind(import.id)
+    .bind(holder)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+enum Step {
+    /// A chunk of this many rows.
+    Applied(u64),
+    /// No chunk left in the part.
+    Finished,
+    /// Another worker took the import over (this one stalled past its lease).
+    Lost,
+}
+
+struct Job<'a> {
+    import: &'a Claimed,
+    tenant: &'a TenantContext,
+    format: ImportFormat,
+    mode: ImportMode,
+    columns: &'a [Option<Column>],
+    source: &'a str,
+    holder: Uuid,
+}
+
+/// What one chunk did, for the import's counters.
+#[derive(Default)]
+struct Tally {
+    created: i64,
+    updated: i64,
+    unchanged: i64,
+    skipped: i64,
+    failed: i64,
+    errors: Vec<Value>,
+}
+
+impl Tally {
+    fn fail(&mut self, line: i64, errors: Vec<FieldError>, room: usize) {
+        self.failed += 1;
+        for e in errors {
+            if self.errors.len() < room {
+                self.errors
+                    .push(json!({"line": line, "field": e.field, "message": e.message}));
+            }
+        }
+    }
+}
+
+impl Job<'_> {
+    /// Writes the part's next chunk in one transaction with its counters and its deletion.
+    /// The chunk's row lock keeps a second holder (after a steal) off it until this one
+    /// commits or rolls back; the counters' update, last, commits only under the lease.
+    async fn chunk(&self, conn: &mut sqlx::PgConnection, part: i16) -> Result<Step, StoreError> {
+        let (tenant_id, id) = (self.import.tenant_id, self.import.id);
+        let mut tx = conn.begin().await?;
+        let chunk: Option<(i32, Vec<i64>, Vec<u8>)> = sqlx::query_as(
+            "SELECT seq, lines, body FROM contact_import_chunks
+              WHERE tenant_id = $1 AND import_id = $2 AND part = $3
+              ORDER BY seq LIMIT 1 FOR UPDATE",
+        )
+        .bind(tenant_id)
+        .bind(id)
+        .bind(part)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((seq, lines, body)) = chunk else {
+            return Ok(Step::Finished);
+        };
+        let listed: Option<i32> = sqlx::query_scalar(
+            "SELECT jsonb_array_length(errors) FROM contact_imports
+              WHERE tenant_id = $1 AND id = $2 AND holder = $3 AND status = 'running'",
+        )
+        .bind(tenant_id)
+        .bind(id)
+        .bind(self.holder)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(listed) = listed else {
+            return Ok(Step::Lost);
+        };
+        let room = MAX_ERRORS.saturating_sub(usize::try_from(listed).unwrap_or(0));
+        let mut tally = Tally::default();
+        let rows = self.rows(&lines, &body)?;
+        let mut valid: Vec<(i64, String, ContactChanges)> = Vec::with_capacity(rows.len());
+        for (line, row) in rows {
+            let checked = row.and_then(|(external_id, input)| {
+                let external_id = validate::text(&external_id, 255)
+                    .map_err(|m| vec![FieldError::new("external_id", m)])?;
+                let mut changes = input.validate("", &self.tenant.default_country)?;
+                changes.consent_source = Some(self.source.to_owned());
+                Ok((external_id, changes))
+            });
+            match checked {
+                Ok((external_id, changes)) => valid.push((line, external_id, changes)),
+                Err(errors) => tally.fail(line, errors, room),
+            }
+        }
+        let items: Vec<BatchItem<'_>> = valid
+            .iter()
+            .map(|(_, external_id, changes)| BatchItem {
+                external_id,
+                field_prefix: String::new(),
+                changes,
+            })
+            .collect();
+        let mode = self.mode.write_mode();
+        let outcomes = if self.import.dry_run {
+            let mut trial = tx.begin().await?;
+            let outcomes =
+                store::upsert_many(&mut trial, self.tenant, &items, "import", mode).await?;
+            trial.rollback().await?;
+            outcomes
+        } else {
+            store::upsert_many(&mut tx, self.tenant, &items, "import", mode).await?
+        };
+        for ((line, _, _), outcome) in valid.iter().zip(outcomes) {
+            match outcome {
+                ItemOutcome::Created(_) => tally.created += 1,
+                ItemOutcome::Updated(_) => tally.updated += 1,
+                ItemOutcome::Unchanged(_) => tally.unchanged += 1,
+                ItemOutcome::Skipped(_) => tally.skipped += 1,
+                ItemOutcome::Rejected(errors) => tally.fail(*line, errors, room),
+            }
+        }
+        // Last: the import's row is locked only for the commit (the parts' transactions
+        // take turns here), and only the lease holder's chunk commits.
+        sqlx::query(
+            "DELETE FROM contact_import_chunks
+              WHERE tenant_id = $1 AND import_id = $2 AND part = $3 AND seq = $4",
+        )
+        .bind(tenant_id)
+        .bind(id)
+        .bind(part)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await?;
+        let counted = sqlx::query(
+            "UPDATE contact_imports
+                SET rows_done = rows_done + $4, created = created + $5, updated = updated + $6,
+                    unchanged = unchanged + $7, skipped = skipped + $8, failed = failed + $9,
+                    errors = (SELECT coalesce(jsonb_agg(e ORDER BY n), '[]')
+                                FROM jsonb_array_elements(errors || $10) WITH ORDINALITY AS x (e, n)
+                               WHERE n <= $11),
+                    failures = 0, error = NULL,
+                    locked_until = now() + make_interval(secs => $12)
+              WHERE tenant_id = $1 AND id = $2 AND holder = $3 AND status = 'running'",
+        )
+        .bind(tenant_id)
+        .bind(id)
+        .bind(self.holder)
+        .bind(lines.len() as i64)
+        .bind(tally.created)
+        .bind(tally.updated)
+        .bind(tally.unchanged)
+        .bind(tally.skipped)
+        .bind(tally.failed)
+        .bind(Value::Array(tally.errors))
+        .bind(MAX_ERRORS as i64)
+        .bind(LEASE_SECS)
+        .execute(&mut *tx)
+        .await?;
+        if counted.rows_affected() == 0 {
+            // Cancelled, or taken over: nothing of this chunk stays.
+            tx.rollback().await?;
+            return Ok(Step::Lost);
+        }
+        tx.commit().await?;
+        metrics::counter!("contact_import_rows_applied_total").increment(lines.len() as u64);
+        Ok(Step::Applied(lines.len() as u64))
+    }
+
+    /// The chunk's rows with their lines: each an upsert or its errors.
+    #[allow(clippy::type_complexity)]
+    fn rows(
+        &self,
+        lines: &[i64],
+        body: &[u8],
+    ) -> Result<
+        Vec<(
+            i64,
+            Result<(String, crate::contacts::model::ContactInput), Vec<FieldError>>,
+        )>,
+        StoreError,
+    > {
+        let rows: Vec<_> = match self.format {
+            ImportFormat::Csv => {
+                let delimiter = self
+                    .import
+                    .delimiter
+                    .as_deref()
+                    .and_then(|d| d.bytes().next())
+                    .unwrap_or(b',');
+                let mut reader = csv::ReaderBuilder::new()
+                    .delimiter(delimiter)
+                    .has_headers(false)
+                    .flexible(true)
+                    .from_reader(body);
+                let mut out = Vec::with_capacity(lines.len());
+                let mut record = csv::StringRecord::new();
+                for line in lines {
+                    let read = reader
+                        .read_record(&mut record)
+                        .map_err(|e| anyhow::anyhow!("a stored chunk: {e}"))?;
+                    if !read {
+                        break;
+                    }
+                    out.push((*line, csv_row(self.columns, &record)));
+                }
+                out
+            }
+            ImportFormat::Ndjson => lines
+                .iter()
+                .copied()
+                .zip(body.split(|b| *b == b'\n'))
+                .map(|(line, text)| (line, ndjson_row(text)))
+                .collect(),
+        };
+        if rows.len() != lines.len() {
+            return Err(StoreError::Internal(anyhow::anyhow!(
+                "a stored chunk holds {} rows for {} lines",
+                rows.len(),
+                lines.len()
+            )));
+        }
+        Ok(rows)
+    }
+}
