@@ -423,10 +423,14 @@ pub async fn upsert_many(
         let mut new_rows = FieldArrays::default();
         let mut changed_rows = FieldArrays::default();
         for x in &wanted {
-            let p = &pending[x];
+            let Some(p) = pending.get_mut(x) else {
+                continue;
+            };
             match &p.stored {
-                None if p.created => new_rows.push(p.new_id, x, &p.current),
-                Some((id, stored)) if *stored != p.current => changed_rows.push(*id, x, &p.current),
+                None if p.created => new_rows.push(p.new_id, x, std::mem::take(&mut p.current)),
+                Some((id, stored)) if *stored != p.current => {
+                    changed_rows.push(*id, x, std::mem::take(&mut p.current));
+                }
                 _ => {}
             }
         }
@@ -500,20 +504,21 @@ struct FieldArrays {
 }
 
 impl FieldArrays {
-    fn push(&mut self, id: Uuid, external_id: &str, f: &ContactFields) {
+    /// Takes the row's fields (moved, not copied: a batch's rows are many).
+    fn push(&mut self, id: Uuid, external_id: &str, f: ContactFields) {
         self.ids.push(id);
         self.external_ids.push(external_id.to_owned());
-        self.email.push(f.email.clone());
-        self.phone.push(f.phone.clone());
-        self.viber_id.push(f.viber_id.clone());
-        self.first_name.push(f.first_name.clone());
-        self.last_name.push(f.last_name.clone());
-        self.locale.push(f.locale.clone());
-        self.country.push(f.country.clone());
-        self.timezone.push(f.timezone.clone());
+        self.email.push(f.email);
+        self.phone.push(f.phone);
+        self.viber_id.push(f.viber_id);
+        self.first_name.push(f.first_name);
+        self.last_name.push(f.last_name);
+        self.locale.push(f.locale);
+        self.country.push(f.country);
+        self.timezone.push(f.timezone);
         self.birthday.push(f.birthday);
         self.owner_agent_id.push(f.owner_agent_id);
-        self.attributes.push(f.attributes.clone());
+        self.attributes.push(f.attributes);
         self.consents
             .push(serde_json::to_value(&f.consents).unwrap_or_else(|_| json!({})));
     }
@@ -613,6 +618,10 @@ fn merge(
 ) -> StoreResult<ContactFields> {
     let country = changes.country.apply(current.country.clone());
     let phone = match &changes.phone {
+        // The stored number again (a nightly sync): it is E.164, valid when it was stored,
+        // and an E.164 number reads the same in any country. Parsing is the costly part of a
+        // contact write.
+        Patch::Value(raw) if current.phone.as_deref() == Some(raw.trim()) => current.phone.clone(),
         Patch::Value(raw) => {
             let region = country.as_deref().unwrap_or(&tenant.default_country);
             Some(

@@ -355,7 +355,7 @@ impl Job<'_> {
             let checked = row.and_then(|(external_id, input)| {
                 let external_id = validate::text(&external_id, 255)
                     .map_err(|m| vec![FieldError::new("external_id", m)])?;
-                let mut changes = input.validate("", &self.tenant.default_country)?;
+                let mut changes = input.into_changes("", &self.tenant.default_country)?;
                 changes.consent_source = Some(self.source.to_owned());
                 Ok((external_id, changes))
             });
