@@ -80,6 +80,25 @@ enum Claim {
     InProgress,
 }
 
+/// The request's `Idempotency-Key`, if it has one: 1 to 255 visible ASCII characters, else a
+/// 400.
+pub fn key_of(headers: &axum::http::HeaderMap) -> Result<Option<String>, ApiError> {
+    headers
+        .get(HEADER)
+        .map(|raw| {
+            raw.to_str()
+                .ok()
+                .filter(|k| (1..=255).contains(&k.len()))
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    ApiError::BadRequest(
+                        "Idempotency-Key must be 1 to 255 visible ASCII characters".to_owned(),
+                    )
+                })
+        })
+        .transpose()
+}
+
 /// Middleware: applies to POST requests carrying the header; others pass straight through.
 pub async fn idempotency(
     State(state): State<AppState>,
@@ -89,19 +108,9 @@ pub async fn idempotency(
     if request.method() != Method::POST {
         return Ok(next.run(request).await);
     }
-    let Some(raw_key) = request.headers().get(HEADER) else {
+    let Some(key) = key_of(request.headers())? else {
         return Ok(next.run(request).await);
     };
-    let key = raw_key
-        .to_str()
-        .ok()
-        .filter(|k| (1..=255).contains(&k.len()))
-        .ok_or_else(|| {
-            ApiError::BadRequest(
-                "Idempotency-Key must be 1 to 255 visible ASCII characters".to_owned(),
-            )
-        })?
-        .to_owned();
     let scope = request
         .extensions()
         .get::<TenantContext>()

@@ -134,20 +134,7 @@ pub fn options(params: ImportParams, headers: &HeaderMap) -> ApiResult<ImportOpt
         .filename
         .map(|f| crate::validate::text(&f, 255).map_err(|m| ApiError::field("filename", m)))
         .transpose()?;
-    let idempotency_key = match headers.get("idempotency-key") {
-        None => None,
-        Some(raw) => Some(
-            raw.to_str()
-                .ok()
-                .filter(|k| (1..=255).contains(&k.len()))
-                .ok_or_else(|| {
-                    ApiError::BadRequest(
-                        "Idempotency-Key must be 1 to 255 visible ASCII characters".to_owned(),
-                    )
-                })?
-                .to_owned(),
-        ),
-    };
+    let idempotency_key = crate::http::idempotency::key_of(headers)?;
     Ok(ImportOptions {
         format,
         mode: params.mode.unwrap_or(ImportMode::Upsert),
