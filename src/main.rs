@@ -514,7 +514,7 @@ async fn import_command(app: &App, command: ImportCommand) -> anyhow::Result<()>
     };
     reading.finish_and_clear();
     let view = async || {
-        import::fetch(pool, tenant_id, id)
+        import::store::fetch(pool, tenant_id, id)
             .await?
             .ok_or_else(|| anyhow::anyhow!("import {id} vanished"))
     };
@@ -533,7 +533,7 @@ async fn import_command(app: &App, command: ImportCommand) -> anyhow::Result<()>
             loop {
                 let now = view().await?;
                 writing.set_position(u64::try_from(now.processed).unwrap_or(0));
-                if !matches!(now.status.as_str(), "queued" | "running") {
+                if !now.status.is_pending() {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -543,7 +543,7 @@ async fn import_command(app: &App, command: ImportCommand) -> anyhow::Result<()>
     }
     let summary = view().await?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
-    if summary.status == "failed" {
+    if summary.status == import::ImportStatus::Failed {
         anyhow::bail!("the import failed: {}", summary.error.unwrap_or_default());
     }
     Ok(())

@@ -29,10 +29,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     tasks.spawn(jobs::run(state.clone(), shutdown.clone()));
     tasks.spawn(run_campaigns(state.clone(), shutdown.clone()));
     tasks.spawn(crate::inbound::imap::run(state.clone(), shutdown.clone()));
-    tasks.spawn(crate::contacts::import::apply::run(
-        state.clone(),
-        shutdown.clone(),
-    ));
+    tasks.spawn(run_imports(state.clone(), shutdown.clone()));
     let s = state.clone();
     tasks.spawn(repeat(
         "idempotency purge",
@@ -142,6 +139,28 @@ pub async fn repeat<F, Fut, E>(
             },
         }
     }
+}
+
+/// How often the contact imports' queue is looked at when no NOTIFY comes.
+const IMPORTS_POLL: Duration = Duration::from_secs(2);
+
+/// Writes contact imports (`contacts::import::apply`) until `shutdown`: at once when one is
+/// queued, else every two seconds.
+async fn run_imports(state: AppState, shutdown: CancellationToken) {
+    use crate::contacts::import::{NOTIFY_CHANNEL, apply};
+    let holder = uuid::Uuid::now_v7();
+    let listener = async {
+        let mut l = PgListener::connect_with(&state.pool).await?;
+        l.listen(NOTIFY_CHANNEL).await?;
+        Ok::<_, sqlx::Error>(l)
+    }
+    .await
+    .inspect_err(|e| tracing::warn!(error = %e, "cannot LISTEN for imports; polling only"))
+    .ok();
+    repeat("contact imports", shutdown, IMPORTS_POLL, listener, || {
+        apply::round(&state, holder)
+    })
+    .await;
 }
 
 /// How often the engine looks for new events and due journeys when it has nothing to do.

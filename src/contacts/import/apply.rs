@@ -9,17 +9,12 @@
 //! it rolls back: the counts are exact, nothing stays (rows of one external id in two chunks
 //! are each counted against the contacts as stored).
 
-use std::time::Duration;
-
 use serde_json::{Value, json};
-use sqlx::postgres::PgListener;
 use sqlx::{Acquire, PgPool};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{
-    Column, ImportFormat, ImportMode, MAX_ERRORS, NOTIFY_CHANNEL, PARTS, csv_row, ndjson_row,
-};
+use super::store::{self as imports, Claimed, Tally};
+use super::{Column, ImportFormat, MAX_ERRORS, PARTS, csv_row, ndjson_row};
 use crate::AppState;
 use crate::contacts::model::ContactChanges;
 use crate::contacts::store::{self, BatchItem, ItemOutcome};
@@ -33,50 +28,18 @@ const LEASE_SECS: f64 = 60.0;
 pub const SLICE: usize = 50;
 /// Failed attempts at one chunk (the database away, a lock timeout) before the import fails.
 const MAX_FAILURES: i32 = 5;
-/// How often the queue is looked at when no NOTIFY comes.
-const POLL: Duration = Duration::from_secs(2);
-
-/// An import a worker holds.
-#[derive(Debug, sqlx::FromRow)]
-struct Claimed {
-    tenant_id: TenantId,
-    id: Uuid,
-    filename: Option<String>,
-    format: String,
-    mode: String,
-    dry_run: bool,
-    columns: Option<Value>,
-    delimiter: Option<String>,
-}
-
-/// Runs imports until `shutdown`: at once when one is queued, else every two seconds.
-pub async fn run(state: AppState, shutdown: CancellationToken) {
-    let holder = Uuid::now_v7();
-    let listener = async {
-        let mut l = PgListener::connect_with(&state.pool).await?;
-        l.listen(NOTIFY_CHANNEL).await?;
-        Ok::<_, sqlx::Error>(l)
-    }
-    .await
-    .inspect_err(|e| tracing::warn!(error = %e, "cannot LISTEN for imports; polling only"))
-    .ok();
-    crate::worker::repeat("contact imports", shutdown, POLL, listener, || {
-        round(&state, holder)
-    })
-    .await;
-}
 
 /// Takes the import whose turn it is and writes up to [`SLICE`] of its chunks; whether there
 /// was one.
 pub async fn round(state: &AppState, holder: Uuid) -> Result<bool, StoreError> {
-    let swept = super::receive::sweep_abandoned(&state.pool).await?;
+    let swept = imports::sweep_abandoned(&state.pool).await?;
     if swept > 0 {
         tracing::warn!(
             uploads = swept,
             "deleted uploads whose process died before the file was in"
         );
     }
-    let Some(import) = claim(&state.pool, holder, None).await? else {
+    let Some(import) = imports::claim(&state.pool, holder, LEASE_SECS, None).await? else {
         return Ok(false);
     };
     if let Err(e) = slice(&state.pool, &import, holder, SLICE, &|_| {}).await {
@@ -95,7 +58,7 @@ pub async fn run_import(
     holder: Uuid,
     progress: impl Fn(u64) + Send + Sync,
 ) -> Result<bool, StoreError> {
-    let Some(import) = claim(pool, holder, Some((tenant, id))).await? else {
+    let Some(import) = imports::claim(pool, holder, LEASE_SECS, Some((tenant, id))).await? else {
         return Ok(false);
     };
     if let Err(e) = slice(pool, &import, holder, usize::MAX, &progress).await {
@@ -105,8 +68,8 @@ pub async fn run_import(
     Ok(true)
 }
 
-/// A chunk that could not be written: tried again after 5, 10, 20, 40 s by whichever worker
-/// claims it; failed (and its chunks dropped) at the fifth failure in a row.
+/// A chunk that could not be written: tried again after a backoff by whichever worker claims
+/// it; failed at the [`MAX_FAILURES`]th failure in a row.
 async fn record_failure(
     pool: &PgPool,
     import: &Claimed,
@@ -114,60 +77,10 @@ async fn record_failure(
     e: &StoreError,
 ) -> Result<(), sqlx::Error> {
     let message = crate::error::error_chain(e);
-    let failed: Option<bool> = sqlx::query_scalar(
-        "UPDATE contact_imports
-            SET failures = failures + 1, error = $4, holder = NULL,
-                locked_until = now() + make_interval(secs => 5 * power(2, failures)),
-                status = CASE WHEN failures + 1 >= $5 THEN 'failed' ELSE status END,
-                finished_at = CASE WHEN failures + 1 >= $5 THEN now() END
-          WHERE tenant_id = $1 AND id = $2 AND holder = $3
-      RETURNING status = 'failed'",
-    )
-    .bind(import.tenant_id)
-    .bind(import.id)
-    .bind(holder)
-    .bind(format!("writing a chunk failed: {message}"))
-    .bind(MAX_FAILURES)
-    .fetch_optional(pool)
-    .await?;
     tracing::warn!(import = %import.id, tenant = %import.tenant_id, error = %message, "an import chunk failed");
-    if failed == Some(true) {
-        sqlx::query("DELETE FROM contact_import_chunks WHERE tenant_id = $1 AND import_id = $2")
-            .bind(import.tenant_id)
-            .bind(import.id)
-            .execute(pool)
-            .await?;
-    }
+    let message = format!("writing a chunk failed: {message}");
+    imports::record_failure(pool, import, holder, &message, MAX_FAILURES).await?;
     Ok(())
-}
-
-/// The queued or running import that waited longest for its turn (or the one named), unless
-/// another worker holds it.
-async fn claim(
-    pool: &PgPool,
-    holder: Uuid,
-    only: Option<(TenantId, Uuid)>,
-) -> Result<Option<Claimed>, sqlx::Error> {
-    sqlx::query_as(
-        "UPDATE contact_imports i
-            SET holder = $1, locked_until = now() + make_interval(secs => $2),
-                status = 'running', started_at = coalesce(i.started_at, now())
-          WHERE (i.tenant_id, i.id) = (
-                SELECT tenant_id, id FROM contact_imports
-                 WHERE status IN ('queued', 'running')
-                   AND (locked_until IS NULL OR locked_until < now())
-                   AND ($3::uuid IS NULL OR (tenant_id = $3 AND id = $4))
-                 ORDER BY served_at NULLS FIRST, created_at
-                 LIMIT 1 FOR UPDATE SKIP LOCKED)
-         RETURNING i.tenant_id, i.id, i.filename, i.format, i.mode, i.dry_run, i.columns,
-                   i.delimiter",
-    )
-    .bind(holder)
-    .bind(LEASE_SECS)
-    .bind(only.map(|(t, _)| t))
-    .bind(only.map(|(_, id)| id))
-    .fetch_optional(pool)
-    .await
 }
 
 /// Writes up to `chunks` chunks of `import` (its parts at once, each on its own connection),
@@ -185,10 +98,7 @@ async fn slice(
             .await?
             .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("the tenant is gone")))?
     };
-    let format = ImportFormat::parse(&import.format)
-        .ok_or_else(|| anyhow::anyhow!("unknown import format `{}`", import.format))?;
-    let mode = ImportMode::parse(&import.mode)
-        .ok_or_else(|| anyhow::anyhow!("unknown import mode `{}`", import.mode))?;
+    let (format, mode) = (import.format, import.mode);
     let columns = match (&import.columns, format) {
         (Some(Value::Array(cols)), ImportFormat::Csv) => cols
             .iter()
@@ -245,31 +155,11 @@ async fn slice(
         }
     }
     if finished {
-        sqlx::query(
-            "UPDATE contact_imports
-                SET status = 'completed', finished_at = now(), holder = NULL,
-                    locked_until = NULL, failures = 0, error = NULL
-              WHERE tenant_id = $1 AND id = $2 AND holder = $3 AND status = 'running'
-                AND NOT EXISTS (SELECT 1 FROM contact_import_chunks
-                                 WHERE tenant_id = $1 AND import_id = $2)",
-        )
-        .bind(import.tenant_id)
-        .bind(import.id)
-        .bind(holder)
-        .execute(pool)
-        .await?;
-        return Ok(());
+        imports::complete(pool, import, holder).await?;
+    } else {
+        // The turn is over: back in the queue, behind imports that waited longer.
+        imports::release(pool, import, holder).await?;
     }
-    // The turn is over: back in the queue, behind imports that waited longer.
-    sqlx::query(
-        "UPDATE contact_imports SET holder = NULL, locked_until = NULL, served_at = now()
-          WHERE tenant_id = $1 AND id = $2 AND holder = $3",
-    )
-    .bind(import.tenant_id)
-    .bind(import.id)
-    .bind(holder)
-    .execute(pool)
-    .await?;
     Ok(())
 }
 
@@ -286,21 +176,10 @@ struct Job<'a> {
     import: &'a Claimed,
     tenant: &'a TenantContext,
     format: ImportFormat,
-    mode: ImportMode,
+    mode: super::ImportMode,
     columns: &'a [Option<Column>],
     source: &'a str,
     holder: Uuid,
-}
-
-/// What one chunk did, for the import's counters.
-#[derive(Default)]
-struct Tally {
-    created: i64,
-    updated: i64,
-    unchanged: i64,
-    skipped: i64,
-    failed: i64,
-    errors: Vec<Value>,
 }
 
 impl Tally {
@@ -320,31 +199,12 @@ impl Job<'_> {
     /// The chunk's row lock keeps a second holder (after a steal) off it until this one
     /// commits or rolls back; the counters' update, last, commits only under the lease.
     async fn chunk(&self, conn: &mut sqlx::PgConnection, part: i16) -> Result<Step, StoreError> {
-        let (tenant_id, id) = (self.import.tenant_id, self.import.id);
         let mut tx = conn.begin().await?;
-        let chunk: Option<(i32, Vec<i64>, Vec<u8>)> = sqlx::query_as(
-            "SELECT seq, lines, body FROM contact_import_chunks
-              WHERE tenant_id = $1 AND import_id = $2 AND part = $3
-              ORDER BY seq LIMIT 1 FOR UPDATE",
-        )
-        .bind(tenant_id)
-        .bind(id)
-        .bind(part)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((seq, lines, body)) = chunk else {
+        let Some((seq, lines, body)) = imports::next_chunk(&mut tx, self.import, part).await?
+        else {
             return Ok(Step::Finished);
         };
-        let listed: Option<i32> = sqlx::query_scalar(
-            "SELECT jsonb_array_length(errors) FROM contact_imports
-              WHERE tenant_id = $1 AND id = $2 AND holder = $3 AND status = 'running'",
-        )
-        .bind(tenant_id)
-        .bind(id)
-        .bind(self.holder)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(listed) = listed else {
+        let Some(listed) = imports::errors_listed(&mut tx, self.import, self.holder).await? else {
             return Ok(Step::Lost);
         };
         let room = MAX_ERRORS.saturating_sub(usize::try_from(listed).unwrap_or(0));
@@ -391,44 +251,19 @@ impl Job<'_> {
                 ItemOutcome::Rejected(errors) => tally.fail(*line, errors, room),
             }
         }
-        // Last: the import's row is locked only for the commit (the parts' transactions
-        // take turns here), and only the lease holder's chunk commits.
-        sqlx::query(
-            "DELETE FROM contact_import_chunks
-              WHERE tenant_id = $1 AND import_id = $2 AND part = $3 AND seq = $4",
+        tally.rows = lines.len() as i64;
+        let counted = imports::count_chunk(
+            &mut tx,
+            self.import,
+            self.holder,
+            part,
+            seq,
+            tally,
+            MAX_ERRORS,
+            LEASE_SECS,
         )
-        .bind(tenant_id)
-        .bind(id)
-        .bind(part)
-        .bind(seq)
-        .execute(&mut *tx)
         .await?;
-        let counted = sqlx::query(
-            "UPDATE contact_imports
-                SET rows_done = rows_done + $4, created = created + $5, updated = updated + $6,
-                    unchanged = unchanged + $7, skipped = skipped + $8, failed = failed + $9,
-                    errors = (SELECT coalesce(jsonb_agg(e ORDER BY n), '[]')
-                                FROM jsonb_array_elements(errors || $10) WITH ORDINALITY AS x (e, n)
-                               WHERE n <= $11),
-                    failures = 0, error = NULL,
-                    locked_until = now() + make_interval(secs => $12)
-              WHERE tenant_id = $1 AND id = $2 AND holder = $3 AND status = 'running'",
-        )
-        .bind(tenant_id)
-        .bind(id)
-        .bind(self.holder)
-        .bind(lines.len() as i64)
-        .bind(tally.created)
-        .bind(tally.updated)
-        .bind(tally.unchanged)
-        .bind(tally.skipped)
-        .bind(tally.failed)
-        .bind(Value::Array(tally.errors))
-        .bind(MAX_ERRORS as i64)
-        .bind(LEASE_SECS)
-        .execute(&mut *tx)
-        .await?;
-        if counted.rows_affected() == 0 {
+        if !counted {
             // Cancelled, or taken over: nothing of this chunk stays.
             tx.rollback().await?;
             return Ok(Step::Lost);

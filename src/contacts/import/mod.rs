@@ -13,6 +13,7 @@
 pub mod apply;
 pub mod receive;
 pub mod routes;
+pub mod store;
 
 use std::collections::BTreeMap;
 
@@ -23,7 +24,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::model::ContactInput;
-use crate::domain::{Channel, ConsentInput, ConsentStatus, Patch, Purpose, TenantId};
+use crate::domain::{Channel, ConsentInput, ConsentStatus, Patch, Purpose};
 use crate::validate::FieldError;
 
 /// Rows per stored chunk: one transaction of the worker.
@@ -51,8 +52,11 @@ pub const MAX_ERRORS: usize = 100;
 pub const NOTIFY_CHANNEL: &str = "rapport_imports";
 
 /// The import file's format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, sqlx::Type,
+)]
 #[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
 pub enum ImportFormat {
     Csv,
     Ndjson,
@@ -65,19 +69,14 @@ impl ImportFormat {
             ImportFormat::Ndjson => "ndjson",
         }
     }
-
-    pub fn parse(s: &str) -> Option<ImportFormat> {
-        match s {
-            "csv" => Some(ImportFormat::Csv),
-            "ndjson" => Some(ImportFormat::Ndjson),
-            _ => None,
-        }
-    }
 }
 
 /// Which rows may create and which may update contacts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, sqlx::Type,
+)]
 #[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum ImportMode {
     /// Create missing contacts, update existing ones (the default).
     Upsert,
@@ -96,21 +95,37 @@ impl ImportMode {
         }
     }
 
-    pub fn parse(s: &str) -> Option<ImportMode> {
-        match s {
-            "upsert" => Some(ImportMode::Upsert),
-            "create_only" => Some(ImportMode::CreateOnly),
-            "update_only" => Some(ImportMode::UpdateOnly),
-            _ => None,
-        }
-    }
-
     pub fn write_mode(self) -> super::store::WriteMode {
         match self {
             ImportMode::Upsert => super::store::WriteMode::Upsert,
             ImportMode::CreateOnly => super::store::WriteMode::CreateOnly,
             ImportMode::UpdateOnly => super::store::WriteMode::UpdateOnly,
         }
+    }
+}
+
+/// Where an import stands (an upload still coming in shows as `queued`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum ImportStatus {
+    /// The upload is still coming in (shown as `queued`).
+    #[serde(rename = "queued")]
+    Receiving,
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl ImportStatus {
+    /// Not finished: the workers still have its chunks.
+    pub fn is_pending(self) -> bool {
+        matches!(
+            self,
+            ImportStatus::Receiving | ImportStatus::Queued | ImportStatus::Running
+        )
     }
 }
 
@@ -480,14 +495,10 @@ pub struct ImportRowError {
 pub struct ContactImport {
     pub id: Uuid,
     pub filename: Option<String>,
-    #[schema(example = "csv")]
-    pub format: String,
-    #[schema(example = "upsert")]
-    pub mode: String,
+    pub format: ImportFormat,
+    pub mode: ImportMode,
     pub dry_run: bool,
-    /// `queued`, `running`, `completed`, `failed` or `cancelled`.
-    #[schema(example = "running")]
-    pub status: String,
+    pub status: ImportStatus,
     /// Rows in the file (blank lines not counted).
     pub rows: i64,
     /// Rows written so far (or, in a dry run, checked).
@@ -508,49 +519,9 @@ pub struct ContactImport {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-pub const VIEW: &str = "SELECT id, filename, format, mode, dry_run,
-            CASE status WHEN 'receiving' THEN 'queued' ELSE status END AS status,
-            rows_total AS rows, rows_done AS processed, created, updated, unchanged, skipped,
-            failed, errors, error, created_at, started_at, finished_at
-       FROM contact_imports";
-
-/// One import as the API shows it.
-pub async fn fetch(
-    pool: &sqlx::PgPool,
-    tenant: TenantId,
-    id: Uuid,
-) -> Result<Option<ContactImport>, sqlx::Error> {
-    let found: Option<ContactImport> =
-        sqlx::query_as(&format!("{VIEW} WHERE tenant_id = $1 AND id = $2"))
-            .bind(tenant)
-            .bind(id)
-            .fetch_optional(pool)
-            .await?;
-    Ok(found.map(ContactImport::by_line))
-}
-
-/// The tenant's imports, newest first, before the cursor.
-pub async fn list(
-    pool: &sqlx::PgPool,
-    tenant: TenantId,
-    before: Option<Uuid>,
-    limit: i64,
-) -> Result<Vec<ContactImport>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "{VIEW} WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id < $2)
-          ORDER BY id DESC LIMIT $3"
-    ))
-    .bind(tenant)
-    .bind(before)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
-    .map(|all: Vec<ContactImport>| all.into_iter().map(ContactImport::by_line).collect())
-}
-
 impl ContactImport {
     /// Failed rows in line order (the parts are written at once, so they are found out of it).
-    fn by_line(mut self) -> ContactImport {
+    pub(crate) fn by_line(mut self) -> ContactImport {
         self.errors.sort_by_key(|e| e.line);
         self
     }

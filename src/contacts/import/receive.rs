@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::{
-    CHUNK_ROWS, Column, Field, ImportFormat, ImportOptions, MAX_ROW_BYTES, NOTIFY_CHANNEL, PARTS,
-    guess_delimiter, part_of, resolve_columns,
+    CHUNK_ROWS, Column, Field, ImportFormat, ImportOptions, ImportStatus, MAX_ROW_BYTES, PARTS,
+    guess_delimiter, part_of, resolve_columns, store,
 };
 use crate::domain::{TenantContext, TenantId};
 use crate::validate::FieldError;
@@ -365,21 +365,7 @@ pub async fn receive<R: Read + Send + 'static>(
         }
     }
     let id = Uuid::now_v7();
-    let inserted = sqlx::query(
-        "INSERT INTO contact_imports (tenant_id, id, filename, format, mode, dry_run,
-                                      idempotency_key, status, locked_until)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'receiving', now() + make_interval(secs => $8))",
-    )
-    .bind(tenant.id)
-    .bind(id)
-    .bind(&opts.filename)
-    .bind(opts.format.as_str())
-    .bind(opts.mode.as_str())
-    .bind(opts.dry_run)
-    .bind(&opts.idempotency_key)
-    .bind(deadline_secs as f64)
-    .execute(pool)
-    .await;
+    let inserted = store::insert_receiving(pool, tenant.id, id, &opts, deadline_secs).await;
     if let Err(e) = inserted {
         // The same key from a concurrent request.
         if let (Some(key), Some(db)) = (&opts.idempotency_key, e.as_database_error()) {
@@ -405,18 +391,7 @@ pub async fn receive<R: Read + Send + 'static>(
         let mut seqs = [0i32; PARTS];
         while let Some(chunk) = incoming.recv().await {
             let seq = &mut seqs[chunk.part as usize % PARTS];
-            sqlx::query(
-                "INSERT INTO contact_import_chunks (tenant_id, import_id, part, seq, lines, body)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(tenant.id)
-            .bind(id)
-            .bind(chunk.part)
-            .bind(*seq)
-            .bind(&chunk.lines)
-            .bind(&chunk.body)
-            .execute(pool)
-            .await?;
+            store::insert_chunk(pool, tenant.id, id, *seq, &chunk).await?;
             *seq += 1;
         }
         parser
@@ -428,7 +403,7 @@ pub async fn receive<R: Read + Send + 'static>(
         Ok(found) => found,
         Err(e) => {
             cleanup.armed = false;
-            if let Err(d) = delete_unfinished(pool, tenant.id, id).await {
+            if let Err(d) = store::delete_unfinished(pool, tenant.id, id).await {
                 tracing::warn!(tenant = %tenant.id, import = %id, error = %d, "a refused upload stays until the workers sweep it");
             }
             return Err(e);
@@ -445,26 +420,8 @@ pub async fn receive<R: Read + Send + 'static>(
         )
     });
     let rows = i64::try_from(found.rows).unwrap_or(i64::MAX);
-    let mut tx = pool.begin().await?;
-    sqlx::query(
-        "UPDATE contact_imports
-            SET columns = $3, rows_total = $4, delimiter = $5, locked_until = NULL,
-                status = CASE WHEN $4 = 0 THEN 'completed' ELSE 'queued' END,
-                finished_at = CASE WHEN $4 = 0 THEN now() END
-          WHERE tenant_id = $1 AND id = $2",
-    )
-    .bind(tenant.id)
-    .bind(id)
-    .bind(columns)
-    .bind(rows)
-    .bind(found.delimiter.map(|d| char::from(d).to_string()))
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(NOTIFY_CHANNEL)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
+    let delimiter = found.delimiter.map(|d| char::from(d).to_string());
+    store::finish_receiving(pool, tenant.id, id, columns, rows, delimiter).await?;
     cleanup.armed = false;
     metrics::counter!("contact_import_rows_received_total").increment(found.rows);
     Ok(Ok(id))
@@ -487,33 +444,12 @@ impl Drop for Cleanup {
         let (pool, tenant, id) = (self.pool.clone(), self.tenant, self.id);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(e) = delete_unfinished(&pool, tenant, id).await {
+                if let Err(e) = store::delete_unfinished(&pool, tenant, id).await {
                     tracing::warn!(%tenant, import = %id, error = %e, "an abandoned upload stays until the workers sweep it");
                 }
             });
         }
     }
-}
-
-async fn delete_unfinished(pool: &PgPool, tenant: TenantId, id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "DELETE FROM contact_imports WHERE tenant_id = $1 AND id = $2 AND status = 'receiving'",
-    )
-    .bind(tenant)
-    .bind(id)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// Deletes uploads left `receiving` past their deadline by a process that died; how many.
-pub async fn sweep_abandoned(pool: &PgPool) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(
-        "DELETE FROM contact_imports WHERE status = 'receiving' AND locked_until < now()",
-    )
-    .execute(pool)
-    .await?
-    .rows_affected())
 }
 
 /// The answer for an `Idempotency-Key` already used: its import, or 409 while its upload is
@@ -523,15 +459,9 @@ async fn by_key(
     tenant: &TenantContext,
     key: &str,
 ) -> Result<Option<Result<Result<Uuid, Uuid>, ReceiveError>>, sqlx::Error> {
-    let found: Option<(Uuid, String)> = sqlx::query_as(
-        "SELECT id, status FROM contact_imports WHERE tenant_id = $1 AND idempotency_key = $2",
-    )
-    .bind(tenant.id)
-    .bind(key)
-    .fetch_optional(pool)
-    .await?;
+    let found = store::by_key(pool, tenant.id, key).await?;
     Ok(found.map(|(id, status)| {
-        if status == "receiving" {
+        if status == ImportStatus::Receiving {
             Err(ReceiveError::InProgress)
         } else {
             Ok(Err(id))

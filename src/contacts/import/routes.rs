@@ -64,7 +64,7 @@ pub struct ImportParams {
 }
 
 async fn load(pool: &sqlx::PgPool, tenant: TenantId, id: Uuid) -> ApiResult<ContactImport> {
-    super::fetch(pool, tenant, id)
+    super::store::fetch(pool, tenant, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no import with id {id}")))
 }
@@ -272,23 +272,7 @@ async fn cancel_import(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<ContactImport>> {
-    // First the status, committed: a chunk being written sees it at its end and rolls back.
-    let cancelled = sqlx::query(
-        "UPDATE contact_imports
-            SET status = 'cancelled', finished_at = now(), holder = NULL, locked_until = NULL
-          WHERE tenant_id = $1 AND id = $2 AND status IN ('queued', 'running')",
-    )
-    .bind(tenant.id)
-    .bind(id)
-    .execute(&state.pool)
-    .await?;
-    if cancelled.rows_affected() == 1 {
-        sqlx::query("DELETE FROM contact_import_chunks WHERE tenant_id = $1 AND import_id = $2")
-            .bind(tenant.id)
-            .bind(id)
-            .execute(&state.pool)
-            .await?;
-    }
+    super::store::cancel(&state.pool, tenant.id, id).await?;
     Ok(Json(load(&state.pool, tenant.id, id).await?))
 }
 
@@ -320,6 +304,6 @@ async fn list_imports(
     };
     let limit = page.limit()?;
     let before = page.cursor.as_deref().map(decode_id_cursor).transpose()?;
-    let rows = super::list(&state.pool, tenant.id, before, limit + 1).await?;
+    let rows = super::store::list(&state.pool, tenant.id, before, limit + 1).await?;
     Ok(Json(paginate(rows, limit, |i| encode_id_cursor(i.id))))
 }
