@@ -154,10 +154,11 @@ async fn slice(
             Step::Finished => {}
         }
     }
-    if finished {
-        imports::complete(pool, import, holder).await?;
-    } else {
-        // The turn is over: back in the queue, behind imports that waited longer.
+    // A part can look empty while a chunk is left: its first chunk was locked by a worker
+    // that died holding it, and `SELECT .. ORDER BY seq LIMIT 1 FOR UPDATE` returns no row
+    // when the row it waited for is gone by then. Not completed then: back in the queue,
+    // where the next round takes it up again (as after any turn).
+    if !(finished && imports::complete(pool, import, holder).await?) {
         imports::release(pool, import, holder).await?;
     }
     Ok(())

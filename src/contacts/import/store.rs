@@ -253,9 +253,9 @@ pub async fn delete_chunks(pool: &PgPool, tenant: TenantId, id: Uuid) -> Result<
     Ok(())
 }
 
-/// Completes the import if `holder` holds it and no chunk is left.
-pub async fn complete(pool: &PgPool, import: &Claimed, holder: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query(
+/// Completes the import if `holder` holds it and no chunk is left; whether it did.
+pub async fn complete(pool: &PgPool, import: &Claimed, holder: Uuid) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
         "UPDATE contact_imports
             SET status = 'completed', finished_at = now(), holder = NULL,
                 locked_until = NULL, failures = 0, error = NULL
@@ -268,7 +268,7 @@ pub async fn complete(pool: &PgPool, import: &Claimed, holder: Uuid) -> Result<(
     .bind(holder)
     .execute(pool)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 /// Gives the import back to the queue, behind those that waited longer.
