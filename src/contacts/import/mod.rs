@@ -465,12 +465,13 @@ pub fn csv_row(
 }
 
 /// One NDJSON line as an upsert: an object as `PUT /v1/contacts/{id}` takes it, with its
-/// `external_id`; a line of the export (with `id`, `stats`, `created_at`, `updated_at`) too.
+/// `external_id`; a line of the export (with `id`, `stats`, `last_event_at`, `created_at`,
+/// `updated_at`, which are left out) too.
 pub fn ndjson_row(line: &[u8]) -> Result<(String, ContactInput), Vec<FieldError>> {
     let invalid = |m: String| vec![FieldError::new("row", m)];
     let mut object: Map<String, Value> =
         serde_json::from_slice(line).map_err(|e| invalid(format!("not a JSON object: {e}")))?;
-    for key in ["id", "stats", "created_at", "updated_at"] {
+    for key in ["id", "stats", "last_event_at", "created_at", "updated_at"] {
         object.remove(key);
     }
     let input: ContactInput = serde_path_to_error::deserialize(Value::Object(object))
