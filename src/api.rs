@@ -42,6 +42,8 @@ use crate::tenancy::{require_admin, require_tenant};
         (name = "support", description = "Agents and tickets: the support desk"),
         (name = "csat", description = "Satisfaction ratings and the public survey page"),
         (name = "campaigns", description = "Rules written once: triggers, steps, journeys and their stats"),
+        (name = "segments", description = "Named conditions over the contact: count and members"),
+        (name = "broadcasts", description = "One message to every member of a segment, paced and exactly once"),
         (name = "reports", description = "CSAT and support KPIs, computed in SQL"),
         (name = "telephony", description = "Calls from Aircall, matched to contacts and on the timeline"),
         (name = "webhooks", description = "Delivery receipts from providers (signed)"),
@@ -113,6 +115,8 @@ fn groups() -> Groups {
             .merge(crate::csat::routes::router())
             .merge(crate::reports::routes::router())
             .merge(crate::campaigns::routes::router())
+            .merge(crate::segments::routes::router())
+            .merge(crate::broadcasts::routes::router())
             .merge(crate::telephony::routes::router())
             .merge(crate::inbound::routes::router())
             .merge(crate::contacts::import::routes::router()),

@@ -5,6 +5,7 @@
 //! their shutdown token is cancelled.
 
 pub mod api;
+pub mod broadcasts;
 pub mod campaigns;
 pub mod channels;
 pub mod clock;
@@ -25,6 +26,7 @@ pub mod ingest;
 pub mod jobs;
 pub mod messages;
 pub mod reports;
+pub mod segments;
 pub mod signing;
 pub mod support;
 pub mod telemetry;

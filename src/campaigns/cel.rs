@@ -212,10 +212,35 @@ pub fn contact(serialized: &Value) -> Cel {
         return Cel::Null;
     };
     let entries = fields.iter().map(|(k, v)| {
-        let value = if k == "stats" { stats(v) } else { json(v) };
+        let value = match k.as_str() {
+            "stats" => stats(v),
+            "last_event_at" => last_event_at(v),
+            _ => json(v),
+        };
         (k.as_str(), value)
     });
     object(entries)
+}
+
+/// When the contact's last event of each type happened, as timestamps (under the type and
+/// with underscores, like `stats`): `now - contact.last_event_at.purchase_completed >
+/// duration('720h')` is "no purchase in 30 days".
+fn last_event_at(times: &Value) -> Cel {
+    let mut map: HashMap<Key, Cel> = HashMap::new();
+    if let Value::Object(times) = times {
+        for (kind, at) in times {
+            let Some(at) = at
+                .as_str()
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            else {
+                continue;
+            };
+            let at = Cel::Timestamp(at);
+            map.insert(Key::String(Arc::new(kind.replace('.', "_"))), at.clone());
+            map.insert(Key::String(Arc::new(kind.clone())), at);
+        }
+    }
+    Cel::Map(CelMap { map: Arc::new(map) })
 }
 
 fn stats(counts: &Value) -> Cel {
@@ -272,6 +297,14 @@ impl Facts {
         Facts { ctx }
     }
 
+    /// A contact alone, for segment conditions (which see `contact` and `now`).
+    pub fn of_contact(contact: &Cel, now: DateTime<Utc>) -> Facts {
+        let mut ctx = Context::with_env(env());
+        ctx.add_variable_from_value("contact", contact.clone());
+        ctx.add_variable_from_value("now", Cel::Timestamp(now.fixed_offset()));
+        Facts { ctx }
+    }
+
     /// Whether `condition` holds for these facts (see [`holds`]).
     pub fn holds(&self, condition: &Condition) -> bool {
         match condition.program().execute(&self.ctx) {
@@ -296,7 +329,8 @@ pub fn dry_run(condition: &Condition) -> Result<(), String> {
         "id": "00000000-0000-0000-0000-000000000000", "external_id": null, "email": null,
         "phone": null, "viber_id": null, "first_name": null, "last_name": null, "locale": null,
         "country": null, "timezone": null, "birthday": null, "owner_agent_id": null,
-        "attributes": {}, "consents": {}, "stats": {}, "created_at": null, "updated_at": null
+        "attributes": {}, "consents": {}, "stats": {}, "last_event_at": {}, "created_at": null,
+        "updated_at": null
     }));
     let event = event("sample", &serde_json::json!({}), Utc::now(), 1, "api");
     match condition
@@ -305,6 +339,24 @@ pub fn dry_run(condition: &Condition) -> Result<(), String> {
     {
         Err(ExecutionError::UndeclaredReference(name)) => Err(format!(
             "unknown name `{name}`: conditions see `contact`, `event` and `now`"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a compiled condition that names anything but `contact` and `now` (a segment's:
+/// there is no event).
+pub fn check_contact_only(condition: &Condition) -> Result<(), String> {
+    let contact = contact(
+        &serde_json::json!({"attributes": {}, "consents": {}, "stats": {},
+        "last_event_at": {}}),
+    );
+    match condition
+        .program()
+        .execute(&Facts::of_contact(&contact, Utc::now()).ctx)
+    {
+        Err(ExecutionError::UndeclaredReference(name)) => Err(format!(
+            "unknown name `{name}`: segment conditions see `contact` and `now`"
         )),
         _ => Ok(()),
     }

@@ -8,12 +8,15 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 
 use super::SendError;
 
-/// A provider's error answer: 429, 5xx and 408 are worth retrying; other 4xx are not.
+/// A provider's error answer: 429 slows the channel down, 5xx and 408 are worth retrying;
+/// other 4xx are not.
 pub fn classify(status: StatusCode, headers: &HeaderMap, reason: String) -> SendError {
-    if status == StatusCode::TOO_MANY_REQUESTS
-        || status == StatusCode::REQUEST_TIMEOUT
-        || status.is_server_error()
-    {
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        SendError::Throttled {
+            reason,
+            retry_after: retry_after(headers),
+        }
+    } else if status == StatusCode::REQUEST_TIMEOUT || status.is_server_error() {
         SendError::Transient {
             reason,
             retry_after: retry_after(headers),

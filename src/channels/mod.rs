@@ -62,6 +62,13 @@ pub enum SendError {
     /// Retrying cannot help: an invalid number, a rejected request.
     #[error("{reason}")]
     Permanent { reason: String },
+    /// The provider asked us to slow down (429): the channel waits, and the message is tried
+    /// again without spending one of its attempts.
+    #[error("{reason}")]
+    Throttled {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 /// A message provider.

@@ -125,6 +125,7 @@ async fn delete_channel(
 ) -> ApiResult<StatusCode> {
     let channel = channel(&name)?;
     let mut conn = state.pool.acquire().await?;
+    super::store::set_pacing(&mut conn, tenant.id, channel, None).await?;
     if super::store::delete(&mut conn, tenant.id, channel).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {

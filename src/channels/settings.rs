@@ -181,6 +181,19 @@ fn associated(tenant: TenantId, channel: Channel) -> Vec<u8> {
     format!("{tenant}/{}", channel.as_str()).into_bytes()
 }
 
+/// The highest `settings.max_per_second` a channel takes.
+pub const MAX_RATE: f64 = 100_000.0;
+
+/// `settings.max_per_second`, every provider's setting: the most messages a second the
+/// channel sends for the tenant, across all worker processes (a Twilio long code takes 1, a
+/// short code 100). None when absent or not a number in (0, [`MAX_RATE`]].
+pub fn max_per_second(settings: &Map<String, Value>) -> Option<f64> {
+    settings
+        .get("max_per_second")
+        .and_then(Value::as_f64)
+        .filter(|r| *r > 0.0 && *r <= MAX_RATE)
+}
+
 /// Checks the input against the provider's spec; all errors at once.
 pub fn validate(
     channel: Channel,
@@ -211,6 +224,15 @@ pub fn validate(
     }
     for (key, value) in &input.settings {
         let inbound = channel == Channel::Email && EMAIL_INBOUND_SETTINGS.contains(&key.as_str());
+        if key == "max_per_second" {
+            if max_per_second(&input.settings).is_none() {
+                errors.add(
+                    "settings.max_per_second",
+                    format!("must be a number of messages a second above 0, at most {MAX_RATE}"),
+                );
+            }
+            continue;
+        }
         if !spec.required.contains(&key.as_str())
             && !spec.optional.contains(&key.as_str())
             && !inbound
@@ -391,6 +413,7 @@ pub async fn put(
         &names,
     )
     .await?;
+    store::set_pacing(conn, tenant, channel, max_per_second(&input.settings)).await?;
     Ok(ChannelConfig {
         channel,
         provider: input.provider.clone(),

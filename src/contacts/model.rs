@@ -41,6 +41,10 @@ pub struct Contact {
     /// How many events of each type the contact has: `{"purchase.completed": 2}`.
     #[schema(value_type = Object, example = json!({"purchase.completed": 2}))]
     pub stats: Value,
+    /// When the contact's latest event of each type happened:
+    /// `{"purchase.completed": "2026-11-30T09:12:00Z"}`.
+    #[schema(value_type = Object, example = json!({"purchase.completed": "2026-11-30T09:12:00Z"}))]
+    pub last_event_at: Value,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

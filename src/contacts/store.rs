@@ -23,6 +23,10 @@ pub const CONTACT_COLUMNS: &str = "c.id, c.external_id, c.email, c.phone, c.vibe
     (SELECT coalesce(jsonb_object_agg(s.event_type, s.count), '{}'::jsonb)
        FROM contact_event_counts s
       WHERE s.tenant_id = c.tenant_id AND s.contact_id = c.id) AS stats,
+    (SELECT coalesce(jsonb_object_agg(s.event_type, s.last_at)
+                       FILTER (WHERE s.last_at IS NOT NULL), '{}'::jsonb)
+       FROM contact_event_counts s
+      WHERE s.tenant_id = c.tenant_id AND s.contact_id = c.id) AS last_event_at,
     c.created_at, c.updated_at";
 
 const FIELD_COLUMNS: &str = "email, phone, viber_id, first_name, last_name, locale, country,
@@ -60,6 +64,39 @@ pub async fn get_many(
         .bind(ids)
         .fetch_all(conn)
         .await?)
+}
+
+/// Up to `limit` live contacts after `after` in id order: one page of a walk over every
+/// contact of the tenant (segments, broadcasts). Each page is its own statement: no lock or
+/// snapshot is held between pages.
+pub async fn scan_page(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    after: Option<Uuid>,
+    limit: i64,
+) -> StoreResult<Vec<Contact>> {
+    let sql = format!(
+        "SELECT {CONTACT_COLUMNS} FROM contacts c
+         WHERE c.tenant_id = $1 AND ($2::uuid IS NULL OR c.id > $2) AND c.erased_at IS NULL
+         ORDER BY c.id LIMIT $3"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?)
+}
+
+/// The time zones the tenant's live contacts name (contacts without one follow the tenant's).
+pub async fn time_zones(conn: &mut PgConnection, tenant: TenantId) -> StoreResult<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT DISTINCT timezone FROM contacts
+         WHERE tenant_id = $1 AND timezone IS NOT NULL AND erased_at IS NULL",
+    )
+    .bind(tenant)
+    .fetch_all(conn)
+    .await?)
 }
 
 /// Filters of a contact list, already normalised.

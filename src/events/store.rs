@@ -220,8 +220,9 @@ impl<'a> Columns<'a> {
     }
 
     /// The position of each event among the events of its contact and type in this slice,
-    /// and how many there are: the statement turns them into exact ordinals.
-    fn numbering(&self) -> (Vec<i64>, Vec<i64>) {
+    /// how many there are (the statement turns them into exact ordinals), and when the latest
+    /// of them happened (now for those that happen now), for the counter's `last_at`.
+    fn numbering(&self) -> (Vec<i64>, Vec<i64>, Vec<DateTime<Utc>>) {
         // Every caller names all the contacts of a statement one way (by id, or by external id
         // in `append_known`), so equal keys are equal contacts.
         let key = |i: usize| {
@@ -234,22 +235,27 @@ impl<'a> Columns<'a> {
         };
         // One look-up per row: each distinct key gets a slot, counted as its rows go by, and
         // the totals are read back by slot.
+        let now = Utc::now();
         let mut slots = HashMap::with_capacity(self.id.len());
         let mut counts: Vec<i64> = Vec::with_capacity(self.id.len());
+        let mut latest: Vec<DateTime<Utc>> = Vec::with_capacity(self.id.len());
         let mut slot_of = Vec::with_capacity(self.id.len());
         let position: Vec<i64> = (0..self.id.len())
             .map(|i| {
                 let slot = *slots.entry(key(i)).or_insert_with(|| {
                     counts.push(0);
+                    latest.push(DateTime::<Utc>::MIN_UTC);
                     counts.len() - 1
                 });
                 slot_of.push(slot);
                 counts[slot] += 1;
+                latest[slot] = latest[slot].max(self.occurred_at[i].unwrap_or(now));
                 counts[slot]
             })
             .collect();
         let total = slot_of.iter().map(|&s| counts[s]).collect();
-        (position, total)
+        let last = slot_of.iter().map(|&s| latest[s]).collect();
+        (position, total, last)
     }
 
     /// The one statement that appends events: (id, contact, ordinal) of each appended, in
@@ -268,24 +274,28 @@ impl<'a> Columns<'a> {
         if self.id.is_empty() {
             return Ok(Vec::new());
         }
-        let (position, total) = self.numbering();
+        let (position, total, last) = self.numbering();
         let appended: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
             "WITH input AS (
                 SELECT u.t, u.id, coalesce(u.c, (SELECT ct.id FROM contacts ct
                                                  WHERE ct.tenant_id = u.t
                                                    AND ct.external_id = u.x)) AS c,
-                       u.k, u.at, u.p, u.src, u.ik, u.st, u.sid, u.rn, u.total, u.n
+                       u.k, u.at, u.p, u.src, u.ik, u.st, u.sid, u.rn, u.total, u.last, u.n
                 FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
                             $6::timestamptz[], $7::jsonb[], $8::text[], $9::text[],
-                            $10::text[], $11::uuid[], $12::int8[], $13::int8[])
-                     WITH ORDINALITY AS u(t, id, c, x, k, at, p, src, ik, st, sid, rn, total, n)
+                            $10::text[], $11::uuid[], $12::int8[], $13::int8[],
+                            $14::timestamptz[])
+                     WITH ORDINALITY AS u(t, id, c, x, k, at, p, src, ik, st, sid, rn, total,
+                                          last, n)
              ), counters AS (
-                INSERT INTO contact_event_counts AS cc (tenant_id, contact_id, event_type, count)
-                SELECT t, c, k, total FROM input
+                INSERT INTO contact_event_counts AS cc
+                    (tenant_id, contact_id, event_type, count, last_at)
+                SELECT t, c, k, total, last FROM input
                 WHERE rn = 1 AND NOT EXISTS (SELECT 1 FROM input missing WHERE missing.c IS NULL)
                 ORDER BY t, c, k
                 ON CONFLICT (tenant_id, contact_id, event_type)
-                DO UPDATE SET count = cc.count + excluded.count
+                DO UPDATE SET count = cc.count + excluded.count,
+                              last_at = greatest(cc.last_at, excluded.last_at)
                 RETURNING tenant_id, contact_id, event_type, count
              ), appended AS (
                 INSERT INTO events (tenant_id, id, contact_id, type, occurred_at, properties,
@@ -322,6 +332,7 @@ impl<'a> Columns<'a> {
         .bind(&self.subject_id)
         .bind(&position)
         .bind(&total)
+        .bind(&last)
         .fetch_all(conn)
         .await?;
         Ok(in_input_order(&self.id, appended))
@@ -337,16 +348,19 @@ impl<'a> Columns<'a> {
             return Ok(0);
         }
         debug_assert!(self.contact.iter().all(Option::is_some));
-        let (position, total) = self.numbering();
+        let (position, total, last) = self.numbering();
         let done: i64 = sqlx::query_scalar(
             "WITH counters AS (
-                INSERT INTO contact_event_counts AS cc (tenant_id, contact_id, event_type, count)
-                SELECT t, c, k, total
-                FROM unnest($1::uuid[], $3::uuid[], $4::text[], $10::int8[], $11::int8[])
-                     AS u(t, c, k, rn, total)
+                INSERT INTO contact_event_counts AS cc
+                    (tenant_id, contact_id, event_type, count, last_at)
+                SELECT t, c, k, total, last
+                FROM unnest($1::uuid[], $3::uuid[], $4::text[], $10::int8[], $11::int8[],
+                            $12::timestamptz[])
+                     AS u(t, c, k, rn, total, last)
                 WHERE rn = 1 ORDER BY t, c, k
                 ON CONFLICT (tenant_id, contact_id, event_type)
-                DO UPDATE SET count = cc.count + excluded.count
+                DO UPDATE SET count = cc.count + excluded.count,
+                              last_at = greatest(cc.last_at, excluded.last_at)
                 RETURNING tenant_id, contact_id, event_type, count
              ), appended AS (
                 INSERT INTO events (tenant_id, id, contact_id, type, occurred_at, properties,
@@ -383,6 +397,7 @@ impl<'a> Columns<'a> {
         .bind(&self.subject_id)
         .bind(&position)
         .bind(&total)
+        .bind(&last)
         .fetch_one(conn)
         .await?;
         Ok(done as u64)
@@ -630,7 +645,7 @@ mod tests {
                 subject: None,
             });
         }
-        let (position, total) = columns.numbering();
+        let (position, total, _) = columns.numbering();
         assert_eq!(position, vec![1, 1, 2, 1, 3, 1]);
         assert_eq!(total, vec![3, 1, 3, 1, 3, 1]);
     }

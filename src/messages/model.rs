@@ -103,7 +103,7 @@ pub struct NewMessage {
 #[serde(deny_unknown_fields)]
 pub struct MessageFilter {
     pub contact_id: Option<Uuid>,
-    /// `queued`, `sending`, `sent`, `delivered`, `failed` or `suppressed`.
+    /// `queued`, `sending`, `sent`, `delivered`, `failed`, `suppressed` or `paused`.
     pub status: Option<String>,
     /// Items per page, 1 to 500 (default 50).
     #[param(minimum = 1, maximum = 500)]
@@ -129,16 +129,19 @@ pub enum MessageStatus {
     Failed,
     /// Never sent: no consent, no address, a frequency cap...; `status_reason` says which.
     Suppressed,
+    /// Held with its broadcast (`POST /v1/broadcasts/{id}/pause`); queued again on resume.
+    Paused,
 }
 
 /// Every status a message can have, as the API writes them.
-pub const STATUSES: [&str; 6] = [
+pub const STATUSES: [&str; 7] = [
     "queued",
     "sending",
     "sent",
     "delivered",
     "failed",
     "suppressed",
+    "paused",
 ];
 
 /// What to send: the domain's request, used by the API, tickets and campaigns alike.

@@ -297,18 +297,7 @@ async fn plan(
     let template = templates::get(conn, tenant.id, c.template_key)
         .await?
         .ok_or_else(|| EnqueueError::UnknownTemplate(c.template_key.to_owned()))?;
-    let purpose = template.purpose;
-    let preference: Vec<Channel> = if c.channels.is_empty() {
-        [Channel::Email, Channel::Sms, Channel::Viber]
-            .into_iter()
-            .filter(|ch| template.variants.has(*ch))
-            .collect()
-    } else {
-        c.channels.to_vec()
-    };
-    if preference.is_empty() {
-        return Err(EnqueueError::NoVariant);
-    }
+    let preference = preference(&template, c.channels)?;
     let viber = if preference.contains(&Channel::Viber) {
         viber_address(conn, tenant.id).await?
     } else {
@@ -318,17 +307,67 @@ async fn plan(
         (Some(email), true) => email_suppressed(conn, tenant.id, email).await?,
         _ => false,
     };
+    let tenant_row = tenants::get(conn, tenant.id.0)
+        .await?
+        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("tenant {} is missing", tenant.id)))?;
+    let shared = Shared {
+        tenant,
+        template: &template,
+        purpose: template.purpose,
+        preference: &preference,
+        viber,
+        tenant_row: &tenant_row,
+        opts,
+    };
+    Ok(decide(&shared, c, &contact, bounced, id))
+}
+
+/// The channels to try, in order: the caller's, else every channel the template has.
+fn preference(
+    template: &crate::templates::model::Template,
+    asked: &[Channel],
+) -> Result<Vec<Channel>, EnqueueError> {
+    let preference: Vec<Channel> = if asked.is_empty() {
+        [Channel::Email, Channel::Sms, Channel::Viber]
+            .into_iter()
+            .filter(|ch| template.variants.has(*ch))
+            .collect()
+    } else {
+        asked.to_vec()
+    };
+    if preference.is_empty() {
+        return Err(EnqueueError::NoVariant);
+    }
+    Ok(preference)
+}
+
+/// What [`decide`] needs besides the contact: read once for many contacts.
+struct Shared<'a> {
+    tenant: &'a TenantContext,
+    template: &'a crate::templates::model::Template,
+    purpose: Purpose,
+    preference: &'a [Channel],
+    viber: ViberAddress,
+    tenant_row: &'a crate::tenants::model::Tenant,
+    opts: &'a SendOptions,
+}
+
+/// Decides a message for one contact: the first channel of the preference the contact can be
+/// reached on and has consented to (or why none), and the template's variant in the best
+/// locale. Pure: every read was made before.
+fn decide(s: &Shared<'_>, c: &Compose<'_>, contact: &Contact, bounced: bool, id: Uuid) -> Planned {
+    let (template, purpose, viber) = (s.template, s.purpose, s.viber);
     let mut refusals = Vec::new();
     let mut chosen = None;
-    for channel in &preference {
+    for channel in s.preference {
         let refusal = if !template.variants.has(*channel) {
             Some("no_variant")
-        } else if address(&contact, *channel, viber).is_none() {
+        } else if address(contact, *channel, viber).is_none() {
             Some("no_address")
         } else if *channel == Channel::Email && bounced {
             Some("bounced")
         } else {
-            consent_refusal(&contact, *channel, purpose)
+            consent_refusal(contact, *channel, purpose)
         };
         match refusal {
             None => {
@@ -340,42 +379,39 @@ async fn plan(
     }
     let planned = |channel: Channel, decision: Decision| Planned {
         id,
-        tenant: tenant.id,
+        tenant: s.tenant.id,
         contact_id: contact.id,
         channel,
         purpose,
         template_key: c.template_key.to_owned(),
-        recipient: address(&contact, channel, viber).map(str::to_owned),
+        recipient: address(contact, channel, viber).map(str::to_owned),
         journey: c.journey,
         ticket: c.ticket,
-        max_attempts: opts.max_attempts,
+        max_attempts: s.opts.max_attempts,
         decision,
     };
     let channel = match (c.suppress, chosen) {
         (None, Some(channel)) => channel,
         (forced, chosen) => {
-            let channel = chosen.unwrap_or(preference[0]);
+            let channel = chosen.unwrap_or(s.preference[0]);
             let reason = match forced {
                 Some(reason) => reason.to_owned(),
-                None if preference.len() == 1 => refusals[0]
+                None if s.preference.len() == 1 => refusals[0]
                     .split(": ")
                     .nth(1)
                     .unwrap_or("suppressed")
                     .to_owned(),
                 None => refusals.join("; "),
             };
-            return Ok(planned(channel, Decision::Suppress(reason)));
+            return planned(channel, Decision::Suppress(reason));
         }
     };
-    let tenant_row = tenants::get(conn, tenant.id.0)
-        .await?
-        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("tenant {} is missing", tenant.id)))?;
     let available = template.variants.locales(channel);
     let wanted: Vec<&str> = contact
         .locale
         .as_deref()
         .into_iter()
-        .chain([tenant.default_locale.as_str(), "en"])
+        .chain([s.tenant.default_locale.as_str(), "en"])
         .collect();
     let Some(locale) = render::pick_locale(&available, &wanted) else {
         let reason = format!(
@@ -383,21 +419,372 @@ async fn plan(
             channel.as_str(),
             wanted.join(" or ")
         );
-        return Ok(planned(channel, Decision::Suppress(reason)));
+        return planned(channel, Decision::Suppress(reason));
     };
-    let mut context = render::context(Some(&contact), &tenant_row, c.event.as_ref(), &c.vars);
+    let mut context = render::context(Some(contact), s.tenant_row, c.event.as_ref(), &c.vars);
     if purpose == Purpose::Marketing {
-        let links = super::links::Links::new(&opts.signer, &opts.public_url, tenant.id, id);
+        let links = super::links::Links::new(&s.opts.signer, &s.opts.public_url, s.tenant.id, id);
         context["unsubscribe_url"] = json!(links.unsubscribe());
     }
-    Ok(planned(
+    planned(
         channel,
         Decision::Send(Deferred {
             variants: template.variants.only(channel, locale),
             locale: locale.to_owned(),
             context,
         }),
-    ))
+    )
+}
+
+/// A broadcast's message, as the same for every member.
+pub struct BroadcastSend<'a> {
+    pub broadcast_id: Uuid,
+    pub template_key: &'a str,
+    /// Ordered preference; empty means every channel the template has.
+    pub channels: &'a [Channel],
+    /// Marketing makes a transactional template's message marketing (consent, unsubscribe
+    /// link); None keeps the template's purpose.
+    pub purpose: Option<Purpose>,
+    pub vars: Value,
+}
+
+/// One member of a broadcast's page, decided by the broadcast: when its message may go, or
+/// why it must not (a frequency cap, an open ticket).
+pub struct Member<'a> {
+    pub contact: &'a Contact,
+    pub suppress: Option<&'a str>,
+    pub send_at: DateTime<Utc>,
+}
+
+/// What became of a member's message.
+#[derive(Debug, Clone)]
+pub struct MemberOutcome {
+    pub contact_id: Uuid,
+    pub message_id: Uuid,
+    /// Queued (to go at the member's `send_at`); else suppressed with the reason.
+    pub suppressed: Option<String>,
+    pub purpose: Purpose,
+}
+
+/// Queues a broadcast's messages for a page of members in a few statements, in the caller's
+/// transaction: one message per member, decided as [`enqueue`] decides (channel preference,
+/// address, bounces, consent, locale) and recorded queued or suppressed with the reason, each
+/// with its `message.queued` or `message.suppressed` event. A member who already has a
+/// message of this broadcast gets no second one (a unique index; it is left out of the
+/// answer). The template is rendered by the worker that sends each message.
+pub async fn enqueue_broadcast(
+    conn: &mut PgConnection,
+    tenant: &TenantContext,
+    b: &BroadcastSend<'_>,
+    members: &[Member<'_>],
+    opts: &SendOptions,
+) -> Result<Vec<MemberOutcome>, EnqueueError> {
+    if members.is_empty() {
+        return Ok(Vec::new());
+    }
+    let template = templates::get(conn, tenant.id, b.template_key)
+        .await?
+        .ok_or_else(|| EnqueueError::UnknownTemplate(b.template_key.to_owned()))?;
+    // A broadcast may make a transactional template's message marketing, never the reverse.
+    let purpose = match template.purpose {
+        Purpose::Marketing => Purpose::Marketing,
+        Purpose::Transactional => b.purpose.unwrap_or(Purpose::Transactional),
+    };
+    let preference = preference(&template, b.channels)?;
+    let viber = if preference.contains(&Channel::Viber) {
+        viber_address(conn, tenant.id).await?
+    } else {
+        ViberAddress::Either
+    };
+    let bounced: std::collections::HashSet<String> = if preference.contains(&Channel::Email) {
+        let emails: Vec<String> = members
+            .iter()
+            .filter_map(|m| m.contact.email.as_deref().map(str::to_lowercase))
+            .collect();
+        sqlx::query_scalar(
+            "SELECT address FROM email_suppressions WHERE tenant_id = $1 AND address = ANY($2)",
+        )
+        .bind(tenant.id)
+        .bind(&emails)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect()
+    } else {
+        Default::default()
+    };
+    let tenant_row = tenants::get(conn, tenant.id.0)
+        .await?
+        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("tenant {} is missing", tenant.id)))?;
+    let shared = Shared {
+        tenant,
+        template: &template,
+        purpose,
+        preference: &preference,
+        viber,
+        tenant_row: &tenant_row,
+        opts,
+    };
+    let n = members.len();
+    let mut cols = BroadcastColumns::with_capacity(n);
+    for m in members {
+        let compose = Compose {
+            contact_id: m.contact.id,
+            template_key: b.template_key,
+            channels: &preference,
+            vars: b.vars.clone(),
+            event: None,
+            journey: None,
+            ticket: None,
+            suppress: m.suppress,
+        };
+        let bounced = m
+            .contact
+            .email
+            .as_deref()
+            .is_some_and(|e| bounced.contains(&e.to_lowercase()));
+        let p = decide(&shared, &compose, m.contact, bounced, Uuid::now_v7());
+        cols.push(p, m.send_at);
+    }
+    let inserted: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO messages (tenant_id, id, contact_id, channel, purpose, template_key, locale,
+            recipient, status, status_reason, max_attempts, next_attempt_at, compose,
+            broadcast_id)
+         SELECT $1, u.id, u.c, u.ch, $2, $3, u.loc, u.r, u.st, u.why, $4, u.at, u.compose, $5
+         FROM unnest($6::uuid[], $7::uuid[], $8::text[], $9::text[], $10::text[], $11::text[],
+                     $12::text[], $13::timestamptz[], $14::jsonb[])
+              AS u(id, c, ch, loc, r, st, why, at, compose)
+         ON CONFLICT (tenant_id, broadcast_id, contact_id) WHERE broadcast_id IS NOT NULL
+         DO NOTHING
+         RETURNING id",
+    )
+    .bind(tenant.id)
+    .bind(purpose.as_str())
+    .bind(b.template_key)
+    .bind(opts.max_attempts)
+    .bind(b.broadcast_id)
+    .bind(&cols.id)
+    .bind(&cols.contact)
+    .bind(&cols.channel)
+    .bind(&cols.locale)
+    .bind(&cols.recipient)
+    .bind(&cols.status)
+    .bind(&cols.reason)
+    .bind(&cols.at)
+    .bind(&cols.compose)
+    .fetch_all(&mut *conn)
+    .await?;
+    let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
+    let mut emitted = Vec::with_capacity(inserted.len());
+    let mut outcomes = Vec::with_capacity(inserted.len());
+    for i in 0..n {
+        if !inserted.contains(&cols.id[i]) {
+            continue;
+        }
+        let (kind, properties) = match &cols.reason[i] {
+            None => (
+                kinds::MESSAGE_QUEUED,
+                json!({"message_id": cols.id[i], "channel": cols.channel[i],
+                       "template": b.template_key, "purpose": purpose,
+                       "broadcast_id": b.broadcast_id}),
+            ),
+            Some(reason) => (
+                kinds::MESSAGE_SUPPRESSED,
+                json!({"message_id": cols.id[i], "channel": cols.channel[i],
+                       "template": b.template_key, "reason": reason,
+                       "broadcast_id": b.broadcast_id}),
+            ),
+        };
+        emitted.push(events::Emitted {
+            tenant: tenant.id,
+            contact_id: cols.contact[i],
+            kind,
+            properties,
+            subject: Some(("message", cols.id[i])),
+        });
+        outcomes.push(MemberOutcome {
+            contact_id: cols.contact[i],
+            message_id: cols.id[i],
+            suppressed: cols.reason[i].clone(),
+            purpose,
+        });
+    }
+    events::append_many(conn, &emitted).await?;
+    if outcomes.iter().any(|o| o.suppressed.is_none()) {
+        wake_workers(conn).await?;
+    }
+    Ok(outcomes)
+}
+
+/// A broadcast page's messages, one array per column.
+struct BroadcastColumns {
+    id: Vec<Uuid>,
+    contact: Vec<Uuid>,
+    channel: Vec<&'static str>,
+    locale: Vec<Option<String>>,
+    recipient: Vec<Option<String>>,
+    status: Vec<&'static str>,
+    reason: Vec<Option<String>>,
+    at: Vec<DateTime<Utc>>,
+    compose: Vec<Option<sqlx::types::Json<Deferred>>>,
+}
+
+impl BroadcastColumns {
+    fn with_capacity(n: usize) -> Self {
+        BroadcastColumns {
+            id: Vec::with_capacity(n),
+            contact: Vec::with_capacity(n),
+            channel: Vec::with_capacity(n),
+            locale: Vec::with_capacity(n),
+            recipient: Vec::with_capacity(n),
+            status: Vec::with_capacity(n),
+            reason: Vec::with_capacity(n),
+            at: Vec::with_capacity(n),
+            compose: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, p: Planned, at: DateTime<Utc>) {
+        self.id.push(p.id);
+        self.contact.push(p.contact_id);
+        self.channel.push(p.channel.as_str());
+        self.recipient.push(p.recipient);
+        self.at.push(at);
+        match p.decision {
+            Decision::Suppress(reason) => {
+                self.locale.push(None);
+                self.status.push("suppressed");
+                self.reason.push(Some(reason));
+                self.compose.push(None);
+            }
+            Decision::Send(d) => {
+                self.locale.push(Some(d.locale.clone()));
+                self.status.push("queued");
+                self.reason.push(None);
+                self.compose.push(Some(sqlx::types::Json(d)));
+            }
+        }
+    }
+}
+
+/// Holds a broadcast's queued messages (`paused`) so that no worker sends them; the ones a
+/// worker already holds go out. The number held.
+pub async fn pause_broadcast(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    broadcast: Uuid,
+) -> StoreResult<u64> {
+    let done = sqlx::query(
+        "UPDATE messages SET status = 'paused', updated_at = now()
+         WHERE tenant_id = $1 AND broadcast_id = $2 AND status = 'queued'",
+    )
+    .bind(tenant)
+    .bind(broadcast)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Queues a paused broadcast's messages again, none before its own time; with `per_second`,
+/// spaced that far apart from now in their order. The time after the last one's slot.
+pub async fn resume_broadcast(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    broadcast: Uuid,
+    per_second: Option<i32>,
+) -> StoreResult<DateTime<Utc>> {
+    let spacing = per_second.map_or(0.0, |p| 1.0 / f64::from(p));
+    let last: Option<DateTime<Utc>> = sqlx::query_scalar(
+        "WITH held AS (
+            SELECT id, row_number() OVER (ORDER BY next_attempt_at, id) - 1 AS k
+            FROM messages
+            WHERE tenant_id = $1 AND broadcast_id = $2 AND status = 'paused'
+         ), queued AS (
+            UPDATE messages m
+               SET status = 'queued', updated_at = now(),
+                   next_attempt_at = greatest(m.next_attempt_at,
+                                              now() + make_interval(secs => held.k * $3))
+              FROM held
+             WHERE m.tenant_id = $1 AND m.id = held.id
+            RETURNING m.next_attempt_at
+         )
+         SELECT max(next_attempt_at) FROM queued",
+    )
+    .bind(tenant)
+    .bind(broadcast)
+    .bind(spacing)
+    .fetch_one(&mut *conn)
+    .await?;
+    wake_workers(conn).await?;
+    let now = Utc::now();
+    Ok(last.map_or(now, |l| l.max(now)) + chrono::Duration::microseconds((spacing * 1e6) as i64))
+}
+
+/// Cancels a broadcast's unsent messages: suppressed, `cancelled`. The number cancelled.
+pub async fn cancel_broadcast(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    broadcast: Uuid,
+) -> StoreResult<u64> {
+    let done = sqlx::query(
+        "UPDATE messages SET status = 'suppressed', status_reason = 'cancelled',
+                compose = NULL, updated_at = now()
+         WHERE tenant_id = $1 AND broadcast_id = $2 AND status IN ('queued', 'paused')",
+    )
+    .bind(tenant)
+    .bind(broadcast)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// A broadcast's messages by what became of them.
+#[derive(Debug, Clone, Default)]
+pub struct BroadcastDelivery {
+    pub pending: i64,
+    pub sent: i64,
+    pub delivered: i64,
+    pub opened: i64,
+    pub clicked: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+}
+
+pub async fn broadcast_delivery(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    broadcast: Uuid,
+) -> StoreResult<BroadcastDelivery> {
+    let (pending, sent, delivered, opened, clicked, failed, cancelled): (
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+    ) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status IN ('queued', 'sending', 'paused')),
+                count(*) FILTER (WHERE status IN ('sent', 'delivered')),
+                count(*) FILTER (WHERE status = 'delivered'),
+                count(opened_at), count(clicked_at),
+                count(*) FILTER (WHERE status = 'failed'),
+                count(*) FILTER (WHERE status = 'suppressed' AND status_reason = 'cancelled')
+         FROM messages WHERE tenant_id = $1 AND broadcast_id = $2",
+    )
+    .bind(tenant)
+    .bind(broadcast)
+    .fetch_one(conn)
+    .await?;
+    Ok(BroadcastDelivery {
+        pending,
+        sent,
+        delivered,
+        opened,
+        clicked,
+        failed,
+        cancelled,
+    })
 }
 
 /// Renders a message's template in the sandbox (no database connection is needed) and, for a
@@ -774,10 +1161,13 @@ pub async fn claim(
     )
     .execute(&mut *tx)
     .await?;
+    // Messages of paced channels (`channel_pacing`) are claimed by [`claim_paced`] only.
     let claimed = sqlx::query_as(
         "WITH due AS (
-            SELECT ctid FROM messages
+            SELECT ctid FROM messages m
              WHERE status = 'queued' AND next_attempt_at <= now()
+               AND NOT EXISTS (SELECT 1 FROM channel_pacing p
+                               WHERE p.tenant_id = m.tenant_id AND p.channel = m.channel)
              ORDER BY next_attempt_at
              LIMIT $1
              FOR UPDATE SKIP LOCKED
@@ -797,6 +1187,41 @@ pub async fn claim(
     .await?;
     tx.commit().await?;
     Ok(claimed)
+}
+
+/// [`claim`] for one tenant's channel, in the caller's transaction (which holds the
+/// channel's pacing row): up to `batch` of its due messages, oldest first.
+pub async fn claim_paced(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    channel: &str,
+    batch: i64,
+    lease: Duration,
+) -> Result<Vec<Claimed>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH due AS (
+            SELECT ctid FROM messages
+             WHERE tenant_id = $3 AND channel = $4
+               AND status = 'queued' AND next_attempt_at <= now()
+             ORDER BY next_attempt_at
+             LIMIT $1
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE messages m
+            SET status = 'sending', attempts = m.attempts + 1, updated_at = now(),
+                locked_until = now() + make_interval(secs => $2)
+           FROM due
+          WHERE m.ctid = due.ctid
+          RETURNING m.tenant_id, m.id, m.contact_id, m.channel, m.purpose, m.recipient, m.subject,
+                    m.body_text, m.body_html, m.extras, m.attempts, m.max_attempts, m.compose,
+                    m.journey_id",
+    )
+    .bind(batch)
+    .bind(lease.as_secs_f64())
+    .bind(tenant)
+    .bind(channel)
+    .fetch_all(conn)
+    .await
 }
 
 /// Queues an internal email to an agent (an alert): no consent applies and no timeline gets it.
@@ -997,9 +1422,23 @@ pub async fn sweep_expired_leases(pool: &PgPool) -> Result<u64, sqlx::Error> {
 #[derive(Debug, Clone)]
 pub enum AttemptOutcome {
     Sent(Receipt),
-    Retry { reason: String, delay: Duration },
-    Failed { reason: String },
+    Retry {
+        reason: String,
+        delay: Duration,
+    },
+    /// The provider asked to slow down: tried again after `delay` without spending an attempt
+    /// (the message gets one more, up to [`MAX_THROTTLED_ATTEMPTS`] in all).
+    Throttled {
+        reason: String,
+        delay: Duration,
+    },
+    Failed {
+        reason: String,
+    },
 }
+
+/// The most attempts a message may reach by being throttled.
+pub const MAX_THROTTLED_ATTEMPTS: i32 = 50;
 
 /// Records an attempt's outcome, its attempt row and its timeline event, in one transaction.
 /// False when the lease was lost (another worker took the message over): nothing is written.
@@ -1028,7 +1467,9 @@ pub async fn record_attempt_in(
 ) -> Result<bool, sqlx::Error> {
     let (result, detail, provider_id) = match outcome {
         AttemptOutcome::Sent(r) => (AttemptResult::Sent, None, r.provider_message_id.clone()),
-        AttemptOutcome::Retry { reason, .. } => (AttemptResult::Retry, Some(reason.clone()), None),
+        AttemptOutcome::Retry { reason, .. } | AttemptOutcome::Throttled { reason, .. } => {
+            (AttemptResult::Retry, Some(reason.clone()), None)
+        }
         AttemptOutcome::Failed { reason } => (AttemptResult::Failed, Some(reason.clone()), None),
     };
     let updated = match outcome {
@@ -1051,6 +1492,22 @@ pub async fn record_attempt_in(
                 "UPDATE messages SET status = 'queued', provider = $4, status_reason = $5,
                     next_attempt_at = now() + make_interval(secs => $6), locked_until = NULL,
                     updated_at = now()
+                 WHERE tenant_id = $1 AND id = $2 AND status = 'sending' AND attempts = $3",
+            )
+            .bind(m.tenant_id)
+            .bind(m.id)
+            .bind(m.attempts)
+            .bind(provider)
+            .bind(reason)
+            .bind(delay.as_secs_f64())
+            .execute(&mut *tx)
+            .await?
+        }
+        AttemptOutcome::Throttled { reason, delay } => {
+            sqlx::query(
+                "UPDATE messages SET status = 'queued', provider = $4, status_reason = $5,
+                    next_attempt_at = now() + make_interval(secs => $6), locked_until = NULL,
+                    max_attempts = max_attempts + 1, updated_at = now()
                  WHERE tenant_id = $1 AND id = $2 AND status = 'sending' AND attempts = $3",
             )
             .bind(m.tenant_id)
@@ -1106,7 +1563,7 @@ pub async fn record_attempt_in(
             json!({"message_id": m.id,
             "channel": m.channel, "provider": provider, "reason": reason, "attempt": m.attempts}),
         )),
-        AttemptOutcome::Retry { .. } => None,
+        AttemptOutcome::Retry { .. } | AttemptOutcome::Throttled { .. } => None,
     };
     if let (Some((kind, properties)), Some(contact_id)) = (event, m.contact_id) {
         events::emit_about(

@@ -106,6 +106,24 @@ pub async fn count_open_tickets(
     .await?)
 }
 
+/// Which of these contacts have an open ticket (marketing waits for them).
+pub async fn with_open_tickets(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contacts: &[Uuid],
+) -> StoreResult<std::collections::HashSet<Uuid>> {
+    let ids: Vec<Uuid> = sqlx::query_scalar(concat!(
+        "SELECT DISTINCT contact_id FROM tickets
+         WHERE tenant_id = $1 AND contact_id = ANY($2) AND status IN ",
+        open_ticket_statuses!(),
+    ))
+    .bind(tenant)
+    .bind(contacts)
+    .fetch_all(conn)
+    .await?;
+    Ok(ids.into_iter().collect())
+}
+
 /// An agent as the API shows it, with its open-ticket count. Runtime SQL (not `query_as!`):
 /// the list is shared by the agent reads and carries the open-status list, which the query
 /// macros cannot take from a macro.

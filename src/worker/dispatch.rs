@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::campaigns::store::journeys;
+use crate::channels::store as channels;
 use crate::channels::{Outbound, Provider, SendError};
 use crate::domain::TenantId;
 use crate::domain::backoff;
@@ -56,8 +57,11 @@ async fn run_loop(state: AppState, shutdown: CancellationToken) {
         if shutdown.is_cancelled() {
             return;
         }
-        match dispatch_once(&state).await {
-            Ok(n) if n > 0 => continue,
+        // A paced channel with messages due but no room yet says when it has some.
+        let mut wait = poll;
+        match dispatch_round(&state).await {
+            Ok((n, _)) if n > 0 => continue,
+            Ok((_, Some(paced))) => wait = wait.min(paced),
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %crate::error::error_chain(&e), "dispatch round failed")
@@ -77,20 +81,51 @@ async fn run_loop(state: AppState, shutdown: CancellationToken) {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = notified => {}
-            () = tokio::time::sleep(poll) => {}
+            () = tokio::time::sleep(wait) => {}
         }
     }
 }
 
 /// One round: claims a batch and sends it; the number of messages handled.
 pub async fn dispatch_once(state: &AppState) -> Result<usize, sqlx::Error> {
+    Ok(dispatch_round(state).await?.0)
+}
+
+/// Claims what paced channels (`channels::store::Pacing`) may send now, each channel in one
+/// transaction holding its pacing row, so that every worker process shares its rate; and
+/// the soonest a paced channel with messages due has room again.
+async fn claim_paced(
+    state: &AppState,
+    lease: Duration,
+) -> Result<(Vec<Claimed>, Option<Duration>), sqlx::Error> {
+    let mut claimed = Vec::new();
+    let mut wait: Option<Duration> = None;
+    for (tenant, channel) in channels::paced_with_due(&state.pool).await? {
+        let mut tx = state.pool.begin().await?;
+        let Some(pacing) = channels::lock_pacing(&mut tx, tenant, &channel).await? else {
+            continue;
+        };
+        let (room, next) = pacing.grant(state.config.outbox_batch_size);
+        if let Some(next) = next {
+            wait = Some(wait.map_or(next, |w| w.min(next)));
+        }
+        if room > 0 {
+            let got = store::claim_paced(&mut tx, tenant, &channel, room, lease).await?;
+            channels::set_tat(&mut tx, tenant, &channel, pacing.after(got.len() as i64)).await?;
+            claimed.extend(got);
+        }
+        tx.commit().await?;
+    }
+    Ok((claimed, wait))
+}
+
+/// [`dispatch_once`], with when a paced channel has room again if one is waiting.
+async fn dispatch_round(state: &AppState) -> Result<(usize, Option<Duration>), sqlx::Error> {
     let config = &state.config;
-    let claimed = store::claim(
-        &state.pool,
-        config.outbox_batch_size,
-        Duration::from_secs(config.outbox_lease_secs),
-    )
-    .await?;
+    let lease = Duration::from_secs(config.outbox_lease_secs);
+    let mut claimed = store::claim(&state.pool, config.outbox_batch_size, lease).await?;
+    let (paced, wait) = claim_paced(state, lease).await?;
+    claimed.extend(paced);
     let n = claimed.len();
     let claimed = render_claimed(state, claimed).await;
     // One settings lookup per tenant and channel a round, not one per message.
@@ -124,7 +159,7 @@ pub async fn dispatch_once(state: &AppState) -> Result<usize, sqlx::Error> {
     while let Some(attempted) = finished.next().await {
         record_all(state, attempted).await;
     }
-    Ok(n)
+    Ok((n, wait))
 }
 
 /// Renders the claimed messages that were queued with their template still to run (see
@@ -359,16 +394,33 @@ async fn attempt(
         Err(e) => outcome_of_error(&m, e),
     };
     metrics::counter!("outbox_attempts_total", "channel" => m.channel.clone(),
-        "outcome" => match &outcome { AttemptOutcome::Sent(_) => "sent", AttemptOutcome::Retry { .. } => "retry", AttemptOutcome::Failed { .. } => "failed" })
+        "outcome" => match &outcome { AttemptOutcome::Sent(_) => "sent", AttemptOutcome::Retry { .. } => "retry", AttemptOutcome::Throttled { .. } => "throttled", AttemptOutcome::Failed { .. } => "failed" })
     .increment(1);
     done(m, provider.name(), outcome)
 }
 
+/// How long a channel waits after a 429 without `Retry-After`.
+const THROTTLE_PAUSE: Duration = Duration::from_secs(1);
+/// The longest a 429's `Retry-After` holds a channel.
+const MAX_THROTTLE_PAUSE: Duration = Duration::from_secs(600);
+
 /// Records a round's outcomes: accepted sends together in one transaction, retries and
-/// failures one by one. If the batch cannot be written, each is tried alone.
+/// failures one by one. If the batch cannot be written, each is tried alone. A provider's
+/// 429 holds the tenant's channel for every worker until the time it asked for.
 async fn record_all(state: &AppState, attempted: Vec<Attempted>) {
     let mut accepted = Vec::new();
     for a in attempted {
+        if let AttemptOutcome::Throttled { delay, .. } = &a.outcome {
+            let until = Utc::now() + chrono::Duration::from_std(*delay).unwrap_or_default();
+            if let Err(e) =
+                channels::hold_channel(&state.pool, a.message.tenant_id, &a.message.channel, until)
+                    .await
+            {
+                tracing::warn!(error = %e, "cannot hold a throttled channel");
+            }
+            metrics::counter!("outbox_throttled_total", "channel" => a.message.channel.clone())
+                .increment(1);
+        }
         match a.outcome {
             AttemptOutcome::Sent(receipt) => accepted.push(store::ProviderAccepted {
                 message: a.message,
@@ -394,6 +446,25 @@ async fn record_all(state: &AppState, attempted: Vec<Attempted>) {
 fn outcome_of_error(m: &Claimed, e: SendError) -> AttemptOutcome {
     match e {
         SendError::Permanent { reason } => AttemptOutcome::Failed { reason },
+        SendError::Throttled {
+            reason,
+            retry_after,
+        } if m.max_attempts < store::MAX_THROTTLED_ATTEMPTS => AttemptOutcome::Throttled {
+            reason,
+            delay: retry_after
+                .unwrap_or(THROTTLE_PAUSE)
+                .min(MAX_THROTTLE_PAUSE),
+        },
+        SendError::Throttled {
+            reason,
+            retry_after,
+        } => outcome_of_error(
+            m,
+            SendError::Transient {
+                reason,
+                retry_after,
+            },
+        ),
         SendError::Transient { reason, .. } if m.attempts >= m.max_attempts => {
             AttemptOutcome::Failed {
                 reason: format!("gave up after {} attempts: {reason}", m.attempts),

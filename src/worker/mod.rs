@@ -30,6 +30,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     tasks.spawn(run_campaigns(state.clone(), shutdown.clone()));
     tasks.spawn(crate::inbound::imap::run(state.clone(), shutdown.clone()));
     tasks.spawn(run_imports(state.clone(), shutdown.clone()));
+    tasks.spawn(run_broadcasts(state.clone(), shutdown.clone()));
     let s = state.clone();
     tasks.spawn(repeat(
         "idempotency purge",
@@ -163,6 +164,27 @@ async fn run_imports(state: AppState, shutdown: CancellationToken) {
     .await;
 }
 
+/// How often broadcasts are looked at when no NOTIFY comes (a scheduled one's time).
+const BROADCASTS_POLL: Duration = Duration::from_secs(1);
+
+/// Walks due broadcasts (`broadcasts::round`) until `shutdown`: at once when one is scheduled
+/// or resumed, else every second.
+async fn run_broadcasts(state: AppState, shutdown: CancellationToken) {
+    let holder = uuid::Uuid::now_v7();
+    let listener = async {
+        let mut l = PgListener::connect_with(&state.pool).await?;
+        l.listen(crate::broadcasts::NOTIFY_CHANNEL).await?;
+        Ok::<_, sqlx::Error>(l)
+    }
+    .await
+    .inspect_err(|e| tracing::warn!(error = %e, "cannot LISTEN for broadcasts; polling only"))
+    .ok();
+    repeat("broadcasts", shutdown, BROADCASTS_POLL, listener, || {
+        crate::broadcasts::round(&state, holder)
+    })
+    .await;
+}
+
 /// How often the engine looks for new events and due journeys when it has nothing to do.
 const CAMPAIGN_POLL: Duration = Duration::from_millis(25);
 /// How often schedules (birthdays) are looked at.
@@ -190,10 +212,15 @@ async fn run_campaigns(state: AppState, shutdown: CancellationToken) {
 /// and the benchmark drive the worker this way instead of sleeping).
 pub async fn drain(state: &AppState) -> anyhow::Result<usize> {
     let mut total = 0;
+    let holder = uuid::Uuid::now_v7();
     loop {
+        let mut walked = 0;
+        while crate::broadcasts::round(state, holder).await? {
+            walked += 1;
+        }
         let round = crate::campaigns::engine::round(state, true).await?;
         let sent = dispatch::drain(state).await?;
-        let done = round.events + round.contacts + round.scheduled + sent;
+        let done = walked + round.events + round.contacts + round.scheduled + sent;
         if done == 0 {
             return Ok(total);
         }

@@ -337,3 +337,293 @@ async fn backend_terminations_during_ingest_lose_nothing() {
     pool.close().await;
     admin.close().await;
 }
+
+/// Creates `n` contacts `m0`..`m{n-1}` through the batch API, each with a phone and SMS
+/// marketing consent; every even one is on the `gold` plan.
+async fn many_contacts(http: &reqwest::Client, server: &Server, key: &str, n: usize) {
+    for start in (0..n).step_by(1000) {
+        let items: Vec<Value> = (start..(start + 1000).min(n))
+            .map(|i| {
+                json!({"external_id": format!("m{i}"),
+                       "phone": format!("+38591{:07}", i),
+                       "attributes": {"plan": if i % 2 == 0 { "gold" } else { "basic" }},
+                       "consents": {"sms": {"marketing": "opted_in"}}})
+            })
+            .collect();
+        let r = http
+            .post(server.url("/v1/contacts/batch"))
+            .bearer_auth(key)
+            .json(&json!({"contacts": items}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{:?}", r.text().await);
+    }
+}
+
+/// POSTs `body` to `path` and returns the JSON answer, asserting success.
+async fn post_ok(
+    http: &reqwest::Client,
+    server: &Server,
+    key: &str,
+    path: &str,
+    body: Value,
+) -> Value {
+    let r = http
+        .post(server.url(path))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap_or_default();
+    assert!(status.is_success(), "{path}: {status} {body}");
+    body
+}
+
+async fn put_ok(http: &reqwest::Client, server: &Server, key: &str, path: &str, body: Value) {
+    let r = http
+        .put(server.url(path))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    assert!(status.is_success(), "{path}: {status} {:?}", r.text().await);
+}
+
+/// SIGKILLs while a broadcast to 2,000 of 4,000 contacts is being decided and sent: in the
+/// end every member has exactly one message, and every message reached the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_broadcast_sends_each_member_exactly_once() {
+    const CONTACTS: usize = 4_000;
+    const MEMBERS: i64 = 2_000;
+    let db = TestDb::create().await;
+    let stub = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path_regex("^/2010-04-01/Accounts/AC1/Messages.json$"))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .set_body_json(json!({"sid": "SM1", "status": "queued"}))
+                .set_delay(Duration::from_millis(20)),
+        )
+        .mount(&stub)
+        .await;
+    let env = [
+        ("RAPPORT_OUTBOX_LEASE_SECS", "2"),
+        ("RAPPORT_OUTBOX_CONCURRENCY", "20"),
+    ];
+    let http = reqwest::Client::new();
+    let mut server = start(&db, &env);
+    let (_, key) = tenant_key(&http, &server).await;
+    put_ok(
+        &http,
+        &server,
+        &key,
+        "/v1/channels/sms",
+        json!({"provider": "twilio",
+        "settings": {"account_sid": "AC1", "from": "+15005550006", "base_url": stub.uri()},
+        "secrets": {"auth_token": "tok"}}),
+    )
+    .await;
+    put_ok(
+        &http,
+        &server,
+        &key,
+        "/v1/templates/offer",
+        json!({"purpose": "marketing", "sms": {"hr": {"text": "Ponuda"}}}),
+    )
+    .await;
+    many_contacts(&http, &server, &key, CONTACTS).await;
+    let segment = post_ok(
+        &http,
+        &server,
+        &key,
+        "/v1/segments",
+        json!({"name": "Gold", "condition": "contact.attributes.plan == 'gold'"}),
+    )
+    .await;
+    let b = post_ok(
+        &http,
+        &server,
+        &key,
+        "/v1/broadcasts",
+        json!({"name": "Offer", "segment": segment["id"], "template": "offer",
+               "channels": ["sms"]}),
+    )
+    .await;
+    let id = b["id"].as_str().unwrap().to_owned();
+    post_ok(
+        &http,
+        &server,
+        &key,
+        &format!("/v1/broadcasts/{id}/schedule"),
+        json!({}),
+    )
+    .await;
+    let mut kills = 0;
+    while kills < 3 {
+        tokio::time::sleep(Duration::from_millis(150 + 200 * kills)).await;
+        server.kill9();
+        kills += 1;
+        server = start(&db, &env);
+    }
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let (messages, contacts, sent) = loop {
+        let row: (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT contact_id), count(*) FILTER (WHERE status = 'sent')
+             FROM messages WHERE broadcast_id = $1::uuid",
+        )
+        .bind(&id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if row.2 >= MEMBERS || Instant::now() > deadline {
+            break row;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let requests = stub.received_requests().await.unwrap_or_default();
+    let tokens: std::collections::HashSet<String> = requests
+        .iter()
+        .filter_map(|r| r.headers.get("i-twilio-idempotency-token"))
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    let progress: Value = http
+        .get(server.url(&format!("/v1/broadcasts/{id}")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    println!(
+        "chaos broadcast: {CONTACTS} contacts, {MEMBERS} members, {kills} SIGKILLs: \
+         {messages} messages for {contacts} contacts, {sent} sent, {} provider requests for \
+         {} messages ({} resent with the same idempotency token); progress {}",
+        requests.len(),
+        tokens.len(),
+        requests.len() - tokens.len(),
+        progress["stats"]
+    );
+    assert_eq!(messages, MEMBERS, "one message per member");
+    assert_eq!(contacts, MEMBERS, "no member got two");
+    assert_eq!(sent, MEMBERS, "every message sent");
+    assert_eq!(
+        tokens.len() as i64,
+        MEMBERS,
+        "every message reached the provider"
+    );
+    assert_eq!(progress["stats"]["targeted"], MEMBERS);
+    assert_eq!(progress["status"], "completed");
+    drop(server);
+    pool.close().await;
+}
+
+/// Records when each request came.
+struct Clocked(Arc<std::sync::Mutex<Vec<Instant>>>);
+
+impl wiremock::Respond for Clocked {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        if let Ok(mut times) = self.0.lock() {
+            times.push(Instant::now());
+        }
+        ResponseTemplate::new(201).set_body_json(json!({"sid": "SM1", "status": "queued"}))
+    }
+}
+
+/// Two server processes send one broadcast over a channel with `max_per_second: 20`: the
+/// provider never sees more than 20 requests (+10%) in any second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_per_second_holds_across_two_worker_processes() {
+    const N: usize = 120;
+    const RATE: usize = 20;
+    let db = TestDb::create().await;
+    let stub = MockServer::start().await;
+    let times = Arc::new(std::sync::Mutex::new(Vec::new()));
+    Mock::given(method("POST"))
+        .and(path_regex("^/2010-04-01/Accounts/AC1/Messages.json$"))
+        .respond_with(Clocked(times.clone()))
+        .mount(&stub)
+        .await;
+    let env = [("RAPPORT_OUTBOX_CONCURRENCY", "20")];
+    let http = reqwest::Client::new();
+    let a = start(&db, &env);
+    let b = start(&db, &env);
+    let (_, key) = tenant_key(&http, &a).await;
+    put_ok(
+        &http,
+        &a,
+        &key,
+        "/v1/channels/sms",
+        json!({"provider": "twilio",
+        "settings": {"account_sid": "AC1", "from": "+15005550006", "base_url": stub.uri(),
+                     "max_per_second": RATE},
+        "secrets": {"auth_token": "tok"}}),
+    )
+    .await;
+    put_ok(
+        &http,
+        &a,
+        &key,
+        "/v1/templates/note",
+        json!({"sms": {"hr": {"text": "Obavijest"}}}),
+    )
+    .await;
+    many_contacts(&http, &a, &key, N).await;
+    let made = post_ok(
+        &http,
+        &b,
+        &key,
+        "/v1/broadcasts",
+        json!({"name": "Notice", "audience": "true", "template": "note",
+               "channels": ["sms"]}),
+    )
+    .await;
+    let id = made["id"].as_str().unwrap().to_owned();
+    post_ok(
+        &http,
+        &b,
+        &key,
+        &format!("/v1/broadcasts/{id}/schedule"),
+        json!({}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while times.lock().map(|t| t.len()).unwrap_or(0) < N && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut seen = times.lock().map(|t| t.clone()).unwrap_or_default();
+    seen.sort();
+    // The most requests in any one-second window.
+    let busiest = (0..seen.len())
+        .map(|i| {
+            seen[i..]
+                .iter()
+                .take_while(|t| **t - seen[i] < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    let spread = seen
+        .last()
+        .zip(seen.first())
+        .map(|(l, f)| *l - *f)
+        .unwrap_or_default();
+    println!(
+        "pacing across two processes: {} requests over {:.2} s at max_per_second {RATE}; \
+         busiest second {busiest}",
+        seen.len(),
+        spread.as_secs_f64()
+    );
+    assert_eq!(seen.len(), N, "every message sent");
+    assert!(
+        busiest <= RATE + RATE / 10,
+        "a second saw {busiest} requests"
+    );
+    drop((a, b));
+}

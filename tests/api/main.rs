@@ -4,6 +4,7 @@
 mod common;
 
 mod bench_smoke;
+mod broadcasts;
 mod campaigns;
 mod chaos;
 mod cli;

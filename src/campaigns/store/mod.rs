@@ -2,7 +2,7 @@
 
 pub mod journeys;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -417,6 +417,57 @@ pub async fn record_marketing_send(
     .bind(at)
     .bind(message)
     .bind(campaign)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// [`count_marketing_sends`] for many contacts at once: those with any, and how many.
+pub async fn count_marketing_sends_many(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    contacts: &[Uuid],
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> StoreResult<HashMap<Uuid, i64>> {
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT contact_id, count(*) FROM marketing_sends
+         WHERE tenant_id = $1 AND contact_id = ANY($2) AND sent_at > $3 AND sent_at <= $4
+         GROUP BY contact_id",
+    )
+    .bind(tenant)
+    .bind(contacts)
+    .bind(from)
+    .bind(to)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Counts a broadcast's queued marketing messages against their contacts' frequency caps,
+/// each at the time it is to go: (contact, message, time).
+pub async fn record_broadcast_sends(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    broadcast: Uuid,
+    sends: &[(Uuid, Uuid, DateTime<Utc>)],
+) -> StoreResult<()> {
+    if sends.is_empty() {
+        return Ok(());
+    }
+    let contacts: Vec<Uuid> = sends.iter().map(|s| s.0).collect();
+    let messages: Vec<Uuid> = sends.iter().map(|s| s.1).collect();
+    let at: Vec<DateTime<Utc>> = sends.iter().map(|s| s.2).collect();
+    sqlx::query(
+        "INSERT INTO marketing_sends (tenant_id, contact_id, sent_at, message_id, broadcast_id)
+         SELECT $1, u.c, u.at, u.m, $2
+         FROM unnest($3::uuid[], $4::uuid[], $5::timestamptz[]) AS u(c, m, at)",
+    )
+    .bind(tenant)
+    .bind(broadcast)
+    .bind(&contacts)
+    .bind(&messages)
+    .bind(&at)
     .execute(conn)
     .await?;
     Ok(())

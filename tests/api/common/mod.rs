@@ -337,6 +337,19 @@ impl TestApp {
             .expect("drain")
     }
 
+    /// Walks every due broadcast, as the worker does (without sending); the turns taken.
+    pub async fn walk_broadcasts(&self) -> usize {
+        let holder = uuid::Uuid::now_v7();
+        let mut turns = 0;
+        while rapport::broadcasts::round(&self.app.state, holder)
+            .await
+            .expect("broadcast round")
+        {
+            turns += 1;
+        }
+        turns
+    }
+
     /// Writes every queued contact import, as the worker does; the number of turns taken.
     pub async fn run_imports(&self) -> usize {
         let holder = uuid::Uuid::now_v7();
