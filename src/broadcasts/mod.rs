@@ -137,24 +137,29 @@ pub async fn round(state: &AppState, holder: Uuid) -> StoreResult<bool> {
     }
 }
 
-async fn plan(state: &AppState, b: &BroadcastRow) -> Result<Plan, String> {
-    let mut conn = state.pool.acquire().await.map_err(|e| e.to_string())?;
-    let tenant = crate::tenants::store::context(&mut conn, b.tenant_id)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or("the tenant is gone")?;
-    let source = match (b.segment_id, &b.audience) {
-        (Some(segment), _) => store::segment_condition(&mut conn, b.tenant_id, segment)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("the segment was deleted")?,
-        (None, Some(audience)) => audience.clone(),
-        (None, None) => return Err("the broadcast has no segment or audience".to_owned()),
+/// What the walk needs, read once per turn. The outer error is the database's (the turn is
+/// retried); the inner one why the broadcast cannot go on at all (it fails with it).
+async fn plan(state: &AppState, b: &BroadcastRow) -> StoreResult<Result<Plan, String>> {
+    let mut conn = state.pool.acquire().await?;
+    let Some(tenant) = crate::tenants::store::context(&mut conn, b.tenant_id).await? else {
+        return Ok(Err("the tenant is gone".to_owned()));
     };
-    let condition = crate::segments::compile(&source)
-        .map_err(|e| format!("the condition no longer compiles: {e}"))?;
+    let source = match (b.segment_id, &b.audience) {
+        (Some(segment), _) => {
+            match store::segment_condition(&mut conn, b.tenant_id, segment).await? {
+                Some(source) => source,
+                None => return Ok(Err("the segment was deleted".to_owned())),
+            }
+        }
+        (None, Some(audience)) => audience.clone(),
+        (None, None) => return Ok(Err("the broadcast has no segment or audience".to_owned())),
+    };
+    let condition = match crate::segments::compile(&source) {
+        Ok(condition) => condition,
+        Err(e) => return Ok(Err(format!("the condition no longer compiles: {e}"))),
+    };
     let tenant_zone = tenant.timezone.parse().unwrap_or(chrono_tz::UTC);
-    Ok(Plan {
+    Ok(Ok(Plan {
         tenant_zone,
         condition,
         channels: b
@@ -175,12 +180,12 @@ async fn plan(state: &AppState, b: &BroadcastRow) -> Result<Plan, String> {
             .per_second
             .map(|p| chrono::Duration::microseconds(1_000_000 / i64::from(p.max(1)))),
         tenant,
-    })
+    }))
 }
 
 /// Walks a claimed broadcast page by page for up to [`TURN`].
 async fn walk(state: &AppState, holder: Uuid, b: BroadcastRow) -> StoreResult<Stop> {
-    let plan = match plan(state, &b).await {
+    let plan = match plan(state, &b).await? {
         Ok(plan) => plan,
         Err(why) => {
             let mut conn = state.pool.acquire().await?;

@@ -1140,6 +1140,18 @@ pub struct Claimed {
     pub journey_id: Option<Uuid>,
 }
 
+/// What both claims do to the `due` rows they picked (by physical address: they are
+/// locked): leased to this worker for `$2` seconds, under this attempt's number.
+const CLAIM_DUE: &str = "
+         UPDATE messages m
+            SET status = 'sending', attempts = m.attempts + 1, updated_at = now(),
+                locked_until = now() + make_interval(secs => $2)
+           FROM due
+          WHERE m.ctid = due.ctid
+          RETURNING m.tenant_id, m.id, m.contact_id, m.channel, m.purpose, m.recipient, m.subject,
+                    m.body_text, m.body_html, m.extras, m.attempts, m.max_attempts, m.compose,
+                    m.journey_id";
+
 /// Claims up to `batch` due messages for `lease`. No transaction stays open while they are
 /// sent; a worker that dies leaves its lease to expire, and [`sweep_expired_leases`] puts the
 /// message back in the queue.
@@ -1162,7 +1174,7 @@ pub async fn claim(
     .execute(&mut *tx)
     .await?;
     // Messages of paced channels (`channel_pacing`) are claimed by [`claim_paced`] only.
-    let claimed = sqlx::query_as(
+    let sql = format!(
         "WITH due AS (
             SELECT ctid FROM messages m
              WHERE status = 'queued' AND next_attempt_at <= now()
@@ -1171,20 +1183,13 @@ pub async fn claim(
              ORDER BY next_attempt_at
              LIMIT $1
              FOR UPDATE SKIP LOCKED
-         )
-         UPDATE messages m
-            SET status = 'sending', attempts = m.attempts + 1, updated_at = now(),
-                locked_until = now() + make_interval(secs => $2)
-           FROM due
-          WHERE m.ctid = due.ctid
-          RETURNING m.tenant_id, m.id, m.contact_id, m.channel, m.purpose, m.recipient, m.subject,
-                    m.body_text, m.body_html, m.extras, m.attempts, m.max_attempts, m.compose,
-                    m.journey_id",
-    )
-    .bind(batch)
-    .bind(lease.as_secs_f64())
-    .fetch_all(&mut *tx)
-    .await?;
+         ) {CLAIM_DUE}"
+    );
+    let claimed = sqlx::query_as(&sql)
+        .bind(batch)
+        .bind(lease.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(claimed)
 }
@@ -1198,7 +1203,7 @@ pub async fn claim_paced(
     batch: i64,
     lease: Duration,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
-    sqlx::query_as(
+    let sql = format!(
         "WITH due AS (
             SELECT ctid FROM messages
              WHERE tenant_id = $3 AND channel = $4
@@ -1206,22 +1211,15 @@ pub async fn claim_paced(
              ORDER BY next_attempt_at
              LIMIT $1
              FOR UPDATE SKIP LOCKED
-         )
-         UPDATE messages m
-            SET status = 'sending', attempts = m.attempts + 1, updated_at = now(),
-                locked_until = now() + make_interval(secs => $2)
-           FROM due
-          WHERE m.ctid = due.ctid
-          RETURNING m.tenant_id, m.id, m.contact_id, m.channel, m.purpose, m.recipient, m.subject,
-                    m.body_text, m.body_html, m.extras, m.attempts, m.max_attempts, m.compose,
-                    m.journey_id",
-    )
-    .bind(batch)
-    .bind(lease.as_secs_f64())
-    .bind(tenant)
-    .bind(channel)
-    .fetch_all(conn)
-    .await
+         ) {CLAIM_DUE}"
+    );
+    sqlx::query_as(&sql)
+        .bind(batch)
+        .bind(lease.as_secs_f64())
+        .bind(tenant)
+        .bind(channel)
+        .fetch_all(conn)
+        .await
 }
 
 /// Queues an internal email to an agent (an alert): no consent applies and no timeline gets it.
@@ -1487,11 +1485,13 @@ pub async fn record_attempt_in(
             .execute(&mut *tx)
             .await?
         }
-        AttemptOutcome::Retry { reason, delay } => {
+        AttemptOutcome::Retry { reason, delay } | AttemptOutcome::Throttled { reason, delay } => {
+            // A throttled attempt is given back: the message may make one more.
+            let given_back = i32::from(matches!(outcome, AttemptOutcome::Throttled { .. }));
             sqlx::query(
                 "UPDATE messages SET status = 'queued', provider = $4, status_reason = $5,
                     next_attempt_at = now() + make_interval(secs => $6), locked_until = NULL,
-                    updated_at = now()
+                    max_attempts = max_attempts + $7, updated_at = now()
                  WHERE tenant_id = $1 AND id = $2 AND status = 'sending' AND attempts = $3",
             )
             .bind(m.tenant_id)
@@ -1500,22 +1500,7 @@ pub async fn record_attempt_in(
             .bind(provider)
             .bind(reason)
             .bind(delay.as_secs_f64())
-            .execute(&mut *tx)
-            .await?
-        }
-        AttemptOutcome::Throttled { reason, delay } => {
-            sqlx::query(
-                "UPDATE messages SET status = 'queued', provider = $4, status_reason = $5,
-                    next_attempt_at = now() + make_interval(secs => $6), locked_until = NULL,
-                    max_attempts = max_attempts + 1, updated_at = now()
-                 WHERE tenant_id = $1 AND id = $2 AND status = 'sending' AND attempts = $3",
-            )
-            .bind(m.tenant_id)
-            .bind(m.id)
-            .bind(m.attempts)
-            .bind(provider)
-            .bind(reason)
-            .bind(delay.as_secs_f64())
+            .bind(given_back)
             .execute(&mut *tx)
             .await?
         }
