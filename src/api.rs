@@ -145,7 +145,59 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     // After the merge: it adds to every route's operation.
     utoipa::Modify::modify(&problems::CommonProblems, &mut api);
     api.info.version = env!("CARGO_PKG_VERSION").to_owned();
-    api
+    open_flattened_inputs(api)
+}
+
+/// A response that flattens an input type (a `Campaign` is its `Definition` plus id and
+/// status) comes out of utoipa as `allOf: [$ref Input, {...}]`. The input forbids unknown
+/// fields, which makes every such response invalid against its own schema: the closed member
+/// rejects the other member's fields. Here each such `$ref` is replaced by an open copy of the
+/// input, so requests stay closed and responses validate.
+fn open_flattened_inputs(api: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use serde_json::Value;
+    fn walk(node: &mut Value, closed: &serde_json::Map<String, Value>) {
+        match node {
+            Value::Object(map) => {
+                if let Some(Value::Array(members)) = map.get_mut("allOf") {
+                    for member in members.iter_mut() {
+                        let target = member
+                            .get("$ref")
+                            .and_then(Value::as_str)
+                            .and_then(|r| r.strip_prefix("#/components/schemas/"))
+                            .and_then(|name| closed.get(name));
+                        if let Some(open) = target {
+                            *member = open.clone();
+                        }
+                    }
+                }
+                map.values_mut().for_each(|v| walk(v, closed));
+            }
+            Value::Array(items) => items.iter_mut().for_each(|v| walk(v, closed)),
+            _ => {}
+        }
+    }
+    let Ok(mut doc) = serde_json::to_value(&api) else {
+        return api;
+    };
+    let closed: serde_json::Map<String, Value> = doc
+        .pointer("/components/schemas")
+        .and_then(Value::as_object)
+        .map(|schemas| {
+            schemas
+                .iter()
+                .filter(|(_, s)| s.get("additionalProperties") == Some(&Value::Bool(false)))
+                .map(|(name, s)| {
+                    let mut open = s.clone();
+                    if let Some(o) = open.as_object_mut() {
+                        o.remove("additionalProperties");
+                    }
+                    (name.clone(), open)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    walk(&mut doc, &closed);
+    serde_json::from_value(doc).unwrap_or(api)
 }
 
 /// The whole HTTP application with its middleware.

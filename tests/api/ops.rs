@@ -188,5 +188,37 @@ fn the_openapi_document_is_self_consistent() {
                 }
             }
         }
+    } // A closed schema (no unknown fields) cannot be a member of an allOf: the other members'
+    // fields would make every value invalid (a Campaign is its Definition plus id and status).
+    fn no_closed_member(node: &serde_json::Value, doc: &serde_json::Value, at: &str) {
+        match node {
+            serde_json::Value::Object(map) => {
+                for member in map
+                    .get("allOf")
+                    .and_then(|a| a.as_array())
+                    .into_iter()
+                    .flatten()
+                {
+                    let target = member["$ref"]
+                        .as_str()
+                        .and_then(|r| doc.pointer(r.trim_start_matches('#')))
+                        .unwrap_or(member);
+                    assert!(
+                        target["additionalProperties"] != false,
+                        "{at}: an allOf member forbids the other members' fields"
+                    );
+                }
+                for (k, v) in map {
+                    no_closed_member(v, doc, &format!("{at}/{k}"));
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    no_closed_member(v, doc, &format!("{at}/{i}"));
+                }
+            }
+            _ => {}
+        }
     }
+    no_closed_member(&doc, &doc, "");
 }
