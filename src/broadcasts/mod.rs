@@ -146,7 +146,9 @@ async fn plan(state: &AppState, b: &BroadcastRow) -> StoreResult<Result<Plan, St
     };
     let source = match (b.segment_id, &b.audience) {
         (Some(segment), _) => {
-            match store::segment_condition(&mut conn, b.tenant_id, segment).await? {
+            match crate::campaigns::store::segment_condition(&mut conn, b.tenant_id, segment)
+                .await?
+            {
                 Some(source) => source,
                 None => return Ok(Err("the segment was deleted".to_owned())),
             }

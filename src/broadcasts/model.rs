@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::campaigns::model::{FrequencyCap, QuietHours};
+use crate::campaigns::model::{AudienceDoc, AudienceSpec, FrequencyCap, QuietHours};
 use crate::domain::{Channel, Purpose};
 use crate::validate::FieldError;
 
@@ -72,10 +72,11 @@ pub struct BroadcastInput {
     /// The segment whose members get the message (or `audience`).
     #[serde(default)]
     pub segment: Option<Uuid>,
-    /// A CEL condition over `contact` and `now`, instead of a segment.
+    /// A CEL condition over `contact` and `now` instead of a segment, or the segment again as
+    /// `{"segment": "<id>"}` (the way a campaign's audience names one).
     #[serde(default)]
-    #[schema(example = "contact.attributes.plan == 'gold'")]
-    pub audience: Option<String>,
+    #[schema(value_type = Option<AudienceDoc>)]
+    pub audience: Option<AudienceSpec>,
     /// The template's key.
     #[schema(example = "december_offer")]
     pub template: String,
@@ -121,6 +122,22 @@ pub fn parse_local(raw: &str) -> Result<NaiveDateTime, String> {
 }
 
 impl BroadcastInput {
+    /// The segment named, by `segment` or by `audience: {"segment": ...}`.
+    pub fn segment_id(&self) -> Option<Uuid> {
+        match &self.audience {
+            Some(AudienceSpec::Segment(id)) => Some(*id),
+            _ => self.segment,
+        }
+    }
+
+    /// The audience's own condition, when it is written out.
+    pub fn condition(&self) -> Option<&str> {
+        match &self.audience {
+            Some(AudienceSpec::Condition(source)) => Some(source),
+            _ => None,
+        }
+    }
+
     /// The checks serde cannot make (the segment and the template are checked by the store).
     pub fn check(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
@@ -136,7 +153,7 @@ impl BroadcastInput {
                 "segment",
                 "give exactly one of `segment` and `audience`",
             )),
-            (None, Some(audience)) => {
+            (None, Some(AudienceSpec::Condition(audience))) => {
                 if let Err(e) = crate::segments::compile(audience) {
                     errors.push(FieldError::new("audience", e));
                 }

@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::model::{Broadcast, BroadcastInput, BroadcastStatus, Throttle, parse_local};
 use super::store::{self, BroadcastRow, NewBroadcast};
 use crate::AppState;
+use crate::campaigns::store as campaigns;
 use crate::channels::store as channels;
 use crate::domain::{Purpose, TenantContext};
 use crate::error::{ApiError, ApiResult};
@@ -85,11 +86,16 @@ async fn create_broadcast(
 ) -> ApiResult<(StatusCode, Json<Broadcast>)> {
     let mut errors = input.check();
     let mut tx = state.pool.begin().await?;
-    if let Some(segment) = input.segment
-        && !store::segment_exists(&mut tx, tenant.id, segment).await?
+    if let Some(segment) = input.segment_id()
+        && !campaigns::hold_segment(&mut tx, tenant.id, segment).await?
     {
+        let field = if input.segment.is_some() {
+            "segment"
+        } else {
+            "audience.segment"
+        };
         errors.push(FieldError::new(
-            "segment",
+            field,
             format!("no segment with id {segment}"),
         ));
     }
@@ -145,8 +151,8 @@ async fn create_broadcast(
     }
     let new = NewBroadcast {
         name: input.name.trim(),
-        segment_id: input.segment,
-        audience: input.audience.as_deref(),
+        segment_id: input.segment_id(),
+        audience: input.condition(),
         template_key: &input.template,
         channels: input.channels.iter().map(|c| c.as_str()).collect(),
         purpose,

@@ -169,36 +169,6 @@ pub async fn list(
         .await?)
 }
 
-/// Whether the segment exists.
-pub async fn segment_exists(
-    conn: &mut PgConnection,
-    tenant: TenantId,
-    segment: Uuid,
-) -> StoreResult<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM segments WHERE tenant_id = $1 AND id = $2)",
-    )
-    .bind(tenant)
-    .bind(segment)
-    .fetch_one(conn)
-    .await?)
-}
-
-/// A segment's condition as it is now (the walk reads it at each turn).
-pub async fn segment_condition(
-    conn: &mut PgConnection,
-    tenant: TenantId,
-    segment: Uuid,
-) -> StoreResult<Option<String>> {
-    Ok(
-        sqlx::query_scalar("SELECT condition FROM segments WHERE tenant_id = $1 AND id = $2")
-            .bind(tenant)
-            .bind(segment)
-            .fetch_optional(conn)
-            .await?,
-    )
-}
-
 /// Moves a locked broadcast to `status`; scheduling sets when the walk starts.
 pub async fn set_status(
     conn: &mut PgConnection,

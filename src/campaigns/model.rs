@@ -86,6 +86,86 @@ impl<'de> Deserialize<'de> for Condition {
     }
 }
 
+/// Who may enrol in a campaign.
+#[derive(Debug, Clone)]
+pub enum Audience {
+    /// A condition written in the campaign.
+    Condition(Condition),
+    /// A segment's condition, read when a contact is evaluated: editing the segment changes
+    /// who enrols from then on.
+    Segment(Uuid),
+}
+
+impl Audience {
+    pub fn segment(&self) -> Option<Uuid> {
+        match self {
+            Audience::Segment(id) => Some(*id),
+            Audience::Condition(_) => None,
+        }
+    }
+}
+
+impl Serialize for Audience {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Audience::Condition(c) => c.serialize(s),
+            Audience::Segment(id) => {
+                use serde::ser::SerializeMap;
+                let mut map = s.serialize_map(Some(1))?;
+                map.serialize_entry("segment", id)?;
+                map.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Audience {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match AudienceSpec::deserialize(d)? {
+            AudienceSpec::Condition(source) => Condition::compile(&source)
+                .map(Audience::Condition)
+                .map_err(de::Error::custom),
+            AudienceSpec::Segment(id) => Ok(Audience::Segment(id)),
+        }
+    }
+}
+
+/// An audience as written, before its condition is compiled: a CEL source or
+/// `{"segment": "<id>"}`. Campaigns compile it as [`Audience`]; broadcasts check it as a
+/// condition over the contact alone.
+#[derive(Debug, Clone)]
+pub enum AudienceSpec {
+    Condition(String),
+    Segment(Uuid),
+}
+
+impl<'de> Deserialize<'de> for AudienceSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        const SHAPE: &str = r#"write a CEL condition or {"segment": "<segment id>"}"#;
+        match Value::deserialize(d)? {
+            Value::String(source) => Ok(AudienceSpec::Condition(source)),
+            Value::Object(map) if map.len() == 1 => match map.get("segment") {
+                Some(Value::String(id)) => Uuid::parse_str(id)
+                    .map(AudienceSpec::Segment)
+                    .map_err(|_| de::Error::custom(format!("`{id}` is not a segment id"))),
+                _ => Err(de::Error::custom(SHAPE)),
+            },
+            _ => Err(de::Error::custom(SHAPE)),
+        }
+    }
+}
+
+/// How `audience` is written (for the API document; [`Audience`] reads and writes it).
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum AudienceDoc {
+    /// A CEL condition over `contact` and the trigger `event`.
+    #[schema(example = "contact.attributes.credit_limit > 1000")]
+    Condition(String),
+    /// A segment by id.
+    Segment { segment: Uuid },
+}
+
 /// A length of time written `30s`, `15m`, `2h`, `3d`, `1w` or combined (`1d12h`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Span {
@@ -413,10 +493,11 @@ pub struct Definition {
     #[schema(example = "First purchase nudge")]
     pub name: String,
     pub trigger: Trigger,
-    /// A CEL condition over `contact` (and the trigger `event`) a contact must meet to enrol.
+    /// Who may enrol: a CEL condition over `contact` (and the trigger `event`), or a segment
+    /// named as `{"segment": "<id>"}` (its condition as it is when the contact is evaluated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
-    pub audience: Option<Condition>,
+    #[schema(value_type = Option<AudienceDoc>)]
+    pub audience: Option<Audience>,
     pub steps: Vec<Step>,
     /// Events that end a journey (goals: a purchase ends the nudge).
     #[serde(default)]

@@ -76,6 +76,7 @@ async fn create_campaign(
     def.check().map_err(ApiError::validation)?;
     let mut tx = state.pool.begin().await?;
     store::check_templates(&mut tx, tenant.id, &def).await?;
+    store::check_audience(&mut tx, tenant.id, &def).await?;
     let campaign = store::create(&mut tx, tenant.id, &def).await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(campaign)))
@@ -157,6 +158,7 @@ async fn update_campaign(
     let def: Definition = parse_json(&bytes)?;
     def.check().map_err(ApiError::validation)?;
     store::check_templates(&mut tx, tenant.id, &def).await?;
+    store::check_audience(&mut tx, tenant.id, &def).await?;
     let campaign = store::update(&mut tx, tenant.id, id, &def).await?;
     tx.commit().await?;
     Ok(Json(campaign))

@@ -88,16 +88,39 @@ pub async fn update(
 
 /// Deletes a segment no broadcast names (a 409 otherwise: they keep what they were sent to).
 pub async fn delete(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> StoreResult<bool> {
-    let named: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM broadcasts WHERE tenant_id = $1 AND segment_id = $2",
+    // The row first, `FOR UPDATE`: a campaign naming the segment holds it `FOR SHARE` until it
+    // commits, so the count of campaigns below sees it.
+    let exists: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM segments WHERE tenant_id = $1 AND id = $2 FOR UPDATE")
+            .bind(tenant)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if exists.is_none() {
+        return Ok(false);
+    }
+    let (broadcasts, campaigns): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM broadcasts WHERE tenant_id = $1 AND segment_id = $2),
+                (SELECT count(*) FROM campaigns c
+                   JOIN campaign_versions v
+                     ON v.tenant_id = c.tenant_id AND v.campaign_id = c.id
+                    AND v.version = c.version
+                  WHERE c.tenant_id = $1 AND c.status <> 'archived'
+                    AND v.definition -> 'audience' ->> 'segment' = $2::text)",
     )
     .bind(tenant)
     .bind(id)
     .fetch_one(&mut *conn)
     .await?;
-    if named > 0 {
+    if broadcasts > 0 {
         return Err(StoreError::Conflict(format!(
-            "{named} broadcast(s) name this segment; it cannot be deleted"
+            "{broadcasts} broadcast(s) name this segment; it cannot be deleted"
+        )));
+    }
+    if campaigns > 0 {
+        return Err(StoreError::Conflict(format!(
+            "{campaigns} campaign(s) not archived name this segment as their audience; \
+             archive them or change their audience first"
         )));
     }
     let done = sqlx::query("DELETE FROM segments WHERE tenant_id = $1 AND id = $2")

@@ -691,3 +691,124 @@ async fn a_providers_429_holds_the_channel_without_spending_attempts() {
         .unwrap();
     assert!(rows.iter().all(|r| r.0 == "sent"), "{rows:?}");
 }
+
+/// A campaign's audience may name a segment: who enrols follows the segment as it is when the
+/// contact is evaluated, a segment of another tenant or none is a 422, and a segment a live
+/// campaign names cannot be deleted until the campaign is archived.
+#[tokio::test]
+async fn a_campaign_audience_can_name_a_segment() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let other = app.tenant("globex").await;
+    template(&app, &t, "hello", json!({"sms": {"hr": {"text": "Bok!"}}})).await;
+    for (who, tier, phone) in [
+        ("ana", "gold", "091 111 1111"),
+        ("ivo", "basic", "091 222 2222"),
+    ] {
+        app.contact(
+            &t,
+            who,
+            json!({"phone": phone, "attributes": {"tier": tier}}),
+        )
+        .await;
+    }
+    let gold = segment(&app, &t, "Gold", "contact.attributes.tier == 'gold'").await;
+    let theirs = segment(&app, &other, "Theirs", "true").await;
+    let def = |audience: Value| {
+        json!({"name": "Welcome", "trigger": {"event": "visit.started"}, "audience": audience,
+               "reentry": "always", "steps": [{"type": "send", "template": "hello"}]})
+    };
+    for bad in [
+        json!({"segment": theirs}),
+        json!({"segment": "not-an-id"}),
+        json!({"segment": gold, "extra": 1}),
+        json!(5),
+    ] {
+        let r = app.post("/v1/campaigns", &t.key, def(bad.clone())).await;
+        r.assert_problem(422);
+        assert!(
+            r.error_fields().iter().all(|f| f.starts_with("audience")),
+            "{bad}: {}",
+            r.text
+        );
+    }
+    let r = app
+        .post("/v1/campaigns", &t.key, def(json!({"segment": gold})))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.body["audience"], json!({"segment": gold}));
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let r = app
+        .post(&format!("/v1/campaigns/{id}/activate"), &t.key, json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let visit = |who: &'static str| {
+        let app = &app;
+        let key = t.key.clone();
+        async move {
+            let r = app
+                .post(
+                    "/v1/events",
+                    &key,
+                    json!({"type": "visit.started", "contact": {"external_id": who}}),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        }
+    };
+    let sent_to = |app: &TestApp| -> Vec<String> {
+        let mut to: Vec<String> = app
+            .outbox_log()
+            .iter()
+            .map(|m| m["to"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        to.sort();
+        to
+    };
+    visit("ana").await;
+    visit("ivo").await;
+    app.drain().await;
+    assert_eq!(sent_to(&app), ["+385911111111"]);
+    // The segment changes: so does who enrols.
+    let r = app
+        .patch(
+            &format!("/v1/segments/{gold}"),
+            &t.key,
+            json!({"condition": "contact.attributes.tier == 'basic'"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    visit("ana").await;
+    visit("ivo").await;
+    app.drain().await;
+    assert_eq!(sent_to(&app), ["+385911111111", "+385912222222"]);
+    // A broadcast names a segment the same way; another tenant's is unknown here.
+    template(
+        &app,
+        &other,
+        "hello",
+        json!({"sms": {"hr": {"text": "Bok!"}}}),
+    )
+    .await;
+    let body = |segment: &str| {
+        json!({"name": "Blast", "audience": {"segment": segment}, "template": "hello",
+               "channels": ["sms"]})
+    };
+    let r = app.post("/v1/broadcasts", &t.key, body(&theirs)).await;
+    r.assert_problem(422);
+    assert_eq!(r.error_fields(), ["audience.segment"], "{}", r.text);
+    let r = app.post("/v1/broadcasts", &other.key, body(&theirs)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.body["segment_id"], json!(theirs));
+    assert_eq!(r.body["audience"], Value::Null);
+    // Named by a live campaign: not deleted; once the campaign is archived, it can be.
+    app.delete(&format!("/v1/segments/{gold}"), &t.key)
+        .await
+        .assert_problem(409);
+    let r = app
+        .post(&format!("/v1/campaigns/{id}/archive"), &t.key, json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = app.delete(&format!("/v1/segments/{gold}"), &t.key).await;
+    assert!(r.status.is_success(), "{}", r.text);
+}

@@ -29,10 +29,10 @@ pub(super) async fn evaluate(
             .await?;
         let contact = facts::contact(&scope.facts);
         let ev = facts::event("schedule", &json!({}), now, 1, "rapport");
-        if def
-            .audience
-            .as_ref()
-            .is_none_or(|a| facts::holds(a, &contact, &ev, now))
+        if scope
+            .gate(conn, &def)
+            .await?
+            .admits(|a| facts::holds(a, &contact, &ev, now))
         {
             let trigger =
                 json!({"type": "schedule", "schedule": def.trigger.schedule, "occurrence": key});
@@ -229,9 +229,7 @@ pub(super) async fn consume(
         if !fires {
             continue;
         }
-        if let Some(audience) = &def.audience
-            && !bound.holds(audience)
-        {
+        if !scope.gate(conn, &def).await?.admits(|a| bound.holds(a)) {
             continue;
         }
         let trigger = json!({"id": event.id, "type": event.kind, "properties": event.properties,

@@ -33,7 +33,9 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::cel as facts;
-use super::model::{AgentChoice, Definition, QuietHours, Reentry, Schedule, Step};
+use super::model::{
+    AgentChoice, Audience, Condition, Definition, QuietHours, Reentry, Schedule, Step,
+};
 use super::model::{CampaignStatus, JourneyStatus};
 use super::store::journeys::{Enrolment, Journey, Pending};
 use super::store::{self, RunningCampaign, parse_definition};
@@ -161,9 +163,61 @@ pub(super) struct Scope<'a> {
     /// When the contact last enrolled in each running campaign that re-enrols only after a
     /// while (`reentry: "30d"`), kept up to date as this evaluation enrols.
     last_enrolled: Mutex<HashMap<Uuid, DateTime<Utc>>>,
+    /// The conditions of the segments audiences name, read once per chunk (`None`: gone).
+    segments: &'a Mutex<HashMap<Uuid, Option<Condition>>>,
+}
+
+/// Who a campaign version admits, its audience resolved.
+pub(super) enum Gate {
+    Anyone,
+    Must(Condition),
+    /// The segment the audience names is gone (or its condition no longer compiles).
+    NoOne,
+}
+
+impl Gate {
+    pub(super) fn admits(&self, holds: impl FnOnce(&Condition) -> bool) -> bool {
+        match self {
+            Gate::Anyone => true,
+            Gate::Must(c) => holds(c),
+            Gate::NoOne => false,
+        }
+    }
 }
 
 impl Scope<'_> {
+    /// The audience of `def`: its own condition, or the named segment's as it is now.
+    async fn gate(&self, conn: &mut PgConnection, def: &Definition) -> EngineResult<Gate> {
+        let segment = match &def.audience {
+            None => return Ok(Gate::Anyone),
+            Some(Audience::Condition(c)) => return Ok(Gate::Must(c.clone())),
+            Some(Audience::Segment(id)) => *id,
+        };
+        let known = {
+            let cache = self.segments.lock().unwrap_or_else(|e| e.into_inner());
+            cache.get(&segment).cloned()
+        };
+        let condition = match known {
+            Some(c) => c,
+            None => {
+                let source = store::segment_condition(conn, self.tenant.id, segment).await?;
+                let compiled = source.and_then(|s| match Condition::compile(&s) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!(%segment, error = %e, "a segment's condition no longer compiles");
+                        None
+                    }
+                });
+                self.segments
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(segment, compiled.clone());
+                compiled
+            }
+        };
+        Ok(condition.map_or(Gate::NoOne, Gate::Must))
+    }
+
     fn last_enrolled(&self, campaign: Uuid) -> Option<DateTime<Utc>> {
         let last = self.last_enrolled.lock().unwrap_or_else(|e| e.into_inner());
         last.get(&campaign).copied()

@@ -224,6 +224,7 @@ pub(super) async fn process_contacts(
         }
         let mut emitted = Vec::new();
         let mut touched: Vec<Journey> = Vec::new();
+        let segments = Mutex::new(HashMap::new());
         for (contact_id, scheduled) in batch {
             let Some(contact) = found.remove(contact_id) else {
                 continue;
@@ -239,6 +240,7 @@ pub(super) async fn process_contacts(
                 campaigns: &campaigns,
                 emitted: Mutex::new(Vec::new()),
                 last_enrolled: Mutex::new(last_enrolled.remove(contact_id).unwrap_or_default()),
+                segments: &segments,
             };
             let events_of = pending.remove(contact_id).unwrap_or_default();
             let mut mine = journeys.remove(contact_id).unwrap_or_default();

@@ -473,6 +473,57 @@ pub async fn record_broadcast_sends(
     Ok(())
 }
 
+/// Whether `segment` is this tenant's, holding its row (`FOR SHARE`) until the transaction
+/// ends: a segment cannot be deleted between this check and the commit of the campaign or
+/// broadcast that names it (deleting takes the row `FOR UPDATE`, then counts who names it).
+pub async fn hold_segment(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    segment: Uuid,
+) -> StoreResult<bool> {
+    let found: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM segments WHERE tenant_id = $1 AND id = $2 FOR SHARE")
+            .bind(tenant)
+            .bind(segment)
+            .fetch_optional(conn)
+            .await?;
+    Ok(found.is_some())
+}
+
+/// Checks the segment an `audience` names: it must be this tenant's (held, as above).
+pub async fn check_audience(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    def: &Definition,
+) -> StoreResult<()> {
+    let Some(segment) = def.audience.as_ref().and_then(|a| a.segment()) else {
+        return Ok(());
+    };
+    if hold_segment(conn, tenant, segment).await? {
+        return Ok(());
+    }
+    Err(StoreError::Invalid(Invalid(vec![FieldError::new(
+        "audience.segment",
+        format!("no segment with id `{segment}`"),
+    )])))
+}
+
+/// A segment's condition as it is now (`None`: the segment is gone), for an audience that
+/// names it.
+pub async fn segment_condition(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    segment: Uuid,
+) -> StoreResult<Option<String>> {
+    Ok(
+        sqlx::query_scalar("SELECT condition FROM segments WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant)
+            .bind(segment)
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
 /// A campaign the engine looks at: active, or paused (its journeys still exit).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct RunningCampaign {
