@@ -43,10 +43,10 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
     /// Scenarios to run, comma-separated: events,batch,rules,dispatch,e2e,reads,contacts,
-    /// import.
+    /// import,broadcast.
     #[arg(
         long,
-        default_value = "events,batch,rules,dispatch,e2e,reads,contacts,import"
+        default_value = "events,batch,rules,dispatch,e2e,reads,contacts,import,broadcast"
     )]
     scenarios: String,
     /// Rows of the CSV file the import scenario (7e) loads.
@@ -55,6 +55,19 @@ struct Args {
     /// Messages queued for the dispatch scenario.
     #[arg(long, default_value_t = 100_000)]
     dispatch_messages: usize,
+    /// Contacts of the tenant in the broadcast scenario (8), half of them members of the
+    /// broadcast's segment: written straight into the table, on top of those the other
+    /// scenarios made (always the members; others only up to this number).
+    #[arg(long, default_value_t = 1_000_000)]
+    broadcast_contacts: u64,
+    /// Seconds from `schedule` to the broadcast's `send_at` (8a, 8b): its walk starts at
+    /// once and queues every message ahead of that time, which 8b then sends from.
+    #[arg(long, default_value_t = 40.0)]
+    broadcast_lead: f64,
+    /// Single events a second posted during the broadcast (8c), for three times `--duration`
+    /// from `schedule`.
+    #[arg(long, default_value_t = 500.0)]
+    broadcast_ingest_rate: f64,
     /// Contacts created before the scenarios run.
     #[arg(long, default_value_t = 10_000)]
     contacts: usize,
@@ -289,6 +302,8 @@ struct Bench {
 #[derive(Clone, Default)]
 struct Stub {
     seen: Arc<Mutex<HashMap<String, (u32, Instant)>>>,
+    /// When each request arrived, for the busiest second of a paced channel.
+    arrivals: Arc<Mutex<Vec<Instant>>>,
     requests: Arc<AtomicU64>,
     url: String,
 }
@@ -307,6 +322,10 @@ async fn stub_messages(
         let mut seen = stub.seen.lock().unwrap_or_else(|e| e.into_inner());
         seen.entry(text).or_insert((0, Instant::now())).0 += 1;
     }
+    stub.arrivals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Instant::now());
     (
         axum::http::StatusCode::CREATED,
         axum::Json(
@@ -337,6 +356,10 @@ impl Stub {
 
     fn reset(&self) {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.requests.store(0, Ordering::Relaxed);
     }
 }
@@ -1084,6 +1107,287 @@ async fn scenario_import(b: &Bench) -> anyhow::Result<Row> {
     Ok(row)
 }
 
+/// Half of `--broadcast-contacts` new contacts with `attributes.half` (every 250th of them
+/// also `attributes.sample`), and as many more without as bring the tenant to
+/// `--broadcast-contacts`; written straight into the table (as a finished import would leave
+/// them, with the consents of the API-made ones). Members of each segment.
+async fn fill_contacts(b: &Bench, tenant: uuid::Uuid) -> anyhow::Result<(i64, i64)> {
+    let consents: Value =
+        sqlx::query_scalar("SELECT consents FROM contacts WHERE tenant_id = $1 LIMIT 1")
+            .bind(tenant)
+            .fetch_one(&b.db)
+            .await?;
+    let have: i64 = sqlx::query_scalar("SELECT count(*) FROM contacts WHERE tenant_id = $1")
+        .bind(tenant)
+        .fetch_one(&b.db)
+        .await?;
+    let target = b.args.broadcast_contacts as i64;
+    let members = target / 2;
+    let extra = members + (target - have - members).max(0);
+    for start in (0..extra).step_by(100_000) {
+        let end = (start + 100_000).min(extra);
+        sqlx::query(
+            "INSERT INTO contacts (tenant_id, id, external_id, phone, first_name, locale,
+                                   country, attributes, consents)
+             SELECT $1, gen_random_uuid(), 'b' || n, '+3859' || (20000000 + n)::text, 'Ana',
+                    'hr', 'HR',
+                    jsonb_build_object('half', n < $5, 'sample', n < $5 AND n % 250 = 0,
+                                       'credit_limit', 10000),
+                    $2
+             FROM generate_series($3::bigint, $4::bigint - 1) AS n",
+        )
+        .bind(tenant)
+        .bind(&consents)
+        .bind(start)
+        .bind(end)
+        .bind(members)
+        .execute(&b.db)
+        .await?;
+    }
+    sqlx::query("VACUUM (ANALYZE) contacts")
+        .execute(&b.db)
+        .await?;
+    let (half, sample): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE attributes @> '{\"half\": true}'),
+                count(*) FILTER (WHERE attributes @> '{\"sample\": true}')
+         FROM contacts WHERE tenant_id = $1",
+    )
+    .bind(tenant)
+    .fetch_one(&b.db)
+    .await?;
+    Ok((half, sample))
+}
+
+/// Creates a segment and a broadcast of the bench template to it over SMS; its id.
+async fn create_broadcast(
+    b: &Bench,
+    name: &str,
+    condition: &str,
+    send_at: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<String> {
+    let seg: Value = b
+        .post(
+            "/v1/segments",
+            json!({"name": name, "condition": condition}),
+        )
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let body = json!({"name": name, "segment": seg["id"], "template": "bench_offer",
+                      "channels": ["sms"], "purpose": "marketing", "send_at": send_at,
+                      "suppress_while_ticket_open": false});
+    let r = b.post("/v1/broadcasts", body).send().await?;
+    let status = r.status();
+    let made: Value = r.json().await?;
+    if !status.is_success() {
+        bail!("the broadcast was refused ({status}): {made}");
+    }
+    Ok(made["id"].as_str().context("broadcast id")?.to_owned())
+}
+
+/// Schedules broadcast `id` and follows it: seconds from `schedule` until every member was
+/// queued (the walk completed) and until none of its messages waits any more; its progress.
+async fn follow_broadcast(b: &Bench, id: &str) -> anyhow::Result<(f64, f64, Value)> {
+    let t0 = Instant::now();
+    b.post(&format!("/v1/broadcasts/{id}/schedule"), json!({}))
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut walked = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if walked.is_none() {
+            // The status column, not `GET /v1/broadcasts/{id}`: its delivery stats count the
+            // broadcast's messages, a load of the benchmark's own on the database it measures.
+            let status: String = sqlx::query_scalar("SELECT status FROM broadcasts WHERE id = $1")
+                .bind(uuid::Uuid::parse_str(id)?)
+                .fetch_one(&b.db)
+                .await?;
+            match status.as_str() {
+                "completed" => walked = Some(t0.elapsed().as_secs_f64()),
+                "failed" | "cancelled" => bail!("broadcast {id} stopped: {status}"),
+                _ => {}
+            }
+        } else {
+            let left: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM messages
+                                WHERE broadcast_id = $1 AND status IN ('queued', 'sending'))",
+            )
+            .bind(uuid::Uuid::parse_str(id)?)
+            .fetch_one(&b.db)
+            .await?;
+            if !left {
+                break;
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(1800) {
+            bail!("broadcast {id} did not finish in 30 minutes");
+        }
+    }
+    let done = t0.elapsed().as_secs_f64();
+    let view: Value = b
+        .http
+        .get(format!("{}/v1/broadcasts/{id}", b.url))
+        .bearer_auth(&b.key)
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok((walked.unwrap_or(done), done, view))
+}
+
+/// Scenario 8: one broadcast over SMS to half of a 1,000,000-contact tenant, with single
+/// events posted while it runs; then a small one on a channel capped at 100 a second.
+async fn scenario_broadcast(b: &Bench) -> anyhow::Result<Vec<Row>> {
+    use_stub(b).await?;
+    let tenant: uuid::Uuid = sqlx::query_scalar("SELECT id FROM tenants LIMIT 1")
+        .fetch_one(&b.db)
+        .await?;
+    let (members, sampled) = fill_contacts(b, tenant).await?;
+    b.http
+        .put(format!("{}/v1/templates/bench_offer", b.url))
+        .bearer_auth(&b.key)
+        .json(&json!({"purpose": "marketing",
+                      "sms": {"hr": {"text": "Ponuda za {{ contact.external_id }}: 0% kamata"}}}))
+        .send()
+        .await?
+        .error_for_status()?;
+    settle(b).await?;
+    let lead = b.args.broadcast_lead;
+    let send_at = chrono::Utc::now() + chrono::Duration::milliseconds((lead * 1000.0) as i64);
+    let id = create_broadcast(b, "Half", "contact.attributes.half == true", send_at).await?;
+    b.stub.reset();
+    let w = b.watch();
+    // Single events while the broadcast walks and sends.
+    let http = b.http.clone();
+    let url = format!("{}/v1/events", b.url);
+    let key = b.key.clone();
+    let bodies: Arc<Vec<Value>> = Arc::new(
+        (0..20_000)
+            .map(|n| b.event_body(n, "bench.viewed"))
+            .collect(),
+    );
+    let rate = b.args.broadcast_ingest_rate;
+    let ingest_for = 3.0 * b.args.duration;
+    let ingest = b.open_loop(rate, ingest_for, move |n| {
+        let req = http
+            .post(&url)
+            .bearer_auth(&key)
+            .json(&bodies[n as usize % bodies.len()]);
+        async move {
+            req.send()
+                .await
+                .is_ok_and(|r| r.status() == reqwest::StatusCode::ACCEPTED)
+        }
+    });
+    let (followed, (mut samples, ingest_secs)) = tokio::join!(follow_broadcast(b, &id), ingest);
+    let (walked, done, view) = followed?;
+    let mut walk = b.row(
+        "8a. broadcast: schedule -> every member queued",
+        "messages/s",
+    );
+    b.finish_watch(&mut walk, w);
+    let stats = &view["stats"];
+    let queued = stats["queued"].as_i64().unwrap_or(0);
+    let sent: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM messages WHERE broadcast_id = $1 AND status = 'sent'",
+    )
+    .bind(uuid::Uuid::parse_str(&id)?)
+    .fetch_one(&b.db)
+    .await?;
+    let requests = b.stub.requests.load(Ordering::Relaxed);
+    let distinct = b.stub.seen.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
+    let duplicates = requests.saturating_sub(distinct);
+    walk.throughput = queued as f64 / walked;
+    walk.errors = (members - queued).max(0) as u64;
+    walk.target = format!("{members} queued < 30 s, RSS < 150 MB");
+    walk.met = Some(queued == members && walked < 30.0 && walk.peak_rss_mb < 150.0);
+    walk.notes = format!(
+        "{} contacts, {members} members: walk {walked:.1} s; scanned {}, targeted {}, \
+         queued {queued}, suppressed {}",
+        b.args.broadcast_contacts, stats["scanned"], stats["targeted"], stats["suppressed"]
+    );
+    let mut send = b.row("8b. broadcast: send_at -> every message sent", "messages/s");
+    // Sending starts at send_at (with the walk still going, if it is late).
+    let sending = done - lead;
+    send.throughput = sent as f64 / sending.max(1e-3);
+    send.peak_rss_mb = walk.peak_rss_mb;
+    send.cpu_pct = walk.cpu_pct;
+    send.errors = (members - sent).max(0) as u64;
+    send.target = ">= 5,000/s, zero duplicates".into();
+    send.met = Some(send.throughput >= 5000.0 && duplicates == 0 && sent == members);
+    send.notes = format!(
+        "{sent} of {members} sent in {sending:.1} s from send_at ({lead:.0} s after schedule; \
+         all sent {done:.1} s after); stub requests {requests}, duplicates {duplicates}"
+    );
+    let mut during = b.row("8c. POST /v1/events during the broadcast", "events/s");
+    let count = samples.micros.len() as f64;
+    fill(&mut during, &mut samples, count, ingest_secs);
+    during.target = "p99 < 25 ms".into();
+    during.met = Some(during.p99_ms < 25.0 && during.errors == 0);
+    during.notes = format!("open loop at {rate}/s for {ingest_for:.0} s from `schedule`");
+    // 8d: the channel capped at 100 a second; the busiest second the stub saw.
+    let mut paced = b.row(
+        "8d. broadcast on a channel at max_per_second 100",
+        "messages/s",
+    );
+    b.http
+        .put(format!("{}/v1/channels/sms", b.url))
+        .bearer_auth(&b.key)
+        .json(&json!({"provider": "twilio",
+            "settings": {"account_sid": "ACbench", "from": "+15005550006", "base_url": b.stub.url,
+                         "max_per_second": 100},
+            "secrets": {"auth_token": "bench"}}))
+        .send()
+        .await?
+        .error_for_status()?;
+    settle(b).await?;
+    let id = create_broadcast(
+        b,
+        "Sample",
+        "contact.attributes.sample == true",
+        chrono::Utc::now(),
+    )
+    .await?;
+    b.stub.reset();
+    let w = b.watch();
+    let (_, done, _) = follow_broadcast(b, &id).await?;
+    b.finish_watch(&mut paced, w);
+    let arrivals = b
+        .stub
+        .arrivals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    // The most requests in any window of one second (sliding, not calendar seconds).
+    let mut busiest = 0;
+    let mut first = 0;
+    for (i, at) in arrivals.iter().enumerate() {
+        while at.duration_since(arrivals[first]) >= Duration::from_secs(1) {
+            first += 1;
+        }
+        busiest = busiest.max(i + 1 - first);
+    }
+    let sending = match (arrivals.first(), arrivals.last()) {
+        (Some(a), Some(z)) => z.duration_since(*a).as_secs_f64(),
+        _ => 0.0,
+    };
+    paced.throughput = arrivals.len() as f64 / sending.max(1e-3);
+    paced.errors = (sampled as u64).saturating_sub(arrivals.len() as u64);
+    paced.target = "no second over 110 requests".into();
+    paced.met = Some(busiest <= 110 && arrivals.len() as i64 == sampled);
+    paced.notes = format!(
+        "{} requests for {sampled} members over {sending:.1} s ({done:.1} s from schedule); \
+         busiest second {busiest}",
+        arrivals.len()
+    );
+    // Back to an unpaced channel for any scenario that follows.
+    use_stub(b).await?;
+    Ok(vec![walk, send, during, paced])
+}
+
 async fn create_campaign(b: &Bench, body: Value) -> anyhow::Result<String> {
     let c: Value = b
         .post("/v1/campaigns", body)
@@ -1682,6 +1986,7 @@ async fn run(args: &Args, server: &Server, wanted: &[&str]) -> anyhow::Result<()
                 rows.extend(found)
             }
             "import" => rows.push(scenario_import(&bench).await?),
+            "broadcast" => rows.extend(scenario_broadcast(&bench).await?),
             other => bail!("unknown scenario `{other}`"),
         }
     }

@@ -26,12 +26,12 @@ use uuid::Uuid;
 use self::store::{BroadcastRow, PageCounts};
 use crate::AppState;
 use crate::campaigns::engine::quiet_until;
-use crate::campaigns::model::{FrequencyCap, QuietHours};
+use crate::campaigns::model::{Condition, FrequencyCap, QuietHours};
 use crate::campaigns::store as campaigns;
 use crate::contacts::model::Contact;
 use crate::contacts::store as contacts;
-use crate::domain::{Channel, Purpose, TenantContext};
-use crate::error::StoreResult;
+use crate::domain::{Channel, Purpose, TenantContext, TenantId};
+use crate::error::{StoreError, StoreResult};
 use crate::messages::store::{self as messages, BroadcastSend, EnqueueError, Member};
 use crate::support::store as support;
 
@@ -39,8 +39,8 @@ use crate::support::store as support;
 pub const PAGE: i64 = 2_000;
 /// How long one turn walks before it gives other broadcasts a turn.
 const TURN: Duration = Duration::from_secs(5);
-/// How long before the earliest zone's local time a `send_at_local` walk starts, so that
-/// messages are queued before they are due.
+/// How long before its time (`send_at`, or `send_at_local` in the earliest zone) a walk
+/// starts, so that messages are queued before they are due.
 const LEAD: chrono::Duration = chrono::Duration::minutes(15);
 
 /// The channel the broadcasts' workers are woken on when one is scheduled or resumed.
@@ -67,9 +67,9 @@ fn zone_of(contact: &Contact, tenant_zone: chrono_tz::Tz) -> chrono_tz::Tz {
         .unwrap_or(tenant_zone)
 }
 
-/// When the walk of a broadcast scheduled now starts: its `send_at`, now, or for
-/// `send_at_local` [`LEAD`] before that local time comes in the earliest of the zones the
-/// tenant's contacts live in.
+/// When the walk of a broadcast scheduled now starts: [`LEAD`] before its `send_at`, or
+/// before its `send_at_local` comes in the earliest of the zones the tenant's contacts live
+/// in, so that every message is queued when its time comes; now when it has none.
 pub fn starts_at(
     b: &BroadcastRow,
     zones: &[String],
@@ -77,7 +77,7 @@ pub fn starts_at(
     now: DateTime<Utc>,
 ) -> DateTime<Utc> {
     match (b.send_at, b.send_at_local) {
-        (Some(at), _) => at.max(now),
+        (Some(at), _) => (at - LEAD).max(now),
         (None, Some(local)) => zones
             .iter()
             .filter_map(|z| z.parse::<chrono_tz::Tz>().ok())
@@ -199,10 +199,15 @@ async fn walk(state: &AppState, holder: Uuid, b: BroadcastRow) -> StoreResult<St
     let started = Instant::now();
     let mut cursor = b.cursor;
     let mut next_slot = b.next_slot;
+    // The next page is read and its members decided while this one is written: reading and
+    // evaluating a page costs about as much as writing one, and they use different cores.
+    let mut ahead = Ahead(None);
     while started.elapsed() < TURN {
-        let page = {
-            let mut conn = state.pool.acquire().await?;
-            contacts::scan_page(&mut conn, b.tenant_id, cursor, PAGE).await?
+        let (page, found) = match ahead.0.take() {
+            Some(next) => next
+                .await
+                .map_err(|e| StoreError::Internal(anyhow::anyhow!("page read stopped: {e}")))??,
+            None => decide_page(state.clone(), b.tenant_id, cursor, plan.condition.clone()).await?,
         };
         let Some(last) = page.last().map(|c| c.id) else {
             let mut conn = state.pool.acquire().await?;
@@ -210,9 +215,14 @@ async fn walk(state: &AppState, holder: Uuid, b: BroadcastRow) -> StoreResult<St
             tracing::info!(broadcast = %b.id, tenant = %b.tenant_id, "broadcast walk finished");
             return Ok(Stop::Done);
         };
+        ahead.0 = Some(tokio::spawn(decide_page(
+            state.clone(),
+            b.tenant_id,
+            Some(last),
+            plan.condition.clone(),
+        )));
         let now = state.clock.now();
         let scanned = page.len() as i64;
-        let (page, found) = crate::segments::matching(&plan.condition, page, now).await?;
         let members: Vec<Contact> = page
             .into_iter()
             .zip(found)
@@ -254,6 +264,35 @@ async fn walk(state: &AppState, holder: Uuid, b: BroadcastRow) -> StoreResult<St
         cursor = Some(last);
     }
     Ok(Stop::Turn)
+}
+
+/// The page of the tenant's contacts after `cursor`, each with whether it meets the
+/// condition now (membership is decided here, once per page).
+async fn decide_page(
+    state: AppState,
+    tenant: TenantId,
+    cursor: Option<Uuid>,
+    condition: Condition,
+) -> StoreResult<Decided> {
+    let page = {
+        let mut conn = state.pool.acquire().await?;
+        contacts::scan_page(&mut conn, tenant, cursor, PAGE).await?
+    };
+    crate::segments::matching(&condition, page, state.clock.now()).await
+}
+
+/// A page being read ahead; dropped (a turn ends, the walk stops), its read is abandoned.
+struct Ahead(Option<tokio::task::JoinHandle<StoreResult<Decided>>>);
+
+/// A page of contacts and, for each, whether it is a member.
+type Decided = (Vec<Contact>, Vec<bool>);
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
 }
 
 /// Decides a page's members and queues their messages in the walk's transaction.

@@ -28,6 +28,12 @@ fn the_benchmark_runs_every_scenario_and_writes_its_results() {
             "1",
             "--import-rows",
             "2000",
+            "--broadcast-contacts",
+            "3000",
+            "--broadcast-ingest-rate",
+            "20",
+            "--broadcast-lead",
+            "2",
         ])
         .arg("--json")
         .arg(&out)
@@ -48,7 +54,8 @@ fn the_benchmark_runs_every_scenario_and_writes_its_results() {
     assert_eq!(
         names,
         [
-            "1", "2", "3", "3b", "3c", "4", "5", "6a", "6b", "7a", "7b", "7c", "7d", "7e"
+            "1", "2", "3", "3b", "3c", "4", "5", "6a", "6b", "7a", "7b", "7c", "7d", "7e", "8a",
+            "8b", "8c", "8d"
         ],
         "{results}"
     );
@@ -90,6 +97,15 @@ fn the_benchmark_runs_every_scenario_and_writes_its_results() {
     for row in &rows[11..13] {
         assert_eq!(row["db_limit"], rows[0]["throughput"], "{row}");
     }
+    // The broadcast reached every member once, and the paced one kept to its channel's rate.
+    for row in &rows[14..18] {
+        assert_eq!(row["errors"], 0, "{row}");
+    }
+    assert!(
+        rows[15]["notes"].as_str().unwrap().contains("duplicates 0"),
+        "{}",
+        rows[15]
+    );
     // The latency log has a line per request of the open loops (3b, 6a, 6b).
     let log_text = std::fs::read_to_string(&log).expect("the latency log");
     let _ = std::fs::remove_file(&log);
