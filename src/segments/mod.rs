@@ -40,16 +40,35 @@ pub fn compile(source: &str) -> Result<Condition, String> {
 }
 
 /// Which of `contacts` meet `condition` at `now`. CPU work: run it off the async threads
-/// (see [`matching`]).
+/// (see [`matching`]). A page is split over the machine's cores (at most 4): binding each
+/// contact to CEL values costs ~18 µs, a page of 2,000 some 36 ms on one core.
 pub fn members(condition: &Condition, contacts: &[Contact], now: DateTime<Utc>) -> Vec<bool> {
-    contacts
-        .iter()
-        .map(|c| {
-            let value = serde_json::to_value(c).unwrap_or_default();
-            let facts = cel::Facts::of_contact(&cel::contact(&value), now);
-            facts.holds(condition)
-        })
-        .collect()
+    let one = |c: &Contact| {
+        let value = serde_json::to_value(c).unwrap_or_default();
+        cel::Facts::of_contact(&cel::contact(&value), now).holds(condition)
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    if cores < 2 || contacts.len() < 256 {
+        return contacts.iter().map(one).collect();
+    }
+    let chunk = contacts.len().div_ceil(cores);
+    std::thread::scope(|scope| {
+        let mut parts = contacts.chunks(chunk);
+        let first = parts.next().unwrap_or_default();
+        let others: Vec<_> = parts
+            .map(|part| scope.spawn(move || part.iter().map(one).collect::<Vec<bool>>()))
+            .collect();
+        let mut found: Vec<bool> = first.iter().map(one).collect();
+        for other in others {
+            // A panic in one part (none is expected: evaluation errors are `false`) is
+            // re-raised here, as it would be without the split.
+            match other.join() {
+                Ok(part) => found.extend(part),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        found
+    })
 }
 
 /// [`members`] on a blocking thread, for a page of contacts it takes and gives back.

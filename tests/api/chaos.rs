@@ -486,6 +486,18 @@ async fn sigkill_mid_broadcast_sends_each_member_exactly_once() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // Each message went to a member (pages are evaluated split over the cores: the answers
+    // must come back in the contacts' order).
+    let strangers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM messages m
+         JOIN contacts c ON c.tenant_id = m.tenant_id AND c.id = m.contact_id
+         WHERE m.broadcast_id = $1::uuid AND c.attributes ->> 'plan' IS DISTINCT FROM 'gold'",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(strangers, 0, "messages to contacts outside the segment");
     let requests = stub.received_requests().await.unwrap_or_default();
     let tokens: std::collections::HashSet<String> = requests
         .iter()
