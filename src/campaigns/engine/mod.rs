@@ -167,19 +167,22 @@ pub(super) struct Scope<'a> {
     segments: &'a Mutex<HashMap<Uuid, Option<Condition>>>,
 }
 
-/// Who a campaign version admits, its audience resolved.
-pub(super) enum Gate {
+/// Who a campaign version admits, its audience resolved. The campaign's own condition is
+/// borrowed (this runs for every event that fires a campaign), a segment's is shared.
+pub(super) enum Gate<'d> {
     Anyone,
-    Must(Condition),
+    Own(&'d Condition),
+    Segment(Condition),
     /// The segment the audience names is gone (or its condition no longer compiles).
     NoOne,
 }
 
-impl Gate {
+impl Gate<'_> {
     pub(super) fn admits(&self, holds: impl FnOnce(&Condition) -> bool) -> bool {
         match self {
             Gate::Anyone => true,
-            Gate::Must(c) => holds(c),
+            Gate::Own(c) => holds(c),
+            Gate::Segment(c) => holds(c),
             Gate::NoOne => false,
         }
     }
@@ -187,10 +190,14 @@ impl Gate {
 
 impl Scope<'_> {
     /// The audience of `def`: its own condition, or the named segment's as it is now.
-    async fn gate(&self, conn: &mut PgConnection, def: &Definition) -> EngineResult<Gate> {
+    async fn gate<'d>(
+        &self,
+        conn: &mut PgConnection,
+        def: &'d Definition,
+    ) -> EngineResult<Gate<'d>> {
         let segment = match &def.audience {
             None => return Ok(Gate::Anyone),
-            Some(Audience::Condition(c)) => return Ok(Gate::Must(c.clone())),
+            Some(Audience::Condition(c)) => return Ok(Gate::Own(c)),
             Some(Audience::Segment(id)) => *id,
         };
         let known = {
@@ -215,7 +222,7 @@ impl Scope<'_> {
                 compiled
             }
         };
-        Ok(condition.map_or(Gate::NoOne, Gate::Must))
+        Ok(condition.map_or(Gate::NoOne, Gate::Segment))
     }
 
     fn last_enrolled(&self, campaign: Uuid) -> Option<DateTime<Utc>> {
