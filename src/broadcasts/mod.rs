@@ -26,10 +26,9 @@ use uuid::Uuid;
 use self::store::{BroadcastRow, PageCounts};
 use crate::AppState;
 use crate::campaigns::engine::quiet_until;
-use crate::campaigns::model::{Condition, FrequencyCap, QuietHours};
+use crate::campaigns::model::{FrequencyCap, QuietHours};
 use crate::campaigns::store as campaigns;
 use crate::contacts::model::Contact;
-use crate::contacts::store as contacts;
 use crate::domain::{Channel, Purpose, TenantContext, TenantId};
 use crate::error::{StoreError, StoreResult};
 use crate::messages::store::{self as messages, BroadcastSend, EnqueueError, Member};
@@ -93,7 +92,7 @@ pub fn starts_at(
 struct Plan {
     tenant: TenantContext,
     tenant_zone: chrono_tz::Tz,
-    condition: crate::campaigns::model::Condition,
+    scan: crate::segments::Scan,
     channels: Vec<Channel>,
     purpose: Purpose,
     quiet_hours: Option<QuietHours>,
@@ -163,7 +162,7 @@ async fn plan(state: &AppState, b: &BroadcastRow) -> StoreResult<Result<Plan, St
     let tenant_zone = tenant.timezone.parse().unwrap_or(chrono_tz::UTC);
     Ok(Ok(Plan {
         tenant_zone,
-        condition,
+        scan: crate::segments::Scan::new(condition),
         channels: b
             .channels
             .iter()
@@ -203,13 +202,13 @@ async fn walk(state: &AppState, holder: Uuid, b: BroadcastRow) -> StoreResult<St
     // evaluating a page costs about as much as writing one, and they use different cores.
     let mut ahead = Ahead(None);
     while started.elapsed() < TURN {
-        let (page, found) = match ahead.0.take() {
+        let page = match ahead.0.take() {
             Some(next) => next
                 .await
                 .map_err(|e| StoreError::Internal(anyhow::anyhow!("page read stopped: {e}")))??,
-            None => decide_page(state.clone(), b.tenant_id, cursor, plan.condition.clone()).await?,
+            None => decide_page(state.clone(), b.tenant_id, cursor, plan.scan.clone()).await?,
         };
-        let Some(last) = page.last().map(|c| c.id) else {
+        let Some(last) = page.last else {
             let mut conn = state.pool.acquire().await?;
             store::finish(&mut conn, b.tenant_id, b.id, holder).await?;
             tracing::info!(broadcast = %b.id, tenant = %b.tenant_id, "broadcast walk finished");
@@ -219,15 +218,11 @@ async fn walk(state: &AppState, holder: Uuid, b: BroadcastRow) -> StoreResult<St
             state.clone(),
             b.tenant_id,
             Some(last),
-            plan.condition.clone(),
+            plan.scan.clone(),
         )));
         let now = state.clock.now();
-        let scanned = page.len() as i64;
-        let members: Vec<Contact> = page
-            .into_iter()
-            .zip(found)
-            .filter_map(|(c, m)| m.then_some(c))
-            .collect();
+        let scanned = page.scanned as i64;
+        let members = page.members;
         let mut tx = state.pool.begin().await?;
         if !store::advance(
             &mut tx,
@@ -266,26 +261,20 @@ async fn walk(state: &AppState, holder: Uuid, b: BroadcastRow) -> StoreResult<St
     Ok(Stop::Turn)
 }
 
-/// The page of the tenant's contacts after `cursor`, each with whether it meets the
-/// condition now (membership is decided here, once per page).
+/// The page of the tenant's contacts after `cursor`, with the members among them now
+/// (membership is decided here, once per page).
 async fn decide_page(
     state: AppState,
     tenant: TenantId,
     cursor: Option<Uuid>,
-    condition: Condition,
-) -> StoreResult<Decided> {
-    let page = {
-        let mut conn = state.pool.acquire().await?;
-        contacts::scan_page(&mut conn, tenant, cursor, PAGE).await?
-    };
-    crate::segments::matching(&condition, page, state.clock.now()).await
+    scan: crate::segments::Scan,
+) -> StoreResult<crate::segments::Page> {
+    let now = state.clock.now();
+    crate::segments::page(&state.pool, tenant, cursor, PAGE, &scan, now).await
 }
 
 /// A page being read ahead; dropped (a turn ends, the walk stops), its read is abandoned.
-struct Ahead(Option<tokio::task::JoinHandle<StoreResult<Decided>>>);
-
-/// A page of contacts and, for each, whether it is a member.
-type Decided = (Vec<Contact>, Vec<bool>);
+struct Ahead(Option<tokio::task::JoinHandle<StoreResult<crate::segments::Page>>>);
 
 impl Drop for Ahead {
     fn drop(&mut self) {

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::model::Condition;
+use crate::contacts::model::Contact;
 
 fn env() -> Arc<cel::Env> {
     static ENV: OnceLock<Arc<cel::Env>> = OnceLock::new();
@@ -220,6 +221,304 @@ pub fn contact(serialized: &Value) -> Cel {
         (k.as_str(), value)
     });
     object(entries)
+}
+
+/// The fields of `contact` conditions can read (what the API serialises).
+pub const CONTACT_FIELDS: [&str; 18] = [
+    "id",
+    "external_id",
+    "email",
+    "phone",
+    "viber_id",
+    "first_name",
+    "last_name",
+    "locale",
+    "country",
+    "timezone",
+    "birthday",
+    "owner_agent_id",
+    "attributes",
+    "consents",
+    "stats",
+    "last_event_at",
+    "created_at",
+    "updated_at",
+];
+
+/// The fields of `contact` a program reads (`contact.attributes`, `has(contact.email)`), or
+/// None when it uses `contact` some other way (`contact['email']`, `contact` as a value),
+/// so that binding only those fields ([`contact_of`]) gives the same answer as the whole
+/// contact.
+pub fn contact_fields(program: &cel::Program) -> Option<std::collections::BTreeSet<String>> {
+    let mut fields = std::collections::BTreeSet::new();
+    contact_fields_in(program.expression(), &mut fields).then_some(fields)
+}
+
+fn contact_fields_in(e: &cel::IdedExpr, fields: &mut std::collections::BTreeSet<String>) -> bool {
+    use cel::common::ast::{EntryExpr, Expr};
+    match &e.expr {
+        Expr::Unspecified | Expr::Literal(_) => true,
+        Expr::Ident(name) => name != "contact",
+        Expr::Select(select) => match &select.operand.expr {
+            Expr::Ident(name) if name == "contact" => {
+                fields.insert(select.field.clone());
+                true
+            }
+            _ => contact_fields_in(&select.operand, fields),
+        },
+        Expr::List(list) => list.elements.iter().all(|e| contact_fields_in(e, fields)),
+        Expr::Map(map) => map.entries.iter().all(|entry| match &entry.expr {
+            EntryExpr::MapEntry(m) => {
+                contact_fields_in(&m.key, fields) && contact_fields_in(&m.value, fields)
+            }
+            EntryExpr::StructField(f) => contact_fields_in(&f.value, fields),
+        }),
+        Expr::Struct(s) => s.entries.iter().all(|entry| match &entry.expr {
+            EntryExpr::StructField(f) => contact_fields_in(&f.value, fields),
+            EntryExpr::MapEntry(m) => {
+                contact_fields_in(&m.key, fields) && contact_fields_in(&m.value, fields)
+            }
+        }),
+        Expr::Comprehension(c) => [
+            &c.iter_range,
+            &c.accu_init,
+            &c.loop_cond,
+            &c.loop_step,
+            &c.result,
+        ]
+        .into_iter()
+        .all(|e| contact_fields_in(e, fields)),
+        Expr::Call(call) => call
+            .target
+            .iter()
+            .map(|t| &**t)
+            .chain(call.args.iter())
+            .all(|e| contact_fields_in(e, fields)),
+    }
+}
+
+/// A contact for conditions that read only `fields` of it (see [`contact_fields`]; None is
+/// every field): the same values [`contact`] gives those fields, without serialising the
+/// rest. Binding the whole contact costs far more than evaluating a typical condition.
+pub fn contact_of(c: &Contact, fields: Option<&std::collections::BTreeSet<String>>) -> Cel {
+    let Some(fields) = fields else {
+        return contact(&serde_json::to_value(c).unwrap_or_default());
+    };
+    let text = |v: &Option<String>| match v {
+        Some(s) if s.len() <= MAX_STRING => Cel::String(Arc::new(s.clone())),
+        _ => Cel::Null,
+    };
+    let entries = fields.iter().filter_map(|name| {
+        let value = match name.as_str() {
+            "id" => Cel::String(Arc::new(c.id.to_string())),
+            "external_id" => text(&c.external_id),
+            "email" => text(&c.email),
+            "phone" => text(&c.phone),
+            "viber_id" => text(&c.viber_id),
+            "first_name" => text(&c.first_name),
+            "last_name" => text(&c.last_name),
+            "locale" => text(&c.locale),
+            "country" => text(&c.country),
+            "timezone" => text(&c.timezone),
+            "attributes" => json(&c.attributes),
+            "stats" => stats(&c.stats),
+            "last_event_at" => last_event_at(&c.last_event_at),
+            "birthday" => json(&serde_json::to_value(c.birthday).unwrap_or_default()),
+            "owner_agent_id" => json(&serde_json::to_value(c.owner_agent_id).unwrap_or_default()),
+            "consents" => json(&serde_json::to_value(&c.consents).unwrap_or_default()),
+            "created_at" => json(&serde_json::to_value(c.created_at).unwrap_or_default()),
+            "updated_at" => json(&serde_json::to_value(c.updated_at).unwrap_or_default()),
+            // Not a field: absent, as from the whole contact.
+            _ => return None,
+        };
+        Some((name.as_str(), value))
+    });
+    object(entries)
+}
+
+/// What a contact must be for a condition to hold, read from the plain comparisons among its
+/// top-level `&&` operands: each is implied by the condition (when the condition is true,
+/// so is each requirement), so a database may rule out contacts with them before the
+/// condition runs, and the condition still decides. Numbers come out as doubles, as
+/// conditions see them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Requirement {
+    /// `contact.<field> == 'x'`, `contact.<field> in ['x', 'y']` (a database keeps to the
+    /// text fields it can test: `contacts::store::NARROWING_COLUMNS`).
+    Field { field: String, any_of: Vec<String> },
+    /// `contact.attributes.k == 'x'` / `== true` / `in [...]` (strings and booleans).
+    Attribute { key: String, any_of: Vec<Value> },
+    /// `contact.attributes.k` compared with a number: it is a number, at least `low` and at
+    /// most `high` (either may be open).
+    Number {
+        key: String,
+        low: Option<f64>,
+        high: Option<f64>,
+    },
+    /// `has(contact.attributes.k)`.
+    HasAttribute(String),
+}
+
+/// The most requirements read from one condition, and values in one `in` list.
+const MAX_REQUIREMENTS: usize = 8;
+const MAX_LIST: usize = 100;
+
+/// The requirements a condition implies (see [`Requirement`]); empty when it has none this
+/// reads.
+pub fn requirements(program: &cel::Program) -> Vec<Requirement> {
+    let mut out = Vec::new();
+    conjuncts(program.expression(), &mut out, 0);
+    out.truncate(MAX_REQUIREMENTS);
+    out
+}
+
+fn conjuncts(e: &cel::IdedExpr, out: &mut Vec<Requirement>, depth: usize) {
+    use cel::common::ast::{Expr, operators};
+    if depth > 32 {
+        return;
+    }
+    match &e.expr {
+        Expr::Call(call) if call.func_name == operators::LOGICAL_AND && call.target.is_none() => {
+            for arg in &call.args {
+                conjuncts(arg, out, depth + 1);
+            }
+        }
+        Expr::Select(s) if s.test => {
+            if let Some(key) = attribute(&s.operand, &s.field) {
+                out.push(Requirement::HasAttribute(key));
+            }
+        }
+        Expr::Call(call) if call.target.is_none() && call.args.len() == 2 => {
+            if let Some(r) = comparison(&call.func_name, &call.args[0], &call.args[1]) {
+                out.push(r);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `contact.attributes.<field>`'s key, when `operand.field` is that.
+fn attribute(operand: &cel::IdedExpr, field: &str) -> Option<String> {
+    use cel::common::ast::Expr;
+    match &operand.expr {
+        Expr::Select(s) if !s.test && s.field == "attributes" => {
+            matches!(&s.operand.expr, Expr::Ident(n) if n == "contact").then(|| field.to_owned())
+        }
+        _ => None,
+    }
+}
+
+/// What a side of a comparison reads: an attribute or a text field of the contact.
+enum Read {
+    Attribute(String),
+    Field(String),
+}
+
+fn read(e: &cel::IdedExpr) -> Option<Read> {
+    use cel::common::ast::Expr;
+    let Expr::Select(s) = &e.expr else {
+        return None;
+    };
+    if s.test {
+        return None;
+    }
+    if let Some(key) = attribute(&s.operand, &s.field) {
+        return Some(Read::Attribute(key));
+    }
+    match &s.operand.expr {
+        Expr::Ident(n) if n == "contact" => Some(Read::Field(s.field.clone())),
+        _ => None,
+    }
+}
+
+/// A literal as a JSON value: strings, booleans and finite numbers (not `null`: a value too
+/// large for conditions is `null` to them, so `== null` does not imply what is stored).
+fn literal(e: &cel::IdedExpr) -> Option<Value> {
+    use cel::common::ast::{Expr, LiteralValue};
+    let Expr::Literal(l) = &e.expr else {
+        return None;
+    };
+    match l {
+        LiteralValue::String(s) => Some(Value::String(s.inner().to_owned())),
+        LiteralValue::Boolean(b) => Some(Value::Bool(*b.inner())),
+        LiteralValue::Int(i) => serde_json::Number::from_f64(*i.inner() as f64).map(Value::Number),
+        LiteralValue::UInt(u) => serde_json::Number::from_f64(*u.inner() as f64).map(Value::Number),
+        LiteralValue::Double(d) => serde_json::Number::from_f64(*d.inner()).map(Value::Number),
+        LiteralValue::Bytes(_) | LiteralValue::Null => None,
+    }
+}
+
+/// A number's bounds widened by a hair, so that a stored number that reads as the literal
+/// after rounding to a double (the database keeps every digit) is never ruled out.
+fn widen(v: f64) -> f64 {
+    v.abs() * 1e-12 + 1e-300
+}
+
+fn comparison(op: &str, left: &cel::IdedExpr, right: &cel::IdedExpr) -> Option<Requirement> {
+    use cel::common::ast::{Expr, operators};
+    if op == operators::IN {
+        let Expr::List(list) = &right.expr else {
+            return None;
+        };
+        if list.elements.is_empty() || list.elements.len() > MAX_LIST {
+            return None;
+        }
+        let values: Vec<Value> = list.elements.iter().map(literal).collect::<Option<_>>()?;
+        if values.iter().any(Value::is_number) {
+            return None;
+        }
+        return requirement_of(read(left)?, values);
+    }
+    // The contact's side on the left, the literal on the right.
+    let (side, value, op) = match (read(left), read(right)) {
+        (Some(side), None) => (side, literal(right)?, op),
+        (None, Some(side)) => {
+            let flipped = match op {
+                operators::LESS => operators::GREATER,
+                operators::LESS_EQUALS => operators::GREATER_EQUALS,
+                operators::GREATER => operators::LESS,
+                operators::GREATER_EQUALS => operators::LESS_EQUALS,
+                other => other,
+            };
+            (side, literal(left)?, flipped)
+        }
+        _ => return None,
+    };
+    if let Some(v) = value.as_f64() {
+        let Read::Attribute(key) = side else {
+            return None;
+        };
+        let (low, high) = match op {
+            operators::EQUALS => (Some(v - widen(v)), Some(v + widen(v))),
+            operators::GREATER | operators::GREATER_EQUALS => (Some(v - widen(v)), None),
+            operators::LESS | operators::LESS_EQUALS => (None, Some(v + widen(v))),
+            _ => return None,
+        };
+        return Some(Requirement::Number { key, low, high });
+    }
+    if op != operators::EQUALS {
+        return None;
+    }
+    requirement_of(side, vec![value])
+}
+
+fn requirement_of(side: Read, values: Vec<Value>) -> Option<Requirement> {
+    match side {
+        Read::Attribute(key) => Some(Requirement::Attribute {
+            key,
+            any_of: values,
+        }),
+        Read::Field(field) => {
+            let any_of = values
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Some(s),
+                    _ => None,
+                })
+                .collect::<Option<Vec<String>>>()?;
+            Some(Requirement::Field { field, any_of })
+        }
+    }
 }
 
 /// When the contact's last event of each type happened, as timestamps (under the type and
@@ -471,6 +770,139 @@ mod tests {
             &e,
             Utc::now()
         ));
+    }
+
+    fn full_contact() -> Contact {
+        let at = |t: &str| t.parse::<DateTime<Utc>>().unwrap();
+        let text = |t: &str| Some(t.to_owned());
+        Contact {
+            id: "0190f5c4-0000-7000-8000-000000000001".parse().unwrap(),
+            external_id: text("c-1"),
+            email: text("ana@example.com"),
+            phone: text("+385911234567"),
+            viber_id: text("v1"),
+            first_name: text("Ana"),
+            last_name: Some("H".repeat(MAX_STRING + 1)),
+            locale: text("hr"),
+            country: text("HR"),
+            timezone: text("Europe/Zagreb"),
+            birthday: "1990-04-02".parse().ok(),
+            owner_agent_id: "0190f5c4-0000-7000-8000-000000000002".parse().ok(),
+            attributes: json!({"plan": "gold", "score": 4, "vip": true,
+                               "bio": "x".repeat(MAX_STRING + 1)}),
+            consents: serde_json::from_value(json!({"sms": {"marketing": {
+                "status": "opted_in", "at": "2026-11-01T10:00:00Z", "source": "web"}}}))
+            .unwrap(),
+            stats: json!({"purchase.completed": 2}),
+            last_event_at: json!({"purchase.completed": "2026-11-30T09:12:00Z"}),
+            created_at: at("2026-01-01T00:00:00Z"),
+            updated_at: at("2026-02-01T00:00:00Z"),
+        }
+    }
+
+    #[test]
+    fn binding_only_the_fields_read_gives_each_the_whole_contacts_value() {
+        let c = full_contact();
+        let whole = contact(&serde_json::to_value(&c).unwrap());
+        let Cel::Map(whole) = whole else {
+            panic!("a contact is a map")
+        };
+        let names = CONTACT_FIELDS.iter().chain(&["no_such_field"]);
+        for name in names {
+            let only: std::collections::BTreeSet<String> = [name.to_string()].into();
+            let Cel::Map(part) = contact_of(&c, Some(&only)) else {
+                panic!("a contact is a map")
+            };
+            let key = Key::String(Arc::new(name.to_string()));
+            assert_eq!(part.map.get(&key), whole.map.get(&key), "{name}");
+            assert!(part.map.len() <= 1, "{name}");
+        }
+        // Every field at once, and None, are the whole contact.
+        let all: std::collections::BTreeSet<String> =
+            CONTACT_FIELDS.iter().map(|f| f.to_string()).collect();
+        assert_eq!(contact_of(&c, Some(&all)), Cel::Map(whole.clone()));
+        assert_eq!(contact_of(&c, None), Cel::Map(whole));
+    }
+
+    #[test]
+    fn the_fields_a_condition_reads_are_found_or_it_takes_the_whole_contact() {
+        let fields = |source: &str| {
+            contact_fields(Condition::compile(source).unwrap().program())
+                .map(|f| f.into_iter().collect::<Vec<_>>())
+        };
+        assert_eq!(
+            fields("contact.attributes.half == true && has(contact.email)"),
+            Some(vec!["attributes".to_owned(), "email".to_owned()])
+        );
+        assert_eq!(
+            fields("now - contact.last_event_at.purchase_completed > duration('720h')"),
+            Some(vec!["last_event_at".to_owned()])
+        );
+        assert_eq!(
+            fields("[1, 2].exists(x, x == contact.stats.purchase_completed)"),
+            Some(vec!["stats".to_owned()])
+        );
+        assert_eq!(fields("contact['email'] == 'a@b.c'"), None);
+        assert_eq!(fields("size(contact) > 0"), None);
+    }
+
+    fn requirements_of(source: &str) -> Vec<Requirement> {
+        requirements(Condition::compile(source).unwrap().program())
+    }
+
+    #[test]
+    fn plain_comparisons_among_the_top_level_conjuncts_become_requirements() {
+        let r = requirements_of(
+            "contact.attributes.half == true && contact.country in ['HR', 'SI'] \
+             && 3 < contact.attributes.score && has(contact.attributes.plan) \
+             && (contact.attributes.a == 'x' || contact.attributes.b == 'y') \
+             && contact.locale == 'hr' && contact.attributes.tier == 2",
+        );
+        assert_eq!(r.len(), 6, "{r:?}");
+        assert_eq!(
+            r[0],
+            Requirement::Attribute {
+                key: "half".into(),
+                any_of: vec![json!(true)]
+            }
+        );
+        assert_eq!(
+            r[1],
+            Requirement::Field {
+                field: "country".into(),
+                any_of: vec!["HR".into(), "SI".into()]
+            }
+        );
+        let Requirement::Number { key, low, high } = &r[2] else {
+            panic!("{:?}", r[2])
+        };
+        assert_eq!(key, "score");
+        assert!(low.unwrap() < 3.0 && low.unwrap() > 2.999_999);
+        assert_eq!(*high, None);
+        assert_eq!(r[3], Requirement::HasAttribute("plan".into()));
+        assert_eq!(
+            r[4],
+            Requirement::Field {
+                field: "locale".into(),
+                any_of: vec!["hr".into()]
+            }
+        );
+        let Requirement::Number { low, high, .. } = &r[5] else {
+            panic!("{:?}", r[5])
+        };
+        assert!(low.unwrap() < 2.0 && high.unwrap() > 2.0);
+        // What is not a plain comparison implies nothing the database can test.
+        for source in [
+            "contact.attributes.half == true || contact.country == 'HR'",
+            "!(contact.attributes.half == true)",
+            "contact.attributes.bio == null",
+            "contact.attributes.plan != 'gold'",
+            "contact.attributes.n in [1, 2]",
+            "contact.country > 'HR'",
+            "contact.email == contact.attributes.email",
+        ] {
+            assert_eq!(requirements_of(source), vec![], "{source}");
+        }
     }
 
     proptest! {

@@ -88,6 +88,96 @@ pub async fn scan_page(
         .await?)
 }
 
+/// A test the database applies to a contact before it is read whole: a walk reads in full
+/// only the contacts that pass them all (see `campaigns::cel::requirements`, which these are
+/// built from).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Clause {
+    /// A text column is one of the values.
+    Column(&'static str, Vec<String>),
+    /// An attribute is one of these JSON values.
+    Attribute(String, Vec<Value>),
+    /// An attribute is a number within the bounds (either may be open).
+    Number(String, Option<f64>, Option<f64>),
+    /// The contact has the attribute.
+    HasAttribute(String),
+}
+
+/// The columns a [`Clause::Column`] may test: named here, never taken from a request.
+pub const NARROWING_COLUMNS: [&str; 8] = [
+    "external_id",
+    "email",
+    "phone",
+    "first_name",
+    "last_name",
+    "locale",
+    "country",
+    "timezone",
+];
+
+/// The column of that name a [`Clause::Column`] may test.
+pub fn narrowing_column(name: &str) -> Option<&'static str> {
+    NARROWING_COLUMNS.iter().copied().find(|c| *c == name)
+}
+
+/// Up to `limit` live contacts' ids after `after` in id order, each with whether it passes
+/// every clause: one page of a walk, read without the contacts' records. Clauses are bound
+/// values on a fixed list of columns.
+pub async fn scan_ids(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    after: Option<Uuid>,
+    limit: i64,
+    clauses: &[Clause],
+) -> StoreResult<Vec<(Uuid, bool)>> {
+    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new("SELECT c.id, coalesce(true");
+    for clause in clauses {
+        q.push(" AND ");
+        match clause {
+            Clause::Column(column, values) => {
+                let column = narrowing_column(column).ok_or_else(|| {
+                    StoreError::Internal(anyhow::anyhow!("{column} cannot narrow a walk"))
+                })?;
+                q.push(format_args!("c.{column} = ANY("))
+                    .push_bind(values.clone())
+                    .push("::text[])");
+            }
+            Clause::Attribute(key, values) => {
+                q.push("c.attributes -> ")
+                    .push_bind(key.clone())
+                    .push("::text = ANY(")
+                    .push_bind(values.clone())
+                    .push("::jsonb[])");
+            }
+            Clause::Number(key, low, high) => {
+                q.push("CASE WHEN jsonb_typeof(c.attributes -> ")
+                    .push_bind(key.clone())
+                    .push("::text) = 'number' THEN (c.attributes ->> ")
+                    .push_bind(key.clone())
+                    .push("::text)::numeric BETWEEN coalesce(")
+                    .push_bind(*low)
+                    .push("::float8::numeric, '-Infinity'::numeric) AND coalesce(")
+                    .push_bind(*high)
+                    .push("::float8::numeric, 'Infinity'::numeric) ELSE false END");
+            }
+            Clause::HasAttribute(key) => {
+                q.push("c.attributes ? ")
+                    .push_bind(key.clone())
+                    .push("::text");
+            }
+        }
+    }
+    q.push(", false) FROM contacts c WHERE c.tenant_id = ")
+        .push_bind(tenant)
+        .push(" AND (")
+        .push_bind(after)
+        .push("::uuid IS NULL OR c.id > ")
+        .push_bind(after)
+        .push(") AND c.erased_at IS NULL ORDER BY c.id LIMIT ")
+        .push_bind(limit);
+    Ok(q.build_query_as().fetch_all(conn).await?)
+}
+
 /// The time zones the tenant's live contacts name (contacts without one follow the tenant's).
 pub async fn time_zones(conn: &mut PgConnection, tenant: TenantId) -> StoreResult<Vec<String>> {
     Ok(sqlx::query_scalar(

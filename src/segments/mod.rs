@@ -5,17 +5,21 @@
 //! A condition is a program Rapport runs, not SQL: counting walks the tenant's contacts a
 //! page at a time (each page its own statement, so no lock or snapshot is held across the
 //! walk, and one page is in memory at once) and evaluates the condition on each contact off
-//! the async threads.
+//! the async threads. The plain comparisons the condition implies (`contact.country == 'HR'`,
+//! `contact.attributes.plan in ['gold', 'silver']`, `contact.attributes.score >= 4`) are
+//! tested by the database first, so that only the contacts that pass them are read whole.
 
 pub mod model;
 pub mod routes;
 pub mod store;
 
+use std::collections::BTreeSet;
+
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::campaigns::cel;
+use crate::campaigns::cel::{self, Requirement};
 use crate::campaigns::model::Condition;
 use crate::contacts::model::Contact;
 use crate::contacts::store as contacts;
@@ -39,14 +43,57 @@ pub fn compile(source: &str) -> Result<Condition, String> {
     Ok(condition)
 }
 
-/// Which of `contacts` meet `condition` at `now`. CPU work: run it off the async threads
-/// (see [`matching`]). A page is split over the machine's cores (at most 4): binding each
-/// contact to CEL values costs ~18 µs, a page of 2,000 some 36 ms on one core.
-pub fn members(condition: &Condition, contacts: &[Contact], now: DateTime<Utc>) -> Vec<bool> {
-    let one = |c: &Contact| {
-        let value = serde_json::to_value(c).unwrap_or_default();
-        cel::Facts::of_contact(&cel::contact(&value), now).holds(condition)
-    };
+/// A condition made ready for walking the contacts: the fields it reads (bound alone, see
+/// `campaigns::cel::contact_of`) and the plain comparisons it implies, which the database
+/// applies first so that only candidates are read whole and evaluated.
+#[derive(Clone)]
+pub struct Scan {
+    condition: Condition,
+    fields: Option<BTreeSet<String>>,
+    clauses: Vec<contacts::Clause>,
+}
+
+impl Scan {
+    pub fn new(condition: Condition) -> Scan {
+        let fields = cel::contact_fields(condition.program());
+        let clauses = cel::requirements(condition.program())
+            .into_iter()
+            .filter_map(|r| match r {
+                Requirement::Field { field, any_of } => {
+                    contacts::narrowing_column(&field).map(|c| contacts::Clause::Column(c, any_of))
+                }
+                Requirement::Attribute { key, any_of } => {
+                    Some(contacts::Clause::Attribute(key, any_of))
+                }
+                Requirement::Number { key, low, high } => {
+                    Some(contacts::Clause::Number(key, low, high))
+                }
+                Requirement::HasAttribute(key) => Some(contacts::Clause::HasAttribute(key)),
+            })
+            .collect();
+        Scan {
+            condition,
+            fields,
+            clauses,
+        }
+    }
+
+    /// Whether a contact meets the condition at `now`.
+    pub fn holds(&self, contact: &Contact, now: DateTime<Utc>) -> bool {
+        let bound = cel::contact_of(contact, self.fields.as_ref());
+        cel::Facts::of_contact(&bound, now).holds(&self.condition)
+    }
+
+    /// What the database tests before a contact is read whole.
+    pub fn clauses(&self) -> &[contacts::Clause] {
+        &self.clauses
+    }
+}
+
+/// Which of `contacts` meet the scan's condition at `now`. CPU work: run it off the async
+/// threads (see [`page`]). A page is split over the machine's cores (at most 4).
+pub fn members(scan: &Scan, contacts: &[Contact], now: DateTime<Utc>) -> Vec<bool> {
+    let one = |c: &Contact| scan.holds(c, now);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     if cores < 2 || contacts.len() < 256 {
         return contacts.iter().map(one).collect();
@@ -71,19 +118,63 @@ pub fn members(condition: &Condition, contacts: &[Contact], now: DateTime<Utc>) 
     })
 }
 
-/// [`members`] on a blocking thread, for a page of contacts it takes and gives back.
-pub async fn matching(
-    condition: &Condition,
-    contacts: Vec<Contact>,
+/// One page of a walk over the tenant's contacts.
+pub struct Page {
+    /// Live contacts walked past (members or not).
+    pub scanned: u64,
+    /// The last of them, to go on after; None when there were none.
+    pub last: Option<Uuid>,
+    /// The members among them, in id order.
+    pub members: Vec<Contact>,
+}
+
+/// The members among the next `limit` live contacts after `after`, decided at `now`: the
+/// database rules out the contacts that fail the scan's clauses, and the condition decides
+/// on the others, read whole, on a blocking thread. One statement or two, no lock or
+/// snapshot held after it.
+pub async fn page(
+    pool: &PgPool,
+    tenant: TenantId,
+    after: Option<Uuid>,
+    limit: i64,
+    scan: &Scan,
     now: DateTime<Utc>,
-) -> StoreResult<(Vec<Contact>, Vec<bool>)> {
-    let condition = condition.clone();
-    tokio::task::spawn_blocking(move || {
-        let found = members(&condition, &contacts, now);
-        (contacts, found)
+) -> StoreResult<Page> {
+    let mut conn = pool.acquire().await?;
+    let (candidates, scanned, last) = if scan.clauses.is_empty() {
+        let all = contacts::scan_page(&mut conn, tenant, after, limit).await?;
+        let last = all.last().map(|c| c.id);
+        let scanned = all.len() as u64;
+        (all, scanned, last)
+    } else {
+        let ids = contacts::scan_ids(&mut conn, tenant, after, limit, &scan.clauses).await?;
+        let last = ids.last().map(|(id, _)| *id);
+        let passed: Vec<Uuid> = ids.iter().filter(|(_, p)| *p).map(|(id, _)| *id).collect();
+        let mut read = if passed.is_empty() {
+            Vec::new()
+        } else {
+            contacts::get_many(&mut conn, tenant, &passed).await?
+        };
+        read.sort_unstable_by_key(|c| c.id);
+        (read, ids.len() as u64, last)
+    };
+    drop(conn);
+    let scan = scan.clone();
+    let members = tokio::task::spawn_blocking(move || {
+        let found = members(&scan, &candidates, now);
+        candidates
+            .into_iter()
+            .zip(found)
+            .filter_map(|(c, member)| member.then_some(c))
+            .collect()
     })
     .await
-    .map_err(|e| StoreError::Internal(anyhow::anyhow!("segment evaluation stopped: {e}")))
+    .map_err(|e| StoreError::Internal(anyhow::anyhow!("segment evaluation stopped: {e}")))?;
+    Ok(Page {
+        scanned,
+        last,
+        members,
+    })
 }
 
 /// How many contacts meet a condition now, and how many were looked at.
@@ -93,22 +184,15 @@ pub async fn count(
     condition: &Condition,
 ) -> StoreResult<(u64, u64)> {
     let now = Utc::now();
+    let scan = Scan::new(condition.clone());
     let (mut after, mut matched, mut scanned) = (None::<Uuid>, 0u64, 0u64);
     loop {
-        let page = {
-            let mut conn = pool.acquire().await?;
-            contacts::scan_page(&mut conn, tenant, after, PAGE).await?
-        };
-        let Some(last) = page.last() else {
-            return Ok((matched, scanned));
-        };
-        after = Some(last.id);
-        scanned += page.len() as u64;
-        let full = page.len() as i64 == PAGE;
-        let (_, found) = matching(condition, page, now).await?;
-        matched += found.iter().filter(|m| **m).count() as u64;
-        if !full {
-            return Ok((matched, scanned));
+        let page = page(pool, tenant, after, PAGE, &scan, now).await?;
+        scanned += page.scanned;
+        matched += page.members.len() as u64;
+        match page.last {
+            Some(last) if page.scanned == PAGE as u64 => after = Some(last),
+            _ => return Ok((matched, scanned)),
         }
     }
 }
@@ -125,24 +209,18 @@ pub async fn list_members(
     budget: u64,
 ) -> StoreResult<(Vec<Contact>, Option<Uuid>)> {
     let now = Utc::now();
+    let scan = Scan::new(condition.clone());
     let mut out = Vec::new();
     let mut scanned = 0u64;
     let asked = PAGE.min(limit as i64 * 4).max(100);
     loop {
-        let page = {
-            let mut conn = pool.acquire().await?;
-            contacts::scan_page(&mut conn, tenant, after, asked).await?
-        };
-        let Some(last) = page.last().map(|c| c.id) else {
+        let page = page(pool, tenant, after, asked, &scan, now).await?;
+        let Some(last) = page.last else {
             return Ok((out, None));
         };
-        scanned += page.len() as u64;
-        let full = page.len() as i64 == asked;
-        let (page, found) = matching(condition, page, now).await?;
-        for (contact, member) in page.into_iter().zip(found) {
-            if !member {
-                continue;
-            }
+        scanned += page.scanned;
+        let full = page.scanned == asked as u64;
+        for contact in page.members {
             out.push(contact);
             if out.len() == limit {
                 let at = out.last().map(|c| c.id);

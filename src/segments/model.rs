@@ -45,7 +45,7 @@ pub struct SegmentCount {
     pub segment_id: Uuid,
     /// Contacts that meet the condition.
     pub count: u64,
-    /// Live contacts looked at (every contact of the tenant).
+    /// Live contacts walked past (every contact of the tenant), members or not.
     pub scanned: u64,
     /// How long the count took, in milliseconds.
     pub took_ms: u64,

@@ -164,9 +164,11 @@ fn compiled(segment: &Segment) -> ApiResult<crate::campaigns::model::Condition> 
     })
 }
 
-/// How many contacts match the segment now. The condition runs on every live contact of the
-/// tenant, read a page of 2,000 at a time (no lock is held and one page is in memory): about
-/// a second per 100,000-200,000 contacts.
+/// How many contacts match the segment now. Every live contact of the tenant is walked past,
+/// a page of 2,000 at a time (no lock is held and one page is in memory): the database rules
+/// out the contacts that fail the condition's plain comparisons (`contact.country == 'HR'`,
+/// `contact.attributes.score >= 4`), and the condition runs on the others. A condition with
+/// none costs about a second per 100,000-200,000 contacts.
 #[utoipa::path(get, path = "/v1/segments/{id}/count", tag = "segments", security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Segment id")),
     responses((status = 200, body = SegmentCount), (status = 404, response = ProblemResponse)))]

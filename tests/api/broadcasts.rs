@@ -66,6 +66,116 @@ async fn messages_of(
     .unwrap()
 }
 
+/// The plain comparisons a condition implies are tested by the database before contacts are
+/// read whole; whatever it rules out, the condition would have refused: each condition
+/// counts and lists the same members as the same condition behind `|| false` (which the
+/// database cannot narrow), across values of every JSON type, missing attributes, numbers
+/// written as integers and decimals, strings too long for conditions, and erased contacts.
+#[tokio::test]
+async fn the_database_narrows_a_walk_without_changing_its_members() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let plans = [
+        json!("gold"),
+        json!("silver"),
+        json!("Gold"),
+        json!(true),
+        json!(4),
+    ];
+    let scores = [
+        json!(3),
+        json!(3.0),
+        json!(4.5),
+        json!("4"),
+        json!(-1),
+        json!(1e-9),
+    ];
+    let mut erased = String::new();
+    for i in 0..45usize {
+        let mut attributes = serde_json::Map::new();
+        if i % 7 != 0 {
+            attributes.insert("plan".into(), plans[i % plans.len()].clone());
+        }
+        if i % 5 != 0 {
+            attributes.insert("score".into(), scores[i % scores.len()].clone());
+        }
+        attributes.insert("half".into(), json!(i % 2 == 0));
+        if i % 11 == 0 {
+            attributes.insert("half".into(), json!("true"));
+        }
+        if i % 9 == 0 {
+            attributes.insert("note".into(), json!("n".repeat(5_000)));
+        } else if i % 3 == 0 {
+            attributes.insert("note".into(), json!("short"));
+        }
+        let country = ["HR", "SI", "HU"][i % 3];
+        let locale = ["hr", "sl", "en"][i % 3];
+        let mut body = json!({"attributes": attributes, "locale": locale});
+        if i % 4 != 0 {
+            body["country"] = json!(country);
+        }
+        let made = app.contact(&t, &format!("n{i:02}"), body).await;
+        if i == 2 {
+            erased = made["id"].as_str().unwrap().to_owned();
+        }
+    }
+    let r = app.delete(&format!("/v1/contacts/{erased}"), &t.key).await;
+    assert!(r.status.is_success(), "{}", r.text);
+    let conditions = [
+        "contact.attributes.half == true",
+        "contact.attributes.plan == 'gold' && contact.country == 'HR'",
+        "contact.attributes.plan in ['gold', 'silver'] && contact.attributes.half == false",
+        "contact.attributes.score >= 3",
+        "3 < contact.attributes.score && contact.locale in ['hr', 'sl']",
+        "contact.attributes.score == 3 && has(contact.attributes.plan)",
+        "contact.attributes.score <= 0.0 || contact.attributes.score == 4.5",
+        "has(contact.attributes.note) && contact.attributes.note != 'short'",
+        "contact.attributes.note == 'short' && contact.attributes.plan == true",
+        "contact.attributes.plan == 4 && contact.country in ['HR', 'HU']",
+        "contact.attributes.score > 0 && contact.attributes.score < 1",
+    ];
+    let mut total = 0;
+    for condition in conditions {
+        let narrowed = segment(&app, &t, "narrowed", condition).await;
+        let whole = segment(&app, &t, "whole", &format!("({condition}) || false")).await;
+        let count = |id: String| {
+            let app = &app;
+            let t = &t;
+            async move {
+                let r = app.get(&format!("/v1/segments/{id}/count"), &t.key).await;
+                assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+                let listed = app
+                    .get(&format!("/v1/segments/{id}/contacts?limit=100"), &t.key)
+                    .await;
+                assert_eq!(listed.status, StatusCode::OK, "{}", listed.text);
+                let ids: Vec<String> = listed.body["data"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c["external_id"].as_str().unwrap().to_owned())
+                    .collect();
+                (
+                    r.body["count"].as_u64().unwrap(),
+                    r.body["scanned"].clone(),
+                    ids,
+                )
+            }
+        };
+        let (n, scanned, listed) = count(narrowed).await;
+        let (expected, all, members) = count(whole).await;
+        assert_eq!((n, &listed), (expected, &members), "{condition}");
+        assert_eq!(
+            scanned, all,
+            "{condition}: every live contact is walked past"
+        );
+        assert_eq!(scanned, 44);
+        assert_eq!(listed.len() as u64, n);
+        assert!(!listed.contains(&"n02".to_owned()), "an erased contact");
+        total += n;
+    }
+    assert!(total > 40, "the conditions pick members: {total}");
+}
+
 #[tokio::test]
 async fn segment_conditions_are_checked_counted_and_listed() {
     let app = TestApp::new().await;
