@@ -624,13 +624,15 @@ impl Facts {
 /// conditions cannot see (`customer.plan`) when the campaign is written.
 pub fn dry_run(condition: &Condition) -> Result<(), String> {
     check_cost(condition.program())?;
-    let contact = contact(&serde_json::json!({
-        "id": "00000000-0000-0000-0000-000000000000", "external_id": null, "email": null,
-        "phone": null, "viber_id": null, "first_name": null, "last_name": null, "locale": null,
-        "country": null, "timezone": null, "birthday": null, "owner_agent_id": null,
-        "attributes": {}, "consents": {}, "stats": {}, "last_event_at": {}, "created_at": null,
-        "updated_at": null
-    }));
+    // Every field of a contact, empty: the maps `{}`, the rest `null`.
+    let empty = CONTACT_FIELDS.iter().map(|f| {
+        let value = match *f {
+            "attributes" | "consents" | "stats" | "last_event_at" => serde_json::json!({}),
+            _ => Value::Null,
+        };
+        ((*f).to_owned(), value)
+    });
+    let contact = contact(&Value::Object(empty.collect()));
     let event = event("sample", &serde_json::json!({}), Utc::now(), 1, "api");
     match condition
         .program()

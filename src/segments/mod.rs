@@ -83,11 +83,6 @@ impl Scan {
         let bound = cel::contact_of(contact, self.fields.as_ref());
         cel::Facts::of_contact(&bound, now).holds(&self.condition)
     }
-
-    /// What the database tests before a contact is read whole.
-    pub fn clauses(&self) -> &[contacts::Clause] {
-        &self.clauses
-    }
 }
 
 /// Which of `contacts` meet the scan's condition at `now`. CPU work: run it off the async
