@@ -8,7 +8,7 @@
 //! quiet hours and spaced by the broadcast's `throttle`) or suppressed with the reason
 //! (consent, address, frequency cap, open ticket...), and the cursor moves past the page, all
 //! in that one transaction and only while the worker still holds the lease at that cursor. A
-//! worker that dies loses at most its page in flight, which the next holder decides again;
+//! worker that dies loses at most its pages in flight, which the next holder decides again;
 //! a unique index on (broadcast, contact) makes a second message for a contact impossible.
 //! Sending is the outbox's: at least once per message, with the message id as the
 //! provider's idempotency key, paced per channel (`channels::pacing`).
@@ -18,9 +18,11 @@ pub mod routes;
 pub mod store;
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use self::store::{BroadcastRow, PageCounts};
@@ -185,22 +187,40 @@ async fn plan(state: &AppState, b: &BroadcastRow) -> StoreResult<Result<Plan, St
 }
 
 /// Walks a claimed broadcast page by page for up to [`TURN`].
+///
+/// Three things overlap: the next page is read and its members decided while this one is
+/// written (reading and evaluating a page costs about as much as writing one, and they use
+/// different cores), and up to [`WRITERS`] pages are written at once, each in its own
+/// transaction on its own connection. A page's transaction moves the cursor last, from the
+/// page before's end to its own, after the page before has moved it (each page waits for that
+/// signal, and the row lock orders the commits): if a page fails, is rolled back, or the walk
+/// was paused, cancelled or taken over meanwhile, the cursor is not where the next page
+/// expects and that page rolls back too. A broadcast with a `throttle` is written one page at
+/// a time, since each page's slots follow the last one's.
 async fn walk(state: &AppState, holder: Uuid, b: BroadcastRow) -> StoreResult<Stop> {
     let plan = match plan(state, &b).await? {
-        Ok(plan) => plan,
+        Ok(plan) => Arc::new(plan),
         Err(why) => {
             let mut conn = state.pool.acquire().await?;
             store::fail(&mut conn, b.tenant_id, b.id, holder, &why).await?;
             return Ok(Stop::Done);
         }
     };
-    let opts = state.send_options().await?;
+    let b = Arc::new(b);
+    let opts = Arc::new(state.send_options().await?);
+    let depth = if plan.spacing.is_some() { 1 } else { WRITERS };
     let started = Instant::now();
     let mut cursor = b.cursor;
-    let mut next_slot = b.next_slot;
-    // The next page is read and its members decided while this one is written: reading and
-    // evaluating a page costs about as much as writing one, and they use different cores.
     let mut ahead = Ahead(None);
+    let mut writing = Writing {
+        state: state.clone(),
+        holder,
+        b: b.clone(),
+        pages: std::collections::VecDeque::new(),
+        next_slot: b.next_slot,
+    };
+    // The signal the page before sends once it has moved the cursor (true) or cannot (false).
+    let mut moved: Option<oneshot::Receiver<bool>> = None;
     while started.elapsed() < TURN {
         let page = match ahead.0.take() {
             Some(next) => next
@@ -209,6 +229,9 @@ async fn walk(state: &AppState, holder: Uuid, b: BroadcastRow) -> StoreResult<St
             None => decide_page(state.clone(), b.tenant_id, cursor, plan.scan.clone()).await?,
         };
         let Some(last) = page.last else {
+            if let Some(stop) = writing.drain().await? {
+                return Ok(stop);
+            }
             let mut conn = state.pool.acquire().await?;
             store::finish(&mut conn, b.tenant_id, b.id, holder).await?;
             tracing::info!(broadcast = %b.id, tenant = %b.tenant_id, "broadcast walk finished");
@@ -220,45 +243,175 @@ async fn walk(state: &AppState, holder: Uuid, b: BroadcastRow) -> StoreResult<St
             Some(last),
             plan.scan.clone(),
         )));
-        let now = state.clock.now();
-        let scanned = page.scanned as i64;
-        let members = page.members;
-        let mut tx = state.pool.begin().await?;
-        if !store::advance(
-            &mut tx,
-            b.tenant_id,
-            b.id,
+        let (signal, next_moved) = oneshot::channel();
+        let write = PageWrite {
+            state: state.clone(),
             holder,
-            cursor,
-            last,
-            lease(state),
-        )
-        .await?
-        {
-            // Paused, cancelled, or taken over: the page is not ours to write.
-            return Ok(Stop::Done);
-        }
-        let result = page_messages(&mut tx, &plan, &b, &members, &mut next_slot, now, &opts).await;
-        let counts = match result {
-            Ok(mut counts) => {
-                counts.scanned = scanned;
-                counts
-            }
-            Err(EnqueueError::Store(e)) => return Err(e),
-            Err(e) => {
-                drop(tx);
-                let mut conn = state.pool.acquire().await?;
-                let why = format!("cannot queue the messages: {e}");
-                store::fail(&mut conn, b.tenant_id, b.id, holder, &why).await?;
-                return Ok(Stop::Done);
-            }
+            plan: plan.clone(),
+            b: b.clone(),
+            opts: opts.clone(),
+            page,
+            from: cursor,
+            to: last,
+            next_slot: writing.next_slot,
+            after: moved.replace(next_moved),
+            moved: signal,
         };
+        writing.pages.push_back(tokio::spawn(write.run()));
+        cursor = Some(last);
+        while writing.pages.len() >= depth {
+            if let Some(stop) = writing.next().await? {
+                return Ok(stop);
+            }
+        }
+    }
+    match writing.drain().await? {
+        Some(stop) => Ok(stop),
+        None => Ok(Stop::Turn),
+    }
+}
+
+/// Pages written at once by one walk, each on its own connection.
+const WRITERS: usize = 2;
+
+/// How a page's write ended.
+enum Written {
+    /// Committed; the broadcast's next free slot after it.
+    Page(Option<DateTime<Utc>>),
+    /// Not ours to write: paused, cancelled or taken over, or the page before was not written.
+    NotOurs,
+    /// The broadcast cannot go on, for this reason.
+    Fails(String),
+}
+
+/// One page's messages, queued in a transaction of its own.
+struct PageWrite {
+    state: AppState,
+    holder: Uuid,
+    plan: Arc<Plan>,
+    b: Arc<BroadcastRow>,
+    opts: Arc<messages::SendOptions>,
+    page: crate::segments::Page,
+    from: Option<Uuid>,
+    to: Uuid,
+    next_slot: Option<DateTime<Utc>>,
+    /// The page before's signal that it moved the cursor to `from`; None for the turn's first.
+    after: Option<oneshot::Receiver<bool>>,
+    /// This page's signal to the next.
+    moved: oneshot::Sender<bool>,
+}
+
+impl PageWrite {
+    /// Queues the members' messages, then (once the page before has moved the cursor) moves
+    /// the cursor past the page, adds its counts and commits. The signal is dropped unsent
+    /// when it fails before moving the cursor, which the next page reads as "not moved".
+    async fn run(self) -> StoreResult<Written> {
+        let PageWrite {
+            state,
+            holder,
+            plan,
+            b,
+            opts,
+            page,
+            from,
+            to,
+            mut next_slot,
+            after,
+            moved,
+        } = self;
+        let now = state.clock.now();
+        let mut tx = state.pool.begin().await?;
+        let result = page_messages(
+            &mut tx,
+            &plan,
+            &b,
+            &page.members,
+            &mut next_slot,
+            now,
+            &opts,
+        )
+        .await;
+        let mut counts = match result {
+            Ok(counts) => counts,
+            Err(EnqueueError::Store(e)) => return Err(e),
+            Err(e) => return Ok(Written::Fails(format!("cannot queue the messages: {e}"))),
+        };
+        counts.scanned = page.scanned as i64;
+        if let Some(after) = after
+            && !after.await.unwrap_or(false)
+        {
+            return Ok(Written::NotOurs);
+        }
+        // Waits for the page before's commit when it holds the row; false when the cursor is
+        // not at `from` then (that page rolled back) or the walk is no longer ours.
+        let ours =
+            store::advance(&mut tx, b.tenant_id, b.id, holder, from, to, lease(&state)).await?;
+        let _ = moved.send(ours);
+        if !ours {
+            return Ok(Written::NotOurs);
+        }
         store::add_counts(&mut tx, b.tenant_id, b.id, &counts, next_slot).await?;
         tx.commit().await?;
         metrics::counter!("broadcast_members_total").increment(counts.targeted as u64);
-        cursor = Some(last);
+        Ok(Written::Page(next_slot))
     }
-    Ok(Stop::Turn)
+}
+
+/// The pages being written, oldest first. Dropped with pages in flight (a walk's error), they
+/// go on by themselves: each commits only where the cursor and the lease say it may.
+struct Writing {
+    state: AppState,
+    holder: Uuid,
+    b: Arc<BroadcastRow>,
+    pages: std::collections::VecDeque<tokio::task::JoinHandle<StoreResult<Written>>>,
+    /// The broadcast's next free slot after the last page committed.
+    next_slot: Option<DateTime<Utc>>,
+}
+
+impl Writing {
+    /// Waits for the oldest page's write: None when it was committed (or there was none),
+    /// else why the walk stops, after every later page has ended too.
+    async fn next(&mut self) -> StoreResult<Option<Stop>> {
+        let Some(task) = self.pages.pop_front() else {
+            return Ok(None);
+        };
+        let written = task
+            .await
+            .map_err(|e| StoreError::Internal(anyhow::anyhow!("page write stopped: {e}")));
+        let stop = match written {
+            Ok(Ok(Written::Page(slot))) => {
+                self.next_slot = slot;
+                return Ok(None);
+            }
+            Ok(Ok(Written::NotOurs)) => Ok(None),
+            Ok(Ok(Written::Fails(why))) => Ok(Some(why)),
+            Ok(Err(e)) | Err(e) => Err(e),
+        };
+        // The later pages follow this one's cursor, which did not move: they roll back.
+        for task in self.pages.drain(..) {
+            let _ = task.await;
+        }
+        match stop? {
+            None => Ok(Some(Stop::Done)),
+            Some(why) => {
+                let mut conn = self.state.pool.acquire().await?;
+                let b = &self.b;
+                store::fail(&mut conn, b.tenant_id, b.id, self.holder, &why).await?;
+                Ok(Some(Stop::Done))
+            }
+        }
+    }
+
+    /// Waits for every page in flight; what [`Writing::next`] says of the first that did not
+    /// commit.
+    async fn drain(&mut self) -> StoreResult<Option<Stop>> {
+        while !self.pages.is_empty() {
+            if let Some(stop) = self.next().await? {
+                return Ok(Some(stop));
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// The page of the tenant's contacts after `cursor`, with the members among them now

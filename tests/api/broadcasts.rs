@@ -955,3 +955,114 @@ async fn a_send_at_broadcast_is_queued_ahead_and_sent_on_time() {
     // Due at send_at (the outbox claims by the database's clock, which the test cannot move).
     assert!(app.outbox_log().is_empty());
 }
+
+/// A walk of several pages, written two at a time on their own connections, ends exact: every
+/// member has one message, every contact was walked past once, the counters add up and the
+/// cursor stands at the tenant's last contact. A pause then a resume while it is being
+/// written leaves it just as exact.
+#[tokio::test]
+async fn a_walk_of_many_pages_written_two_at_a_time_is_exact() {
+    const CONTACTS: i64 = 9_001;
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    template(
+        &app,
+        &t,
+        "offer",
+        json!({"purpose": "marketing", "sms": {"hr": {"text": "Ponuda"}}}),
+    )
+    .await;
+    // A made contact's consents, then the rest written straight into the table (an import's
+    // result), half of them members.
+    let made = app
+        .contact(
+            &t,
+            "c0",
+            json!({"phone": "091 000 0000", "attributes": {"half": true},
+                   "consents": {"sms": {"marketing": "opted_in"}}}),
+        )
+        .await;
+    sqlx::query(
+        "INSERT INTO contacts (tenant_id, id, external_id, phone, first_name, locale, country,
+                               attributes, consents)
+         SELECT c.tenant_id, gen_random_uuid(), 'c' || n, '+3859' || (20000000 + n)::text,
+                'Ana', 'hr', 'HR', jsonb_build_object('half', n % 2 = 0), c.consents
+         FROM contacts c, generate_series(1, $2 - 1) AS n WHERE c.id = $1::uuid",
+    )
+    .bind(made["id"].as_str().unwrap())
+    .bind(CONTACTS)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let members = (CONTACTS + 1) / 2;
+    let half = segment(&app, &t, "Half", "contact.attributes.half == true").await;
+    for pause in [false, true] {
+        let id = broadcast(
+            &app,
+            &t,
+            json!({"name": format!("Many pages (pause: {pause})"), "segment": half,
+                   "template": "offer", "channels": ["sms"], "purpose": "marketing"}),
+        )
+        .await;
+        act(&app, &t, &id, "schedule").await;
+        if pause {
+            // The pause lands once the turn has committed its first page, with the next ones
+            // in flight: they roll back, and the resumed walk goes on from the last page
+            // committed.
+            let state = app.app.state.clone();
+            let turn = tokio::spawn(async move {
+                rapport::broadcasts::round(&state, uuid::Uuid::now_v7()).await
+            });
+            let scanned = || async {
+                sqlx::query_scalar::<_, i64>("SELECT scanned FROM broadcasts WHERE id = $1::uuid")
+                    .bind(&id)
+                    .fetch_one(&app.pool)
+                    .await
+                    .unwrap()
+            };
+            while scanned().await == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            act(&app, &t, &id, "pause").await;
+            turn.await.unwrap().expect("broadcast round");
+            let paused_at = scanned().await;
+            assert!(
+                paused_at > 0 && paused_at < CONTACTS,
+                "paused mid-walk: {paused_at}"
+            );
+            act(&app, &t, &id, "resume").await;
+        }
+        app.walk_broadcasts().await;
+        let view = progress(&app, &t, &id).await;
+        assert_eq!(view["status"], "completed", "{view}");
+        let stats = &view["stats"];
+        assert_eq!(stats["scanned"], CONTACTS, "{view}");
+        assert_eq!(stats["targeted"], members, "{view}");
+        assert_eq!(stats["queued"], members, "{view}");
+        let (messages, contacts, wrong): (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT m.contact_id),
+                    count(*) FILTER (WHERE c.attributes -> 'half' <> 'true')
+             FROM messages m JOIN contacts c ON c.tenant_id = m.tenant_id AND c.id = m.contact_id
+             WHERE m.broadcast_id = $1::uuid",
+        )
+        .bind(&id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            (messages, contacts, wrong),
+            (members, members, 0),
+            "pause: {pause}"
+        );
+        let at_end: bool = sqlx::query_scalar(
+            "SELECT b.cursor = (SELECT id FROM contacts WHERE tenant_id = b.tenant_id
+                                 ORDER BY id DESC LIMIT 1)
+             FROM broadcasts b WHERE b.id = $1::uuid",
+        )
+        .bind(&id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        assert!(at_end, "the cursor stands at the last contact");
+    }
+}
