@@ -46,6 +46,29 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
+/// Begins a transaction on a connection from `pool`, safe to cancel.
+///
+/// sqlx's `Pool::begin` (0.8.6, transact-rs/sqlx#4393) counts the transaction only once the
+/// server has answered `BEGIN`: a caller dropped in between (a client that disconnects, a
+/// timeout, an aborted task) leaves the session inside a transaction that nothing rolls
+/// back, and the pool hands that connection to the next borrower, whose writes then run
+/// inside it and are never committed. The `BEGIN` runs in a task of its own, which finishes
+/// it whatever happens to the caller: a transaction nobody waits for any more is dropped
+/// there, counted, so its rollback is queued as usual.
+pub async fn begin(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let pool = pool.clone();
+    // The one place `Pool::begin` may be called: in a task nothing cancels.
+    #[allow(clippy::disallowed_methods)]
+    let begun = tokio::spawn(async move { pool.begin().await });
+    match begun.await {
+        Ok(tx) => tx,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(sqlx::Error::Protocol(format!("BEGIN was stopped: {e}"))),
+    }
+}
+
 /// A pooled connection idle for this long is pinged before use (a dead one is replaced).
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 

@@ -375,7 +375,7 @@ async fn rotate_secrets(app: &App) -> anyhow::Result<()> {
         );
     }
     // One transaction: every secret moves to the new key, or none does.
-    let mut tx = app.state.pool.begin().await?;
+    let mut tx = rapport::db::begin(&app.state.pool).await?;
     let channels = rapport::channels::settings::reseal_all(&mut tx, secrets).await?;
     let integrations = rapport::telephony::integrations::reseal_all(&mut tx, secrets).await?;
     tx.commit().await?;

@@ -320,7 +320,7 @@ impl PageWrite {
             moved,
         } = self;
         let now = state.clock.now();
-        let mut tx = state.pool.begin().await?;
+        let mut tx = crate::db::begin(&state.pool).await?;
         let result = page_messages(
             &mut tx,
             &plan,

@@ -85,7 +85,7 @@ async fn create_broadcast(
     ValidJson(input): ValidJson<BroadcastInput>,
 ) -> ApiResult<(StatusCode, Json<Broadcast>)> {
     let mut errors = input.check();
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     if let Some(segment) = input.segment_id()
         && !campaigns::hold_segment(&mut tx, tenant.id, segment).await?
     {
@@ -246,7 +246,7 @@ async fn schedule_broadcast(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Broadcast>> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let b = locked(&mut tx, &tenant, id).await?;
     if b.status != BroadcastStatus::Draft {
         return Err(refuse(&b, "scheduled"));
@@ -283,7 +283,7 @@ async fn pause_broadcast(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Broadcast>> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let b = locked(&mut tx, &tenant, id).await?;
     if !matches!(
         b.status,
@@ -309,7 +309,7 @@ async fn resume_broadcast(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Broadcast>> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let b = locked(&mut tx, &tenant, id).await?;
     if b.status != BroadcastStatus::Paused {
         return Err(refuse(&b, "resumed"));
@@ -339,7 +339,7 @@ async fn cancel_broadcast(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Broadcast>> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let b = locked(&mut tx, &tenant, id).await?;
     if matches!(
         b.status,

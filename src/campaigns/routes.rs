@@ -74,7 +74,7 @@ async fn create_campaign(
     ValidJson(def): ValidJson<Definition>,
 ) -> ApiResult<(StatusCode, Json<Campaign>)> {
     def.check().map_err(ApiError::validation)?;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     store::check_templates(&mut tx, tenant.id, &def).await?;
     store::check_audience(&mut tx, tenant.id, &def).await?;
     let campaign = store::create(&mut tx, tenant.id, &def).await?;
@@ -131,7 +131,7 @@ async fn update_campaign(
     ApiPath(id): ApiPath<Uuid>,
     ValidJson(patch): ValidJson<Map<String, Value>>,
 ) -> ApiResult<Json<Campaign>> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let status = store::lock(&mut tx, tenant.id, id)
         .await?
         .ok_or_else(|| ApiError::from(store::campaign_not_found(id)))?;
@@ -170,7 +170,7 @@ async fn change_status(
     id: Uuid,
     next: CampaignStatus,
 ) -> ApiResult<Json<Campaign>> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let campaign = store::set_status(&mut tx, tenant.id, id, next, state.clock.now()).await?;
     tx.commit().await?;
     Ok(Json(campaign))

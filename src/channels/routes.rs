@@ -45,7 +45,7 @@ async fn put_channel(
     ValidJson(body): ValidJson<ChannelInput>,
 ) -> ApiResult<Json<ChannelConfig>> {
     let channel = channel(&name)?;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let config = settings::put(
         &mut tx,
         &state.secrets,

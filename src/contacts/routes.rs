@@ -143,7 +143,7 @@ async fn batch_upsert(
             changes,
         })
         .collect();
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let outcomes =
         store::upsert_many(&mut tx, &tenant, &items, "upsert", store::WriteMode::Upsert).await?;
     let ids: Vec<Uuid> = outcomes.iter().filter_map(ItemOutcome::id).collect();
@@ -364,7 +364,7 @@ async fn erase_contact(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     let id = parse_id(&id)?;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let Some(contact) = store::get(&mut tx, tenant.id, id).await? else {
         return Err(contact_not_found(id));
     };

@@ -110,7 +110,7 @@ async fn write_group(pool: PgPool, group: Vec<Job>) {
 }
 
 async fn write_alone(pool: &PgPool, job: &Job) -> StoreResult<Upserted> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     let upserted = store::upsert(&mut tx, &job.tenant, &job.external_id, &job.changes, "").await?;
     tx.commit().await?;
     Ok(upserted)
@@ -129,7 +129,7 @@ async fn write_together(
     let mut outcomes: Vec<Option<ItemOutcome>> = vec![None; group.len()];
     let mut contacts = std::collections::HashMap::new();
     let before = |e: sqlx::Error| Failure::BeforeCommit(e.into());
-    let mut tx = pool.begin().await.map_err(before)?;
+    let mut tx = crate::db::begin(pool).await.map_err(before)?;
     for jobs in by_tenant.values() {
         let tenant = &group[jobs[0]].tenant;
         let items: Vec<BatchItem<'_>> = jobs

@@ -436,7 +436,7 @@ async fn file(
     message: Option<&super::model::Inbound>,
     opts: &crate::messages::store::SendOptions,
 ) -> Result<(), ImapError> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let ctx = crate::tenants::store::context(&mut tx, tenant)
         .await?
         .ok_or(ImapError::Gone)?;

@@ -163,7 +163,7 @@ async fn write_alone(
     tenant: &TenantContext,
     items: &[Item],
 ) -> StoreResult<Vec<Outcome>> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     let refs: Vec<&Item> = items.iter().collect();
     let outcomes = ingest::ingest(&mut tx, tenant, &refs).await?;
     tx.commit().await?;
@@ -183,7 +183,7 @@ async fn write_together(
         by_tenant.entry(job.tenant.id.0).or_default().push(i);
     }
     let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new(); group.len()];
-    let mut tx = match pool.begin().await {
+    let mut tx = match crate::db::begin(pool).await {
         Ok(tx) => tx,
         Err(e) => {
             tracing::warn!(error = %e, "cannot begin a group of events");

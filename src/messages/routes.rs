@@ -59,7 +59,7 @@ async fn send_message(
     let opts = state.send_options().await?;
     // The template runs here, with no connection held: a render error is this request's 422.
     let composed = store::compose(&state.pool, &tenant, &compose, &opts).await?;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let message = store::enqueue_composed(&mut tx, &tenant, &compose, composed, &opts).await?;
     // The message and the Idempotency-Key's response commit together: a retry after a crash
     // replays, never queues it again.

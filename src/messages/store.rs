@@ -1166,7 +1166,7 @@ pub async fn claim(
     // every due row, or find each claimed row again through an index that does not start with
     // its key, on every claim. Bitmap and sequential scans are ruled out for this transaction,
     // and the claimed rows are updated by their physical address (stable: they are locked).
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     sqlx::query(
         "SELECT set_config('enable_bitmapscan', 'off', true),
                 set_config('enable_seqscan', 'off', true)",
@@ -1371,7 +1371,7 @@ pub async fn amend_unsent(
 /// accepted the lost attempt: delivery is at-least-once, with the same idempotency key. The
 /// number of messages swept.
 pub async fn sweep_expired_leases(pool: &PgPool) -> Result<u64, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     let swept: Vec<(TenantId, Uuid, Option<Uuid>, i32, bool)> = sqlx::query_as(
         "UPDATE messages SET locked_until = NULL, updated_at = now(),
             status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
@@ -1447,7 +1447,7 @@ pub async fn record_attempt(
     started_at: DateTime<Utc>,
     outcome: &AttemptOutcome,
 ) -> Result<bool, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     let recorded = record_attempt_in(&mut tx, m, provider, started_at, outcome).await?;
     if recorded {
         tx.commit().await?;
@@ -1649,7 +1649,7 @@ pub async fn record_sent(
         .map(|a| a.provider_message_id.as_deref())
         .collect();
     let started: Vec<DateTime<Utc>> = accepted.iter().map(|a| a.started_at).collect();
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     let recorded: Vec<(TenantId, Uuid)> = sqlx::query_as(
         "WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[],

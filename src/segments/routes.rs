@@ -150,7 +150,7 @@ async fn delete_segment(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<StatusCode> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     if !store::delete(&mut tx, tenant.id, id).await? {
         return Err(store::not_found(id).into());
     }

@@ -778,7 +778,7 @@ type Breach = (
 /// Stamps SLA breaches of open tickets (each kind once per ticket, so several workers cannot
 /// report one twice) and emits `ticket.sla_breached`. The number of breaches found.
 pub async fn check_sla(pool: &PgPool) -> Result<usize, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     let mut found = 0;
     for (kind, stamp, done, target) in [
         (

@@ -98,7 +98,7 @@ async fn create_api_key(
     ValidJson(body): ValidJson<NewApiKey>,
 ) -> ApiResult<impl IntoResponse> {
     let name = validate::text(&body.name, 200).map_err(|m| ApiError::field("name", m))?;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     if store::get(&mut tx, id).await?.is_none() {
         return Err(tenant_not_found(id));
     }

@@ -59,7 +59,7 @@ async fn open_pixel(State(state): State<AppState>, ApiPath(token): ApiPath<Strin
 async fn record_open(state: &AppState, token: &str) -> Result<(), sqlx::Error> {
     let signer = state.links.get(&state.pool).await?;
     if let Some(claims) = signer.verify(token, Purpose::Open) {
-        let mut tx = state.pool.begin().await?;
+        let mut tx = crate::db::begin(&state.pool).await?;
         messages::mark_opened(&mut tx, TenantId(claims.tenant), claims.subject).await?;
         tx.commit().await?;
     }
@@ -80,7 +80,7 @@ async fn click(
     let claims = signer
         .verify(&token, Purpose::Click)
         .ok_or_else(not_found)?;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let target = messages::click(
         &mut tx,
         TenantId(claims.tenant),
@@ -266,7 +266,7 @@ async fn unsubscribe(
     let resubscribe = url::form_urlencoded::parse(&body)
         .any(|(k, v)| k == "action" && v == Action::Resubscribe.as_str());
     let w = sub.words;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let page = if resubscribe {
         contacts::set_consent(
             &mut tx,

@@ -195,7 +195,7 @@ async fn file(state: &AppState, tenant: TenantId, messages: &[Inbound]) -> ApiRe
         return Ok(());
     }
     let opts = state.send_options().await?;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let ctx = crate::tenants::store::context(&mut tx, tenant)
         .await?
         .ok_or_else(unauthorized)?;
@@ -212,7 +212,7 @@ async fn apply(
     provider_id: &str,
     receipt: &DeliveryReport,
 ) -> ApiResult<StatusCode> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     messages::apply_receipt(&mut tx, tenant, provider_id, receipt).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
@@ -266,7 +266,7 @@ async fn infobip(
         })
         .collect::<Result<Vec<_>, _>>()?;
     file(&state, tenant, &incoming).await?;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     for r in reports {
         let Some(id) = r.get("messageId").and_then(Value::as_str) else {
             continue;
@@ -503,7 +503,7 @@ async fn viber(
         apply(&state, tenant, &id, &receipt).await?;
     } else if kind == "unsubscribed" {
         if let Some(user) = event.get("user_id").and_then(Value::as_str) {
-            let mut tx = state.pool.begin().await?;
+            let mut tx = crate::db::begin(&state.pool).await?;
             let ids = contacts::ids_by_viber_id(&mut tx, tenant, user).await?;
             for id in ids {
                 for purpose in [ConsentPurpose::Marketing, ConsentPurpose::Transactional] {

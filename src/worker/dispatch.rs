@@ -101,7 +101,7 @@ async fn claim_paced(
     let mut claimed = Vec::new();
     let mut wait: Option<Duration> = None;
     for (tenant, channel) in channels::paced_with_due(&state.pool).await? {
-        let mut tx = state.pool.begin().await?;
+        let mut tx = crate::db::begin(&state.pool).await?;
         let Some(pacing) = channels::lock_pacing(&mut tx, tenant, &channel).await? else {
             continue;
         };
@@ -294,7 +294,7 @@ async fn fail_unrenderable(
     reason: String,
 ) {
     let result = async {
-        let mut tx = state.pool.begin().await?;
+        let mut tx = crate::db::begin(&state.pool).await?;
         let outcome = AttemptOutcome::Failed {
             reason: reason.clone(),
         };

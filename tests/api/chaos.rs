@@ -639,3 +639,58 @@ async fn max_per_second_holds_across_two_worker_processes() {
     );
     drop((a, b));
 }
+
+/// A caller dropped while its `BEGIN` is on the wire (a client gone, a timeout, an aborted
+/// task) leaves no transaction open on the pooled connection: the next borrower's write is
+/// committed and seen by everyone (sqlx's own `Pool::begin` leaves the session inside the
+/// transaction, and the write with it; `rapport::db::begin` finishes it and rolls it back).
+#[tokio::test]
+async fn a_cancelled_begin_leaves_no_transaction_on_the_pooled_connection() {
+    use sqlx::Connection;
+    let db = TestDb::create().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let mut other = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("CREATE TABLE begin_probe (n bigint)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut cut = 0;
+    for i in 0..200i64 {
+        // Dropped after a few polls, each after the runtime had a turn: before, during or
+        // after the BEGIN's round trip.
+        let finished = {
+            let mut begun = std::pin::pin!(rapport::db::begin(&pool));
+            let mut finished = false;
+            for _ in 0..=(i % 12) {
+                if futures::poll!(begun.as_mut()).is_ready() {
+                    finished = true;
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            finished
+        };
+        if !finished {
+            cut += 1;
+        }
+        sqlx::query("INSERT INTO begin_probe VALUES ($1)")
+            .bind(i)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM begin_probe WHERE n = $1")
+            .bind(i)
+            .fetch_one(&mut other)
+            .await
+            .unwrap();
+        assert_eq!(
+            seen, 1,
+            "attempt {i}: the write ran inside a leftover transaction"
+        );
+    }
+    assert!(cut > 0, "no BEGIN was cut short");
+}

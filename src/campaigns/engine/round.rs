@@ -138,7 +138,7 @@ pub(super) async fn process_contacts(
     tenant_id: TenantId,
     batch: &[(Uuid, &[Scheduled])],
 ) -> EngineResult<Processed> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let keys: Vec<i64> = batch
         .iter()
         .map(|(c, _)| contact_lock_key(tenant_id, *c))

@@ -135,9 +135,8 @@ async fn slice(
     let lanes = (0..PARTS).map(|part| {
         let job = &job;
         async move {
-            let mut conn = pool.acquire().await?;
             for _ in 0..per_part {
-                match job.chunk(&mut conn, part as i16).await? {
+                match job.chunk(pool, part as i16).await? {
                     Step::Applied(rows) => progress(rows),
                     other => return Ok::<Step, StoreError>(other),
                 }
@@ -199,8 +198,8 @@ impl Job<'_> {
     /// Writes the part's next chunk in one transaction with its counters and its deletion.
     /// The chunk's row lock keeps a second holder (after a steal) off it until this one
     /// commits or rolls back; the counters' update, last, commits only under the lease.
-    async fn chunk(&self, conn: &mut sqlx::PgConnection, part: i16) -> Result<Step, StoreError> {
-        let mut tx = conn.begin().await?;
+    async fn chunk(&self, pool: &PgPool, part: i16) -> Result<Step, StoreError> {
+        let mut tx = crate::db::begin(pool).await?;
         let Some((seq, lines, body)) = imports::next_chunk(&mut tx, self.import, part).await?
         else {
             return Ok(Step::Finished);

@@ -121,7 +121,7 @@ pub async fn finish_receiving(
     rows: i64,
     delimiter: Option<String>,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     sqlx::query(
         "UPDATE contact_imports
             SET columns = $3, rows_total = $4, delimiter = $5, locked_until = NULL,

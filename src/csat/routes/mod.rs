@@ -48,7 +48,7 @@ async fn create_rating(
         .map(|c| validate::text(c, 10_000))
         .transpose()
         .map_err(|m| ApiError::field("comment", m))?;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let contact_id = contacts::find_by_ref(&mut tx, &tenant, &body.contact, "contact")
         .await?
         .ok_or_else(|| ApiError::field("contact", "no such contact"))?;

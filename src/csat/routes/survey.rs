@@ -254,7 +254,7 @@ async fn answer(
     let score = field("score").filter(|s| !s.is_empty());
     let w = t.words;
     let max_attempts = state.config.outbox_max_attempts;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let already = store::survey_rating(&mut tx, t.tenant, t.ticket.id).await?;
     let page = match (score, already) {
         (Some(raw), None) => {

@@ -137,7 +137,7 @@ async fn webhook(
         .and_then(Value::as_str)
         .ok_or_else(unauthorized)?;
     let tenant = TenantId(tenant_id);
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let integration = integrations::load(&mut tx, &state.secrets, tenant, "aircall")
         .await?
         .ok_or_else(unauthorized)?;

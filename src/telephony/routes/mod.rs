@@ -97,7 +97,7 @@ async fn put_aircall(
         }
     }
     errors.finish()?;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let mut current = integrations::load(&mut tx, &state.secrets, tenant.id, "aircall")
         .await?
         .unwrap_or_default();

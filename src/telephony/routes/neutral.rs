@@ -166,7 +166,7 @@ async fn webhook(
     let signatures = header(&headers, "webhook-signature")
         .ok_or_else(|| unauthorized("webhook-signature is missing"))?;
     let tenant = TenantId(tenant_id);
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::db::begin(&state.pool).await?;
     let integration = integrations::load(&mut tx, &state.secrets, tenant, "telephony")
         .await?
         .ok_or_else(|| unauthorized("no signature matches"))?;
