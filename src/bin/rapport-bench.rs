@@ -589,12 +589,17 @@ impl Bench {
                "properties": {"n": n, "amount": 129.9, "sku": "SKU-42"}})
     }
 
+    /// The benchmark tenant's id (the only tenant of its database).
+    async fn tenant_id(&self) -> anyhow::Result<uuid::Uuid> {
+        Ok(sqlx::query_scalar("SELECT id FROM tenants LIMIT 1")
+            .fetch_one(&self.db)
+            .await?)
+    }
+
     /// The benchmark tenant's id, and a pool of `clients` connections of its own for a raw
     /// baseline (not the server's).
     async fn raw_clients(&self, clients: usize) -> anyhow::Result<(uuid::Uuid, sqlx::PgPool)> {
-        let tenant: uuid::Uuid = sqlx::query_scalar("SELECT id FROM tenants LIMIT 1")
-            .fetch_one(&self.db)
-            .await?;
+        let tenant = self.tenant_id().await?;
         let pool = PgPoolOptions::new()
             .max_connections(clients as u32)
             .connect_with(self.db.connect_options().as_ref().clone())
@@ -684,8 +689,7 @@ impl Bench {
     /// 10,000 contacts, the same properties). None when pgbench cannot run here.
     async fn pgbench_insert_rate(&self, clients: usize, secs: f64) -> anyhow::Result<Option<f64>> {
         self.fresh_raw_events().await?;
-        let (tenant, pool) = self.raw_clients(1).await?;
-        pool.close().await;
+        let tenant = self.tenant_id().await?;
         let script = std::env::temp_dir().join(format!("rapport-bench-{}.sql", std::process::id()));
         // The id is time-ordered like the server's UUIDv7 (microseconds, then random bits),
         // so the primary key grows at its right edge as it does for the server's rows.
@@ -1345,9 +1349,7 @@ async fn follow_broadcast(b: &Bench, id: &str) -> anyhow::Result<(f64, f64, Valu
 /// events posted while it runs; then a small one on a channel capped at 100 a second.
 async fn scenario_broadcast(b: &Bench) -> anyhow::Result<Vec<Row>> {
     use_stub(b).await?;
-    let tenant: uuid::Uuid = sqlx::query_scalar("SELECT id FROM tenants LIMIT 1")
-        .fetch_one(&b.db)
-        .await?;
+    let tenant = b.tenant_id().await?;
     let (members, sampled) = fill_contacts(b, tenant).await?;
     b.http
         .put(format!("{}/v1/templates/bench_offer", b.url))
@@ -1811,9 +1813,7 @@ async fn scenario_dispatch(b: &Bench) -> anyhow::Result<Row> {
     use_stub(b).await?;
     b.stub.reset();
     let n = b.args.dispatch_messages;
-    let tenant: uuid::Uuid = sqlx::query_scalar("SELECT id FROM tenants LIMIT 1")
-        .fetch_one(&b.db)
-        .await?;
+    let tenant = b.tenant_id().await?;
     // Queue the messages straight in the outbox, as committed sends would be.
     for start in (0..n).step_by(10_000) {
         let count = (n - start).min(10_000);
