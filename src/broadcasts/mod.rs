@@ -162,9 +162,18 @@ async fn plan(state: &AppState, b: &BroadcastRow) -> StoreResult<Result<Plan, St
         Err(e) => return Ok(Err(format!("the condition no longer compiles: {e}"))),
     };
     let tenant_zone = tenant.timezone.parse().unwrap_or(chrono_tz::UTC);
+    // Members are read without their counters (a quarter of the read's cost) unless the
+    // condition or the template reads them; a missing template fails the first page.
+    let mut scan = crate::segments::Scan::new(condition);
+    if crate::templates::store::get(&mut conn, b.tenant_id, &b.template_key)
+        .await?
+        .is_some_and(|t| crate::templates::render::reads_contact_stats(&t.variants))
+    {
+        scan = scan.reading_stats();
+    }
     Ok(Ok(Plan {
         tenant_zone,
-        scan: crate::segments::Scan::new(condition),
+        scan,
         channels: b
             .channels
             .iter()
@@ -528,6 +537,7 @@ async fn page_messages(
                 )])
                 .collect(),
         ),
+        members_have_stats: plan.scan.reads_stats(),
     };
     let outcomes = messages::enqueue_broadcast(tx, &plan.tenant, &send, &decided, opts).await?;
     let at_of: std::collections::HashMap<Uuid, DateTime<Utc>> =

@@ -15,11 +15,19 @@ use crate::error::{StoreError, StoreResult};
 use crate::events::store as events;
 use crate::validate;
 
-/// The columns of [`Contact`], with `stats` gathered from the per-type counters.
-/// The columns of [`Contact`] on `contacts c`; other stores' read models select them too.
-pub const CONTACT_COLUMNS: &str = "c.id, c.external_id, c.email, c.phone, c.viber_id, c.first_name,
-    c.last_name, c.locale, c.country, c.timezone, c.birthday, c.owner_agent_id, c.attributes,
-    c.consents,
+/// The columns of [`Contact`] on `contacts c` before `stats`.
+macro_rules! contact_fields {
+    () => {
+        "c.id, c.external_id, c.email, c.phone, c.viber_id, c.first_name, c.last_name, c.locale,
+    c.country, c.timezone, c.birthday, c.owner_agent_id, c.attributes, c.consents,"
+    };
+}
+
+/// The columns of [`Contact`] on `contacts c`, with `stats` and `last_event_at` gathered from
+/// the per-type counters; other stores' read models select them too.
+pub const CONTACT_COLUMNS: &str = concat!(
+    contact_fields!(),
+    "
     (SELECT coalesce(jsonb_object_agg(s.event_type, s.count), '{}'::jsonb)
        FROM contact_event_counts s
       WHERE s.tenant_id = c.tenant_id AND s.contact_id = c.id) AS stats,
@@ -27,7 +35,34 @@ pub const CONTACT_COLUMNS: &str = "c.id, c.external_id, c.email, c.phone, c.vibe
                        FILTER (WHERE s.last_at IS NOT NULL), '{}'::jsonb)
        FROM contact_event_counts s
       WHERE s.tenant_id = c.tenant_id AND s.contact_id = c.id) AS last_event_at,
-    c.created_at, c.updated_at";
+    c.created_at, c.updated_at"
+);
+
+/// [`CONTACT_COLUMNS`] with `stats` and `last_event_at` left empty: a quarter of the cost of
+/// reading a contact (two look-ups in the counters per contact), for walks whose condition and
+/// message do not read them.
+const CONTACT_COLUMNS_WITHOUT_STATS: &str = concat!(
+    contact_fields!(),
+    "
+    '{}'::jsonb AS stats, '{}'::jsonb AS last_event_at, c.created_at, c.updated_at"
+);
+
+/// Whether a read fills in a contact's `stats` and `last_event_at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stats {
+    Read,
+    /// Left empty (`{}`): only for readers that never look at them.
+    Skipped,
+}
+
+impl Stats {
+    fn columns(self) -> &'static str {
+        match self {
+            Stats::Read => CONTACT_COLUMNS,
+            Stats::Skipped => CONTACT_COLUMNS_WITHOUT_STATS,
+        }
+    }
+}
 
 const FIELD_COLUMNS: &str = "email, phone, viber_id, first_name, last_name, locale, country,
     timezone, birthday, owner_agent_id, attributes, consents";
@@ -55,9 +90,20 @@ pub async fn get_many(
     tenant: TenantId,
     ids: &[Uuid],
 ) -> StoreResult<Vec<Contact>> {
+    read_many(conn, tenant, ids, Stats::Read).await
+}
+
+/// [`get_many`], with or without the contacts' `stats`.
+pub async fn read_many(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    ids: &[Uuid],
+    stats: Stats,
+) -> StoreResult<Vec<Contact>> {
     let sql = format!(
-        "SELECT {CONTACT_COLUMNS} FROM contacts c
-         WHERE c.tenant_id = $1 AND c.id = ANY($2) AND c.erased_at IS NULL"
+        "SELECT {} FROM contacts c
+         WHERE c.tenant_id = $1 AND c.id = ANY($2) AND c.erased_at IS NULL",
+        stats.columns()
     );
     Ok(sqlx::query_as(&sql)
         .bind(tenant)
@@ -74,11 +120,13 @@ pub async fn scan_page(
     tenant: TenantId,
     after: Option<Uuid>,
     limit: i64,
+    stats: Stats,
 ) -> StoreResult<Vec<Contact>> {
     let sql = format!(
-        "SELECT {CONTACT_COLUMNS} FROM contacts c
+        "SELECT {} FROM contacts c
          WHERE c.tenant_id = $1 AND ($2::uuid IS NULL OR c.id > $2) AND c.erased_at IS NULL
-         ORDER BY c.id LIMIT $3"
+         ORDER BY c.id LIMIT $3",
+        stats.columns()
     );
     Ok(sqlx::query_as(&sql)
         .bind(tenant)

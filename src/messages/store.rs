@@ -1,6 +1,7 @@
 //! SQL for the outbox: enqueueing (inside the caller's transaction), claiming with a lease,
 //! and recording each attempt's outcome.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -446,6 +447,9 @@ pub struct BroadcastSend<'a> {
     /// link); None keeps the template's purpose.
     pub purpose: Option<Purpose>,
     pub vars: Value,
+    /// The members were read with their `stats` and `last_event_at`; if not, and the
+    /// template reads them, they are read here.
+    pub members_have_stats: bool,
 }
 
 /// One member of a broadcast's page, decided by the broadcast: when its message may go, or
@@ -516,6 +520,19 @@ pub async fn enqueue_broadcast(
     let tenant_row = tenants::get(conn, tenant.id.0)
         .await?
         .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("tenant {} is missing", tenant.id)))?;
+    // The walk left the counters out, by the template it saw when its turn began; a template
+    // changed since then to show them gets them.
+    let with_stats: HashMap<Uuid, Contact> =
+        if !b.members_have_stats && render::reads_contact_stats(&template.variants) {
+            let ids: Vec<Uuid> = members.iter().map(|m| m.contact.id).collect();
+            contacts::read_many(conn, tenant.id, &ids, contacts::Stats::Read)
+                .await?
+                .into_iter()
+                .map(|c| (c.id, c))
+                .collect()
+        } else {
+            HashMap::new()
+        };
     let shared = Shared {
         tenant,
         template: &template,
@@ -528,6 +545,7 @@ pub async fn enqueue_broadcast(
     let n = members.len();
     let mut cols = BroadcastColumns::with_capacity(n);
     for m in members {
+        let contact = with_stats.get(&m.contact.id).unwrap_or(m.contact);
         let compose = Compose {
             contact_id: m.contact.id,
             template_key: b.template_key,
@@ -538,12 +556,11 @@ pub async fn enqueue_broadcast(
             ticket: None,
             suppress: m.suppress,
         };
-        let bounced = m
-            .contact
+        let bounced = contact
             .email
             .as_deref()
             .is_some_and(|e| bounced.contains(&e.to_lowercase()));
-        let p = decide(&shared, &compose, m.contact, bounced, Uuid::now_v7());
+        let p = decide(&shared, &compose, contact, bounced, Uuid::now_v7());
         cols.push(p, m.send_at);
     }
     let inserted: Vec<Uuid> = sqlx::query_scalar(

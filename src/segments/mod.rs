@@ -51,6 +51,9 @@ pub struct Scan {
     condition: Condition,
     fields: Option<BTreeSet<String>>,
     clauses: Vec<contacts::Clause>,
+    /// Whether members are read with their `stats` and `last_event_at`: when the condition
+    /// reads them (or may: it uses `contact` whole), or the caller shows or sends them.
+    stats: contacts::Stats,
 }
 
 impl Scan {
@@ -71,11 +74,30 @@ impl Scan {
                 Requirement::HasAttribute(key) => Some(contacts::Clause::HasAttribute(key)),
             })
             .collect();
+        let stats = match &fields {
+            Some(f) if !f.contains("stats") && !f.contains("last_event_at") => {
+                contacts::Stats::Skipped
+            }
+            _ => contacts::Stats::Read,
+        };
         Scan {
             condition,
             fields,
             clauses,
+            stats,
         }
+    }
+
+    /// Members are read whole, `stats` and `last_event_at` included, whatever the condition
+    /// reads: for callers that show the contacts or hand them to a template.
+    pub fn reading_stats(mut self) -> Scan {
+        self.stats = contacts::Stats::Read;
+        self
+    }
+
+    /// Whether members come with their `stats` and `last_event_at`.
+    pub fn reads_stats(&self) -> bool {
+        self.stats == contacts::Stats::Read
     }
 
     /// Whether a contact meets the condition at `now`.
@@ -137,7 +159,7 @@ pub async fn page(
 ) -> StoreResult<Page> {
     let mut conn = pool.acquire().await?;
     let (candidates, scanned, last) = if scan.clauses.is_empty() {
-        let all = contacts::scan_page(&mut conn, tenant, after, limit).await?;
+        let all = contacts::scan_page(&mut conn, tenant, after, limit, scan.stats).await?;
         let last = all.last().map(|c| c.id);
         let scanned = all.len() as u64;
         (all, scanned, last)
@@ -148,7 +170,7 @@ pub async fn page(
         let mut read = if passed.is_empty() {
             Vec::new()
         } else {
-            contacts::get_many(&mut conn, tenant, &passed).await?
+            contacts::read_many(&mut conn, tenant, &passed, scan.stats).await?
         };
         read.sort_unstable_by_key(|c| c.id);
         (read, ids.len() as u64, last)
@@ -204,7 +226,8 @@ pub async fn list_members(
     budget: u64,
 ) -> StoreResult<(Vec<Contact>, Option<Uuid>)> {
     let now = Utc::now();
-    let scan = Scan::new(condition.clone());
+    // The members listed are shown whole.
+    let scan = Scan::new(condition.clone()).reading_stats();
     let mut out = Vec::new();
     let mut scanned = 0u64;
     let asked = PAGE.min(limit as i64 * 4).max(100);

@@ -35,6 +35,42 @@ pub fn check_syntax(source: &str) -> Result<(), String> {
         .map_err(|e| describe(&e))
 }
 
+/// Whether any text of these variants may read the contact's `stats` or `last_event_at`
+/// (found statically: `contact.stats...`, or `contact` used whole, which may reach them; a text
+/// that does not compile counts as reading them). A sender that knows none does may read its
+/// contacts without them.
+pub fn reads_contact_stats(variants: &Variants) -> bool {
+    let env = environment();
+    let mut texts: Vec<&str> = Vec::new();
+    for v in variants.email.values() {
+        texts.push(&v.subject);
+        texts.extend(v.html.as_deref());
+        texts.extend(v.text.as_deref());
+    }
+    for v in variants.sms.values() {
+        texts.push(&v.text);
+    }
+    for v in variants.viber.values() {
+        texts.push(&v.text);
+        if let Some(b) = &v.button {
+            texts.push(&b.text);
+            texts.push(&b.url);
+        }
+    }
+    let reads = |name: &str| {
+        name == "contact"
+            || ["contact.stats", "contact.last_event_at"]
+                .iter()
+                .any(|p| name == *p || name.strip_prefix(p).is_some_and(|r| r.starts_with('.')))
+    };
+    texts
+        .into_iter()
+        .any(|text| match env.template_from_str(text) {
+            Ok(t) => t.undeclared_variables(true).iter().any(|v| reads(v)),
+            Err(_) => true,
+        })
+}
+
 fn describe(e: &minijinja::Error) -> String {
     let mut message = e.to_string();
     if let Some(line) = e.line() {
@@ -232,6 +268,34 @@ mod tests {
             },
         );
         v
+    }
+
+    #[test]
+    fn a_template_reads_the_contacts_stats_when_a_text_names_them_or_the_contact_whole() {
+        let sms = |text: &str| {
+            let mut v = Variants::default();
+            v.sms.insert("hr".into(), SmsVariant { text: text.into() });
+            v
+        };
+        // The fixture's texts name `contact.first_name` and `vars` only.
+        assert!(!reads_contact_stats(&variants()));
+        for text in [
+            "Bok {{ contact.first_name }}, {{ contact.attributes.plan }}",
+            "{{ contact.statsx }} {{ stats }} {{ vars.contact }}",
+            "Bez varijabli",
+        ] {
+            assert!(!reads_contact_stats(&sms(text)), "{text}");
+        }
+        for text in [
+            "{{ contact.stats['purchase.completed'] }} kupnji",
+            "{{ contact.last_event_at.x }}",
+            "{% for k, v in contact|items %}{{ k }}{% endfor %}",
+            "{{ contact['stats'] }}",
+            "{% set c = contact %}{{ c.stats }}",
+            "{{ contact.first_name",
+        ] {
+            assert!(reads_contact_stats(&sms(text)), "{text}");
+        }
     }
 
     #[test]

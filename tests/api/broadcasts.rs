@@ -1066,3 +1066,94 @@ async fn a_walk_of_many_pages_written_two_at_a_time_is_exact() {
         assert!(at_end, "the cursor stands at the last contact");
     }
 }
+
+/// Members are read without their counters when neither the condition nor the template reads
+/// them (a quarter of a walk's read); a template that shows `contact.stats`, or a condition
+/// on them, gets the true counts.
+#[tokio::test]
+async fn a_broadcast_reads_the_contacts_counters_when_its_template_or_condition_does() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    template(
+        &app,
+        &t,
+        "count",
+        json!({"sms": {"hr": {"text": "Kupnji: {{ contact.stats['purchase.completed'] }}"}}}),
+    )
+    .await;
+    template(
+        &app,
+        &t,
+        "plain",
+        json!({"sms": {"hr": {"text": "Bok {{ contact.first_name }}"}}}),
+    )
+    .await;
+    app.contact(
+        &t,
+        "k1",
+        json!({"first_name": "Ana", "phone": "091 111 1111"}),
+    )
+    .await;
+    app.contact(
+        &t,
+        "k2",
+        json!({"first_name": "Ivo", "phone": "091 222 2222"}),
+    )
+    .await;
+    for _ in 0..2 {
+        let r = app
+            .post(
+                "/v1/events",
+                &t.key,
+                json!({"type": "purchase.completed", "contact": {"external_id": "k1"}}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    }
+    let texts = |id: String| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, String, Option<String>)>(
+                "SELECT c.external_id, m.status, m.body_text
+                 FROM messages m JOIN contacts c ON c.tenant_id = m.tenant_id AND c.id = m.contact_id
+                 WHERE m.broadcast_id = $1::uuid ORDER BY c.external_id",
+            )
+            .bind(id)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let send = |name: &str, audience: &str, template: &str| json!({"name": name, "audience": audience, "template": template, "channels": ["sms"]});
+    // The template reads the counters; the condition does not.
+    let counted = broadcast(
+        &app,
+        &t,
+        send("Counted", "contact.external_id == 'k1'", "count"),
+    )
+    .await;
+    act(&app, &t, &counted, "schedule").await;
+    // Neither does.
+    let plain = broadcast(&app, &t, send("Plain", "true", "plain")).await;
+    act(&app, &t, &plain, "schedule").await;
+    // The condition does.
+    let buyers = broadcast(
+        &app,
+        &t,
+        send(
+            "Buyers",
+            "contact.stats['purchase.completed'] >= 2",
+            "plain",
+        ),
+    )
+    .await;
+    act(&app, &t, &buyers, "schedule").await;
+    app.drain().await;
+    let sent = |who: &str, text: &str| (who.to_owned(), "sent".to_owned(), Some(text.to_owned()));
+    assert_eq!(texts(counted).await, vec![sent("k1", "Kupnji: 2")]);
+    assert_eq!(
+        texts(plain).await,
+        vec![sent("k1", "Bok Ana"), sent("k2", "Bok Ivo")]
+    );
+    assert_eq!(texts(buyers).await, vec![sent("k1", "Bok Ana")]);
+}
