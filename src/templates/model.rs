@@ -66,6 +66,24 @@ pub struct Variants {
 }
 
 impl Variants {
+    /// Every template text of every variant (subjects, bodies, button labels and links).
+    pub fn texts(&self) -> Vec<&str> {
+        let mut texts: Vec<&str> = Vec::new();
+        for v in self.email.values() {
+            texts.push(&v.subject);
+            texts.extend(v.html.as_deref());
+            texts.extend(v.text.as_deref());
+        }
+        texts.extend(self.sms.values().map(|v| v.text.as_str()));
+        for v in self.viber.values() {
+            texts.push(&v.text);
+            if let Some(b) = &v.button {
+                texts.extend([b.text.as_str(), b.url.as_str()]);
+            }
+        }
+        texts
+    }
+
     /// The locales a channel has a variant in.
     pub fn locales(&self, channel: Channel) -> Vec<&str> {
         match channel {

@@ -41,29 +41,14 @@ pub fn check_syntax(source: &str) -> Result<(), String> {
 /// contacts without them.
 pub fn reads_contact_stats(variants: &Variants) -> bool {
     let env = environment();
-    let mut texts: Vec<&str> = Vec::new();
-    for v in variants.email.values() {
-        texts.push(&v.subject);
-        texts.extend(v.html.as_deref());
-        texts.extend(v.text.as_deref());
-    }
-    for v in variants.sms.values() {
-        texts.push(&v.text);
-    }
-    for v in variants.viber.values() {
-        texts.push(&v.text);
-        if let Some(b) = &v.button {
-            texts.push(&b.text);
-            texts.push(&b.url);
-        }
-    }
     let reads = |name: &str| {
         name == "contact"
             || ["contact.stats", "contact.last_event_at"]
                 .iter()
                 .any(|p| name == *p || name.strip_prefix(p).is_some_and(|r| r.starts_with('.')))
     };
-    texts
+    variants
+        .texts()
         .into_iter()
         .any(|text| match env.template_from_str(text) {
             Ok(t) => t.undeclared_variables(true).iter().any(|v| reads(v)),
@@ -296,6 +281,25 @@ mod tests {
         ] {
             assert!(reads_contact_stats(&sms(text)), "{text}");
         }
+        // Every text of every channel counts: an email's HTML body, a Viber button's link.
+        let mut email = variants();
+        email.sms.clear();
+        for v in email.email.values_mut() {
+            v.html = Some("<p>{{ contact.stats }}</p>".into());
+        }
+        assert!(reads_contact_stats(&email));
+        let mut viber = Variants::default();
+        viber.viber.insert(
+            "hr".into(),
+            crate::templates::model::ViberVariant {
+                text: "Bok".into(),
+                button: Some(crate::templates::model::ViberButton {
+                    text: "Kupi".into(),
+                    url: "https://x.example/?n={{ contact.last_event_at.purchase }}".into(),
+                }),
+            },
+        );
+        assert!(reads_contact_stats(&viber));
     }
 
     #[test]
