@@ -464,3 +464,38 @@ async fn events_appended_in_one_statement_get_exact_ordinals() {
     let stats = app.get(&format!("/v1/contacts/{ana}"), &t.key).await.body["stats"].clone();
     assert_eq!(stats["message.sent"], 3);
 }
+
+/// PostgreSQL keeps a JSON number as an exact decimal and writes `1.7976931348623157e308`
+/// back as 309 digits; every number Rapport accepted must read back as the same number
+/// (the fuzzer found the timeline answering 500 for the largest double).
+#[tokio::test]
+async fn extreme_numbers_read_back_exactly_where_they_were_written() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let numbers = json!({"max": f64::MAX, "min": f64::MIN, "tiny": 5e-324, "near": 1.7e308,
+                         "sum": 0.1 + 0.2, "big": u64::MAX, "neg": i64::MIN});
+    let c = app
+        .contact(&t, "c", json!({"attributes": numbers.clone()}))
+        .await;
+    let id = c["id"].as_str().unwrap();
+    let r = app
+        .post(
+            "/v1/events",
+            &t.key,
+            json!({"type": "credit.checked", "contact": {"external_id": "c"}, "properties": numbers.clone()}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+
+    let timeline = app
+        .get(
+            &format!("/v1/contacts/{id}/timeline?type=credit.checked"),
+            &t.key,
+        )
+        .await;
+    assert_eq!(timeline.status, StatusCode::OK, "{}", timeline.text);
+    assert_eq!(timeline.body["data"][0]["properties"], numbers);
+    let contact = app.get(&format!("/v1/contacts/{id}"), &t.key).await;
+    assert_eq!(contact.status, StatusCode::OK, "{}", contact.text);
+    assert_eq!(contact.body["attributes"], numbers);
+}
