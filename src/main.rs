@@ -11,6 +11,10 @@ use rapport::{App, Config, telemetry};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// The server's allocator (Cargo.toml says why); the benchmark client keeps the system's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "rapport",
