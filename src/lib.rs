@@ -49,9 +49,22 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-/// What every handler and job shares.
+/// What every handler and job shares. Axum hands each extractor and middleware of a request
+/// its own copy, so a copy is one reference count ([`StateFields`] holds the fields).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<StateFields>);
+
+impl std::ops::Deref for AppState {
+    type Target = StateFields;
+
+    fn deref(&self) -> &StateFields {
+        &self.0
+    }
+}
+
+/// The fields of [`AppState`].
+#[derive(Clone)]
+pub struct StateFields {
     pub pool: PgPool,
     pub config: Arc<Config>,
     pub metrics: PrometheusHandle,
@@ -192,7 +205,7 @@ impl App {
             },
         );
         App {
-            state: AppState {
+            state: AppState(Arc::new(StateFields {
                 egress,
                 rate_limits: Arc::new(http::rate_limit::RateLimiter::new(
                     config.tenant_rate_limit,
@@ -221,19 +234,19 @@ impl App {
                 openapi_json: Arc::new(openapi_json),
                 clock: clock::Clock::system(),
                 campaigns: Arc::new(campaigns::engine::Definitions::default()),
-            },
+            })),
         }
     }
 
     /// The same application with other providers (tests replace them with local servers).
     pub fn with_channels(mut self, channels: channels::Channels) -> App {
-        self.state.channels = channels;
+        Arc::make_mut(&mut self.state.0).channels = channels;
         self
     }
 
     /// The same application reading the time from `clock` (tests move a manual clock).
     pub fn with_clock(mut self, clock: clock::Clock) -> App {
-        self.state.clock = clock;
+        Arc::make_mut(&mut self.state.0).clock = clock;
         self
     }
 
