@@ -168,7 +168,6 @@ enum ApiKeyCommand {
 }
 
 fn main() -> ExitCode {
-    rapport::telemetry::tune_allocator();
     let cli = Cli::parse();
     if let Some(Command::RenderSandbox { memory_mib }) = cli.command {
         return match rapport::templates::sandbox::run_child(memory_mib) {

@@ -44,40 +44,6 @@ pub fn init_logging(config: &Config) {
     let _ = result;
 }
 
-/// Tunes glibc's malloc for a long-running server, unless the environment already does
-/// (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`). Call it first, before any thread starts.
-///
-/// - Two arenas: by default glibc may open up to eight per core as threads contend, and
-///   freed memory left scattered across them cannot be given back: the full benchmark left
-///   the server at 41 MB idle with the default and 38 MB with two arenas, at the same
-///   throughput (BENCHMARKS.md).
-/// - Blocks of 128 KiB and more (a batch's body, a large statement or result) are mapped
-///   on their own and unmapped when freed. glibc's default starts there too, but raises the
-///   threshold to the size of each large block freed, up to 32 MiB, after which such blocks
-///   come from the arenas and leave holes there; a fixed threshold keeps them out. Two full
-///   benchmark runs each, interleaved: 35 / 35 MB idle at the end and a 76 / 77 MB peak,
-///   against 37 / 39 and 91 / 88 MB, at the same throughput (BENCHMARKS.md, eighth round).
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallopt only sets allocator parameters; no thread has started yet.
-        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-            unsafe {
-                libc::mallopt(libc::M_ARENA_MAX, 2);
-            }
-        }
-        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
-            unsafe {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-            }
-        }
-    }
-}
-
-/// Allocations of this size and more get their own mapping (see [`tune_allocator`]).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
-
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -103,10 +69,6 @@ pub fn metrics_handle() -> PrometheusHandle {
                     loop {
                         std::thread::sleep(std::time::Duration::from_secs(5));
                         upkeep.run_upkeep();
-                        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-                        unsafe {
-                            libc::malloc_trim(0);
-                        }
                     }
                 });
             // Fails only when another recorder is installed; the handle still renders ours.
