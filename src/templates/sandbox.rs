@@ -205,18 +205,7 @@ impl Sandbox {
     }
 
     fn spawn(&self) -> Result<Worker, SandboxError> {
-        let mut child = Command::new(&self.0.program)
-            .arg(SUBCOMMAND)
-            .arg("--memory-mib")
-            .arg(self.0.limits.memory_mib.to_string())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            // A child that runs out of memory aborts; with backtraces on (an operator's
-            // RUST_BACKTRACE=1), it would first spend seconds symbolising one nobody reads.
-            .env("RUST_BACKTRACE", "0")
-            .env("RUST_LIB_BACKTRACE", "0")
-            .kill_on_drop(true)
+        let mut child = child_command(&self.0.program, self.0.limits.memory_mib)
             .spawn()
             .map_err(|e| {
                 SandboxError::Unavailable(format!("cannot start {}: {e}", self.0.program.display()))
@@ -229,6 +218,55 @@ impl Sandbox {
             stdin,
             stdout: BufReader::new(stdout),
         })
+    }
+}
+
+/// The command that starts a render child of `program` capped at `memory_mib` of address
+/// space. The cap is set between fork and exec, so it holds from the child's first
+/// instruction: the server's allocator (mimalloc) reserves a 1 GiB arena before `main`, and a
+/// cap set later by the child itself would leave it that whole arena to fill (a template bomb
+/// reached 540 MB resident under a 256 MiB cap).
+pub fn child_command(program: &std::path::Path, memory_mib: u64) -> Command {
+    let mut command = Command::new(program);
+    command
+        .arg(SUBCOMMAND)
+        .arg("--memory-mib")
+        .arg(memory_mib.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        // A child that runs out of memory aborts; with backtraces on (an operator's
+        // RUST_BACKTRACE=1), it would first spend seconds symbolising one nobody reads.
+        .env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0")
+        // mimalloc reserves its arenas 1 GiB at a time; under the cap a child reserves small
+        // ones as it needs them, so a small cap still leaves room to start.
+        .env("MIMALLOC_ARENA_RESERVE", "4MiB")
+        .kill_on_drop(true);
+    #[cfg(unix)]
+    {
+        let limit = address_space(memory_mib);
+        // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and
+        // the closure neither allocates nor takes a lock.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_AS, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    command
+}
+
+#[cfg(unix)]
+fn address_space(memory_mib: u64) -> libc::rlimit {
+    let bytes = memory_mib.saturating_mul(1024 * 1024);
+    libc::rlimit {
+        rlim_cur: bytes as libc::rlim_t,
+        rlim_max: bytes as libc::rlim_t,
     }
 }
 
@@ -283,13 +321,11 @@ pub fn run_child(memory_mib: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The child's own cap, for a child started some other way than [`child_command`] (which
+/// sets it before the child runs at all), and its lower priority.
 #[cfg(unix)]
 fn limit_self(memory_mib: u64) {
-    let bytes = memory_mib.saturating_mul(1024 * 1024);
-    let limit = libc::rlimit {
-        rlim_cur: bytes as libc::rlim_t,
-        rlim_max: bytes as libc::rlim_t,
-    };
+    let limit = address_space(memory_mib);
     // SAFETY: plain system calls on this process, with a valid rlimit value.
     unsafe {
         libc::setrlimit(libc::RLIMIT_AS, &limit);

@@ -1101,3 +1101,45 @@ async fn the_event_writers_stop_with_the_api() {
         .unwrap();
     assert_eq!(events, 1);
 }
+
+/// A render child's address space is capped from its first instruction, not from the moment
+/// its own code sets the cap: the allocator reserves an arena of 1 GiB before `main`, which a
+/// late cap would leave the template free to fill.
+#[tokio::test]
+async fn a_render_child_is_capped_before_it_starts() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let program = std::path::Path::new(env!("CARGO_BIN_EXE_rapport"));
+    let mut child = rapport::templates::sandbox::child_command(program, 256)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut ask = async |source: &str| {
+        let request = json!({"Text": {"name": "t", "source": source, "field": "f", "ctx": {}}});
+        stdin
+            .write_all(format!("{request}\n").as_bytes())
+            .await
+            .unwrap();
+        stdin.flush().await.unwrap();
+        let mut line = String::new();
+        stdout.read_line(&mut line).await.unwrap();
+        line
+    };
+    assert_eq!(ask("{{ 1 + 1 }}").await.trim(), r#"{"Text":"2"}"#);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPeak:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        peak_kib <= 256 * 1024,
+        "VmPeak {peak_kib} kB over a 256 MiB cap"
+    );
+    // A bomb ends the child (no answer) instead of growing it past the cap.
+    let bomb = BOMBS[3];
+    assert_eq!(ask(bomb).await, "");
+    let exit = child.wait().await.unwrap();
+    assert!(!exit.success());
+}
