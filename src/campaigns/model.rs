@@ -28,6 +28,10 @@ const MAX_STEPS: usize = 100;
 pub struct Condition {
     source: String,
     program: Arc<cel::Program>,
+    /// Whether the condition may read the contact's `stats` or `last_event_at` (it names
+    /// them, or uses `contact` other than by field): readers that evaluate no such condition
+    /// skip gathering them.
+    reads_stats: bool,
 }
 
 impl Condition {
@@ -50,9 +54,12 @@ impl Condition {
                 ),
                 None => format!("does not compile: {e}"),
             })?;
+        let reads_stats = super::cel::contact_fields(&program)
+            .is_none_or(|f| f.contains("stats") || f.contains("last_event_at"));
         let condition = Condition {
             source: source.to_owned(),
             program: Arc::new(program),
+            reads_stats,
         };
         super::cel::dry_run(&condition)?;
         Ok(condition)
@@ -64,6 +71,11 @@ impl Condition {
 
     pub fn program(&self) -> &cel::Program {
         &self.program
+    }
+
+    /// Whether evaluating it may read the contact's `stats` or `last_event_at`.
+    pub fn reads_stats(&self) -> bool {
+        self.reads_stats
     }
 }
 
@@ -607,6 +619,31 @@ impl Definition {
         out
     }
 
+    /// Every condition of the definition itself (trigger, audience, exit goals, `wait_for`
+    /// filters at any depth); a segment the audience names is not among them.
+    pub fn conditions(&self) -> Vec<&Condition> {
+        fn in_steps<'a>(steps: &'a [Step], out: &mut Vec<&'a Condition>) {
+            for step in steps {
+                if let Step::WaitFor {
+                    filter, on_timeout, ..
+                } = step
+                {
+                    out.extend(filter);
+                    in_steps(on_timeout, out);
+                }
+            }
+        }
+        let mut out: Vec<&Condition> = Vec::new();
+        out.extend(&self.trigger.filter);
+        out.extend(&self.trigger.condition);
+        if let Some(Audience::Condition(c)) = &self.audience {
+            out.push(c);
+        }
+        out.extend(self.exit_on.iter().filter_map(|x| x.filter.as_ref()));
+        in_steps(&self.steps, &mut out);
+        out
+    }
+
     /// The step at `path` (`[2]`, or `[2, 0]` for the first `on_timeout` step of step 2).
     pub fn step_at(&self, path: &[i32]) -> Option<&Step> {
         let mut steps = &self.steps;
@@ -799,6 +836,25 @@ pub struct CampaignStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_condition_knows_whether_it_may_read_stats() {
+        for (source, reads) in [
+            ("contact.attributes.tier == 'gold'", false),
+            (
+                "event.properties.amount > 100.0 && has(contact.email)",
+                false,
+            ),
+            ("contact.stats['purchase.completed'] >= 2", true),
+            ("has(contact.last_event_at.visit)", true),
+            // `contact` used whole: anything may be read.
+            ("contact['stats'].size() > 0", true),
+            ("size(contact) > 3", true),
+        ] {
+            let c = Condition::compile(source).unwrap();
+            assert_eq!(c.reads_stats(), reads, "{source}");
+        }
+    }
 
     #[test]
     fn spans_parse_and_print() {

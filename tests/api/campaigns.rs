@@ -1449,3 +1449,94 @@ async fn many_contacts_are_evaluated_together_with_the_same_decisions_as_one_by_
     let done = journeys(&app, &t, &waiting).await;
     assert!(done.iter().all(|j| j["status"] == "completed"), "{done:?}");
 }
+
+/// The engine reads a contact's `stats` only when a condition that may run reads them; every
+/// place such a condition can hide still sees them: a segment the audience names, a journey's
+/// goal, and a journey that follows an older version of its campaign.
+#[tokio::test]
+async fn conditions_that_read_stats_see_them_wherever_they_are_written() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    template(&app, &t, "a", json!({"sms": {"hr": {"text": "x"}}})).await;
+    for (c, phone) in [("ana", "091 111 1111"), ("ivo", "091 222 2222")] {
+        app.contact(&t, c, json!({"phone": phone})).await;
+    }
+    // Ana bought twice, Ivo once: counts of another type than the events that follow.
+    for c in ["ana", "ana", "ivo"] {
+        event(&app, &t, c, "purchase.completed", json!({})).await;
+    }
+    let r = app
+        .post(
+            "/v1/segments",
+            &t.key,
+            json!({"name": "Repeat buyers",
+                   "condition": "contact.stats['purchase.completed'] >= 2"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let segment = r.body["id"].as_str().unwrap().to_owned();
+    let by_segment = campaign(
+        &app,
+        &t,
+        json!({"name": "Repeat buyers' offer", "trigger": {"event": "credit_check.approved"},
+               "audience": {"segment": segment},
+               "steps": [{"type": "wait", "duration": "1d"}, {"type": "send", "template": "a"}]}),
+    )
+    .await;
+    let by_goal = campaign(
+        &app,
+        &t,
+        json!({"name": "Visit nudge", "trigger": {"event": "site.visited"},
+               "steps": [{"type": "wait", "duration": "1d"}, {"type": "send", "template": "a"}],
+               "exit_on": [{"event": "cart.abandoned",
+                            "where": "contact.stats['purchase.completed'] >= 2"}]}),
+    )
+    .await;
+    for c in ["ana", "ivo"] {
+        event(&app, &t, c, "credit_check.approved", json!({})).await;
+        event(&app, &t, c, "site.visited", json!({})).await;
+    }
+    app.drain().await;
+    let enrolled: Vec<Value> = journeys(&app, &t, &by_segment).await;
+    assert_eq!(
+        enrolled.len(),
+        1,
+        "only Ana is a repeat buyer: {enrolled:?}"
+    );
+    // The goal's campaign moves on to a version whose conditions read no stats; the
+    // journeys already running keep version 1, and its goal.
+    let r = app
+        .call(
+            Method::PATCH,
+            &format!("/v1/campaigns/{by_goal}"),
+            Some(&t.key),
+            Some(json!({"exit_on": ["cart.emptied"]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["version"], 2);
+    // Archived, the segment's campaign no longer asks for stats.
+    let r = app
+        .post(
+            &format!("/v1/campaigns/{by_segment}/archive"),
+            &t.key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    for c in ["ana", "ivo"] {
+        event(&app, &t, c, "cart.abandoned", json!({})).await;
+    }
+    app.drain().await;
+    let mut ends: Vec<(i64, Value)> = journeys(&app, &t, &by_goal)
+        .await
+        .into_iter()
+        .map(|j| (j["version"].as_i64().unwrap(), j["exit_reason"].clone()))
+        .collect();
+    ends.sort_by_key(|e| e.1.is_null());
+    assert_eq!(
+        ends,
+        [(1, json!("exit_on:cart.abandoned")), (1, Value::Null)],
+        "Ana's journey reached its goal, Ivo's did not"
+    );
+}

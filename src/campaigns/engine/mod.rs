@@ -132,16 +132,10 @@ impl Round {
 /// A scheduled enrolment to look at: campaign, version, occurrence key (`birthday:2026`).
 type Scheduled = (Uuid, i32, String);
 
-/// Contacts evaluated together in one transaction while evaluation keeps up: each has an
+/// Most contacts evaluated together in one transaction: while evaluation keeps up each has an
 /// event or two waiting, and transactions of fewer contacts would spend more of their time on
 /// round trips and commits than on the events.
 const CONTACTS_PER_TX: usize = 200;
-/// Contacts evaluated together in one transaction during a backlog (at least
-/// [`BACKLOG_DEPTH`] events waiting): each contact is likely to have several events waiting,
-/// and fewer contacts fill a transaction's [`EVENTS_PER_TX`] with fewer contacts to load.
-const CONTACTS_PER_TX_BACKLOG: usize = 50;
-/// How many events waiting in the inbox make a backlog.
-const BACKLOG_DEPTH: i64 = 10 * ROUND_SIZE;
 /// Transactions of the engine open at once (one process).
 const PARALLEL_TX: usize = 2;
 /// Most inbox events (and most due journeys) one round looks at.
@@ -200,28 +194,7 @@ impl Scope<'_> {
             Some(Audience::Condition(c)) => return Ok(Gate::Own(c)),
             Some(Audience::Segment(id)) => *id,
         };
-        let known = {
-            let cache = self.segments.lock().unwrap_or_else(|e| e.into_inner());
-            cache.get(&segment).cloned()
-        };
-        let condition = match known {
-            Some(c) => c,
-            None => {
-                let source = store::segment_condition(conn, self.tenant.id, segment).await?;
-                let compiled = source.and_then(|s| match Condition::compile(&s) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        tracing::warn!(%segment, error = %e, "a segment's condition no longer compiles");
-                        None
-                    }
-                });
-                self.segments
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(segment, compiled.clone());
-                compiled
-            }
-        };
+        let condition = segment_condition(conn, self.tenant.id, self.segments, segment).await?;
         Ok(condition.map_or(Gate::NoOne, Gate::Segment))
     }
 
@@ -250,6 +223,36 @@ impl Scope<'_> {
             .unwrap_or_else(|e| e.into_inner())
             .push(event);
     }
+}
+
+/// The condition of a segment an audience names, read once per chunk (`segments`); None when
+/// the segment is gone or its condition no longer compiles.
+pub(super) async fn segment_condition(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    segments: &Mutex<HashMap<Uuid, Option<Condition>>>,
+    segment: Uuid,
+) -> EngineResult<Option<Condition>> {
+    let known = {
+        let cache = segments.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(&segment).cloned()
+    };
+    if let Some(known) = known {
+        return Ok(known);
+    }
+    let source = store::segment_condition(conn, tenant, segment).await?;
+    let compiled = source.and_then(|s| match Condition::compile(&s) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(%segment, error = %e, "a segment's condition no longer compiles");
+            None
+        }
+    });
+    segments
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(segment, compiled.clone());
+    Ok(compiled)
 }
 
 #[cfg(test)]

@@ -6,43 +6,46 @@ use super::*;
 /// One round: contacts with new events, contacts with due journeys, and (when asked) the
 /// schedules. Returns what it did; zero everywhere means there was nothing to do.
 ///
-/// Contacts are evaluated by tenant in chunks of [`CONTACTS_PER_TX`] (of
-/// [`CONTACTS_PER_TX_BACKLOG`] during a backlog), each chunk in one transaction with a fixed
-/// number of statements for its loads and its writes; a chunk that fails is evaluated again
-/// contact by contact, so one contact's failure is only its own.
+/// Contacts are evaluated by tenant in chunks, each in one transaction with a fixed number of
+/// statements for its loads and its writes; a chunk that fails is evaluated again contact by
+/// contact, so one contact's failure is only its own. A chunk holds up to
+/// [`CONTACTS_PER_TX`] contacts and, as far as the round's view of the inbox tells,
+/// [`EVENTS_PER_TX`] events: many contacts with an event each while evaluation keeps up,
+/// few contacts with many events each during a backlog of theirs (a contact read and locked
+/// whose events do not fit in its transaction's [`EVENTS_PER_TX`] would be work for nothing).
 pub async fn round(state: &AppState, schedules: bool) -> EngineResult<Round> {
     let now = state.clock.now();
     let mut done = Round::default();
     // The oldest events first (the inbox's order index), then the journeys due first.
-    // With each contact, the first sequence number of the round and the inbox's last one: how
-    // many events are waiting, counting those that arrived while the round was read.
     let mut conn = state.pool.acquire().await?;
     let pending = store::journeys::waiting(&mut conn, MAX_FAILURES, ROUND_SIZE).await?;
-    let waiting = pending.first().map_or(0, |p| p.3 - p.2 + 1);
-    let per_tx = if waiting >= BACKLOG_DEPTH {
-        CONTACTS_PER_TX_BACKLOG
-    } else {
-        CONTACTS_PER_TX
-    };
     let due = store::journeys::due(&mut conn, now, ROUND_SIZE).await?;
     drop(conn);
     let mut seen = std::collections::HashSet::with_capacity(pending.len() + due.len());
-    let mut contacts: Vec<(TenantId, Uuid)> = pending
+    // With each contact, how many of the round's events are its (a due journey counts one).
+    let mut contacts: Vec<(TenantId, Uuid, i64)> = pending
         .into_iter()
-        .map(|(tenant, contact, _, _)| (tenant, contact))
-        .chain(due)
-        .filter(|c| seen.insert(*c))
+        .chain(
+            due.into_iter()
+                .map(|(tenant, contact)| (tenant, contact, 1)),
+        )
+        .filter(|c| seen.insert((c.0, c.1)))
         .collect();
     contacts.sort_by_key(|c| c.0.0);
-    let mut chunks: Vec<(TenantId, Vec<Uuid>)> = Vec::new();
-    for (tenant, contact) in contacts {
+    let mut chunks: Vec<(TenantId, Vec<Uuid>, i64)> = Vec::new();
+    for (tenant, contact, events) in contacts {
         match chunks.last_mut() {
-            Some((t, ids)) if *t == tenant && ids.len() < per_tx => ids.push(contact),
-            _ => chunks.push((tenant, vec![contact])),
+            Some((t, ids, n))
+                if *t == tenant && ids.len() < CONTACTS_PER_TX && *n + events <= EVENTS_PER_TX =>
+            {
+                ids.push(contact);
+                *n += events;
+            }
+            _ => chunks.push((tenant, vec![contact], events)),
         }
     }
     let results: Vec<Processed> = futures::stream::iter(chunks)
-        .map(|(tenant, ids)| process_chunk(state, tenant, ids))
+        .map(|(tenant, ids, _)| process_chunk(state, tenant, ids))
         .buffer_unordered(PARALLEL_TX)
         .collect()
         .await;
@@ -164,7 +167,24 @@ pub(super) async fn process_contacts(
     for r in rows {
         pending.entry(r.contact_id).or_default().push(r.event);
     }
-    let mut found: HashMap<Uuid, Contact> = contacts::get_many(&mut tx, tenant_id, &ids)
+    let tenant = crate::tenants::store::context(&mut tx, tenant_id)
+        .await?
+        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("tenant {tenant_id} is missing")))?;
+    let campaigns: HashMap<Uuid, RunningCampaign> = store::running(&mut tx, tenant_id)
+        .await?
+        .into_iter()
+        .map(|c| (c.id, c))
+        .collect();
+    let mut journeys: HashMap<Uuid, Vec<Journey>> = HashMap::new();
+    for j in store::journeys::lock_active(&mut tx, tenant_id, &ids).await? {
+        journeys.entry(j.contact_id).or_default().push(j);
+    }
+    let segments = Mutex::new(HashMap::new());
+    let stats = stats_read(
+        &mut tx, state, tenant_id, &campaigns, &journeys, &batch, &segments,
+    )
+    .await?;
+    let mut found: HashMap<Uuid, Contact> = contacts::read_many(&mut tx, tenant_id, &ids, stats)
         .await?
         .into_iter()
         .map(|c| (c.id, c))
@@ -181,21 +201,7 @@ pub(super) async fn process_contacts(
         ran: 0,
     };
     if !found.is_empty() {
-        let tenant = crate::tenants::store::context(&mut tx, tenant_id)
-            .await?
-            .ok_or_else(|| {
-                StoreError::Internal(anyhow::anyhow!("tenant {tenant_id} is missing"))
-            })?;
-        let campaigns: HashMap<Uuid, RunningCampaign> = store::running(&mut tx, tenant_id)
-            .await?
-            .into_iter()
-            .map(|c| (c.id, c))
-            .collect();
         let opts = state.send_options().await?;
-        let mut journeys: HashMap<Uuid, Vec<Journey>> = HashMap::new();
-        for j in store::journeys::lock_active(&mut tx, tenant_id, &ids).await? {
-            journeys.entry(j.contact_id).or_default().push(j);
-        }
         // When each contact last enrolled in the active campaigns (the only ones that enrol)
         // that re-enrol only after a while: one look-up for the chunk, not one per enrolment.
         let mut timed = Vec::new();
@@ -224,7 +230,6 @@ pub(super) async fn process_contacts(
         }
         let mut emitted = Vec::new();
         let mut touched: Vec<Journey> = Vec::new();
-        let segments = Mutex::new(HashMap::new());
         for (contact_id, scheduled) in batch {
             let Some(contact) = found.remove(contact_id) else {
                 continue;
@@ -265,6 +270,53 @@ pub(super) async fn process_contacts(
         metrics::counter!("campaign_events_consumed_total").increment(seqs.len() as u64);
     }
     Ok(done)
+}
+
+/// Whether this chunk reads its contacts' `stats` and `last_event_at`: only conditions read
+/// them here (a message reads its contact itself), so they are gathered (two look-ups in the
+/// counters per contact, most of the cost of reading a contact) only when a condition that
+/// may run for these contacts reads them: those of the active campaigns (which enrol), of the
+/// versions the contacts' journeys follow (their goals and waits), of the scheduled
+/// enrolments, and of the segments their audiences name.
+async fn stats_read(
+    conn: &mut PgConnection,
+    state: &AppState,
+    tenant: TenantId,
+    campaigns: &HashMap<Uuid, RunningCampaign>,
+    journeys: &HashMap<Uuid, Vec<Journey>>,
+    batch: &[&(Uuid, &[Scheduled])],
+    segments: &Mutex<HashMap<Uuid, Option<Condition>>>,
+) -> EngineResult<contacts::Stats> {
+    let mut versions: std::collections::BTreeSet<(Uuid, i32)> = campaigns
+        .iter()
+        .filter(|(_, c)| c.status == CampaignStatus::Active)
+        .map(|(id, c)| (*id, c.version))
+        .collect();
+    versions.extend(
+        journeys
+            .values()
+            .flatten()
+            .map(|j| (j.campaign_id, j.version)),
+    );
+    versions.extend(
+        batch
+            .iter()
+            .flat_map(|(_, scheduled)| scheduled.iter().map(|(c, v, _)| (*c, *v))),
+    );
+    for (campaign, version) in versions {
+        let def = state.campaigns.get(conn, tenant, campaign, version).await?;
+        if def.conditions().iter().any(|c| c.reads_stats()) {
+            return Ok(contacts::Stats::Read);
+        }
+        if let Some(segment) = def.audience.as_ref().and_then(Audience::segment)
+            && segment_condition(conn, tenant, segments, segment)
+                .await?
+                .is_some_and(|c| c.reads_stats())
+        {
+            return Ok(contacts::Stats::Read);
+        }
+    }
+    Ok(contacts::Stats::Skipped)
 }
 
 /// The advisory lock that serialises everything the engine does for one contact.

@@ -198,15 +198,15 @@ pub async fn save(
 }
 
 /// The contacts with events waiting in the inbox (the oldest `limit` events, skipping those
-/// that failed `max_failures` times): tenant, contact, the contact's first sequence number and
-/// the inbox's last one.
+/// that failed `max_failures` times), oldest first: tenant, contact, and how many of those
+/// events are the contact's.
 pub async fn waiting(
     conn: &mut PgConnection,
     max_failures: i32,
     limit: i64,
-) -> StoreResult<Vec<(TenantId, Uuid, i64, i64)>> {
+) -> StoreResult<Vec<(TenantId, Uuid, i64)>> {
     Ok(sqlx::query_as(
-        "SELECT tenant_id, contact_id, min(seq), (SELECT max(seq) FROM campaign_inbox) FROM (
+        "SELECT tenant_id, contact_id, count(*) FROM (
             SELECT tenant_id, contact_id, seq FROM campaign_inbox WHERE failures < $1
             ORDER BY seq LIMIT $2) oldest
          GROUP BY tenant_id, contact_id ORDER BY min(seq)",
