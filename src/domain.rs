@@ -296,10 +296,12 @@ impl<T> Patch<T> {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContactRef {
-    #[schema(example = "cust-42")]
+    #[schema(example = "cust-42", min_length = 1, max_length = 255)]
     pub external_id: Option<String>,
+    #[schema(min_length = 3, max_length = 254)]
     pub email: Option<String>,
     /// Any common format.
+    #[schema(min_length = 1)]
     pub phone: Option<String>,
 }
 

@@ -38,7 +38,11 @@ pub struct Event {
 pub struct NewEvent {
     /// Lower-case words of `[a-z0-9_]` joined by dots.
     #[serde(rename = "type")]
-    #[schema(example = "purchase.completed")]
+    #[schema(
+        example = "purchase.completed",
+        pattern = "^[a-z0-9_]+(\\.[a-z0-9_]+)*$",
+        max_length = 100
+    )]
     pub kind: String,
     pub contact: ContactRef,
     /// When it happened; now when absent.
@@ -46,6 +50,7 @@ pub struct NewEvent {
     #[schema(value_type = Option<Object>, example = json!({"amount": 129.9, "currency": "EUR"}))]
     pub properties: Option<Map<String, Value>>,
     /// Deduplicates the event per tenant: a second event with this key is not recorded again.
+    #[schema(min_length = 1, max_length = 255)]
     pub idempotency_key: Option<String>,
 }
 
@@ -108,11 +113,16 @@ pub struct EventBatchResult {
 pub struct TimelineParams {
     /// Only events of this type.
     #[serde(rename = "type")]
-    #[param(rename = "type")]
+    #[param(
+        rename = "type",
+        pattern = "^[a-z0-9_]+(\\.[a-z0-9_]+)*$",
+        max_length = 100
+    )]
     pub kind: Option<String>,
     /// Items per page, 1 to 500 (default 50).
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
+    #[param(pattern = "^[A-Za-z0-9_-]+$")]
     pub cursor: Option<String>,
 }

@@ -222,3 +222,111 @@ fn the_openapi_document_is_self_consistent() {
     }
     no_closed_member(&doc, &doc, "");
 }
+
+/// The patterns the document gives an event's `type` and a list's `cursor` are what the API
+/// enforces: each sample matches the documented pattern (PostgreSQL's regular expressions
+/// read it) exactly when the API accepts it.
+#[tokio::test]
+async fn documented_patterns_are_the_ones_the_api_enforces() {
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    let doc = app
+        .call(Method::GET, "/openapi.json", None, None)
+        .await
+        .body;
+    let type_pattern = doc["components"]["schemas"]["NewEvent"]["properties"]["type"]["pattern"]
+        .as_str()
+        .expect("NewEvent.type has a pattern")
+        .to_owned();
+    let cursor_pattern = doc["paths"]["/v1/contacts/{id}/timeline"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "cursor")
+        .and_then(|p| p["schema"]["pattern"].as_str())
+        .expect("the timeline's cursor has a pattern")
+        .to_owned();
+    let matches = |pattern: String, sample: String| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>("SELECT $1 ~ $2")
+                .bind(sample)
+                .bind(pattern)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    for kind in [
+        "purchase.completed",
+        "a",
+        "credit_check.approved.v2",
+        "Purchase.completed",
+        "purchase..completed",
+        ".purchase",
+        "purchase.",
+        "kupnja.završena",
+        "purchase completed",
+        "purchase-completed",
+    ] {
+        let r = app
+            .post(
+                "/v1/events",
+                &t.key,
+                serde_json::json!({"type": kind, "contact": {"external_id": "ana"}}),
+            )
+            .await;
+        let accepted = r.status == StatusCode::ACCEPTED;
+        assert!(
+            accepted || r.status == StatusCode::UNPROCESSABLE_ENTITY,
+            "{kind}: {}",
+            r.text
+        );
+        assert_eq!(
+            matches(type_pattern.clone(), kind.to_owned()).await,
+            accepted,
+            "`{kind}` against {type_pattern}"
+        );
+    }
+    let contact = app.contact(&t, "ivo", serde_json::json!({})).await;
+    let id = contact["id"].as_str().unwrap().to_owned();
+    // A real cursor matches; text outside base64url never decodes.
+    for _ in 0..3 {
+        app.post(
+            "/v1/events",
+            &t.key,
+            serde_json::json!({"type": "a.b", "contact": {"external_id": "ivo"}}),
+        )
+        .await;
+    }
+    let page = app
+        .get(&format!("/v1/contacts/{id}/timeline?limit=1"), &t.key)
+        .await;
+    let real = page.body["next_cursor"].as_str().unwrap().to_owned();
+    assert!(
+        matches(cursor_pattern.clone(), real.clone()).await,
+        "{real}"
+    );
+    for bad in ["a+b", "a/b", "a=b", "a b", "žž"] {
+        assert!(
+            !matches(cursor_pattern.clone(), bad.to_owned()).await,
+            "{bad}"
+        );
+        let r = app
+            .get(
+                &format!("/v1/contacts/{id}/timeline?cursor={}", urlencode(bad)),
+                &t.key,
+            )
+            .await;
+        r.assert_problem(400);
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
