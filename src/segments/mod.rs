@@ -74,11 +74,10 @@ impl Scan {
                 Requirement::HasAttribute(key) => Some(contacts::Clause::HasAttribute(key)),
             })
             .collect();
-        let stats = match &fields {
-            Some(f) if !f.contains("stats") && !f.contains("last_event_at") => {
-                contacts::Stats::Skipped
-            }
-            _ => contacts::Stats::Read,
+        let stats = if condition.reads_stats() {
+            contacts::Stats::Read
+        } else {
+            contacts::Stats::Skipped
         };
         Scan {
             condition,
