@@ -407,6 +407,10 @@ async fn timeline(
     };
     let limit = page.limit()?;
     let before = page.cursor.as_deref().map(decode_time_cursor).transpose()?;
+    // A filter no event can have is a mistake (`Purchase.Completed`), not an empty page.
+    if let Some(kind) = &params.kind {
+        crate::validate::event_type(kind).map_err(ApiError::BadRequest)?;
+    }
     let mut conn = state.pool.acquire().await?;
     if store::get(&mut conn, tenant.id, id).await?.is_none() {
         return Err(contact_not_found(id));

@@ -288,6 +288,16 @@ async fn documented_patterns_are_the_ones_the_api_enforces() {
             "`{kind}` against {type_pattern}"
         );
     }
+    // The timeline's filter is held to the same rule (its own pattern in the document).
+    let filter_pattern = doc["paths"]["/v1/contacts/{id}/timeline"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "type")
+        .and_then(|p| p["schema"]["pattern"].as_str())
+        .expect("the timeline's type filter has a pattern")
+        .to_owned();
+    assert_eq!(filter_pattern, type_pattern);
     let contact = app.contact(&t, "ivo", serde_json::json!({})).await;
     let id = contact["id"].as_str().unwrap().to_owned();
     // A real cursor matches; text outside base64url never decodes.
@@ -303,6 +313,23 @@ async fn documented_patterns_are_the_ones_the_api_enforces() {
         .get(&format!("/v1/contacts/{id}/timeline?limit=1"), &t.key)
         .await;
     let real = page.body["next_cursor"].as_str().unwrap().to_owned();
+    for (kind, valid) in [("a.b", true), ("A.b", false), ("a..b", false)] {
+        let r = app
+            .get(
+                &format!("/v1/contacts/{id}/timeline?type={}", urlencode(kind)),
+                &t.key,
+            )
+            .await;
+        if valid {
+            assert_eq!(r.status, StatusCode::OK, "{kind}: {}", r.text);
+        } else {
+            r.assert_problem(400);
+        }
+        assert_eq!(
+            matches(filter_pattern.clone(), kind.to_owned()).await,
+            valid
+        );
+    }
     assert!(
         matches(cursor_pattern.clone(), real.clone()).await,
         "{real}"
