@@ -248,6 +248,12 @@ impl Config {
             .merge(Env::raw().only(&["DATABASE_URL"]))
             .merge(Env::prefixed("RAPPORT_").ignore(&["CONFIG"]));
         let mut config: Config = figment.extract().map_err(Box::new)?;
+        if config.db_max_connections == 0 {
+            // sqlx would open a pool no request could ever take a connection from.
+            return Err(Box::new(figment::Error::from(
+                "db_max_connections must be at least 1".to_owned(),
+            )));
+        }
         if config
             .admin_token
             .as_ref()
@@ -317,5 +323,18 @@ mod tests {
             .unwrap();
         let keys: Vec<&str> = config.secret_key_old.iter().map(Secret::expose).collect();
         assert_eq!(keys, ["a", "b"]);
+    }
+
+    #[test]
+    fn a_pool_of_no_connections_is_refused_at_start() {
+        let file = std::env::temp_dir().join(format!("rapport-config-{}.toml", std::process::id()));
+        std::fs::write(&file, "db_max_connections = 0\n").unwrap();
+        let loaded = Config::load(&file);
+        let _ = std::fs::remove_file(&file);
+        let message = loaded.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            message.contains("db_max_connections must be at least 1"),
+            "{message}"
+        );
     }
 }

@@ -116,6 +116,23 @@ pub async fn connect(
         })
 }
 
+/// A pool for `LISTEN` connections only, on the same server and options as `pool`, with room
+/// for `listeners` of them, each opened when its listener starts.
+///
+/// A listener holds its connection for the life of the process. Taken from the work pool,
+/// the listeners of a worker (one for each dispatch loop, jobs, imports, broadcasts, and the
+/// API keys' one) held six of its connections for good, and a pool of six or fewer left
+/// nothing for the work: the server never became ready. Apart, they cannot starve it, and
+/// `db_max_connections` is what requests and rounds share.
+pub fn listen_pool(pool: &PgPool, listeners: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(listeners.max(1))
+        .min_connections(0)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_lazy_with((*pool.connect_options()).clone())
+}
+
 /// Creates the target database when the server answers that it does not exist.
 async fn ensure_database(
     options: &PgConnectOptions,

@@ -66,6 +66,8 @@ impl std::ops::Deref for AppState {
 #[derive(Clone)]
 pub struct StateFields {
     pub pool: PgPool,
+    /// The process's `LISTEN` connections, apart from `pool` ([`db::listen_pool`]).
+    pub listen_pool: PgPool,
     pub config: Arc<Config>,
     pub metrics: PrometheusHandle,
     /// Picks the provider of each message.
@@ -185,6 +187,11 @@ impl App {
             .to_pretty_json()
             .unwrap_or_else(|_| "{}".to_owned());
         let api_stopped = CancellationToken::new();
+        // The API keys' listener, and a worker's: jobs, imports, broadcasts, dispatch loops.
+        let listeners = u32::try_from(config.outbox_dispatchers.max(1))
+            .unwrap_or(u32::MAX)
+            .saturating_add(4);
+        let listen_pool = db::listen_pool(&pool, listeners);
         let events = Arc::new(ingest::writer::Writer::new(
             pool.clone(),
             config.ingest_writers,
@@ -223,8 +230,12 @@ impl App {
                 ]),
                 events,
                 contact_writes,
-                api_keys: Arc::new(tenancy::KeyCache::new(pool.clone(), api_stopped.clone())),
+                api_keys: Arc::new(tenancy::KeyCache::new(
+                    listen_pool.clone(),
+                    api_stopped.clone(),
+                )),
                 api_stopped,
+                listen_pool,
                 pool,
                 config: Arc::new(config),
                 metrics: telemetry::metrics_handle(),

@@ -328,6 +328,7 @@ async fn serve(app: App, api: bool, worker: bool) -> anyhow::Result<()> {
         }
     }
     app.state.pool.close().await;
+    app.state.listen_pool.close().await;
     tracing::info!("stopped");
     outcome
 }

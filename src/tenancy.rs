@@ -64,6 +64,7 @@ const MAX_CACHED_KEYS: usize = 10_000;
 /// once. While the listening connection is down, nothing is cached and every request looks
 /// its key up. Unknown keys are never cached.
 pub struct KeyCache {
+    /// Where the listener's connection comes from (the process's `listen_pool`).
     pool: sqlx::PgPool,
     /// Ends the invalidation listener (with the API).
     stop: tokio_util::sync::CancellationToken,

@@ -39,7 +39,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
 /// One dispatch loop: rounds back to back while messages are due, else a wait for NOTIFY or
 /// the poll interval; a batch in flight is finished first on shutdown.
 async fn run_loop(state: AppState, shutdown: CancellationToken) {
-    let mut listener = match PgListener::connect_with(&state.pool).await {
+    let mut listener = match PgListener::connect_with(&state.listen_pool).await {
         Ok(mut l) => match l.listen(NOTIFY_CHANNEL).await {
             Ok(()) => Some(l),
             Err(e) => {

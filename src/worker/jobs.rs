@@ -77,7 +77,7 @@ pub async fn run_due(state: &AppState, registry: &JobRegistry) -> Result<usize, 
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     let registry = JobRegistry::standard();
     let listener = async {
-        let mut l = PgListener::connect_with(&state.pool).await?;
+        let mut l = PgListener::connect_with(&state.listen_pool).await?;
         l.listen(store::NOTIFY_CHANNEL).await?;
         Ok::<_, sqlx::Error>(l)
     }

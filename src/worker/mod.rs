@@ -151,7 +151,7 @@ async fn run_imports(state: AppState, shutdown: CancellationToken) {
     use crate::contacts::import::{NOTIFY_CHANNEL, apply};
     let holder = uuid::Uuid::now_v7();
     let listener = async {
-        let mut l = PgListener::connect_with(&state.pool).await?;
+        let mut l = PgListener::connect_with(&state.listen_pool).await?;
         l.listen(NOTIFY_CHANNEL).await?;
         Ok::<_, sqlx::Error>(l)
     }
@@ -172,7 +172,7 @@ const BROADCASTS_POLL: Duration = Duration::from_secs(1);
 async fn run_broadcasts(state: AppState, shutdown: CancellationToken) {
     let holder = uuid::Uuid::now_v7();
     let listener = async {
-        let mut l = PgListener::connect_with(&state.pool).await?;
+        let mut l = PgListener::connect_with(&state.listen_pool).await?;
         l.listen(crate::broadcasts::NOTIFY_CHANNEL).await?;
         Ok::<_, sqlx::Error>(l)
     }

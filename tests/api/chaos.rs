@@ -640,6 +640,106 @@ async fn max_per_second_holds_across_two_worker_processes() {
     drop((a, b));
 }
 
+/// A server whose pool has two connections (`db_max_connections = 2`) still becomes ready,
+/// takes events from concurrent clients and sends a broadcast: the worker's `LISTEN`
+/// connections (four dispatch loops, jobs, imports, broadcasts) and the API keys' one are
+/// apart from the pool, so they cannot take all of it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_two_connections_serves_and_sends() {
+    const N: usize = 40;
+    let db = TestDb::create().await;
+    let stub = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path_regex("^/2010-04-01/Accounts/AC1/Messages.json$"))
+        .respond_with(
+            ResponseTemplate::new(201).set_body_json(json!({"sid": "SM1", "status": "queued"})),
+        )
+        .mount(&stub)
+        .await;
+    let env = [
+        ("RAPPORT_DB_MAX_CONNECTIONS", "2"),
+        ("RAPPORT_OUTBOX_DISPATCHERS", "4"),
+        ("RAPPORT_DB_CONNECT_TIMEOUT_SECS", "5"),
+    ];
+    let http = reqwest::Client::new();
+    let server = start(&db, &env);
+    let ready = http.get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "{:?}", ready.text().await);
+    let (_, key) = tenant_key(&http, &server).await;
+    put_ok(
+        &http,
+        &server,
+        &key,
+        "/v1/channels/sms",
+        json!({"provider": "twilio",
+        "settings": {"account_sid": "AC1", "from": "+15005550006", "base_url": stub.uri()},
+        "secrets": {"auth_token": "tok"}}),
+    )
+    .await;
+    put_ok(
+        &http,
+        &server,
+        &key,
+        "/v1/templates/note",
+        json!({"sms": {"hr": {"text": "Obavijest"}}}),
+    )
+    .await;
+    many_contacts(&http, &server, &key, N).await;
+    // Sixteen clients at once, each more than the pool has connections.
+    let posts = (0..16).map(|c| {
+        let (http, key, url) = (http.clone(), key.clone(), server.url("/v1/events"));
+        async move {
+            for i in 0..10 {
+                let r = http
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&json!({"type": "page.viewed",
+                                  "contact": {"external_id": format!("m{}", (c * 10 + i) % N)}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202, "{:?}", r.text().await);
+            }
+        }
+    });
+    futures::future::join_all(posts).await;
+    let made = post_ok(
+        &http,
+        &server,
+        &key,
+        "/v1/broadcasts",
+        json!({"name": "Notice", "audience": "true", "template": "note", "channels": ["sms"]}),
+    )
+    .await;
+    let id = made["id"].as_str().unwrap().to_owned();
+    post_ok(
+        &http,
+        &server,
+        &key,
+        &format!("/v1/broadcasts/{id}/schedule"),
+        json!({}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = 0;
+    while Instant::now() < deadline {
+        seen = stub.received_requests().await.unwrap_or_default().len();
+        if seen >= N {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, N, "every member sent to");
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE type = 'page.viewed'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 160);
+    drop(server);
+    pool.close().await;
+}
+
 /// A caller dropped while its `BEGIN` is on the wire (a client gone, a timeout, an aborted
 /// task) leaves no transaction open on the pooled connection: the next borrower's write is
 /// committed and seen by everyone (sqlx's own `Pool::begin` leaves the session inside the
