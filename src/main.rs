@@ -15,6 +15,107 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Memory the server frees goes back to the system once the load that needed it has passed.
+///
+/// mimalloc keeps a thread's emptied pages for that thread and gives free arena memory back
+/// lazily, from later allocations, so a server that fell quiet after a burst kept memory it
+/// no longer used: 54-66 MB idle after the benchmark's runs, 50 MB with this module
+/// (BENCHMARKS.md, twenty-first round). Every [`EVERY`] a task
+/// moves [`EPOCH`] on and collects its own thread's heap and every arena's free memory
+/// (forced); each runtime thread collects its own heap the next time it parks, once an epoch,
+/// so the cost under load is an atomic load each time a thread parks.
+mod reclaim {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    pub const EVERY: Duration = Duration::from_secs(5);
+    /// mimalloc's `mi_option_purge_delay` (15 in its v2 and v3 alike; the Rust binding names
+    /// no constant for it; `tests::purge_delay_is_the_option_set` checks the number).
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    static EPOCH: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static SEEN: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// Freed memory goes back to the system at once, not a second later (mimalloc's default):
+    /// a purge then waits for that thread's next allocation, so a burst's memory stayed
+    /// resident once the server fell quiet. Peaks of 74-82 MB against 106-121 MB over the
+    /// benchmark's rows 1 and 3 and the 1,000,000-row import, with no cost the benchmark could
+    /// tell from its noise (BENCHMARKS.md, twenty-first round).
+    /// `MIMALLOC_PURGE_DELAY` in the environment still decides, when set.
+    pub fn configure() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none()
+            && std::env::var_os("MIMALLOC_RESET_DELAY").is_none()
+        {
+            // SAFETY: sets an option mimalloc reads on each purge; any value is valid.
+            unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) };
+        }
+    }
+
+    /// The runtime's `on_thread_park` hook.
+    pub fn on_park() {
+        let epoch = EPOCH.load(Ordering::Relaxed);
+        if SEEN.get() != epoch {
+            SEEN.set(epoch);
+            // SAFETY: mimalloc is the global allocator; collecting the calling thread's heap
+            // only frees pages that hold no live block.
+            unsafe { libmimalloc_sys::mi_collect(false) };
+        }
+    }
+
+    /// Moves the epoch on every [`EVERY`], for the life of the process.
+    pub async fn run() {
+        let mut tick = tokio::time::interval(EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            EPOCH.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: as above; `force` also purges free memory of every arena, whoever freed it.
+            unsafe { libmimalloc_sys::mi_collect(true) };
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::ffi::{CStr, c_char, c_void};
+
+        unsafe extern "C" {
+            fn mi_options_print_out(
+                out: unsafe extern "C" fn(*const c_char, *mut c_void),
+                arg: *mut c_void,
+            );
+        }
+
+        unsafe extern "C" fn collect(message: *const c_char, into: *mut c_void) {
+            // SAFETY: `into` is the `String` passed below; mimalloc passes C strings.
+            let (into, message) = unsafe { (&mut *into.cast::<String>(), CStr::from_ptr(message)) };
+            into.push_str(&message.to_string_lossy());
+        }
+
+        /// mimalloc's own listing of its options, by name.
+        fn options() -> String {
+            let mut printed = String::new();
+            // SAFETY: `collect` appends to `printed`, which outlives the call.
+            unsafe { mi_options_print_out(collect, (&raw mut printed).cast()) };
+            printed
+        }
+
+        #[test]
+        fn purge_delay_is_the_option_set() {
+            // SAFETY: as in `configure`.
+            unsafe { libmimalloc_sys::mi_option_set(super::PURGE_DELAY, 4321) };
+            let printed = options();
+            let line = printed
+                .lines()
+                .find(|l| l.contains("4321"))
+                .unwrap_or_default();
+            assert!(line.contains("purge_delay"), "{printed}");
+            unsafe { libmimalloc_sys::mi_option_set(super::PURGE_DELAY, 0) };
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "rapport",
@@ -168,6 +269,7 @@ enum ApiKeyCommand {
 }
 
 fn main() -> ExitCode {
+    reclaim::configure();
     let cli = Cli::parse();
     if let Some(Command::RenderSandbox { memory_mib }) = cli.command {
         return match rapport::templates::sandbox::run_child(memory_mib) {
@@ -191,6 +293,7 @@ fn main() -> ExitCode {
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(reclaim::on_park)
         .build()
     {
         Ok(r) => r,
@@ -296,6 +399,7 @@ async fn run_with(command: Command, config: Config) -> anyhow::Result<()> {
 async fn serve(app: App, api: bool, worker: bool) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tokio::spawn(reclaim::run());
     let mut tasks = tokio::task::JoinSet::new();
     if api {
         let listen = app.state.config.listen.clone();

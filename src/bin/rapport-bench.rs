@@ -2396,7 +2396,7 @@ async fn run(args: &Args, server: &Server, wanted: &[&str]) -> anyhow::Result<()
         }
     }
     // Idle means no load and no client: close our connections, then give the server the
-    // time to close its idle provider connections (10 s) and trim its allocator (every 5 s).
+    // time to close its idle provider connections (10 s) and collect its allocator (every 5 s).
     drop(bench);
     tokio::time::sleep(Duration::from_secs_f64(args.idle_wait)).await;
     let idle_end_mb = proc_rss_kb(server.pid) as f64 / 1024.0;
