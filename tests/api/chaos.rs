@@ -361,6 +361,20 @@ async fn many_contacts(http: &reqwest::Client, server: &Server, key: &str, n: us
     }
 }
 
+/// Sends the tenant's SMS through Twilio's API at `base_url` (a stub).
+async fn put_twilio(http: &reqwest::Client, server: &Server, key: &str, base_url: &str) {
+    put_ok(
+        http,
+        server,
+        key,
+        "/v1/channels/sms",
+        json!({"provider": "twilio",
+        "settings": {"account_sid": "AC1", "from": "+15005550006", "base_url": base_url},
+        "secrets": {"auth_token": "tok"}}),
+    )
+    .await;
+}
+
 /// POSTs `body` to `path` and returns the JSON answer, asserting success.
 async fn post_ok(
     http: &reqwest::Client,
@@ -418,16 +432,7 @@ async fn sigkill_mid_broadcast_sends_each_member_exactly_once() {
     let http = reqwest::Client::new();
     let mut server = start(&db, &env);
     let (_, key) = tenant_key(&http, &server).await;
-    put_ok(
-        &http,
-        &server,
-        &key,
-        "/v1/channels/sms",
-        json!({"provider": "twilio",
-        "settings": {"account_sid": "AC1", "from": "+15005550006", "base_url": stub.uri()},
-        "secrets": {"auth_token": "tok"}}),
-    )
-    .await;
+    put_twilio(&http, &server, &key, &stub.uri()).await;
     put_ok(
         &http,
         &server,
@@ -666,16 +671,7 @@ async fn a_pool_of_two_connections_serves_and_sends() {
     let ready = http.get(server.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200, "{:?}", ready.text().await);
     let (_, key) = tenant_key(&http, &server).await;
-    put_ok(
-        &http,
-        &server,
-        &key,
-        "/v1/channels/sms",
-        json!({"provider": "twilio",
-        "settings": {"account_sid": "AC1", "from": "+15005550006", "base_url": stub.uri()},
-        "secrets": {"auth_token": "tok"}}),
-    )
-    .await;
+    put_twilio(&http, &server, &key, &stub.uri()).await;
     put_ok(
         &http,
         &server,
