@@ -121,8 +121,9 @@ pub async fn connect(
 ///
 /// A listener holds its connection for the life of the process. Taken from the work pool,
 /// the listeners of a worker (one for each dispatch loop, jobs, imports, broadcasts, and the
-/// API keys' one) held six of its connections for good, and a pool of six or fewer left
-/// nothing for the work: the server never became ready. Apart, they cannot starve it, and
+/// API keys' one) held eight of its connections for good with the default four dispatch
+/// loops, and a pool of that size or less left nothing for the work: the server never became
+/// ready. Apart, they cannot starve it, and
 /// `db_max_connections` is what requests and rounds share.
 pub fn listen_pool(pool: &PgPool, listeners: u32) -> PgPool {
     PgPoolOptions::new()
