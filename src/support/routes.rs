@@ -70,6 +70,7 @@ async fn create_agent(
         .validate(true, &tenant.default_country)
         .map_err(|e| ApiError::validation(e.into_vec()))?;
     let mut tx = crate::db::begin(&state.pool).await?;
+    store::lock_agents(&mut tx, tenant.id).await?;
     let agent = store::create_agent(&mut tx, tenant.id, &changes).await?;
     store::assign_waiting(&mut tx, &tenant).await?;
     let agent = store::get_agent(&mut tx, tenant.id, agent.id)
@@ -125,6 +126,7 @@ async fn update_agent(
         .validate(false, &tenant.default_country)
         .map_err(|e| ApiError::validation(e.into_vec()))?;
     let mut tx = crate::db::begin(&state.pool).await?;
+    store::lock_agents(&mut tx, tenant.id).await?;
     store::update_agent(&mut tx, tenant.id, id, &changes)
         .await?
         .ok_or_else(|| agent_not_found(id))?;
@@ -170,6 +172,7 @@ async fn create_ticket(
         .and_then(|c| errors.check("category", validate::text(c, 100)));
     errors.finish()?;
     let mut tx = crate::db::begin(&state.pool).await?;
+    store::lock_agents(&mut tx, tenant.id).await?;
     let contact_id = match &body.contact.external_id {
         Some(external_id) => {
             let ext = validate::text(external_id, 255)
@@ -277,6 +280,7 @@ async fn update_ticket(
     ValidJson(body): ValidJson<TicketPatch>,
 ) -> ApiResult<Json<TicketDetail>> {
     let mut tx = crate::db::begin(&state.pool).await?;
+    store::lock_agents(&mut tx, tenant.id).await?;
     let ticket = store::lock_ticket(&mut tx, tenant.id, id)
         .await?
         .ok_or_else(|| ticket_not_found(id))?;
@@ -429,6 +433,7 @@ async fn add_message(
     let text = validate::text(&raw, 100_000).map_err(|m| ApiError::field("body", m))?;
     let opts = state.send_options().await?;
     let mut tx = crate::db::begin(&state.pool).await?;
+    store::lock_agents(&mut tx, tenant.id).await?;
     let ticket = store::lock_ticket(&mut tx, tenant.id, id)
         .await?
         .ok_or_else(|| ticket_not_found(id))?;

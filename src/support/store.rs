@@ -248,6 +248,20 @@ pub async fn list_agents(
         .await?)
 }
 
+/// Locks every agent of the tenant, in id order. A transaction that may assign tickets takes
+/// this first, before any other lock on an agent row (a ticket's assignee key, an agent's own
+/// update, the candidates of one language after another in [`assign_waiting`]): all such
+/// transactions then take agents' locks in one order and wait for each other instead of
+/// deadlocking (seen: two ticket updates, each holding the candidates of its first waiting
+/// ticket while locking those of its second).
+pub async fn lock_agents(conn: &mut PgConnection, tenant: TenantId) -> StoreResult<()> {
+    sqlx::query("SELECT 1 FROM agents WHERE tenant_id = $1 ORDER BY id FOR UPDATE")
+        .bind(tenant)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Assigns an unassigned open ticket to the active agent who speaks the contact's language and
 /// covers its country, with the fewest open tickets below capacity; ties go to the agent
 /// assigned longest ago (round robin). None when nobody fits: the ticket waits in the queue.
