@@ -265,6 +265,9 @@ async fn join_ticket(
     m: &Inbound,
     opts: &SendOptions,
 ) -> StoreResult<uuid::Uuid> {
+    // Before the ticket it may reopen and reassign: a helpdesk request updating that ticket
+    // holds the agents first, then the ticket.
+    support::lock_agents(conn, tenant.id).await?;
     let channel = m.channel.as_str();
     let text = m.reply.as_deref().unwrap_or(&m.text);
     let files;

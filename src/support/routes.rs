@@ -433,7 +433,11 @@ async fn add_message(
     let text = validate::text(&raw, 100_000).map_err(|m| ApiError::field("body", m))?;
     let opts = state.send_options().await?;
     let mut tx = crate::db::begin(&state.pool).await?;
-    store::lock_agents(&mut tx, tenant.id).await?;
+    if matches!(body.author, Author::Contact(_)) {
+        // The customer's message may reopen the ticket and assign it: the agents before the
+        // ticket, as every transaction that may assign (an agent's reply never assigns).
+        store::lock_agents(&mut tx, tenant.id).await?;
+    }
     let ticket = store::lock_ticket(&mut tx, tenant.id, id)
         .await?
         .ok_or_else(|| ticket_not_found(id))?;

@@ -248,14 +248,19 @@ pub async fn list_agents(
         .await?)
 }
 
-/// Locks every agent of the tenant, in id order. A transaction that may assign tickets takes
-/// this first, before any other lock on an agent row (a ticket's assignee key, an agent's own
-/// update, the candidates of one language after another in [`assign_waiting`]): all such
-/// transactions then take agents' locks in one order and wait for each other instead of
-/// deadlocking (seen: two ticket updates, each holding the candidates of its first waiting
-/// ticket while locking those of its second).
+/// Locks every agent of the tenant, in id order. Every transaction that may assign tickets
+/// takes this before any other lock on an agent row (a ticket's assignee, an agent's own
+/// update) and before the ticket counter or a ticket it will reassign: [`assign`] and
+/// [`create_ticket`] take it themselves, and the handlers and intakes that lock rows first
+/// take it at their start. All such transactions then wait for each other in one order
+/// instead of deadlocking (seen: two ticket updates, each holding the candidates of its first
+/// waiting ticket while locking those of its second; a campaign round holding the ticket
+/// counter and one agent while a helpdesk request held another and wanted the counter).
+/// `NO KEY UPDATE` so that rows referring to an agent (a ticket's assignee, a call's agent)
+/// can still be written meanwhile: their key checks take a share lock it does not block.
+/// Taking it again in the same transaction waits for nothing.
 pub async fn lock_agents(conn: &mut PgConnection, tenant: TenantId) -> StoreResult<()> {
-    sqlx::query("SELECT 1 FROM agents WHERE tenant_id = $1 ORDER BY id FOR UPDATE")
+    sqlx::query("SELECT 1 FROM agents WHERE tenant_id = $1 ORDER BY id FOR NO KEY UPDATE")
         .bind(tenant)
         .execute(conn)
         .await?;
@@ -270,6 +275,7 @@ pub async fn assign(
     tenant: &TenantContext,
     ticket_id: Uuid,
 ) -> StoreResult<Option<Uuid>> {
+    lock_agents(conn, tenant.id).await?;
     let target: Option<(String, String, Uuid)> = sqlx::query_as(concat!(
         "SELECT coalesce(split_part(c.locale, '-', 1), ''), coalesce(c.country, ''), t.contact_id
          FROM tickets t JOIN contacts c ON c.tenant_id = t.tenant_id AND c.id = t.contact_id
@@ -304,7 +310,7 @@ pub async fn assign(
          WHERE tenant_id = $1 AND active
            AND (cardinality(languages) = 0 OR $2 = ANY(languages))
            AND (cardinality(countries) = 0 OR $3 = ANY(countries))
-         ORDER BY id FOR UPDATE",
+         ORDER BY id",
         tenant.id.0,
         &language,
         &country,
@@ -425,6 +431,9 @@ pub async fn create_ticket(
     tenant: &TenantContext,
     t: &NewTicketRow<'_>,
 ) -> StoreResult<Ticket> {
+    // The agents before the counter, whether this ticket is assigned or not: the transaction
+    // may assign another later (a campaign round hands several contacts over).
+    lock_agents(conn, tenant.id).await?;
     let id = Uuid::now_v7();
     let number = next_number(conn, tenant.id, "ticket").await?;
     sqlx::query!(

@@ -533,3 +533,69 @@ async fn snippets_render_for_a_ticket() {
         .await;
     r.assert_problem(422);
 }
+
+/// A transaction that opens tickets for several customers (a campaign round hands contacts
+/// over; a missed call and an e-mail do it one at a time) and a helpdesk request that may
+/// assign must queue for the desk's agents, not deadlock. Before, the round held the ticket
+/// counter and the Slovenian agent when the request had locked the Croatian agent and waited
+/// for the Slovenian one; the round then wanted the Croatian agent: a cycle.
+#[tokio::test]
+async fn tickets_opened_by_a_round_and_by_the_desk_do_not_deadlock() {
+    use rapport::domain::TenantId;
+    use rapport::support::{model::MessageAuthor, store};
+    use std::time::Duration;
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    agent(&app, &t, "Marija", &["hr"], &["HR"], 10).await;
+    agent(&app, &t, "Mojca", &["sl"], &["SI"], 10).await;
+    let id_of = |v: Value| v["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap();
+    let hr = id_of(
+        app.contact(&t, "ivana", json!({"locale": "hr-HR", "country": "HR"}))
+            .await,
+    );
+    let sl = id_of(
+        app.contact(&t, "spela", json!({"locale": "sl-SI", "country": "SI"}))
+            .await,
+    );
+    let mut conn = app.pool.acquire().await.unwrap();
+    let tenant = rapport::tenants::store::context(&mut conn, TenantId(t.id.parse().unwrap()))
+        .await
+        .unwrap()
+        .unwrap();
+    drop(conn);
+    let open = |contact| store::NewTicketRow {
+        contact_id: contact,
+        channel: "phone",
+        subject: "Povratni poziv",
+        body: "Nazovite me",
+        category: Some("campaign"),
+        priority: "normal",
+        author: MessageAuthor::System,
+        assignee: None,
+    };
+    let mut round = rapport::db::begin(&app.pool).await.unwrap();
+    store::create_ticket(&mut round, &tenant, &open(sl))
+        .await
+        .unwrap();
+    let desk = app.post(
+        "/v1/tickets",
+        &t.key,
+        json!({"contact": {"external_id": "ivana"}, "channel": "email",
+               "subject": "Kartica", "body": "Pomoć!"}),
+    );
+    let rest = async {
+        // Long enough for the request to take whatever agents it can before the round goes on.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        store::create_ticket(&mut round, &tenant, &open(hr)).await?;
+        round.commit().await.map_err(anyhow::Error::from)
+    };
+    let (desk, rest) = tokio::join!(desk, rest);
+    rest.expect("the round's second ticket, then its commit");
+    assert_eq!(desk.status, StatusCode::CREATED, "{}", desk.text);
+    let assigned: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tickets WHERE assignee_id IS NOT NULL")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(assigned, 3);
+}
