@@ -375,6 +375,15 @@ async fn put_twilio(http: &reqwest::Client, server: &Server, key: &str, base_url
     .await;
 }
 
+/// Creates a broadcast and schedules it at once; its id.
+async fn broadcast_now(http: &reqwest::Client, server: &Server, key: &str, body: Value) -> String {
+    let made = post_ok(http, server, key, "/v1/broadcasts", body).await;
+    let id = made["id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/broadcasts/{id}/schedule");
+    post_ok(http, server, key, &path, json!({})).await;
+    id
+}
+
 /// POSTs `body` to `path` and returns the JSON answer, asserting success.
 async fn post_ok(
     http: &reqwest::Client,
@@ -450,22 +459,12 @@ async fn sigkill_mid_broadcast_sends_each_member_exactly_once() {
         json!({"name": "Gold", "condition": "contact.attributes.plan == 'gold'"}),
     )
     .await;
-    let b = post_ok(
+    let id = broadcast_now(
         &http,
         &server,
         &key,
-        "/v1/broadcasts",
         json!({"name": "Offer", "segment": segment["id"], "template": "offer",
                "channels": ["sms"]}),
-    )
-    .await;
-    let id = b["id"].as_str().unwrap().to_owned();
-    post_ok(
-        &http,
-        &server,
-        &key,
-        &format!("/v1/broadcasts/{id}/schedule"),
-        json!({}),
     )
     .await;
     let mut kills = 0;
@@ -592,22 +591,12 @@ async fn max_per_second_holds_across_two_worker_processes() {
     )
     .await;
     many_contacts(&http, &a, &key, N).await;
-    let made = post_ok(
+    broadcast_now(
         &http,
         &b,
         &key,
-        "/v1/broadcasts",
         json!({"name": "Notice", "audience": "true", "template": "note",
                "channels": ["sms"]}),
-    )
-    .await;
-    let id = made["id"].as_str().unwrap().to_owned();
-    post_ok(
-        &http,
-        &b,
-        &key,
-        &format!("/v1/broadcasts/{id}/schedule"),
-        json!({}),
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -699,21 +688,11 @@ async fn a_pool_of_two_connections_serves_and_sends() {
         }
     });
     futures::future::join_all(posts).await;
-    let made = post_ok(
+    broadcast_now(
         &http,
         &server,
         &key,
-        "/v1/broadcasts",
         json!({"name": "Notice", "audience": "true", "template": "note", "channels": ["sms"]}),
-    )
-    .await;
-    let id = made["id"].as_str().unwrap().to_owned();
-    post_ok(
-        &http,
-        &server,
-        &key,
-        &format!("/v1/broadcasts/{id}/schedule"),
-        json!({}),
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(60);
