@@ -117,14 +117,15 @@ pub async fn connect(
 }
 
 /// A pool for `LISTEN` connections only, on the same server and options as `pool`, with room
-/// for `listeners` of them, each opened when its listener starts.
+/// for `listeners` of them, each opened when its listener starts: the API keys' one, and a
+/// worker's (`worker::wake`, one for all its loops).
 ///
 /// A listener holds its connection for the life of the process. Taken from the work pool,
-/// the listeners of a worker (one for each dispatch loop, jobs, imports, broadcasts, and the
-/// API keys' one) held eight of its connections for good with the default four dispatch
-/// loops, and a pool of that size or less left nothing for the work: the server never became
-/// ready. Apart, they cannot starve it, and
-/// `db_max_connections` is what requests and rounds share.
+/// the listeners (then one for each dispatch loop, jobs, imports, broadcasts, and the API
+/// keys' one) held eight of its connections for good with the default four dispatch loops,
+/// and a pool of that size or less left nothing for the work: the server never became
+/// ready. Apart, they cannot starve it, and `db_max_connections` is what requests and rounds
+/// share.
 pub fn listen_pool(pool: &PgPool, listeners: u32) -> PgPool {
     PgPoolOptions::new()
         .max_connections(listeners.max(1))

@@ -187,11 +187,8 @@ impl App {
             .to_pretty_json()
             .unwrap_or_else(|_| "{}".to_owned());
         let api_stopped = CancellationToken::new();
-        // The API keys' listener, and a worker's: jobs, imports, broadcasts, dispatch loops.
-        let listeners = u32::try_from(config.outbox_dispatchers.max(1))
-            .unwrap_or(u32::MAX)
-            .saturating_add(4);
-        let listen_pool = db::listen_pool(&pool, listeners);
+        // The API keys' listener, and a worker's (`worker::wake`).
+        let listen_pool = db::listen_pool(&pool, 2);
         let events = Arc::new(ingest::writer::Writer::new(
             pool.clone(),
             config.ingest_writers,

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt;
-use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
+use super::wake::Wake;
 use crate::AppState;
 use crate::campaigns::store::journeys;
 use crate::channels::store as channels;
@@ -22,7 +22,7 @@ use crate::domain::TenantId;
 use crate::domain::backoff;
 use crate::domain::{Channel, Purpose};
 use crate::error::StoreError;
-use crate::messages::store::{self, AttemptOutcome, Claimed, Deferred, NOTIFY_CHANNEL};
+use crate::messages::store::{self, AttemptOutcome, Claimed, Deferred};
 use crate::templates::model::Rendered;
 use crate::templates::render::RenderError;
 use crate::templates::sandbox::SandboxError;
@@ -30,28 +30,15 @@ use crate::templates::sandbox::SandboxError;
 /// Runs `outbox_dispatchers` dispatch loops until `shutdown`. While one loop records its
 /// batch, the others are claiming and sending theirs (SKIP LOCKED keeps them apart), so the
 /// provider and the database are both kept busy.
-pub async fn run(state: AppState, shutdown: CancellationToken) {
+pub async fn run(state: AppState, wake: Wake, shutdown: CancellationToken) {
     let loops = (0..state.config.outbox_dispatchers.max(1))
-        .map(|_| tokio::spawn(run_loop(state.clone(), shutdown.clone())));
+        .map(|_| tokio::spawn(run_loop(state.clone(), wake.clone(), shutdown.clone())));
     futures::future::join_all(loops).await;
 }
 
 /// One dispatch loop: rounds back to back while messages are due, else a wait for NOTIFY or
 /// the poll interval; a batch in flight is finished first on shutdown.
-async fn run_loop(state: AppState, shutdown: CancellationToken) {
-    let mut listener = match PgListener::connect_with(&state.listen_pool).await {
-        Ok(mut l) => match l.listen(NOTIFY_CHANNEL).await {
-            Ok(()) => Some(l),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot LISTEN; polling only");
-                None
-            }
-        },
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot LISTEN; polling only");
-            None
-        }
-    };
+async fn run_loop(state: AppState, mut wake: Wake, shutdown: CancellationToken) {
     let poll = Duration::from_millis(state.config.outbox_poll_interval_ms);
     loop {
         if shutdown.is_cancelled() {
@@ -67,20 +54,9 @@ async fn run_loop(state: AppState, shutdown: CancellationToken) {
                 tracing::warn!(error = %crate::error::error_chain(&e), "dispatch round failed")
             }
         }
-        let notified = async {
-            match listener.as_mut() {
-                Some(l) => {
-                    if l.try_recv().await.is_err() {
-                        // The connection dropped; it reconnects on the next call.
-                        tokio::time::sleep(poll).await;
-                    }
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = notified => {}
+            () = wake.notified() => {}
             () = tokio::time::sleep(wait) => {}
         }
     }

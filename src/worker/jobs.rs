@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
-use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
@@ -74,17 +73,9 @@ pub async fn run_due(state: &AppState, registry: &JobRegistry) -> Result<usize, 
 }
 
 /// Runs jobs until `shutdown`: at once when one is queued, else every second.
-pub async fn run(state: AppState, shutdown: CancellationToken) {
+pub async fn run(state: AppState, wake: super::Wake, shutdown: CancellationToken) {
     let registry = JobRegistry::standard();
-    let listener = async {
-        let mut l = PgListener::connect_with(&state.listen_pool).await?;
-        l.listen(store::NOTIFY_CHANNEL).await?;
-        Ok::<_, sqlx::Error>(l)
-    }
-    .await
-    .inspect_err(|e| tracing::warn!(error = %e, "cannot LISTEN for jobs; polling only"))
-    .ok();
-    super::repeat("jobs", shutdown, POLL, listener, || async {
+    super::repeat("jobs", shutdown, POLL, wake, || async {
         run_due(&state, &registry).await.map(|n| n > 0)
     })
     .await;

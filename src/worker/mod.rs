@@ -6,16 +6,16 @@
 
 pub mod dispatch;
 pub mod jobs;
+pub mod wake;
 
 use std::future::Future;
 use std::time::Duration;
-
-use sqlx::postgres::PgListener;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
+use wake::{Wake, Wakeups};
 
 /// How often expired idempotency keys are deleted.
 const PURGE_EVERY: Duration = Duration::from_secs(600);
@@ -25,18 +25,44 @@ const SLA_EVERY: Duration = Duration::from_secs(30);
 /// Runs every job until `shutdown` is cancelled.
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     let mut tasks = JoinSet::new();
-    tasks.spawn(dispatch::run(state.clone(), shutdown.clone()));
-    tasks.spawn(jobs::run(state.clone(), shutdown.clone()));
+    let wakeups = Wakeups::start(
+        state.listen_pool.clone(),
+        &[
+            crate::messages::store::NOTIFY_CHANNEL,
+            crate::jobs::store::NOTIFY_CHANNEL,
+            crate::contacts::import::NOTIFY_CHANNEL,
+            crate::broadcasts::NOTIFY_CHANNEL,
+        ],
+        shutdown.clone(),
+    );
+    tasks.spawn(dispatch::run(
+        state.clone(),
+        wakeups.subscribe(crate::messages::store::NOTIFY_CHANNEL),
+        shutdown.clone(),
+    ));
+    tasks.spawn(jobs::run(
+        state.clone(),
+        wakeups.subscribe(crate::jobs::store::NOTIFY_CHANNEL),
+        shutdown.clone(),
+    ));
     tasks.spawn(run_campaigns(state.clone(), shutdown.clone()));
     tasks.spawn(crate::inbound::imap::run(state.clone(), shutdown.clone()));
-    tasks.spawn(run_imports(state.clone(), shutdown.clone()));
-    tasks.spawn(run_broadcasts(state.clone(), shutdown.clone()));
+    tasks.spawn(run_imports(
+        state.clone(),
+        wakeups.subscribe(crate::contacts::import::NOTIFY_CHANNEL),
+        shutdown.clone(),
+    ));
+    tasks.spawn(run_broadcasts(
+        state.clone(),
+        wakeups.subscribe(crate::broadcasts::NOTIFY_CHANNEL),
+        shutdown.clone(),
+    ));
     let s = state.clone();
     tasks.spawn(repeat(
         "idempotency purge",
         shutdown.clone(),
         PURGE_EVERY,
-        None,
+        Wake::never(),
         move || {
             let s = s.clone();
             async move {
@@ -54,7 +80,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         "lease sweep",
         shutdown.clone(),
         every,
-        None,
+        Wake::never(),
         move || {
             let s = s.clone();
             async move {
@@ -75,7 +101,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         "SLA watch",
         shutdown.clone(),
         SLA_EVERY,
-        None,
+        Wake::never(),
         move || {
             let s = s.clone();
             async move {
@@ -104,7 +130,7 @@ pub async fn repeat<F, Fut, E>(
     name: &'static str,
     shutdown: CancellationToken,
     every: Duration,
-    mut wake: Option<PgListener>,
+    mut wake: Wake,
     mut round: F,
 ) where
     F: FnMut() -> Fut,
@@ -125,19 +151,10 @@ pub async fn repeat<F, Fut, E>(
         if busy {
             continue;
         }
-        let notified = async {
-            match wake.as_mut() {
-                Some(listener) => listener.try_recv().await.map(|_| ()),
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(every) => {}
-            r = notified => if let Err(e) = r {
-                tracing::warn!(task = name, error = %e, "lost the NOTIFY connection; polling only");
-                wake = None;
-            },
+            () = wake.notified() => {}
         }
     }
 }
@@ -147,18 +164,10 @@ const IMPORTS_POLL: Duration = Duration::from_secs(2);
 
 /// Writes contact imports (`contacts::import::apply`) until `shutdown`: at once when one is
 /// queued, else every two seconds.
-async fn run_imports(state: AppState, shutdown: CancellationToken) {
-    use crate::contacts::import::{NOTIFY_CHANNEL, apply};
+async fn run_imports(state: AppState, wake: Wake, shutdown: CancellationToken) {
+    use crate::contacts::import::apply;
     let holder = uuid::Uuid::now_v7();
-    let listener = async {
-        let mut l = PgListener::connect_with(&state.listen_pool).await?;
-        l.listen(NOTIFY_CHANNEL).await?;
-        Ok::<_, sqlx::Error>(l)
-    }
-    .await
-    .inspect_err(|e| tracing::warn!(error = %e, "cannot LISTEN for imports; polling only"))
-    .ok();
-    repeat("contact imports", shutdown, IMPORTS_POLL, listener, || {
+    repeat("contact imports", shutdown, IMPORTS_POLL, wake, || {
         apply::round(&state, holder)
     })
     .await;
@@ -169,17 +178,9 @@ const BROADCASTS_POLL: Duration = Duration::from_secs(1);
 
 /// Walks due broadcasts (`broadcasts::round`) until `shutdown`: at once when one is scheduled
 /// or resumed, else every second.
-async fn run_broadcasts(state: AppState, shutdown: CancellationToken) {
+async fn run_broadcasts(state: AppState, wake: Wake, shutdown: CancellationToken) {
     let holder = uuid::Uuid::now_v7();
-    let listener = async {
-        let mut l = PgListener::connect_with(&state.listen_pool).await?;
-        l.listen(crate::broadcasts::NOTIFY_CHANNEL).await?;
-        Ok::<_, sqlx::Error>(l)
-    }
-    .await
-    .inspect_err(|e| tracing::warn!(error = %e, "cannot LISTEN for broadcasts; polling only"))
-    .ok();
-    repeat("broadcasts", shutdown, BROADCASTS_POLL, listener, || {
+    repeat("broadcasts", shutdown, BROADCASTS_POLL, wake, || {
         crate::broadcasts::round(&state, holder)
     })
     .await;
@@ -194,7 +195,7 @@ const SCHEDULE_EVERY: Duration = Duration::from_secs(30);
 /// schedules every [`SCHEDULE_EVERY`].
 async fn run_campaigns(state: AppState, shutdown: CancellationToken) {
     let mut last_schedule: Option<tokio::time::Instant> = None;
-    repeat("campaigns", shutdown, CAMPAIGN_POLL, None, || {
+    repeat("campaigns", shutdown, CAMPAIGN_POLL, Wake::never(), || {
         let schedules = last_schedule.is_none_or(|t| t.elapsed() >= SCHEDULE_EVERY);
         if schedules {
             last_schedule = Some(tokio::time::Instant::now());

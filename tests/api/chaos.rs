@@ -711,6 +711,16 @@ async fn a_pool_of_two_connections_serves_and_sends() {
         .await
         .unwrap();
     assert_eq!(events, 160);
+    // Besides its pool, the process listens on two connections: API keys, and one for all of
+    // the worker's loops (four dispatch loops, jobs, imports, broadcasts).
+    let listening: Vec<String> = sqlx::query_scalar(
+        "SELECT query FROM pg_stat_activity
+          WHERE datname = current_database() AND query LIKE 'LISTEN%' ORDER BY query",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(listening.len(), 2, "{listening:?}");
     drop(server);
     pool.close().await;
 }

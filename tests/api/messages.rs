@@ -590,27 +590,73 @@ async fn several_workers_send_every_message_exactly_once() {
     assert_eq!(sent, 200);
 }
 
-#[tokio::test]
-async fn the_worker_wakes_on_notify() {
-    let app = TestApp::with_config(|c| c.outbox_poll_interval_ms = 60_000).await;
-    let t = setup(&app).await;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let worker = tokio::spawn(rapport::worker::dispatch::run(
-        app.app.state.clone(),
-        shutdown.clone(),
-    ));
-    tokio::time::sleep(Duration::from_millis(300)).await; // the worker is listening
-    let id = send_sms(&app, &t, "1").await;
-    // Polling is a minute away: only the notification can deliver it within the deadline.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+/// Waits until message `id` is sent, at most `within`.
+async fn sent_within(app: &TestApp, t: &TestTenant, id: &str, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
     loop {
         let m = app.get(&format!("/v1/messages/{id}"), &t.key).await;
         if m.body["status"] == "sent" {
-            break;
+            return;
         }
         assert!(std::time::Instant::now() < deadline, "not sent: {}", m.text);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until the worker's listener is connected and listening.
+async fn listening(app: &TestApp) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND query LIKE 'LISTEN%rapport_outbox%'
+            AND state = 'idle'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "nobody listens");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The dispatch loops wake on NOTIFY through the worker's one listener, and keep waking after
+/// that listener's connection is killed (it is reopened).
+#[tokio::test]
+async fn the_worker_wakes_on_notify_even_after_losing_its_listener() {
+    use rapport::messages::store::NOTIFY_CHANNEL;
+    use rapport::worker::wake::Wakeups;
+    let app = TestApp::with_config(|c| c.outbox_poll_interval_ms = 60_000).await;
+    let t = setup(&app).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let state = app.app.state.clone();
+    let wakeups = Wakeups::start(
+        state.listen_pool.clone(),
+        &[NOTIFY_CHANNEL, rapport::jobs::store::NOTIFY_CHANNEL],
+        shutdown.clone(),
+    );
+    let worker = tokio::spawn(rapport::worker::dispatch::run(
+        state,
+        wakeups.subscribe(NOTIFY_CHANNEL),
+        shutdown.clone(),
+    ));
+    listening(&app).await;
+    let one = send_sms(&app, &t, "1").await;
+    // Polling is a minute away: only the notification can deliver it within the deadline.
+    sent_within(&app, &t, &one, Duration::from_secs(10)).await;
+
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = current_database() AND query LIKE 'LISTEN%rapport_outbox%') k",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, 1, "one listener for every loop and channel");
+    listening(&app).await;
+    let two = send_sms(&app, &t, "2").await;
+    sent_within(&app, &t, &two, Duration::from_secs(10)).await;
     shutdown.cancel();
     worker.await.unwrap();
 }

@@ -303,7 +303,15 @@ impl TestApp {
             ..Config::default()
         };
         adjust(&mut config);
-        let pool = PgPoolOptions::new()
+        let mut options = PgPoolOptions::new();
+        // An audit: `RAPPORT_TEST_POOL_MAX=1 cargo test --test api` runs every test on a pool
+        // of one connection, where code that holds a connection while it waits for another
+        // times out in 8 s instead of passing (tests that hold one themselves fail too).
+        if let Ok(n) = std::env::var("RAPPORT_TEST_POOL_MAX") {
+            config.db_max_connections = n.parse().expect("RAPPORT_TEST_POOL_MAX is a number");
+            options = options.acquire_timeout(std::time::Duration::from_secs(8));
+        }
+        let pool = options
             .max_connections(config.db_max_connections)
             .connect(&db.url)
             .await
@@ -312,6 +320,12 @@ impl TestApp {
         // The engine's clock stands still unless a test moves it with `advance`.
         let app = App::from_pool(pool.clone(), config)
             .with_clock(rapport::clock::Clock::manual(chrono::Utc::now()));
+        // As `App::build` does: the link keys are loaded before anything runs.
+        app.state
+            .links
+            .get(&pool)
+            .await
+            .expect("load the link keys");
         TestApp {
             router: app.router(),
             app,
