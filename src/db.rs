@@ -211,6 +211,42 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Whether PostgreSQL ended the transaction to break a deadlock (40P01) or because it could
+/// not be serialised (40001): running the whole transaction again can succeed.
+pub fn is_conflict(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "40P01" || c == "40001"))
+}
+
+/// How many more times [`retry_conflicts`] runs a transaction PostgreSQL ended.
+pub const CONFLICT_RETRIES: u32 = 2;
+
+/// Runs `transaction` (all of one transaction, from [`begin`] to its commit, and nothing
+/// outside the database) again when PostgreSQL ended it to break a deadlock or a
+/// serialisation failure, at most [`CONFLICT_RETRIES`] more times, after a short random
+/// pause. Locks taken in one order keep the deadlocks we know of from happening; this keeps
+/// a client from getting a 503 for one we do not know of, since everything the attempt
+/// wrote was rolled back.
+pub async fn retry_conflicts<T, F>(mut transaction: impl FnMut() -> F) -> crate::error::ApiResult<T>
+where
+    F: Future<Output = crate::error::ApiResult<T>>,
+{
+    let mut retries = 0;
+    loop {
+        match transaction().await {
+            Err(crate::error::ApiError::Database(e))
+                if is_conflict(&e) && retries < CONFLICT_RETRIES =>
+            {
+                retries += 1;
+                metrics::counter!("db_transaction_retries_total").increment(1);
+                tracing::warn!(error = %e, retry = retries, "transaction ended by a conflict; running it again");
+                let pause = rand::random_range(5..50);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Whether `e` is a unique violation, optionally of the named constraint or index.
 pub fn is_unique_violation(e: &sqlx::Error, constraint: Option<&str>) -> bool {
     match e {

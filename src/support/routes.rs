@@ -69,15 +69,20 @@ async fn create_agent(
     let changes = body
         .validate(true, &tenant.default_country)
         .map_err(|e| ApiError::validation(e.into_vec()))?;
-    let mut tx = crate::db::begin(&state.pool).await?;
-    store::lock_agents(&mut tx, tenant.id).await?;
-    let agent = store::create_agent(&mut tx, tenant.id, &changes).await?;
-    store::assign_waiting(&mut tx, &tenant).await?;
-    let agent = store::get_agent(&mut tx, tenant.id, agent.id)
-        .await?
-        .ok_or_else(|| agent_not_found(agent.id))?;
-    tx.commit().await?;
-    Ok((StatusCode::CREATED, Json(agent)))
+    let changes = &changes;
+    let (state, tenant) = (&state, &tenant);
+    crate::db::retry_conflicts(move || async move {
+        let mut tx = crate::db::begin(&state.pool).await?;
+        store::lock_agents(&mut tx, tenant.id).await?;
+        let agent = store::create_agent(&mut tx, tenant.id, changes).await?;
+        store::assign_waiting(&mut tx, tenant).await?;
+        let agent = store::get_agent(&mut tx, tenant.id, agent.id)
+            .await?
+            .ok_or_else(|| agent_not_found(agent.id))?;
+        tx.commit().await?;
+        Ok((StatusCode::CREATED, Json(agent)))
+    })
+    .await
 }
 
 /// List agents, newest first.
@@ -125,17 +130,22 @@ async fn update_agent(
     let changes = body
         .validate(false, &tenant.default_country)
         .map_err(|e| ApiError::validation(e.into_vec()))?;
-    let mut tx = crate::db::begin(&state.pool).await?;
-    store::lock_agents(&mut tx, tenant.id).await?;
-    store::update_agent(&mut tx, tenant.id, id, &changes)
-        .await?
-        .ok_or_else(|| agent_not_found(id))?;
-    store::assign_waiting(&mut tx, &tenant).await?;
-    let agent = store::get_agent(&mut tx, tenant.id, id)
-        .await?
-        .ok_or_else(|| agent_not_found(id))?;
-    tx.commit().await?;
-    Ok(Json(agent))
+    let changes = &changes;
+    let (state, tenant) = (&state, &tenant);
+    crate::db::retry_conflicts(move || async move {
+        let mut tx = crate::db::begin(&state.pool).await?;
+        store::lock_agents(&mut tx, tenant.id).await?;
+        store::update_agent(&mut tx, tenant.id, id, changes)
+            .await?
+            .ok_or_else(|| agent_not_found(id))?;
+        store::assign_waiting(&mut tx, tenant).await?;
+        let agent = store::get_agent(&mut tx, tenant.id, id)
+            .await?
+            .ok_or_else(|| agent_not_found(id))?;
+        tx.commit().await?;
+        Ok(Json(agent))
+    })
+    .await
 }
 
 /// Sends `template` about a ticket (see [`super::notify::customer`]).
@@ -171,53 +181,62 @@ async fn create_ticket(
         .as_deref()
         .and_then(|c| errors.check("category", validate::text(c, 100)));
     errors.finish()?;
-    let mut tx = crate::db::begin(&state.pool).await?;
-    store::lock_agents(&mut tx, tenant.id).await?;
-    let contact_id = match &body.contact.external_id {
-        Some(external_id) => {
-            let ext = validate::text(external_id, 255)
-                .map_err(|m| ApiError::field("contact.external_id", m))?;
-            contacts::ensure_by_external_id(&mut tx, tenant.id, &ext, None, None).await?
-        }
-        None => contacts::find_by_ref(&mut tx, &tenant, &body.contact, "contact")
-            .await?
-            .ok_or_else(|| {
-                ApiError::field(
-                    "contact",
-                    "no such contact; refer to new contacts by external_id",
-                )
-            })?,
-    };
-    let row = NewTicketRow {
-        author: MessageAuthor::Contact,
-        contact_id,
-        channel: body.channel.as_str(),
-        subject: subject.as_deref().unwrap_or_default(),
-        body: text.as_deref().unwrap_or_default(),
-        category: category.as_deref(),
-        priority: body
-            .priority
-            .unwrap_or(super::model::Priority::Normal)
-            .as_str(),
-        assignee: None,
-    };
-    let ticket = store::create_ticket(&mut tx, &tenant, &row).await?;
-    notify_customer(
-        &state,
-        &mut tx,
-        &tenant,
-        &ticket,
-        "ticket_acknowledgement",
-        json!({}),
-    )
-    .await?;
-    let messages = store::messages(&mut tx, tenant.id, ticket.id).await?;
-    let detail = TicketDetail { ticket, messages };
-    // The ticket (and its acknowledgement) and the Idempotency-Key's response commit together.
-    let recorded =
-        idempotency::record_in(&mut tx, claimed.as_deref(), StatusCode::CREATED, &detail).await?;
-    tx.commit().await?;
-    Ok((StatusCode::CREATED, Extension(recorded), Json(detail)))
+    let subject = &subject;
+    let text = &text;
+    let category = &category;
+    let claimed = &claimed;
+    let (state, tenant, body) = (&state, &tenant, &body);
+    crate::db::retry_conflicts(move || async move {
+        let mut tx = crate::db::begin(&state.pool).await?;
+        store::lock_agents(&mut tx, tenant.id).await?;
+        let contact_id = match &body.contact.external_id {
+            Some(external_id) => {
+                let ext = validate::text(external_id, 255)
+                    .map_err(|m| ApiError::field("contact.external_id", m))?;
+                contacts::ensure_by_external_id(&mut tx, tenant.id, &ext, None, None).await?
+            }
+            None => contacts::find_by_ref(&mut tx, tenant, &body.contact, "contact")
+                .await?
+                .ok_or_else(|| {
+                    ApiError::field(
+                        "contact",
+                        "no such contact; refer to new contacts by external_id",
+                    )
+                })?,
+        };
+        let row = NewTicketRow {
+            author: MessageAuthor::Contact,
+            contact_id,
+            channel: body.channel.as_str(),
+            subject: subject.as_deref().unwrap_or_default(),
+            body: text.as_deref().unwrap_or_default(),
+            category: category.as_deref(),
+            priority: body
+                .priority
+                .unwrap_or(super::model::Priority::Normal)
+                .as_str(),
+            assignee: None,
+        };
+        let ticket = store::create_ticket(&mut tx, tenant, &row).await?;
+        notify_customer(
+            state,
+            &mut tx,
+            tenant,
+            &ticket,
+            "ticket_acknowledgement",
+            json!({}),
+        )
+        .await?;
+        let messages = store::messages(&mut tx, tenant.id, ticket.id).await?;
+        let detail = TicketDetail { ticket, messages };
+        // The ticket (and its acknowledgement) and the Idempotency-Key's response commit together.
+        let recorded =
+            idempotency::record_in(&mut tx, claimed.as_deref(), StatusCode::CREATED, &detail)
+                .await?;
+        tx.commit().await?;
+        Ok((StatusCode::CREATED, Extension(recorded), Json(detail)))
+    })
+    .await
 }
 
 /// List tickets, newest first.
@@ -279,100 +298,96 @@ async fn update_ticket(
     ApiPath(id): ApiPath<Uuid>,
     ValidJson(body): ValidJson<TicketPatch>,
 ) -> ApiResult<Json<TicketDetail>> {
-    let mut tx = crate::db::begin(&state.pool).await?;
-    store::lock_agents(&mut tx, tenant.id).await?;
-    let ticket = store::lock_ticket(&mut tx, tenant.id, id)
-        .await?
-        .ok_or_else(|| ticket_not_found(id))?;
-    if let Patch::Value(agent) = body.assignee_id {
-        if store::get_agent(&mut tx, tenant.id, agent).await?.is_none() {
-            return Err(ApiError::field(
-                "assignee_id",
-                format!("no agent with id {agent}"),
-            ));
+    let (state, tenant, body) = (&state, &tenant, &body);
+    crate::db::retry_conflicts(move || async move {
+        let mut tx = crate::db::begin(&state.pool).await?;
+        store::lock_agents(&mut tx, tenant.id).await?;
+        let ticket = store::lock_ticket(&mut tx, tenant.id, id)
+            .await?
+            .ok_or_else(|| ticket_not_found(id))?;
+        if let Patch::Value(agent) = body.assignee_id {
+            if store::get_agent(&mut tx, tenant.id, agent).await?.is_none() {
+                return Err(ApiError::field(
+                    "assignee_id",
+                    format!("no agent with id {agent}"),
+                ));
+            }
         }
-    }
-    let category = match &body.category {
-        Patch::Value(c) => {
-            Patch::Value(validate::text(c, 100).map_err(|m| ApiError::field("category", m))?)
+        let category = match &body.category {
+            Patch::Value(c) => {
+                Patch::Value(validate::text(c, 100).map_err(|m| ApiError::field("category", m))?)
+            }
+            other => other.clone(),
+        };
+        if let Some(next) = body.status {
+            store::change_status(&mut tx, tenant.id, &ticket, next).await?;
         }
-        other => other.clone(),
-    };
-    if let Some(next) = body.status {
-        store::change_status(&mut tx, tenant.id, &ticket, next).await?;
-    }
-    let (set_assignee, assignee) = match body.assignee_id {
-        Patch::Missing => (false, None),
-        Patch::Null => (true, None),
-        Patch::Value(a) => (true, Some(a)),
-    };
-    let (set_category, category) = match category {
-        Patch::Missing => (false, None),
-        Patch::Null => (true, None),
-        Patch::Value(c) => (true, Some(c)),
-    };
-    store::update_ticket_fields(
-        &mut tx,
-        tenant.id,
-        id,
-        body.priority.map(|p| p.as_str()),
-        set_assignee.then_some(assignee),
-        set_category.then_some(category.as_deref()),
-    )
-    .await?;
-    if set_assignee && assignee != ticket.assignee_id {
-        events::emit_about(
+        let (set_assignee, assignee) = match body.assignee_id {
+            Patch::Missing => (false, None),
+            Patch::Null => (true, None),
+            Patch::Value(a) => (true, Some(a)),
+        };
+        let (set_category, category) = match category {
+            Patch::Missing => (false, None),
+            Patch::Null => (true, None),
+            Patch::Value(c) => (true, Some(c)),
+        };
+        store::update_ticket_fields(
             &mut tx,
-            tenant.id,
-            ticket.contact_id,
-            kinds::TICKET_ASSIGNED,
-            json!({"ticket_id": id, "agent_id": assignee, "automatic": false}),
-            Some(("ticket", id)),
-        )
-        .await?;
-    }
-    let updated = store::get_ticket(&mut tx, tenant.id, id)
-        .await?
-        .ok_or_else(|| ticket_not_found(id))?;
-    if body.status == Some(Status::Solved) && ticket.status != Status::Solved {
-        notify_customer(
-            &state,
-            &mut tx,
-            &tenant,
-            &updated,
-            "ticket_solved",
-            json!({}),
-        )
-        .await?;
-        let signer = state.links.get(&state.pool).await?;
-        let url = crate::messages::links::survey_url(
-            signer,
-            state.config.public_url.trim_end_matches('/'),
             tenant.id,
             id,
-        );
-        notify_customer(
-            &state,
-            &mut tx,
-            &tenant,
-            &updated,
-            "csat_survey",
-            json!({"survey_url": url}),
+            body.priority.map(|p| p.as_str()),
+            set_assignee.then_some(assignee),
+            set_category.then_some(category.as_deref()),
         )
         .await?;
-    }
-    if !updated.status.is_open() || updated.assignee_id.is_none() {
-        store::assign_waiting(&mut tx, &tenant).await?;
-    }
-    let updated = store::get_ticket(&mut tx, tenant.id, id)
-        .await?
-        .ok_or_else(|| ticket_not_found(id))?;
-    let messages = store::messages(&mut tx, tenant.id, id).await?;
-    tx.commit().await?;
-    Ok(Json(TicketDetail {
-        ticket: updated,
-        messages,
-    }))
+        if set_assignee && assignee != ticket.assignee_id {
+            events::emit_about(
+                &mut tx,
+                tenant.id,
+                ticket.contact_id,
+                kinds::TICKET_ASSIGNED,
+                json!({"ticket_id": id, "agent_id": assignee, "automatic": false}),
+                Some(("ticket", id)),
+            )
+            .await?;
+        }
+        let updated = store::get_ticket(&mut tx, tenant.id, id)
+            .await?
+            .ok_or_else(|| ticket_not_found(id))?;
+        if body.status == Some(Status::Solved) && ticket.status != Status::Solved {
+            notify_customer(state, &mut tx, tenant, &updated, "ticket_solved", json!({})).await?;
+            let signer = state.links.get(&state.pool).await?;
+            let url = crate::messages::links::survey_url(
+                signer,
+                state.config.public_url.trim_end_matches('/'),
+                tenant.id,
+                id,
+            );
+            notify_customer(
+                state,
+                &mut tx,
+                tenant,
+                &updated,
+                "csat_survey",
+                json!({"survey_url": url}),
+            )
+            .await?;
+        }
+        if !updated.status.is_open() || updated.assignee_id.is_none() {
+            store::assign_waiting(&mut tx, tenant).await?;
+        }
+        let updated = store::get_ticket(&mut tx, tenant.id, id)
+            .await?
+            .ok_or_else(|| ticket_not_found(id))?;
+        let messages = store::messages(&mut tx, tenant.id, id).await?;
+        tx.commit().await?;
+        Ok(Json(TicketDetail {
+            ticket: updated,
+            messages,
+        }))
+    })
+    .await
 }
 
 /// Add a message: an agent's reply or internal note, or the customer's reply. An agent's
@@ -432,102 +447,114 @@ async fn add_message(
     }
     let text = validate::text(&raw, 100_000).map_err(|m| ApiError::field("body", m))?;
     let opts = state.send_options().await?;
-    let mut tx = crate::db::begin(&state.pool).await?;
-    if matches!(body.author, Author::Contact(_)) {
-        // The customer's message may reopen the ticket and assign it: the agents before the
-        // ticket, as every transaction that may assign (an agent's reply never assigns).
-        store::lock_agents(&mut tx, tenant.id).await?;
-    }
-    let ticket = store::lock_ticket(&mut tx, tenant.id, id)
-        .await?
-        .ok_or_else(|| ticket_not_found(id))?;
-    let status = ticket.status;
-    if status == Status::Closed {
-        return Err(ApiError::Conflict(
-            "the ticket is closed; open a new one".to_owned(),
-        ));
-    }
-    let message = match body.author {
-        Author::Agent { agent_id } => {
-            let agent = store::get_agent(&mut tx, tenant.id, agent_id)
-                .await?
-                .ok_or_else(|| {
-                    ApiError::field("author.agent_id", format!("no agent with id {agent_id}"))
-                })?;
-            let mut m = store::insert_message(
-                &mut tx,
-                tenant.id,
-                id,
-                MessageAuthor::Agent,
-                Some(agent_id),
-                &text,
-                body.internal,
-            )
-            .await?;
-            if !body.internal {
-                store::mark_first_response(&mut tx, tenant.id, id).await?;
-                if status == Status::New {
-                    store::change_status(&mut tx, tenant.id, &ticket, Status::Open).await?;
-                }
-                events::emit_about(
+    let text = &text;
+    let opts = &opts;
+    let (state, tenant, body) = (&state, &tenant, &body);
+    crate::db::retry_conflicts(move || async move {
+        let mut tx = crate::db::begin(&state.pool).await?;
+        if matches!(body.author, Author::Contact(_)) {
+            // The customer's message may reopen the ticket and assign it: the agents before the
+            // ticket, as every transaction that may assign (an agent's reply never assigns).
+            store::lock_agents(&mut tx, tenant.id).await?;
+        }
+        let ticket = store::lock_ticket(&mut tx, tenant.id, id)
+            .await?
+            .ok_or_else(|| ticket_not_found(id))?;
+        let status = ticket.status;
+        if status == Status::Closed {
+            return Err(ApiError::Conflict(
+                "the ticket is closed; open a new one".to_owned(),
+            ));
+        }
+        let message = match body.author {
+            Author::Agent { agent_id } => {
+                let agent = store::get_agent(&mut tx, tenant.id, agent_id)
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::field("author.agent_id", format!("no agent with id {agent_id}"))
+                    })?;
+                let mut m = store::insert_message(
                     &mut tx,
                     tenant.id,
-                    ticket.contact_id,
-                    kinds::TICKET_REPLIED,
-                    json!({"ticket_id": id, "agent_id": agent_id}),
-                    Some(("ticket", id)),
+                    id,
+                    MessageAuthor::Agent,
+                    Some(agent_id),
+                    text,
+                    body.internal,
                 )
                 .await?;
-                let history = store::reply_history(&mut tx, tenant.id, id, m.id, 3).await?;
-                let vars = json!({
-                    "reply": text,
-                    "agent": {"id": agent.id, "name": agent.name},
-                    "history": quoted_history(&history, &tenant.timezone),
-                });
-                let sent =
-                    super::notify::customer(&mut tx, &tenant, &ticket, "ticket_reply", vars, &opts)
-                        .await?;
-                if let Some(sent) = sent {
-                    store::set_delivery(&mut tx, tenant.id, m.id, sent.id).await?;
-                    m.delivery = Some(sqlx::types::Json(Delivery {
-                        message_id: sent.id,
-                        status: sent.status,
-                        status_reason: sent.status_reason,
-                        channel: sent.channel,
-                        to: sent.recipient,
-                    }));
+                if !body.internal {
+                    store::mark_first_response(&mut tx, tenant.id, id).await?;
+                    if status == Status::New {
+                        store::change_status(&mut tx, tenant.id, &ticket, Status::Open).await?;
+                    }
+                    events::emit_about(
+                        &mut tx,
+                        tenant.id,
+                        ticket.contact_id,
+                        kinds::TICKET_REPLIED,
+                        json!({"ticket_id": id, "agent_id": agent_id}),
+                        Some(("ticket", id)),
+                    )
+                    .await?;
+                    let history = store::reply_history(&mut tx, tenant.id, id, m.id, 3).await?;
+                    let vars = json!({
+                        "reply": text,
+                        "agent": {"id": agent.id, "name": agent.name},
+                        "history": quoted_history(&history, &tenant.timezone),
+                    });
+                    let sent = super::notify::customer(
+                        &mut tx,
+                        tenant,
+                        &ticket,
+                        "ticket_reply",
+                        vars,
+                        opts,
+                    )
+                    .await?;
+                    if let Some(sent) = sent {
+                        store::set_delivery(&mut tx, tenant.id, m.id, sent.id).await?;
+                        m.delivery = Some(sqlx::types::Json(Delivery {
+                            message_id: sent.id,
+                            status: sent.status,
+                            status_reason: sent.status_reason,
+                            channel: sent.channel,
+                            to: sent.recipient,
+                        }));
+                    }
                 }
+                m
             }
-            m
-        }
-        Author::Contact(_) => {
-            if body.internal {
-                return Err(ApiError::field(
-                    "internal",
-                    "only agents write internal notes",
-                ));
-            }
-            let m = store::insert_message(
-                &mut tx,
-                tenant.id,
-                id,
-                MessageAuthor::Contact,
-                None,
-                &text,
-                false,
-            )
-            .await?;
-            if matches!(status, Status::Pending | Status::Solved) {
-                store::change_status(&mut tx, tenant.id, &ticket, Status::Open).await?;
-                if ticket.assignee_id.is_none() {
-                    store::assign(&mut tx, &tenant, id).await?;
+            Author::Contact(_) => {
+                if body.internal {
+                    return Err(ApiError::field(
+                        "internal",
+                        "only agents write internal notes",
+                    ));
                 }
+                let m = store::insert_message(
+                    &mut tx,
+                    tenant.id,
+                    id,
+                    MessageAuthor::Contact,
+                    None,
+                    text,
+                    false,
+                )
+                .await?;
+                if matches!(status, Status::Pending | Status::Solved) {
+                    store::change_status(&mut tx, tenant.id, &ticket, Status::Open).await?;
+                    if ticket.assignee_id.is_none() {
+                        store::assign(&mut tx, tenant, id).await?;
+                    }
+                }
+                m
             }
-            m
-        }
-    };
-    tx.commit().await?;
-    Ok((StatusCode::CREATED, Json(message)))
+        };
+        tx.commit().await?;
+        Ok((StatusCode::CREATED, Json(message)))
+    })
+    .await
 }
 
 /// The conversation a reply quotes, newest first: who, when (in the tenant's time zone), and

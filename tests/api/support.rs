@@ -599,3 +599,49 @@ async fn tickets_opened_by_a_round_and_by_the_desk_do_not_deadlock() {
             .unwrap();
     assert_eq!(assigned, 3);
 }
+
+/// A helpdesk write that PostgreSQL ends to break a deadlock is run again rather than answered
+/// with a 503: everything it wrote was rolled back. The deadlock here is one no lock order in
+/// Rapport can prevent: another session holds the ticket, then wants the agents the request
+/// holds.
+#[tokio::test]
+async fn a_helpdesk_write_ended_by_a_deadlock_is_run_again() {
+    use std::time::{Duration, Instant};
+    let app = TestApp::new().await;
+    let t = app.tenant("acme").await;
+    agent(&app, &t, "Marija", &[], &[], 10).await;
+    let tk = ticket(&app, &t, "ana", "Kartica").await;
+    let id = tk["id"].as_str().unwrap().to_owned();
+    let mut other = rapport::db::begin(&app.pool).await.unwrap();
+    sqlx::query("SELECT 1 FROM tickets WHERE id = $1::uuid FOR UPDATE")
+        .bind(&id)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let path = format!("/v1/tickets/{id}");
+    let patch = app.patch(&path, &t.key, json!({"priority": "low"}));
+    let rest = async {
+        // Once the request holds the agents and waits for the ticket, this session wants the
+        // agents: PostgreSQL ends the request's transaction, which waited first.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.pool)
+        .await?
+            == 0
+        {
+            assert!(Instant::now() < deadline, "the request never waited");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        sqlx::query("SELECT 1 FROM agents FOR NO KEY UPDATE")
+            .execute(&mut *other)
+            .await?;
+        other.commit().await
+    };
+    let (patch, rest) = tokio::join!(patch, rest);
+    rest.expect("the other session keeps its transaction");
+    assert_eq!(patch.status, StatusCode::OK, "{}", patch.text);
+    assert_eq!(patch.body["priority"], "low");
+}
