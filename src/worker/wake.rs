@@ -47,6 +47,8 @@ impl Wake {
     }
 }
 
+/// The first pause before reopening the listener's connection; it doubles at each failure.
+const FIRST_RETRY: Duration = Duration::from_millis(250);
 /// The longest pause between attempts to reopen the listener's connection.
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
@@ -91,7 +93,7 @@ async fn listen(
     channels: Vec<&'static str>,
     senders: HashMap<&'static str, watch::Sender<u64>>,
 ) {
-    let mut pause = Duration::from_millis(250);
+    let mut pause = FIRST_RETRY;
     loop {
         let opened = async {
             let mut l = PgListener::connect_with(&pool).await?;
@@ -99,36 +101,29 @@ async fn listen(
             Ok::<_, sqlx::Error>(l)
         }
         .await;
-        let mut listener = match opened {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %crate::error::error_chain(&e), retry_in = ?pause,
-                    "cannot LISTEN; the worker polls meanwhile");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(MAX_RETRY);
-                continue;
-            }
-        };
-        // Whatever was notified while nobody listened is looked for now.
-        wake_all(&senders);
-        loop {
-            match listener.try_recv().await {
-                Ok(Some(n)) => {
-                    pause = Duration::from_millis(250);
-                    if let Some(tx) = senders.get(n.channel()) {
-                        tx.send_modify(|v| *v = v.wrapping_add(1));
+        let failed = match opened {
+            Err(e) => e,
+            Ok(mut listener) => {
+                // Whatever was notified while nobody listened is looked for now.
+                wake_all(&senders);
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(n)) => {
+                            pause = FIRST_RETRY;
+                            if let Some(tx) = senders.get(n.channel()) {
+                                tx.send_modify(|v| *v = v.wrapping_add(1));
+                            }
+                        }
+                        // The connection was lost; the next call reopens it and listens again.
+                        Ok(None) => wake_all(&senders),
+                        Err(e) => break e,
                     }
                 }
-                // The connection was lost; the next call reopens it and listens again.
-                Ok(None) => wake_all(&senders),
-                Err(e) => {
-                    tracing::warn!(error = %crate::error::error_chain(&e), retry_in = ?pause,
-                        "lost the LISTEN connection; the worker polls meanwhile");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(MAX_RETRY);
-                    break;
-                }
             }
-        }
+        };
+        tracing::warn!(error = %crate::error::error_chain(&failed), retry_in = ?pause,
+            "cannot LISTEN; the worker polls meanwhile");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MAX_RETRY);
     }
 }
