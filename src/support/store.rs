@@ -276,6 +276,15 @@ pub async fn assign(
     ticket_id: Uuid,
 ) -> StoreResult<Option<Uuid>> {
     lock_agents(conn, tenant.id).await?;
+    assign_locked(conn, tenant, ticket_id).await
+}
+
+/// [`assign`], in a transaction that holds [`lock_agents`] already.
+async fn assign_locked(
+    conn: &mut PgConnection,
+    tenant: &TenantContext,
+    ticket_id: Uuid,
+) -> StoreResult<Option<Uuid>> {
     let target: Option<(String, String, Uuid)> = sqlx::query_as(concat!(
         "SELECT coalesce(split_part(c.locale, '-', 1), ''), coalesce(c.country, ''), t.contact_id
          FROM tickets t JOIN contacts c ON c.tenant_id = t.tenant_id AND c.id = t.contact_id
@@ -389,9 +398,13 @@ pub async fn assign_waiting(conn: &mut PgConnection, tenant: &TenantContext) -> 
     .bind(tenant.id)
     .fetch_all(&mut *conn)
     .await?;
+    if waiting.is_empty() {
+        return Ok(0);
+    }
+    lock_agents(conn, tenant.id).await?;
     let mut assigned = 0;
     for id in waiting {
-        if assign(conn, tenant, id).await?.is_some() {
+        if assign_locked(conn, tenant, id).await?.is_some() {
             assigned += 1;
         }
     }
@@ -464,7 +477,7 @@ pub async fn create_ticket(
     match t.assignee {
         Some(agent) => set_assignee(conn, tenant.id, id, t.contact_id, agent, false).await?,
         None => {
-            assign(conn, tenant, id).await?;
+            assign_locked(conn, tenant, id).await?;
         }
     }
     get_ticket(conn, tenant.id, id)
