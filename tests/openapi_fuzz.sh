@@ -12,11 +12,30 @@ cd "$(dirname "$0")/.."
 seconds=${RAPPORT_FUZZ_SECONDS:-120}
 bin=${RAPPORT_BIN:-target/debug/rapport}
 base_url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/rapport}
-venv=${RAPPORT_FUZZ_VENV:-target/fuzz-venv}
 work=$(mktemp -d)
 
+# CPython before 3.11.8 and 3.12.2 shares the AST builder's recursion counter between threads:
+# schemathesis' two workers then fail at random with "SystemError: AST constructor recursion
+# depth mismatch" (python/cpython#106905; seen once in CI, in hypothesis's lambda_sources.py,
+# on 3.11.7). Take an interpreter without the bug when the machine has one (pyenv's too).
+fixed='import sys; v = sys.version_info[:3]; sys.exit(0 if v >= (3, 12, 2) or (3, 11, 8) <= v < (3, 12) else 1)'
+python=
+for candidate in ${RAPPORT_FUZZ_PYTHON:-} python3 python3.13 python3.12 \
+  $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.*/bin/python3 2>/dev/null | sort -rV); do
+  if "$candidate" -c "$fixed" >/dev/null 2>&1 && "$candidate" -m venv --help >/dev/null 2>&1; then
+    python=$candidate
+    break
+  fi
+done
+if [ -z "$python" ]; then
+  python=python3
+  echo "warning: no Python >= 3.11.8 / 3.12.2 here; schemathesis may fail on CPython's AST bug" >&2
+fi
+pyver=$("$python" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')
+venv=${RAPPORT_FUZZ_VENV:-target/fuzz-venv-$pyver}
+
 if [ ! -x "$venv/bin/schemathesis" ]; then
-  python3 -m venv "$venv"
+  "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
     schemathesis==4.32.5 openapi-spec-validator==0.7.2
 fi
