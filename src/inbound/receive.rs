@@ -266,8 +266,8 @@ async fn join_ticket(
     opts: &SendOptions,
 ) -> StoreResult<uuid::Uuid> {
     // Before the ticket it may reopen and reassign: a helpdesk request updating that ticket
-    // holds the agents first, then the ticket.
-    support::lock_agents(conn, tenant.id).await?;
+    // takes the desk lock first, then the ticket.
+    support::lock_desk(conn, tenant.id).await?;
     let channel = m.channel.as_str();
     let text = m.reply.as_deref().unwrap_or(&m.text);
     let files;

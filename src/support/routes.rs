@@ -73,7 +73,7 @@ async fn create_agent(
     let (state, tenant) = (&state, &tenant);
     crate::db::retry_conflicts(move || async move {
         let mut tx = crate::db::begin(&state.pool).await?;
-        store::lock_agents(&mut tx, tenant.id).await?;
+        store::lock_desk(&mut tx, tenant.id).await?;
         let agent = store::create_agent(&mut tx, tenant.id, changes).await?;
         store::assign_waiting(&mut tx, tenant).await?;
         let agent = store::get_agent(&mut tx, tenant.id, agent.id)
@@ -134,7 +134,7 @@ async fn update_agent(
     let (state, tenant) = (&state, &tenant);
     crate::db::retry_conflicts(move || async move {
         let mut tx = crate::db::begin(&state.pool).await?;
-        store::lock_agents(&mut tx, tenant.id).await?;
+        store::lock_desk(&mut tx, tenant.id).await?;
         store::update_agent(&mut tx, tenant.id, id, changes)
             .await?
             .ok_or_else(|| agent_not_found(id))?;
@@ -188,7 +188,7 @@ async fn create_ticket(
     let (state, tenant, body) = (&state, &tenant, &body);
     crate::db::retry_conflicts(move || async move {
         let mut tx = crate::db::begin(&state.pool).await?;
-        store::lock_agents(&mut tx, tenant.id).await?;
+        store::lock_desk(&mut tx, tenant.id).await?;
         let contact_id = match &body.contact.external_id {
             Some(external_id) => {
                 let ext = validate::text(external_id, 255)
@@ -301,7 +301,7 @@ async fn update_ticket(
     let (state, tenant, body) = (&state, &tenant, &body);
     crate::db::retry_conflicts(move || async move {
         let mut tx = crate::db::begin(&state.pool).await?;
-        store::lock_agents(&mut tx, tenant.id).await?;
+        store::lock_desk(&mut tx, tenant.id).await?;
         let ticket = store::lock_ticket(&mut tx, tenant.id, id)
             .await?
             .ok_or_else(|| ticket_not_found(id))?;
@@ -453,9 +453,9 @@ async fn add_message(
     crate::db::retry_conflicts(move || async move {
         let mut tx = crate::db::begin(&state.pool).await?;
         if matches!(body.author, Author::Contact(_)) {
-            // The customer's message may reopen the ticket and assign it: the agents before the
-            // ticket, as every transaction that may assign (an agent's reply never assigns).
-            store::lock_agents(&mut tx, tenant.id).await?;
+            // The customer's message may reopen the ticket and assign it: the desk lock before
+            // the ticket, as every transaction that may assign (an agent's reply never assigns).
+            store::lock_desk(&mut tx, tenant.id).await?;
         }
         let ticket = store::lock_ticket(&mut tx, tenant.id, id)
             .await?

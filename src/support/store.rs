@@ -248,24 +248,30 @@ pub async fn list_agents(
         .await?)
 }
 
-/// Locks every agent of the tenant, in id order. Every transaction that may assign tickets
-/// takes this before any other lock on an agent row (a ticket's assignee, an agent's own
-/// update) and before the ticket counter or a ticket it will reassign: [`assign`] and
-/// [`create_ticket`] take it themselves, and the handlers and intakes that lock rows first
-/// take it at their start. All such transactions then wait for each other in one order
-/// instead of deadlocking (seen: two ticket updates, each holding the candidates of its first
-/// waiting ticket while locking those of its second; a campaign round holding the ticket
-/// counter and one agent while a helpdesk request held another and wanted the counter).
-/// `NO KEY UPDATE` so that rows referring to an agent (a ticket's assignee, a call's agent)
-/// can still be written meanwhile: their key checks take a share lock it does not block.
-/// Taking it again in the same transaction waits for nothing.
-pub async fn lock_agents(conn: &mut PgConnection, tenant: TenantId) -> StoreResult<()> {
-    sqlx::query("SELECT 1 FROM agents WHERE tenant_id = $1 ORDER BY id FOR NO KEY UPDATE")
-        .bind(tenant)
+/// Takes the tenant's desk lock (a transaction-scoped advisory lock), which every
+/// transaction that may assign tickets takes before any lock on an agent row (an assignment's
+/// `last_assigned_at`, an agent's own update) and before the ticket counter or a ticket it
+/// will reopen and reassign: [`assign`] and [`create_ticket`] take it themselves, and the
+/// handlers and intakes that lock rows first take it at their start. Such transactions then
+/// queue for it instead of deadlocking (seen: two ticket updates, each holding the candidates
+/// of its first waiting ticket while locking those of its second; a campaign round holding the
+/// ticket counter and one agent while a helpdesk request held another and wanted the
+/// counter), and assignments see every agent's load without a race. One lock, whatever the
+/// number of agents (locking every agent row wrote each row's header: a thousand rows for
+/// each ticket of a large call centre). Rows that refer to an agent (a ticket's assignee, a
+/// call's agent) are written freely meanwhile. Taking it again in the same transaction waits
+/// for nothing.
+pub async fn lock_desk(conn: &mut PgConnection, tenant: TenantId) -> StoreResult<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2::text))")
+        .bind(DESK_LOCK_CLASS)
+        .bind(tenant.0.to_string())
         .execute(conn)
         .await?;
     Ok(())
 }
+
+/// The first key of the desks' advisory locks (the second is a hash of the tenant's id).
+const DESK_LOCK_CLASS: i32 = 7402;
 
 /// Assigns an unassigned open ticket to the active agent who speaks the contact's language and
 /// covers its country, with the fewest open tickets below capacity; ties go to the agent
@@ -275,11 +281,11 @@ pub async fn assign(
     tenant: &TenantContext,
     ticket_id: Uuid,
 ) -> StoreResult<Option<Uuid>> {
-    lock_agents(conn, tenant.id).await?;
+    lock_desk(conn, tenant.id).await?;
     assign_locked(conn, tenant, ticket_id).await
 }
 
-/// [`assign`], in a transaction that holds [`lock_agents`] already.
+/// [`assign`], in a transaction that holds [`lock_desk`] already.
 async fn assign_locked(
     conn: &mut PgConnection,
     tenant: &TenantContext,
@@ -401,7 +407,7 @@ pub async fn assign_waiting(conn: &mut PgConnection, tenant: &TenantContext) -> 
     if waiting.is_empty() {
         return Ok(0);
     }
-    lock_agents(conn, tenant.id).await?;
+    lock_desk(conn, tenant.id).await?;
     let mut assigned = 0;
     for id in waiting {
         if assign_locked(conn, tenant, id).await?.is_some() {
@@ -444,9 +450,9 @@ pub async fn create_ticket(
     tenant: &TenantContext,
     t: &NewTicketRow<'_>,
 ) -> StoreResult<Ticket> {
-    // The agents before the counter, whether this ticket is assigned or not: the transaction
-    // may assign another later (a campaign round hands several contacts over).
-    lock_agents(conn, tenant.id).await?;
+    // The desk lock before the counter, whether this ticket is assigned or not: the
+    // transaction may assign another later (a campaign round hands several contacts over).
+    lock_desk(conn, tenant.id).await?;
     let id = Uuid::now_v7();
     let number = next_number(conn, tenant.id, "ticket").await?;
     sqlx::query!(

@@ -602,10 +602,11 @@ async fn tickets_opened_by_a_round_and_by_the_desk_do_not_deadlock() {
 
 /// A helpdesk write that PostgreSQL ends to break a deadlock is run again rather than answered
 /// with a 503: everything it wrote was rolled back. The deadlock here is one no lock order in
-/// Rapport can prevent: another session holds the ticket, then wants the agents the request
-/// holds.
+/// Rapport can prevent: another session holds the ticket, then wants the desk lock the
+/// request holds.
 #[tokio::test]
 async fn a_helpdesk_write_ended_by_a_deadlock_is_run_again() {
+    use rapport::domain::TenantId;
     use std::time::{Duration, Instant};
     let app = TestApp::new().await;
     let t = app.tenant("acme").await;
@@ -621,8 +622,8 @@ async fn a_helpdesk_write_ended_by_a_deadlock_is_run_again() {
     let path = format!("/v1/tickets/{id}");
     let patch = app.patch(&path, &t.key, json!({"priority": "low"}));
     let rest = async {
-        // Once the request holds the agents and waits for the ticket, this session wants the
-        // agents: PostgreSQL ends the request's transaction, which waited first.
+        // Once the request holds the desk lock and waits for the ticket, this session wants the
+        // desk lock: PostgreSQL ends the request's transaction, which waited first.
         let deadline = Instant::now() + Duration::from_secs(10);
         while sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_stat_activity
@@ -635,10 +636,8 @@ async fn a_helpdesk_write_ended_by_a_deadlock_is_run_again() {
             assert!(Instant::now() < deadline, "the request never waited");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        sqlx::query("SELECT 1 FROM agents FOR NO KEY UPDATE")
-            .execute(&mut *other)
-            .await?;
-        other.commit().await
+        rapport::support::store::lock_desk(&mut other, TenantId(t.id.parse().unwrap())).await?;
+        other.commit().await.map_err(anyhow::Error::from)
     };
     let (patch, rest) = tokio::join!(patch, rest);
     rest.expect("the other session keeps its transaction");
