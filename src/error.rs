@@ -217,10 +217,12 @@ impl ApiError {
 fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            matches!(c.as_ref(), "40001" | "40P01" | "57P01" | "57P02" | "57P03")
-                || c.starts_with("08")
-        }),
+        sqlx::Error::Database(db) => {
+            crate::db::is_conflict(e)
+                || db.code().is_some_and(|c| {
+                    matches!(c.as_ref(), "57P01" | "57P02" | "57P03") || c.starts_with("08")
+                })
+        }
         _ => false,
     }
 }
