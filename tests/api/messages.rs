@@ -603,23 +603,8 @@ async fn sent_within(app: &TestApp, t: &TestTenant, id: &str, within: Duration) 
     }
 }
 
-/// Waits until the worker's listener is connected and listening.
-async fn listening(app: &TestApp) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM pg_stat_activity
-          WHERE datname = current_database() AND query LIKE 'LISTEN%rapport_outbox%'
-            AND state = 'idle'",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap()
-        == 0
-    {
-        assert!(std::time::Instant::now() < deadline, "nobody listens");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// The worker's listener, connected and listening.
+const LISTENING: &str = "query LIKE 'LISTEN%rapport_outbox%' AND state = 'idle'";
 
 /// The dispatch loops wake on NOTIFY through the worker's one listener, and keep waking after
 /// that listener's connection is killed (it is reopened).
@@ -641,20 +626,19 @@ async fn the_worker_wakes_on_notify_even_after_losing_its_listener() {
         wakeups.subscribe(NOTIFY_CHANNEL),
         shutdown.clone(),
     ));
-    listening(&app).await;
+    app.wait_for_session(LISTENING).await;
     let one = send_sms(&app, &t, "1").await;
     // Polling is a minute away: only the notification can deliver it within the deadline.
     sent_within(&app, &t, &one, Duration::from_secs(10)).await;
 
-    let killed: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE datname = current_database() AND query LIKE 'LISTEN%rapport_outbox%') k",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    assert_eq!(killed, 1, "one listener for every loop and channel");
-    listening(&app).await;
+    let listeners = app.sessions("query LIKE 'LISTEN%rapport_outbox%'").await;
+    assert_eq!(
+        listeners.len(),
+        1,
+        "one listener for every loop and channel"
+    );
+    app.terminate_backend(listeners[0]).await;
+    app.wait_for_session(LISTENING).await;
     let two = send_sms(&app, &t, "2").await;
     sent_within(&app, &t, &two, Duration::from_secs(10)).await;
     shutdown.cancel();

@@ -607,7 +607,6 @@ async fn tickets_opened_by_a_round_and_by_the_desk_do_not_deadlock() {
 #[tokio::test]
 async fn a_helpdesk_write_ended_by_a_deadlock_is_run_again() {
     use rapport::domain::TenantId;
-    use std::time::{Duration, Instant};
     let app = TestApp::new().await;
     let t = app.tenant("acme").await;
     agent(&app, &t, "Marija", &[], &[], 10).await;
@@ -624,18 +623,7 @@ async fn a_helpdesk_write_ended_by_a_deadlock_is_run_again() {
     let rest = async {
         // Once the request holds the desk lock and waits for the ticket, this session wants the
         // desk lock: PostgreSQL ends the request's transaction, which waited first.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&app.pool)
-        .await?
-            == 0
-        {
-            assert!(Instant::now() < deadline, "the request never waited");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        app.wait_for_session("wait_event_type = 'Lock'").await;
         rapport::support::store::lock_desk(&mut other, TenantId(t.id.parse().unwrap())).await?;
         other.commit().await.map_err(anyhow::Error::from)
     };

@@ -485,6 +485,30 @@ impl TestApp {
         assert!(killed, "no backend {pid}");
     }
 
+    /// The ids of this test database's sessions that match `condition` (SQL over
+    /// `pg_stat_activity`).
+    pub async fn sessions(&self, condition: &str) -> Vec<i32> {
+        sqlx::query_scalar(&format!(
+            "SELECT pid FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid() AND ({condition})"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Waits (at most 10 s) until a session matches `condition`, as [`TestApp::sessions`].
+    pub async fn wait_for_session(&self, condition: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.sessions(condition).await.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no session where {condition}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     pub async fn delete(&self, path: &str, token: &str) -> Resp {
         self.call(Method::DELETE, path, Some(token), None).await
     }
