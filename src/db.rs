@@ -206,6 +206,20 @@ pub async fn migrations_applied(conn: &mut PgConnection) -> Result<bool, sqlx::E
         .all(|m| applied.binary_search(&m.version).is_ok()))
 }
 
+/// `NOTIFY channel` on `conn`'s session: inside a transaction it is delivered when that
+/// commits (and not at all if it rolls back), so listeners never look before the rows are there.
+/// PostgreSQL serialises the commits of notifying transactions: keep it off hot paths.
+pub async fn notify<'c, E>(conn: E, channel: &str) -> Result<(), sqlx::Error>
+where
+    E: sqlx::PgExecutor<'c>,
+{
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(channel)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Double-quotes an SQL identifier.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

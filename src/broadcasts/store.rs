@@ -364,9 +364,5 @@ pub async fn release(pool: &PgPool, tenant: TenantId, id: Uuid, holder: Uuid) ->
 
 /// Wakes the broadcasts' workers when the caller's transaction commits.
 pub async fn wake(conn: &mut PgConnection) -> StoreResult<()> {
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(super::NOTIFY_CHANNEL)
-        .execute(conn)
-        .await?;
-    Ok(())
+    Ok(crate::db::notify(conn, super::NOTIFY_CHANNEL).await?)
 }

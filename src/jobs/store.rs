@@ -30,10 +30,7 @@ pub async fn insert(
     .execute(&mut *conn)
     .await?;
     if done.rows_affected() == 1 {
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(NOTIFY_CHANNEL)
-            .execute(conn)
-            .await?;
+        crate::db::notify(conn, NOTIFY_CHANNEL).await?;
     }
     Ok(done.rows_affected() == 1)
 }

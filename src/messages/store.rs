@@ -44,11 +44,7 @@ const MESSAGE_COLUMNS: &str =
 
 /// Wakes the dispatchers when the caller's transaction commits (NOTIFY is delivered then).
 async fn wake_workers(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(NOTIFY_CHANNEL)
-        .execute(conn)
-        .await?;
-    Ok(())
+    crate::db::notify(conn, NOTIFY_CHANNEL).await
 }
 
 /// How a tenant's Viber provider addresses people: the bot API by Viber user id, Infobip by

@@ -136,10 +136,7 @@ pub async fn finish_receiving(
     .bind(delimiter)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(NOTIFY_CHANNEL)
-        .execute(&mut *tx)
-        .await?;
+    crate::db::notify(&mut *tx, NOTIFY_CHANNEL).await?;
     tx.commit().await
 }
 
