@@ -126,6 +126,9 @@ pub struct Config {
     pub outbox_poll_interval_ms: u64,
     /// How long a provider may take to answer.
     pub outbox_send_timeout_secs: u64,
+    /// How often an idle campaign engine looks for new events when nothing wakes it (events
+    /// written by its own process ring it at once, an API process's by NOTIFY).
+    pub campaign_poll_interval_ms: u64,
     /// Transactions that write ingested events at once (group commit; see README).
     pub ingest_writers: usize,
     /// Most events one group-commit transaction takes from waiting requests.
@@ -196,6 +199,7 @@ impl Default for Config {
             outbox_max_attempts: 8,
             outbox_poll_interval_ms: 1000,
             outbox_send_timeout_secs: 30,
+            campaign_poll_interval_ms: 1000,
             ingest_writers: 4,
             ingest_max_group: 1000,
             http_header_timeout_secs: 10,

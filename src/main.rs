@@ -414,6 +414,13 @@ async fn serve(app: App, api: bool, worker: bool) -> anyhow::Result<()> {
                 .map_err(anyhow::Error::from)
         });
     }
+    if api && !worker {
+        // No engine here to ring: the workers hear of this process's events by NOTIFY.
+        tokio::spawn(rapport::events::inbox::forward(
+            app.state.pool.clone(),
+            shutdown.clone(),
+        ));
+    }
     if worker {
         let (app, token) = (app.clone(), shutdown.clone());
         tasks.spawn(async move {

@@ -2,5 +2,6 @@
 //! The log every capability appends to; the timeline and the rule engine read it. Accepting a
 //! tenant's events is `crate::ingest`.
 
+pub mod inbox;
 pub mod model;
 pub mod store;

@@ -269,13 +269,14 @@ impl<'a> Columns<'a> {
     /// appends nothing. The inbox's join is not even built while the tenants have no running
     /// campaign (`running` is read once, for that check and for each event's tenant). The
     /// rows come back as inserted and are put in input order here, by id, rather than by
-    /// joining the input once more.
+    /// joining the input once more. When the inbox got rows, the process's inbox bell rings
+    /// ([`super::inbox`]), so an idle engine looks at once.
     async fn insert(self, conn: &mut PgConnection) -> Result<Vec<(Uuid, Uuid, i64)>, sqlx::Error> {
         if self.id.is_empty() {
             return Ok(Vec::new());
         }
         let (position, total, last) = self.numbering();
-        let appended: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
+        let appended: Vec<(Uuid, Uuid, i64, bool)> = sqlx::query_as(
             "WITH input AS (
                 SELECT u.t, u.id, coalesce(u.c, (SELECT ct.id FROM contacts ct
                                                  WHERE ct.tenant_id = u.t
@@ -316,8 +317,9 @@ impl<'a> Columns<'a> {
                   AND left(a.type, 9) <> 'campaign.'
                   AND a.tenant_id IN (SELECT tenant_id FROM running)
                 ORDER BY i.n
+                RETURNING 1
              )
-             SELECT id, contact_id, ordinal FROM appended",
+             SELECT id, contact_id, ordinal, EXISTS (SELECT 1 FROM inbox) FROM appended",
         )
         .bind(&self.tenant)
         .bind(&self.id)
@@ -335,6 +337,13 @@ impl<'a> Columns<'a> {
         .bind(&last)
         .fetch_all(conn)
         .await?;
+        if appended.first().is_some_and(|a| a.3) {
+            super::inbox::ring();
+        }
+        let appended = appended
+            .into_iter()
+            .map(|(id, c, n, _)| (id, c, n))
+            .collect();
         Ok(in_input_order(&self.id, appended))
     }
 
@@ -349,7 +358,7 @@ impl<'a> Columns<'a> {
         }
         debug_assert!(self.contact.iter().all(Option::is_some));
         let (position, total, last) = self.numbering();
-        let done: i64 = sqlx::query_scalar(
+        let (done, inboxed): (i64, bool) = sqlx::query_as(
             "WITH counters AS (
                 INSERT INTO contact_event_counts AS cc
                     (tenant_id, contact_id, event_type, count, last_at)
@@ -383,8 +392,9 @@ impl<'a> Columns<'a> {
                                       WHERE cp.tenant_id = ANY($1)
                                         AND cp.status IN ('active', 'paused'))
                 ORDER BY a.id
+                RETURNING 1
              )
-             SELECT count(*) FROM appended",
+             SELECT count(*), EXISTS (SELECT 1 FROM inbox) FROM appended",
         )
         .bind(&self.tenant)
         .bind(&self.id)
@@ -400,6 +410,9 @@ impl<'a> Columns<'a> {
         .bind(&last)
         .fetch_one(conn)
         .await?;
+        if inboxed {
+            super::inbox::ring();
+        }
         Ok(done as u64)
     }
 }

@@ -32,6 +32,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             crate::jobs::store::NOTIFY_CHANNEL,
             crate::contacts::import::NOTIFY_CHANNEL,
             crate::broadcasts::NOTIFY_CHANNEL,
+            crate::events::inbox::NOTIFY_CHANNEL,
         ],
         shutdown.clone(),
     );
@@ -45,7 +46,11 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         wakeups.subscribe(crate::jobs::store::NOTIFY_CHANNEL),
         shutdown.clone(),
     ));
-    tasks.spawn(run_campaigns(state.clone(), shutdown.clone()));
+    tasks.spawn(run_campaigns(
+        state.clone(),
+        wakeups.subscribe(crate::events::inbox::NOTIFY_CHANNEL),
+        shutdown.clone(),
+    ));
     tasks.spawn(crate::inbound::imap::run(state.clone(), shutdown.clone()));
     tasks.spawn(run_imports(
         state.clone(),
@@ -186,27 +191,77 @@ async fn run_broadcasts(state: AppState, wake: Wake, shutdown: CancellationToken
     .await;
 }
 
-/// How often the engine looks for new events and due journeys when it has nothing to do.
+/// How often the engine looks for new events while warm: for [`WARM_FOR`] after it last had
+/// work, a ring of the inbox bell or a NOTIFY.
 const CAMPAIGN_POLL: Duration = Duration::from_millis(25);
+/// How long the engine stays warm. A ring comes before its transaction commits
+/// (`events::inbox`): this covers the commit, and the next events of a burst.
+const WARM_FOR: Duration = Duration::from_secs(2);
 /// How often schedules (birthdays) are looked at.
 const SCHEDULE_EVERY: Duration = Duration::from_secs(30);
 
-/// Runs the campaign engine: rounds back to back while there is work, a short poll otherwise;
-/// schedules every [`SCHEDULE_EVERY`].
-async fn run_campaigns(state: AppState, shutdown: CancellationToken) {
+/// Runs the campaign engine until `shutdown`: rounds back to back while there is work; then,
+/// warm, a round every [`CAMPAIGN_POLL`]; then, cold, a wait for this process's inbox bell, a
+/// NOTIFY on `wake` (events an API process wrote), the next journey's time, the next look at
+/// the schedules or `campaign_poll_interval_ms`, whichever comes first. An idle worker used to
+/// poll every 25 ms for good: 80 queries a second against an idle database.
+pub async fn run_campaigns(state: AppState, mut wake: Wake, shutdown: CancellationToken) {
+    let mut bell = crate::events::inbox::subscribe();
+    let idle_poll = Duration::from_millis(state.config.campaign_poll_interval_ms.max(1));
     let mut last_schedule: Option<tokio::time::Instant> = None;
-    repeat("campaigns", shutdown, CAMPAIGN_POLL, Wake::never(), || {
+    let mut warm_until = tokio::time::Instant::now() + WARM_FOR;
+    loop {
         let schedules = last_schedule.is_none_or(|t| t.elapsed() >= SCHEDULE_EVERY);
         if schedules {
             last_schedule = Some(tokio::time::Instant::now());
         }
-        let state = &state;
-        async move {
-            let round = crate::campaigns::engine::round(state, schedules).await?;
-            Ok::<_, crate::campaigns::engine::EngineError>(!round.is_idle())
+        let round = match crate::campaigns::engine::round(&state, schedules).await {
+            Ok(round) => round,
+            Err(e) => {
+                tracing::warn!(task = "campaigns", error = %crate::error::error_chain(&e), "worker round failed");
+                crate::campaigns::engine::Round::default()
+            }
+        };
+        if shutdown.is_cancelled() {
+            return;
         }
-    })
-    .await;
+        let now = tokio::time::Instant::now();
+        if !round.is_idle() {
+            warm_until = now + WARM_FOR;
+            continue;
+        }
+        let warm = now < warm_until;
+        let mut wait = if warm { CAMPAIGN_POLL } else { idle_poll };
+        if let Some(at) = round.next_wake {
+            let until = (at - state.clock.now()).to_std().unwrap_or_default();
+            wait = wait.min(until.max(CAMPAIGN_POLL));
+        }
+        if let Some(t) = last_schedule {
+            wait = wait.min((t + SCHEDULE_EVERY).saturating_duration_since(now));
+        }
+        if warm {
+            // Warm: the poll's pace, whatever rings meanwhile. A round at each ring would take
+            // one group commit's events at a time under load (measured: the lag of a steady
+            // 7,500 events/s grew from 0.3-0.6 s to 1-2.6 s), where a round after the poll's
+            // pause takes a batch; rings only keep the engine warm.
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            let rang = bell.has_changed().unwrap_or(false);
+            bell.mark_unchanged();
+            if wake.take() || rang {
+                warm_until = tokio::time::Instant::now() + WARM_FOR;
+            }
+            continue;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+            _ = bell.changed() => warm_until = tokio::time::Instant::now() + WARM_FOR,
+            () = wake.notified() => warm_until = tokio::time::Instant::now() + WARM_FOR,
+        }
+    }
 }
 
 /// Runs the campaign engine and the dispatcher until neither has anything left to do (tests

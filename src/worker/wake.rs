@@ -39,6 +39,14 @@ impl Wake {
         }
     }
 
+    /// Whether a notification came since this `Wake` last returned or was asked, without
+    /// waiting; asking counts as seeing it.
+    pub fn take(&mut self) -> bool {
+        let came = self.rx.has_changed().unwrap_or(false);
+        self.rx.mark_unchanged();
+        came
+    }
+
     /// A `Wake` that never wakes: polling only.
     pub fn never() -> Wake {
         let (tx, rx) = watch::channel(0);

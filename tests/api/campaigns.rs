@@ -936,6 +936,62 @@ async fn quiet_hours_defer_messages_to_the_morning_in_the_contacts_time_zone() {
     assert_eq!(deferred.1["until"], "2026-11-23T07:00:00Z");
 }
 
+/// An idle engine looks for work once a minute here (`campaign_poll_interval_ms`), yet an event
+/// its own process writes wakes it at once: the statement that puts events in the inbox rings
+/// the process's bell.
+#[tokio::test]
+async fn an_idle_engine_wakes_at_once_for_events_its_process_writes() {
+    let app = TestApp::with_config(|c| c.campaign_poll_interval_ms = 60_000).await;
+    let t = app.tenant("acme").await;
+    template(
+        &app,
+        &t,
+        "hello",
+        json!({"purpose": "transactional", "sms": {"hr": {"text": "Bok!"}}}),
+    )
+    .await;
+    campaign(
+        &app,
+        &t,
+        json!({"name": "Hello", "trigger": {"event": "hello.said"},
+               "steps": [{"type": "send", "template": "hello", "channels": ["sms"]}]}),
+    )
+    .await;
+    app.contact(&t, "ana", json!({"phone": "091 111 1111"}))
+        .await;
+    app.drain().await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let engine = tokio::spawn(rapport::worker::run_campaigns(
+        app.app.state.clone(),
+        rapport::worker::wake::Wake::never(),
+        shutdown.clone(),
+    ));
+    // Past its warm period, the engine's next look is a minute away.
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    let started = std::time::Instant::now();
+    event(&app, &t, "ana", "hello.said", json!({})).await;
+    loop {
+        let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        if queued == 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the engine slept through the event"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    println!(
+        "event to queued message, idle engine: {:?}",
+        started.elapsed()
+    );
+    shutdown.cancel();
+    engine.await.unwrap();
+}
+
 #[tokio::test]
 async fn reentry_once_never_enrols_twice_even_under_concurrent_events_and_workers() {
     let app = TestApp::new().await;

@@ -25,8 +25,14 @@ struct Server {
 }
 
 fn start(db: &TestDb, extra: &[(&str, &str)]) -> Server {
+    start_as("serve", db, extra)
+}
+
+/// A `rapport <command>` process (`serve`, `api` or `worker`) on `db`, once it is ready (a
+/// worker alone has no address).
+fn start_as(command: &str, db: &TestDb, extra: &[(&str, &str)]) -> Server {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rapport"));
-    cmd.arg("serve")
+    cmd.arg(command)
         .env("DATABASE_URL", &db.url)
         .env(
             "RAPPORT_CONFIG",
@@ -47,7 +53,12 @@ fn start(db: &TestDb, extra: &[(&str, &str)]) -> Server {
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    let listening = common::spawn_listening(&mut cmd, Duration::from_secs(60));
+    let ready = if command == "worker" {
+        "worker started"
+    } else {
+        "listening"
+    };
+    let listening = common::spawn_until(&mut cmd, ready, Duration::from_secs(60));
     // Keep draining its log so it never blocks on a full pipe.
     let rest = listening.rest;
     std::thread::spawn(move || while rest.recv().is_ok() {});
@@ -632,6 +643,123 @@ async fn max_per_second_holds_across_two_worker_processes() {
         "a second saw {busiest} requests"
     );
     drop((a, b));
+}
+
+/// Waits until `pool` holds `n` messages; how long that took from `since`. Panics after
+/// `patience`.
+async fn messages_reach(
+    pool: &sqlx::PgPool,
+    n: i64,
+    since: Instant,
+    patience: Duration,
+) -> Duration {
+    loop {
+        let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        if queued >= n {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < patience,
+            "{queued} of {n} messages after {patience:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An API process and a worker process apart, the worker's engine set to look for work once a
+/// minute when idle: events the API takes reach it at once (the API process announces them by
+/// NOTIFY), and a journey's five-second wait ends on time (an idle engine sleeps until the
+/// next journey is due, not a poll interval).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_apart_hears_of_the_apis_events_and_wakes_for_due_journeys() {
+    let db = TestDb::create().await;
+    let env = [("RAPPORT_CAMPAIGN_POLL_INTERVAL_MS", "60000")];
+    let http = reqwest::Client::new();
+    let api = start_as("api", &db, &env);
+    let worker = start_as("worker", &db, &env);
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let (_, key) = tenant_key(&http, &api).await;
+    put_ok(
+        &http,
+        &api,
+        &key,
+        "/v1/templates/hello",
+        json!({"purpose": "transactional", "sms": {"hr": {"text": "Bok!"}}}),
+    )
+    .await;
+    for (name, trigger, steps) in [
+        (
+            "Hello",
+            "hello.said",
+            json!([{"type": "send", "template": "hello"}]),
+        ),
+        (
+            "Later",
+            "cart.abandoned",
+            json!([{"type": "wait", "duration": "5s"}, {"type": "send", "template": "hello"}]),
+        ),
+    ] {
+        let made = post_ok(
+            &http,
+            &api,
+            &key,
+            "/v1/campaigns",
+            json!({"name": name, "trigger": {"event": trigger}, "steps": steps}),
+        )
+        .await;
+        let activate = format!("/v1/campaigns/{}/activate", made["id"].as_str().unwrap());
+        post_ok(&http, &api, &key, &activate, json!({})).await;
+    }
+    put_ok(
+        &http,
+        &api,
+        &key,
+        "/v1/contacts/ana",
+        json!({"phone": "091 111 1111"}),
+    )
+    .await;
+    let event = |kind: &str| {
+        http.post(api.url("/v1/events"))
+            .bearer_auth(&key)
+            .json(&json!({"type": kind, "contact": {"external_id": "ana"}}))
+            .send()
+    };
+    // The worker listens, and its engine is past the warm period `contact.created` began.
+    let listening = Instant::now() + Duration::from_secs(30);
+    while sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND query LIKE 'LISTEN%rapport_inbox%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap()
+        == 0
+    {
+        assert!(Instant::now() < listening, "the worker does not listen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sent = Instant::now();
+    assert_eq!(event("hello.said").await.unwrap().status(), 202);
+    let woken = messages_reach(&pool, 1, sent, Duration::from_secs(10)).await;
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sent = Instant::now();
+    assert_eq!(event("cart.abandoned").await.unwrap().status(), 202);
+    let waited = messages_reach(&pool, 2, sent, Duration::from_secs(20)).await;
+    println!(
+        "worker apart, polling once a minute: event to message {woken:?}; \
+         a five-second wait to message {waited:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(5),
+        "the wait ended early: {waited:?}"
+    );
+    drop((api, worker));
+    pool.close().await;
 }
 
 /// A server whose pool has two connections (`db_max_connections = 2`) still becomes ready,

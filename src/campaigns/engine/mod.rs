@@ -121,6 +121,8 @@ pub struct Round {
     pub contacts: usize,
     /// Contacts enrolled by a schedule.
     pub scheduled: usize,
+    /// When the first journey not yet due at the round's start is due, if any.
+    pub next_wake: Option<DateTime<Utc>>,
 }
 
 impl Round {

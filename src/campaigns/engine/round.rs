@@ -19,8 +19,9 @@ pub async fn round(state: &AppState, schedules: bool) -> EngineResult<Round> {
     // The oldest events first (the inbox's order index), then the journeys due first.
     let mut conn = state.pool.acquire().await?;
     let pending = store::journeys::waiting(&mut conn, MAX_FAILURES, ROUND_SIZE).await?;
-    let due = store::journeys::due(&mut conn, now, ROUND_SIZE).await?;
+    let (due, next_wake) = store::journeys::due(&mut conn, now, ROUND_SIZE).await?;
     drop(conn);
+    done.next_wake = next_wake;
     let mut seen = std::collections::HashSet::with_capacity(pending.len() + due.len());
     // With each contact, how many of the round's events are its (a due journey counts one).
     let mut contacts: Vec<(TenantId, Uuid, i64)> = pending

@@ -590,6 +590,17 @@ pub fn spawn_listening(
     cmd: &mut std::process::Command,
     patience: std::time::Duration,
 ) -> Listening {
+    spawn_until(cmd, "listening", patience)
+}
+
+/// A `rapport` process started from `cmd` (JSON logs on stderr) once it logs `message` (such
+/// as `listening`, or `worker started` for a worker alone); `addr` is the line's `address`, if
+/// any.
+pub fn spawn_until(
+    cmd: &mut std::process::Command,
+    message: &str,
+    patience: std::time::Duration,
+) -> Listening {
     use std::io::BufRead;
     let mut child = cmd
         .stdout(std::process::Stdio::null())
@@ -614,13 +625,13 @@ pub fn spawn_listening(
         else {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("the server did not log that it listens: {lines:#?}");
+            panic!("the process did not log {message:?}: {lines:#?}");
         };
         lines.push(line.clone());
         let Ok(json) = serde_json::from_str::<Value>(&line) else {
             continue;
         };
-        if json["message"] == "listening" {
+        if json["message"] == message {
             let addr = json["address"].as_str().unwrap_or_default().to_owned();
             return Listening {
                 child,
