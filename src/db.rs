@@ -225,12 +225,6 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Whether PostgreSQL ended the transaction to break a deadlock (40P01) or because it could
-/// not be serialised (40001): running the whole transaction again can succeed.
-pub fn is_conflict(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "40P01" || c == "40001"))
-}
-
 /// How many more times [`retry_conflicts`] runs a transaction PostgreSQL ended.
 pub const CONFLICT_RETRIES: u32 = 2;
 
@@ -248,7 +242,7 @@ where
     loop {
         match transaction().await {
             Err(crate::error::ApiError::Database(e))
-                if is_conflict(&e) && retries < CONFLICT_RETRIES =>
+                if crate::error::is_conflict(&e) && retries < CONFLICT_RETRIES =>
             {
                 retries += 1;
                 metrics::counter!("db_transaction_retries_total").increment(1);

@@ -211,6 +211,13 @@ impl ApiError {
     }
 }
 
+/// Whether PostgreSQL ended the transaction to break a deadlock (40P01) or because it could
+/// not be serialised (40001): running the whole transaction again can succeed
+/// (`db::retry_conflicts` does).
+pub fn is_conflict(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "40P01" || c == "40001"))
+}
+
 /// Errors a retry can cure: pool exhaustion, lost connections, deadlocks, serialization, and
 /// the server closing the connection (SQLSTATE class 08, and 57P01-57P03: an administrator,
 /// a restart or a crash ended the session, or the server is still starting).
@@ -218,7 +225,7 @@ fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
         sqlx::Error::Database(db) => {
-            crate::db::is_conflict(e)
+            is_conflict(e)
                 || db.code().is_some_and(|c| {
                     matches!(c.as_ref(), "57P01" | "57P02" | "57P03") || c.starts_with("08")
                 })
