@@ -225,36 +225,6 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// How many more times [`retry_conflicts`] runs a transaction PostgreSQL ended.
-pub const CONFLICT_RETRIES: u32 = 2;
-
-/// Runs `transaction` (all of one transaction, from [`begin`] to its commit, and nothing
-/// outside the database) again when PostgreSQL ended it to break a deadlock or a
-/// serialisation failure, at most [`CONFLICT_RETRIES`] more times, after a short random
-/// pause. Locks taken in one order keep the deadlocks we know of from happening; this keeps
-/// a client from getting a 503 for one we do not know of, since everything the attempt
-/// wrote was rolled back.
-pub async fn retry_conflicts<T, F>(mut transaction: impl FnMut() -> F) -> crate::error::ApiResult<T>
-where
-    F: Future<Output = crate::error::ApiResult<T>>,
-{
-    let mut retries = 0;
-    loop {
-        match transaction().await {
-            Err(crate::error::ApiError::Database(e))
-                if crate::error::is_conflict(&e) && retries < CONFLICT_RETRIES =>
-            {
-                retries += 1;
-                metrics::counter!("db_transaction_retries_total").increment(1);
-                tracing::warn!(error = %e, retry = retries, "transaction ended by a conflict; running it again");
-                let pause = rand::random_range(5..50);
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-            }
-            other => return other,
-        }
-    }
-}
-
 /// Whether `e` is a unique violation, optionally of the named constraint or index.
 pub fn is_unique_violation(e: &sqlx::Error, constraint: Option<&str>) -> bool {
     match e {

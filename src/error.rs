@@ -213,7 +213,7 @@ impl ApiError {
 
 /// Whether PostgreSQL ended the transaction to break a deadlock (40P01) or because it could
 /// not be serialised (40001): running the whole transaction again can succeed
-/// (`db::retry_conflicts` does).
+/// (`http::retry::retry_conflicts` does).
 pub fn is_conflict(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "40P01" || c == "40001"))
 }

@@ -71,7 +71,7 @@ async fn create_agent(
         .map_err(|e| ApiError::validation(e.into_vec()))?;
     let changes = &changes;
     let (state, tenant) = (&state, &tenant);
-    crate::db::retry_conflicts(move || async move {
+    crate::http::retry::retry_conflicts(move || async move {
         let mut tx = crate::db::begin(&state.pool).await?;
         store::lock_desk(&mut tx, tenant.id).await?;
         let agent = store::create_agent(&mut tx, tenant.id, changes).await?;
@@ -132,7 +132,7 @@ async fn update_agent(
         .map_err(|e| ApiError::validation(e.into_vec()))?;
     let changes = &changes;
     let (state, tenant) = (&state, &tenant);
-    crate::db::retry_conflicts(move || async move {
+    crate::http::retry::retry_conflicts(move || async move {
         let mut tx = crate::db::begin(&state.pool).await?;
         store::lock_desk(&mut tx, tenant.id).await?;
         store::update_agent(&mut tx, tenant.id, id, changes)
@@ -186,7 +186,7 @@ async fn create_ticket(
     let category = &category;
     let claimed = &claimed;
     let (state, tenant, body) = (&state, &tenant, &body);
-    crate::db::retry_conflicts(move || async move {
+    crate::http::retry::retry_conflicts(move || async move {
         let mut tx = crate::db::begin(&state.pool).await?;
         store::lock_desk(&mut tx, tenant.id).await?;
         let contact_id = match &body.contact.external_id {
@@ -299,7 +299,7 @@ async fn update_ticket(
     ValidJson(body): ValidJson<TicketPatch>,
 ) -> ApiResult<Json<TicketDetail>> {
     let (state, tenant, body) = (&state, &tenant, &body);
-    crate::db::retry_conflicts(move || async move {
+    crate::http::retry::retry_conflicts(move || async move {
         let mut tx = crate::db::begin(&state.pool).await?;
         store::lock_desk(&mut tx, tenant.id).await?;
         let ticket = store::lock_ticket(&mut tx, tenant.id, id)
@@ -450,7 +450,7 @@ async fn add_message(
     let text = &text;
     let opts = &opts;
     let (state, tenant, body) = (&state, &tenant, &body);
-    crate::db::retry_conflicts(move || async move {
+    crate::http::retry::retry_conflicts(move || async move {
         let mut tx = crate::db::begin(&state.pool).await?;
         if matches!(body.author, Author::Contact(_)) {
             // The customer's message may reopen the ticket and assign it: the desk lock before
