@@ -232,9 +232,18 @@ pub async fn run_campaigns(state: AppState, mut wake: Wake, shutdown: Cancellati
         }
         let warm = now < warm_until;
         let mut wait = if warm { CAMPAIGN_POLL } else { idle_poll };
-        if let Some(at) = round.next_wake {
-            let until = (at - state.clock.now()).to_std().unwrap_or_default();
-            wait = wait.min(until.max(CAMPAIGN_POLL));
+        if !warm {
+            match crate::campaigns::engine::next_wake(&state).await {
+                Ok(Some(at)) => {
+                    let until = (at - state.clock.now()).to_std().unwrap_or_default();
+                    wait = wait.min(until.max(CAMPAIGN_POLL));
+                }
+                Ok(None) => {}
+                // The poll interval then: the next round finds what is due.
+                Err(e) => {
+                    tracing::warn!(error = %crate::error::error_chain(&e), "cannot read when the next journey is due")
+                }
+            }
         }
         if let Some(t) = last_schedule {
             wait = wait.min((t + SCHEDULE_EVERY).saturating_duration_since(now));

@@ -16,8 +16,8 @@ mod steps;
 
 use evaluate::*;
 use journeys::*;
-pub use round::round;
 use round::*;
+pub use round::{next_wake, round};
 use schedule::*;
 pub use steps::quiet_until;
 use steps::*;
@@ -121,8 +121,6 @@ pub struct Round {
     pub contacts: usize,
     /// Contacts enrolled by a schedule.
     pub scheduled: usize,
-    /// When the first journey not yet due at the round's start is due, if any.
-    pub next_wake: Option<DateTime<Utc>>,
 }
 
 impl Round {

@@ -19,9 +19,8 @@ pub async fn round(state: &AppState, schedules: bool) -> EngineResult<Round> {
     // The oldest events first (the inbox's order index), then the journeys due first.
     let mut conn = state.pool.acquire().await?;
     let pending = store::journeys::waiting(&mut conn, MAX_FAILURES, ROUND_SIZE).await?;
-    let (due, next_wake) = store::journeys::due(&mut conn, now, ROUND_SIZE).await?;
+    let due = store::journeys::due(&mut conn, now, ROUND_SIZE).await?;
     drop(conn);
-    done.next_wake = next_wake;
     let mut seen = std::collections::HashSet::with_capacity(pending.len() + due.len());
     // With each contact, how many of the round's events are its (a due journey counts one).
     let mut contacts: Vec<(TenantId, Uuid, i64)> = pending
@@ -58,6 +57,11 @@ pub async fn round(state: &AppState, schedules: bool) -> EngineResult<Round> {
         done.scheduled = run_schedules(state, now).await?;
     }
     Ok(done)
+}
+
+/// When the next journey is due, for an idle engine about to sleep (`None`: none waits).
+pub async fn next_wake(state: &AppState) -> EngineResult<Option<DateTime<Utc>>> {
+    Ok(store::journeys::next_wake(&state.pool, state.clock.now()).await?)
 }
 
 /// What evaluating contacts did.

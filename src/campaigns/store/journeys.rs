@@ -218,36 +218,42 @@ pub async fn waiting(
 }
 
 /// The contacts with active journeys of active campaigns due by `now` (the `limit` most
-/// overdue journeys; a contact may come more than once), and when the next journey after
-/// `now` is due (so that an idle engine sleeps until then, not a poll interval). One round
-/// trip, two walks of the `journeys_due` index.
+/// overdue journeys).
 pub async fn due(
     conn: &mut PgConnection,
     now: DateTime<Utc>,
     limit: i64,
-) -> StoreResult<(Vec<(TenantId, Uuid)>, Option<DateTime<Utc>>)> {
-    let rows: Vec<(TenantId, Uuid, DateTime<Utc>)> = sqlx::query_as(
-        "(SELECT j.tenant_id, j.contact_id, j.wake_at FROM journeys j
-            JOIN campaigns c ON c.tenant_id = j.tenant_id AND c.id = j.campaign_id
-           WHERE j.status = 'active' AND j.wake_at <= $1 AND c.status = 'active'
-           ORDER BY j.wake_at LIMIT $2)
-         UNION ALL
-         (SELECT j.tenant_id, j.contact_id, j.wake_at FROM journeys j
-            JOIN campaigns c ON c.tenant_id = j.tenant_id AND c.id = j.campaign_id
-           WHERE j.status = 'active' AND j.wake_at > $1 AND c.status = 'active'
-           ORDER BY j.wake_at LIMIT 1)",
+) -> StoreResult<Vec<(TenantId, Uuid)>> {
+    Ok(sqlx::query_as(
+        "SELECT DISTINCT tenant_id, contact_id FROM (
+            SELECT j.tenant_id, j.contact_id FROM journeys j
+              JOIN campaigns c ON c.tenant_id = j.tenant_id AND c.id = j.campaign_id
+             WHERE j.status = 'active' AND j.wake_at <= $1 AND c.status = 'active'
+             ORDER BY j.wake_at LIMIT $2) due",
     )
     .bind(now)
     .bind(limit)
     .fetch_all(conn)
-    .await?;
-    let next = rows.iter().map(|r| r.2).find(|at| *at > now);
-    let due = rows
-        .into_iter()
-        .filter(|r| r.2 <= now)
-        .map(|(tenant, contact, _)| (tenant, contact))
-        .collect();
-    Ok((due, next))
+    .await?)
+}
+
+/// When the first active journey of an active campaign due after `now` is due, if any: an
+/// idle engine sleeps until then rather than a poll interval. It walks the `journeys_due`
+/// index from `now` past the journeys of paused campaigns, so the engine asks only when it
+/// is about to sleep, not every round.
+pub async fn next_wake(
+    pool: &sqlx::PgPool,
+    now: DateTime<Utc>,
+) -> StoreResult<Option<DateTime<Utc>>> {
+    Ok(sqlx::query_scalar(
+        "SELECT j.wake_at FROM journeys j
+           JOIN campaigns c ON c.tenant_id = j.tenant_id AND c.id = j.campaign_id
+          WHERE j.status = 'active' AND j.wake_at > $1 AND c.status = 'active'
+          ORDER BY j.wake_at LIMIT 1",
+    )
+    .bind(now)
+    .fetch_optional(pool)
+    .await?)
 }
 
 /// After a contact's evaluation failed: its waiting events count one more failure, and its
