@@ -8,12 +8,12 @@
 //! once per [`FORWARD_EVERY`] however many events come.
 //!
 //! The NOTIFY is not sent from the appending transaction: PostgreSQL serialises the commits of
-//! every transaction that notifies (a database-wide lock held through the commit), which cut
-//! one-row commits from ~14,500 to ~4,900 a second on the development machine (pgbench,
-//! 32 clients). The bell rings when the statement has run, before its transaction commits, so
-//! a woken engine may look before the events are visible: it keeps looking often for a while
-//! after each ring (`worker::run_campaigns`), which covers the commit, and its slow poll covers
-//! the rest.
+//! every transaction that notifies (one lock for the whole cluster, held through the commit),
+//! which cut one-row commits from ~14,500 to ~4,900 a second on the development machine
+//! (pgbench, 32 clients). The bell rings when the statement has run, before its transaction
+//! commits, so a woken engine may look before the events are visible: it keeps looking every
+//! 25 ms for a while after each ring (`worker::run_campaigns`), which covers the commit, and
+//! its slow poll covers the rest.
 //!
 //! The bell is process-wide, like the inbox rows it announces: any `AppState` of the process
 //! may have written them, and every engine loop of the process may take them.
