@@ -645,36 +645,13 @@ async fn max_per_second_holds_across_two_worker_processes() {
     drop((a, b));
 }
 
-/// Waits until `pool` holds `n` messages; how long that took from `since`. Panics after
-/// `patience`.
-async fn messages_reach(
-    pool: &sqlx::PgPool,
-    n: i64,
-    since: Instant,
-    patience: Duration,
-) -> Duration {
-    loop {
-        let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
-            .fetch_one(pool)
-            .await
-            .unwrap();
-        if queued >= n {
-            return since.elapsed();
-        }
-        assert!(
-            since.elapsed() < patience,
-            "{queued} of {n} messages after {patience:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// An API process and a worker process apart, the worker's engine set to look for work once a
 /// minute when idle: events the API takes reach it at once (the API process announces them by
 /// NOTIFY), and a journey's five-second wait ends on time (an idle engine sleeps until the
 /// next journey is due, not a poll interval).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_apart_hears_of_the_apis_events_and_wakes_for_due_journeys() {
+    const MESSAGES: &str = "SELECT count(*) FROM messages";
     let db = TestDb::create().await;
     let env = [("RAPPORT_CAMPAIGN_POLL_INTERVAL_MS", "60000")];
     let http = reqwest::Client::new();
@@ -744,12 +721,12 @@ async fn a_worker_apart_hears_of_the_apis_events_and_wakes_for_due_journeys() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let sent = Instant::now();
     assert_eq!(event("hello.said").await.unwrap().status(), 202);
-    let woken = messages_reach(&pool, 1, sent, Duration::from_secs(10)).await;
+    let woken = common::count_reaches(&pool, MESSAGES, 1, sent, Duration::from_secs(10)).await;
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let sent = Instant::now();
     assert_eq!(event("cart.abandoned").await.unwrap().status(), 202);
-    let waited = messages_reach(&pool, 2, sent, Duration::from_secs(20)).await;
+    let waited = common::count_reaches(&pool, MESSAGES, 2, sent, Duration::from_secs(20)).await;
     println!(
         "worker apart, polling once a minute: event to message {woken:?}; \
          a five-second wait to message {waited:?}"

@@ -497,21 +497,15 @@ async fn two_workers_watch_a_mailbox_with_idle_and_file_each_mail_once() {
         )
         .await;
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let filed: i64 = sqlx::query_scalar("SELECT count(*) FROM inbound_messages")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-        if filed == 5 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "IDLE brought {filed} of 5 in"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // IDLE brings the five in.
+    common::count_reaches(
+        &app.pool,
+        "SELECT count(*) FROM inbound_messages",
+        5,
+        std::time::Instant::now(),
+        Duration::from_secs(20),
+    )
+    .await;
     // Moved out of the inbox once filed.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {

@@ -576,6 +576,30 @@ pub fn link(html: &str, prefix: &str, nth: usize) -> String {
     html[start + base.len()..end].to_owned()
 }
 
+/// Waits until `count` (a `SELECT count(*) ...`) is exactly `n` on `pool`, looking every
+/// 20 ms; how long that took from `since`. Panics, saying how many there were, after
+/// `patience` or as soon as there are more than `n`.
+pub async fn count_reaches(
+    pool: &sqlx::PgPool,
+    count: &str,
+    n: i64,
+    since: std::time::Instant,
+    patience: std::time::Duration,
+) -> std::time::Duration {
+    loop {
+        let seen: i64 = sqlx::query_scalar(count).fetch_one(pool).await.unwrap();
+        assert!(seen <= n, "{seen}, more than {n}: {count}");
+        if seen == n {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < patience,
+            "{seen} of {n} after {patience:?}: {count}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// A `rapport serve` process started from `cmd` (JSON logs on stderr) once it logs that it
 /// listens: the process, its address, the log lines so far, and the rest as they come. The
 /// caller owns the process: kill or wait for it.
