@@ -215,11 +215,11 @@ pub async fn run_campaigns(state: AppState, mut wake: Wake, shutdown: Cancellati
         if schedules {
             last_schedule = Some(tokio::time::Instant::now());
         }
-        let round = match crate::campaigns::engine::round(&state, schedules).await {
-            Ok(round) => round,
+        let (round, failed) = match crate::campaigns::engine::round(&state, schedules).await {
+            Ok(round) => (round, false),
             Err(e) => {
                 tracing::warn!(task = "campaigns", error = %crate::error::error_chain(&e), "worker round failed");
-                crate::campaigns::engine::Round::default()
+                (crate::campaigns::engine::Round::default(), true)
             }
         };
         if shutdown.is_cancelled() {
@@ -232,7 +232,8 @@ pub async fn run_campaigns(state: AppState, mut wake: Wake, shutdown: Cancellati
         }
         let warm = now < warm_until;
         let mut wait = if warm { CAMPAIGN_POLL } else { idle_poll };
-        if !warm {
+        // After a failed round (the database away, say) the poll interval, and one warning.
+        if !warm && !failed {
             match crate::campaigns::engine::next_wake(&state).await {
                 Ok(Some(at)) => {
                     let until = (at - state.clock.now()).to_std().unwrap_or_default();
